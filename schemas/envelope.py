@@ -1,0 +1,126 @@
+"""Envelopes: many events in one Kafka message (15-20x the worker throughput of one per message).
+
+Partitioning: an event goes to partition ``crc32(tenant \\0 id) % partitions``. Every copy of an
+event id (retries, duplicates) therefore lands in the same partition, which makes dedupe by
+(tenant, id) exact with partition-local state, and spreads a large customer across partitions.
+The API groups a request's events by target partition and produces one envelope per group
+(split at ``max_events``); the Kafka message key is the tenant id.
+
+Wire format (orjson)::
+
+    {"v": 1, "t": tenant_id, "at": ingested_at_epoch_ms,
+     "e": [[id, type, customer, time_epoch_ms, properties], ...]}
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from schemas.events import Event
+from schemas.timeutil import epoch_ms, from_epoch_ms
+
+VERSION = 1
+
+
+def partition_for(tenant_id: str, event_id: str, partitions: int) -> int:
+    return zlib.crc32(f"{tenant_id}\x00{event_id}".encode()) % partitions
+
+
+@dataclass(frozen=True, slots=True)
+class EnvelopeEvent:
+    """An event as the worker sees it (time as epoch ms for speed)."""
+
+    id: str
+    type: str
+    customer: str
+    time_ms: int
+    properties: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    tenant_id: str
+    ingested_at_ms: int
+    events: list[EnvelopeEvent]
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingEnvelope:
+    partition: int
+    payload: bytes
+    event_ids: tuple[str, ...]
+
+
+def encode(tenant_id: str, ingested_at_ms: int, events: list[Event]) -> bytes:
+    return orjson.dumps(
+        {
+            "v": VERSION,
+            "t": tenant_id,
+            "at": ingested_at_ms,
+            "e": [[e.id, e.type, e.customer, epoch_ms(e.time), e.properties] for e in events],
+        }
+    )
+
+
+def group(
+    tenant_id: str,
+    ingested_at_ms: int,
+    events: list[Event],
+    partitions: int,
+    max_events: int = 1000,
+) -> list[OutgoingEnvelope]:
+    """Group events by target partition into envelopes of at most ``max_events`` events.
+
+    Order of events within a partition is preserved; every input event is in exactly one envelope.
+    """
+    by_partition: dict[int, list[Event]] = {}
+    for ev in events:
+        by_partition.setdefault(partition_for(tenant_id, ev.id, partitions), []).append(ev)
+    out: list[OutgoingEnvelope] = []
+    for part in sorted(by_partition):
+        evs = by_partition[part]
+        for i in range(0, len(evs), max_events):
+            chunk = evs[i : i + max_events]
+            out.append(
+                OutgoingEnvelope(
+                    part, encode(tenant_id, ingested_at_ms, chunk), tuple(e.id for e in chunk)
+                )
+            )
+    return out
+
+
+class EnvelopeError(ValueError):
+    """A message on the topic is not a valid envelope (poison message)."""
+
+
+def decode(payload: bytes) -> Envelope:
+    try:
+        doc = orjson.loads(payload)
+        if doc.get("v") != VERSION:
+            raise EnvelopeError(f"unsupported envelope version {doc.get('v')!r}")
+        return Envelope(
+            tenant_id=doc["t"],
+            ingested_at_ms=int(doc["at"]),
+            events=[EnvelopeEvent(e[0], e[1], e[2], int(e[3]), e[4]) for e in doc["e"]],
+        )
+    except EnvelopeError:
+        raise
+    except Exception as exc:
+        raise EnvelopeError(f"undecodable envelope: {exc}") from exc
+
+
+__all__ = [
+    "Envelope",
+    "EnvelopeError",
+    "EnvelopeEvent",
+    "OutgoingEnvelope",
+    "decode",
+    "encode",
+    "from_epoch_ms",
+    "group",
+    "partition_for",
+]

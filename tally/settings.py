@@ -1,0 +1,98 @@
+"""The one settings object. Environment variables are read here and nowhere else.
+
+Every setting can be given as ``TALLY_<NAME>`` (e.g. ``TALLY_KAFKA_BOOTSTRAP``). ``tally run``
+(embedded mode) fills ``kafka_bootstrap`` and ``clickhouse_url`` itself when they are empty.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WaitMode(StrEnum):
+    """When the ingest endpoint answers."""
+
+    BROKER = "broker"  # after the broker acknowledged every event (acks=all)
+    STORED = "stored"  # after the worker stored every event in ClickHouse
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TALLY_", extra="ignore", validate_default=True)
+
+    # --- where things live -------------------------------------------------------------------
+    data_dir: Path = Field(Path(".tally"), description="Embedded mode: chDB, dedupe index, state")
+    kafka_bootstrap: str = Field("", description="host:port[,host:port]; empty = embedded Tansu")
+    clickhouse_url: str = Field(
+        "", description="http(s)://user:pass@host:8123/db or chdb:///dir; empty = embedded chDB"
+    )
+    clickhouse_database: str = Field("tally", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    # --- topics and consumer group -----------------------------------------------------------
+    events_topic: str = Field("tally.events", min_length=1)
+    events_partitions: int = Field(8, ge=1, le=1024)
+    consumer_group: str = Field("tally-worker", min_length=1)
+    broker_session_timeout_s: float = Field(10.0, gt=0)
+
+    # --- HTTP --------------------------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=0, le=65535)
+    admin_token: str = Field("", description="Fixed admin token; empty = generate on first start")
+
+    # --- ingest ------------------------------------------------------------------------------
+    max_events_per_request: int = Field(1000, ge=1)
+    max_request_bytes: int = Field(1024 * 1024, ge=1024)
+    ingest_wait: WaitMode | None = Field(
+        None, description="Default ingest wait mode; None = stored in embedded mode, else broker"
+    )
+    wait_stored_timeout_s: float = Field(10.0, gt=0)
+    max_lateness: timedelta = Field(timedelta(days=35))
+    max_future: timedelta = Field(timedelta(minutes=5))
+    envelope_max_events: int = Field(1000, ge=1)
+    produce_timeout_s: float = Field(10.0, gt=0)
+    retry_after_s: int = Field(5, ge=1)
+
+    # --- worker ------------------------------------------------------------------------------
+    dedupe_horizon: timedelta = Field(timedelta(days=35))
+    flush_interval_s: float = Field(0.5, gt=0, le=1.0)
+    flush_max_events: int = Field(50_000, ge=1)
+    meters_file: Path | None = None
+
+    # --- logging -----------------------------------------------------------------------------
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.dedupe_horizon < self.max_lateness:
+            raise ValueError(
+                "dedupe_horizon must be >= max_lateness, otherwise a late retry could be counted twice"
+            )
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return not self.kafka_bootstrap
+
+    @property
+    def effective_ingest_wait(self) -> WaitMode:
+        if self.ingest_wait is not None:
+            return self.ingest_wait
+        return WaitMode.STORED if self.embedded else WaitMode.BROKER
+
+    @property
+    def chdb_dir(self) -> Path:
+        return self.data_dir / "clickhouse"
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Read settings from the environment, with explicit overrides (used by the CLI and tests)."""
+    return Settings(**overrides)  # type: ignore[arg-type]
