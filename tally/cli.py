@@ -1,0 +1,156 @@
+"""The `tally` command line. Entry point: configures logging, reads settings, dispatches."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tally import log as logsetup
+from tally.errors import TallyError
+from tally.settings import Settings, get_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Tally usage metering")
+tenant_app = typer.Typer(no_args_is_help=True, help="Tenants and API keys")
+meters_app = typer.Typer(no_args_is_help=True, help="Meters")
+app.add_typer(tenant_app, name="tenant")
+app.add_typer(meters_app, name="meters")
+
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (TALLY_DATA_DIR)")]
+
+
+def _settings(data_dir: Path | None = None, **overrides: object) -> Settings:
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    try:
+        settings = get_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except Exception as exc:  # pydantic ValidationError: name the setting
+        typer.echo(f"invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    logsetup.configure(settings.log_level)
+    return settings
+
+
+def _fail(exc: TallyError) -> None:
+    typer.echo(f"error: {exc.message}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    data_dir: DataDir = None,
+    host: Annotated[str | None, typer.Option(help="Bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (0 = any free port)")] = None,
+) -> None:
+    """Embedded mode: broker, chDB, worker and API in one process."""
+    from tally.runtime import run_embedded
+
+    try:
+        run_embedded(_settings(data_dir, api_host=host, api_port=port))
+    except TallyError as exc:
+        _fail(exc)
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Scale-out HTTP API role (needs TALLY_KAFKA_BOOTSTRAP and TALLY_CLICKHOUSE_URL)."""
+    from tally.runtime import run_api
+
+    try:
+        run_api(_settings(api_host=host, api_port=port))
+    except TallyError as exc:
+        _fail(exc)
+
+
+@app.command()
+def worker(data_dir: DataDir = None) -> None:
+    """Scale-out stream worker role."""
+    from tally.runtime import run_worker
+
+    try:
+        run_worker(_settings(data_dir))
+    except TallyError as exc:
+        _fail(exc)
+
+
+@app.command()
+def migrate(data_dir: DataDir = None) -> None:
+    """Apply ClickHouse migrations."""
+    from clickhouse.store import open_store
+
+    try:
+        store = open_store(_settings(data_dir))
+        applied = store.migrate()
+        typer.echo("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    except TallyError as exc:
+        _fail(exc)
+
+
+def _admin_token(token: str | None, settings: Settings) -> str:
+    tok = token or settings.admin_token
+    if not tok:
+        typer.echo(
+            "a Tally server holds this data directory: pass --admin-token "
+            "(or TALLY_ADMIN_TOKEN) printed at its first start",
+            err=True,
+        )
+        raise typer.Exit(2)
+    return tok
+
+
+@tenant_app.command("create")
+def tenant_create(
+    name: str,
+    data_dir: DataDir = None,
+    admin_token: Annotated[str | None, typer.Option(help="Needed when `tally run` is up")] = None,
+) -> None:
+    """Create a tenant and print its API key (shown once)."""
+    from tally.runtime import Core, admin_call, running_server
+
+    settings = _settings(data_dir)
+    try:
+        url = running_server(settings) if settings.embedded else None
+        if url:
+            out = admin_call(
+                url, _admin_token(admin_token, settings), "POST", "/v1/admin/tenants", {"name": name}
+            )
+            tenant_id, key = out["tenant_id"], out["api_key"]
+        else:
+            tenant, key = Core.open(settings).repo.create_tenant(name)
+            tenant_id = tenant.tenant_id
+    except TallyError as exc:
+        _fail(exc)
+        return
+    typer.echo(f"tenant_id: {tenant_id}")
+    typer.echo(f"api_key:   {key}   (shown once; only its hash is stored)")
+
+
+@tenant_app.command("list")
+def tenant_list(
+    data_dir: DataDir = None,
+    admin_token: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    from tally.runtime import Core, admin_call, running_server
+
+    settings = _settings(data_dir)
+    try:
+        url = running_server(settings) if settings.embedded else None
+        if url:
+            rows = admin_call(url, _admin_token(admin_token, settings), "GET", "/v1/admin/tenants")
+            items = rows.get("data", rows) if isinstance(rows, dict) else rows
+            for t in items:
+                typer.echo(f"{t['tenant_id']}\t{t['name']}")
+        else:
+            for t in Core.open(settings).repo.list_tenants():
+                typer.echo(f"{t.tenant_id}\t{t.name}")
+    except TallyError as exc:
+        _fail(exc)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    sys.exit(app())

@@ -1,0 +1,219 @@
+"""Wiring of the roles: embedded (`tally run`), `tally api`, `tally worker`, `tally migrate`.
+
+This is the only module that knows how the packages fit together. Shutdown order of `tally run`
+(SIGINT/SIGTERM): the HTTP server stops accepting and finishes in-flight requests (which may be
+waiting for the worker to store their events) → the producer drains → the worker makes its final
+flush and commits → the broker stops → exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tally.errors import TallyError
+from tally.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class Core:
+    """Store + repository, opened and migrated."""
+
+    store: Any
+    repo: Any
+
+    @classmethod
+    def open(cls, settings: Settings) -> Core:
+        from clickhouse.repo import Repo
+        from clickhouse.store import open_store
+
+        store = open_store(settings)
+        applied = store.migrate()
+        if applied:
+            log.info("applied migrations: %s", ", ".join(applied))
+        return cls(store=store, repo=Repo(store))
+
+
+def load_meters_file(settings: Settings, repo: Any) -> None:
+    if settings.meters_file is None:
+        return
+    from api.meters_file import load_meters_file as _load
+
+    _load(settings.meters_file, repo)
+
+
+def _build_app(settings: Settings, core: Core, producer: Any, waiter: Any) -> Any:
+    from api.app import create_app
+
+    return create_app(settings, core.store, producer=producer, progress_waiter=waiter)
+
+
+def _serve(app: Any, settings: Settings, on_started: Any = None) -> None:
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        host=settings.api_host,
+        port=settings.api_port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.wait_stored_timeout_s) + 5,
+    )
+    server = uvicorn.Server(config)
+    if on_started is not None:
+        _orig = server.startup
+
+        async def startup(sockets: Any = None) -> None:
+            await _orig(sockets=sockets)
+            if server.started:
+                port = settings.api_port
+                for s in server.servers:
+                    for sock in s.sockets:
+                        port = sock.getsockname()[1]
+                on_started(port)
+
+        server.startup = startup  # type: ignore[method-assign]
+    server.run()
+
+
+def run_embedded(settings: Settings) -> None:
+    """`tally run`: broker child + chDB + worker thread + HTTP API, one process."""
+    from api.producer import EventProducer
+    from clickhouse.sink import ClickHouseSink
+    from streams.progress import ProgressBoard
+    from streams.worker import WorkerRunner
+    from tally.embedded import BrokerProcess, create_topic
+
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    broker = BrokerProcess(log_file=data_dir / "broker.log").start()
+    # The embedded broker keeps messages in memory only: every start is a new log, so it gets a
+    # new topic generation (worker progress is kept per topic in ClickHouse).
+    topic = f"{settings.events_topic}.g{int(time.time() * 1000)}"
+    settings = settings.model_copy(
+        update={"kafka_bootstrap": broker.bootstrap, "events_topic": topic}
+    )
+    producer = worker = None
+    try:
+        create_topic(broker.bootstrap, topic, settings.events_partitions)
+        core = Core.open(settings.model_copy(update={"kafka_bootstrap": ""}))
+        token = core.repo.ensure_admin_token(settings.admin_token or None)
+        load_meters_file(settings, core.repo)
+        board = ProgressBoard()
+        worker = WorkerRunner(
+            settings, ClickHouseSink(core.store), board, dedupe_dir=data_dir / "dedupe"
+        )
+        worker.start()
+        producer = EventProducer(broker.bootstrap, topic, timeout_s=settings.produce_timeout_s)
+        app = _build_app(settings, core, producer, board)
+
+        def started(port: int) -> None:
+            url = f"http://{settings.api_host}:{port}"
+            (data_dir / RUN_FILE).write_text(json.dumps({"url": url, "pid": os.getpid()}))
+            print(f"Tally is running at {url}  (data: {data_dir})", flush=True)
+            if token:
+                print(f"Admin token (shown once, keep it): {token}", flush=True)
+            print("Create a tenant: tally tenant create NAME   Stop: Ctrl-C", flush=True)
+
+        _serve(app, settings, started)
+    finally:
+        log.info("shutting down")
+        if producer is not None:
+            producer.close()
+        if worker is not None:
+            worker.stop()
+        broker.stop()
+        (data_dir / RUN_FILE).unlink(missing_ok=True)
+        log.info("stopped")
+
+
+def _require_external(settings: Settings) -> None:
+    missing = [
+        name
+        for name, value in (
+            ("TALLY_KAFKA_BOOTSTRAP", settings.kafka_bootstrap),
+            ("TALLY_CLICKHOUSE_URL", settings.clickhouse_url),
+        )
+        if not value
+    ]
+    if missing:
+        raise TallyError(f"scale-out roles need {' and '.join(missing)} (or use `tally run`)")
+
+
+def run_api(settings: Settings) -> None:
+    from api.producer import EventProducer
+    from clickhouse.sink import ClickHouseSink
+    from streams.progress import StoreProgressWaiter
+    from tally.embedded import create_topic
+
+    _require_external(settings)
+    core = Core.open(settings)
+    create_topic(settings.kafka_bootstrap, settings.events_topic, settings.events_partitions)
+    token = core.repo.ensure_admin_token(settings.admin_token or None)
+    if token:
+        print(f"Admin token (shown once, keep it): {token}", flush=True)
+    load_meters_file(settings, core.repo)
+    producer = EventProducer(
+        settings.kafka_bootstrap, settings.events_topic, timeout_s=settings.produce_timeout_s
+    )
+    waiter = StoreProgressWaiter(ClickHouseSink(core.store))
+    try:
+        _serve(_build_app(settings, core, producer, waiter), settings)
+    finally:
+        producer.close()
+
+
+def run_worker(settings: Settings) -> None:
+    from clickhouse.sink import ClickHouseSink
+    from streams.worker import WorkerRunner
+    from tally.embedded import create_topic
+
+    _require_external(settings)
+    core = Core.open(settings)
+    create_topic(settings.kafka_bootstrap, settings.events_topic, settings.events_partitions)
+    WorkerRunner(
+        settings, ClickHouseSink(core.store), None, dedupe_dir=settings.data_dir / "dedupe"
+    ).run_forever()
+
+
+def running_server(settings: Settings) -> str | None:
+    """URL of a `tally run` holding this data directory, if one is alive."""
+    path = settings.data_dir / RUN_FILE
+    try:
+        info = json.loads(path.read_text())
+        os.kill(int(info["pid"]), 0)
+        return str(info["url"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def admin_call(url: str, token: str, method: str, path: str, body: Any = None) -> Any:
+    import httpx
+
+    resp = httpx.request(
+        method,
+        url + path,
+        json=body,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    if resp.status_code >= 400:
+        try:
+            msg = resp.json().get("message", resp.text)
+        except ValueError:
+            msg = resp.text
+        raise TallyError(f"{method} {path} failed ({resp.status_code}): {msg}")
+    return resp.json()
+
+
+def default_data_dir() -> Path:
+    return Path(".tally")
