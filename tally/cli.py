@@ -117,7 +117,11 @@ def tenant_create(
         url = running_server(settings) if settings.embedded else None
         if url:
             out = admin_call(
-                url, _admin_token(admin_token, settings), "POST", "/v1/admin/tenants", {"name": name}
+                url,
+                _admin_token(admin_token, settings),
+                "POST",
+                "/v1/admin/tenants",
+                {"name": name},
             )
             tenant_id, key = out["tenant_id"], out["api_key"]
         else:

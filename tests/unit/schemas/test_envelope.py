@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from schemas import envelope
+from schemas.events import Event
+from schemas.timeutil import epoch_ms
+
+
+def _ev(i: int, customer: str = "c", eid: str | None = None) -> Event:
+    return Event(
+        id=eid or f"e{i}",
+        type="api.call",
+        customer=customer,
+        time=1_700_000_000_123 + i,
+        properties={"n": i, "s": "x"},
+    )
+
+
+ids = st.text(min_size=1, max_size=12)
+
+
+@given(st.lists(ids, min_size=1, max_size=300), st.integers(1, 16), st.integers(1, 50))
+def test_group_puts_every_event_in_exactly_one_envelope_of_its_partition(
+    event_ids: list[str], partitions: int, max_events: int
+) -> None:
+    events = [_ev(i, eid=eid) for i, eid in enumerate(event_ids)]
+    out = envelope.group("tenant-a", 42, events, partitions, max_events)
+    seen: Counter[str] = Counter()
+    for env in out:
+        assert 1 <= len(env.event_ids) <= max_events
+        decoded = envelope.decode(env.payload)
+        assert decoded.tenant_id == "tenant-a"
+        assert decoded.ingested_at_ms == 42
+        assert [e.id for e in decoded.events] == list(env.event_ids)
+        for e in decoded.events:
+            assert envelope.partition_for("tenant-a", e.id, partitions) == env.partition
+        seen.update(env.event_ids)
+    assert seen == Counter(event_ids)
+
+
+def test_duplicates_of_an_id_always_share_a_partition() -> None:
+    events = [_ev(i, customer=f"c{i}", eid="same-id") for i in range(20)]
+    out = envelope.group("t", 1, events, 8)
+    assert len({env.partition for env in out}) == 1
+
+
+def test_partition_depends_on_tenant_and_id() -> None:
+    parts = {envelope.partition_for(f"t{i}", "id", 64) for i in range(200)}
+    assert len(parts) > 32  # spreads tenants sharing an id
+
+
+def test_round_trip_keeps_fields_and_ms_time() -> None:
+    ev = Event(id="a", type="t", customer="c", time="2026-03-29T01:59:59.999Z", properties={"k": 1})
+    (env,) = envelope.group("t", 7, [ev], 1)
+    (got,) = envelope.decode(env.payload).events
+    assert got == envelope.EnvelopeEvent("a", "t", "c", epoch_ms(ev.time), {"k": 1})
+
+
+def test_preserves_order_within_a_partition() -> None:
+    events = [_ev(i) for i in range(100)]
+    out = envelope.group("t", 1, events, 1, max_events=30)
+    assert [len(e.event_ids) for e in out] == [30, 30, 30, 10]
+    flat = [i for env in out for i in env.event_ids]
+    assert flat == [e.id for e in events]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"not json", b"[]", b'{"v": 2, "t": "x", "at": 1, "e": []}', b'{"v": 1, "t": "x"}',
+     b'{"v": 1, "t": "x", "at": 1, "e": [["only-id"]]}'],
+)
+def test_decode_rejects_poison(payload: bytes) -> None:
+    with pytest.raises(envelope.EnvelopeError):
+        envelope.decode(payload)
