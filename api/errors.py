@@ -72,7 +72,7 @@ def error_response(exc: TallyError) -> Response:
 def _loc_name(loc: tuple[Any, ...]) -> str:
     """('query', 'window') -> 'window'; ('body', 'group_by', 'x') -> 'group_by.x'."""
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "cookie")]
-    return ".".join(parts) if parts else (str(loc[0]) if loc else "request")
+    return ".".join(parts) if parts else "body"
 
 
 def validation_details(errors: list[Any]) -> list[dict[str, str]]:

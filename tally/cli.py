@@ -156,5 +156,44 @@ def tenant_list(
         _fail(exc)
 
 
+@meters_app.command("backfill")
+def meters_backfill(
+    slug: str,
+    tenant: Annotated[str, typer.Option("--tenant", help="Tenant id")],
+    data_dir: DataDir = None,
+    admin_token: Annotated[str | None, typer.Option(help="Needed when `tally run` is up")] = None,
+) -> None:
+    """Apply meter SLUG to the events stored before it existed (safe to re-run)."""
+    from tally.runtime import Core, admin_call, running_server
+
+    settings = _settings(data_dir)
+    try:
+        url = running_server(settings) if settings.embedded else None
+        if url:
+            typer.echo(f"backfilling {slug} in the running server at {url} ...")
+            out = admin_call(
+                url,
+                _admin_token(admin_token, settings),
+                "POST",
+                f"/v1/admin/tenants/{tenant}/meters/{slug}/backfill",
+            )
+            scanned, matched, windows = out["events_scanned"], out["events_matched"], out["windows"]
+        else:
+            from clickhouse.sink import ClickHouseSink
+            from tally.backfill import backfill_meter
+
+            core = Core.open(settings)
+            meter = core.repo.get_meter(tenant, slug)
+            sink = ClickHouseSink(core.store)
+            total = sink.count_events_before(tenant, meter.event_type, meter.created_at)
+            with typer.progressbar(length=max(total, 1), label=f"backfill {slug}") as bar:
+                res = backfill_meter(sink, meter, progress=bar.update)
+            scanned, matched, windows = res.events_scanned, res.events_matched, res.windows
+    except TallyError as exc:
+        _fail(exc)
+        return
+    typer.echo(f"done: {scanned} events scanned, {matched} matched, {windows} minute windows")
+
+
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())

@@ -1,0 +1,80 @@
+"""The FastAPI app factory. Every dependency is injected; nothing is read from the environment.
+
+``create_app(settings, store, producer=..., progress_waiter=...)`` stores them on
+``app.state.tally`` (``api.state.AppState``). The lifespan loads ``settings.meters_file`` (if set)
+and registers a fixed ``settings.admin_token`` (if set); it closes nothing, because it created
+nothing: whoever made the store and the producer closes them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from fastapi import FastAPI
+
+from api import admin, catalog, health, ingest, meters, usage
+from api import errors as api_errors
+from api.auth import AuthCache
+from api.meters_file import load_meters_file
+from api.producer import EventProducer
+from api.state import AppState, ProgressWaiter
+from tally.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _default_store_concurrency(settings: Settings) -> int:
+    # chDB (embedded) runs in-process: one call at a time. A ClickHouse server takes several.
+    return 8 if settings.clickhouse_url.startswith(("http://", "https://")) else 1
+
+
+def create_app(
+    settings: Settings,
+    store: Any,
+    *,
+    producer: EventProducer | None,
+    progress_waiter: ProgressWaiter | None,
+    repo: Any = None,
+    store_concurrency: int | None = None,
+) -> FastAPI:
+    """Build the API. ``repo`` defaults to ``clickhouse.repo.Repo(store)``."""
+    if repo is None:
+        from clickhouse.repo import Repo
+
+        repo = Repo(store)
+    state = AppState(
+        settings=settings,
+        store=store,
+        repo=repo,
+        producer=producer,
+        progress_waiter=progress_waiter,
+        store_limiter=anyio.CapacityLimiter(
+            store_concurrency or _default_store_concurrency(settings)
+        ),
+        auth_cache=AuthCache(),
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if settings.admin_token:
+            await state.run(repo.ensure_admin_token, settings.admin_token)
+        if settings.meters_file is not None:
+            await state.run(load_meters_file, repo, settings.meters_file)
+        yield
+
+    app = FastAPI(
+        title="Tally",
+        description="Usage metering: ingest, meters, usage queries (native and OpenMeter API).",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.tally = state
+    api_errors.install(app)
+    app.add_middleware(health.MetricsMiddleware, metrics=state.metrics)
+    for module in (ingest, meters, usage, admin, health, catalog):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,312 @@
+"""Catalog and rating endpoints: plans (with versions), customers, subscriptions, the upcoming
+invoice and the rating preview. Storage and logic live in ``clickhouse.catalog.Catalog``
+(one per app, created on first use); this module only parses, authenticates and answers.
+Every route is tenant-scoped through ``api.auth.current_tenant``. See docs/catalog.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+import pydantic
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from api.auth import current_tenant
+from api.errors import describe, json_response, validation_details
+from api.ingest import read_body
+from api.state import AppState, get_state
+from schemas.catalog import (
+    ActionIn,
+    ChangePlanIn,
+    CustomerIn,
+    CustomerPatch,
+    PlanDraft,
+    PreviewIn,
+    SubscriptionIn,
+)
+from schemas.pricing import PlanSpec
+from schemas.timeutil import utc_now
+from tally.errors import ValidationError
+
+router = APIRouter()
+
+MAX_BODY = 256 * 1024
+MAX_LIST = 1000
+M = TypeVar("M", bound=pydantic.BaseModel)
+
+
+def _catalog(request: Request, st: AppState) -> Any:
+    from clickhouse.catalog import Catalog
+
+    cat = getattr(request.app.state, "catalog", None)
+    if cat is None or cat.store is not st.store:
+        cat = Catalog(st.store, st.repo)
+        request.app.state.catalog = cat
+    return cat
+
+
+async def _body(request: Request, model: type[M], what: str) -> M:
+    """Parse a JSON object body into ``model``; 400 naming every bad field."""
+    raw = await read_body(request, MAX_BODY)
+    if not raw.strip():
+        raise ValidationError(
+            f"request body is empty; send a JSON {what}",
+            details=[{"field": "body", "message": "empty body"}],
+        )
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationError(
+            f"request body is not valid JSON: {exc}",
+            details=[{"field": "body", "message": f"malformed JSON: {exc}"}],
+        ) from None
+    if not isinstance(doc, dict):
+        raise ValidationError(
+            f"a {what} must be a JSON object",
+            details=[{"field": "body", "message": "expected a JSON object"}],
+        )
+    try:
+        return model.model_validate(doc)
+    except pydantic.ValidationError as exc:
+        from clickhouse.catalog import refine_fields
+
+        details = refine_fields(validation_details(list(exc.errors(include_url=False))))
+        raise ValidationError(f"invalid {what}: " + describe(details), details=details) from None
+
+
+def _ok(model: Any, status: int = 200) -> Response:
+    if isinstance(model, list):
+        return json_response(status, {"data": [m.model_dump(mode="json") for m in model]})
+    return json_response(status, model.model_dump(mode="json"))
+
+
+def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = lo - 1
+    if not lo <= value <= hi:
+        raise ValidationError(
+            f"{name} must be an integer in [{lo}, {hi}]",
+            details=[{"field": name, "message": f"expected an integer in [{lo}, {hi}]"}],
+        )
+    return value
+
+
+def _path_version(version: str) -> int:
+    try:
+        n = int(version)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValidationError(
+            "version must be a positive integer",
+            details=[{"field": "version", "message": "expected an integer >= 1"}],
+        )
+    return n
+
+
+# --- rating preview ---------------------------------------------------------------------------
+
+
+@router.post("/v1/rating/preview", tags=["rating"])
+async def preview(
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    req = await _body(request, PreviewIn, "preview request")
+    cat = _catalog(request, st)
+    if req.plan_code is not None:
+        return _ok(await st.run(cat.preview, tenant_id, req))
+    return _ok(cat.preview(tenant_id, req))  # pure: no store access
+
+
+# --- plans ------------------------------------------------------------------------------------
+
+
+@router.post("/v1/plans", status_code=201, tags=["catalog"])
+async def create_plan(
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    spec = await _body(request, PlanSpec, "plan")
+    plan = await st.run(_catalog(request, st).create_plan, tenant_id, spec)
+    return _ok(plan, 201)
+
+
+@router.get("/v1/plans", tags=["catalog"])
+async def list_plans(
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    return _ok(await st.run(_catalog(request, st).list_plans, tenant_id))
+
+
+@router.get("/v1/plans/{code}", tags=["catalog"])
+async def get_plan(
+    code: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    return _ok(await st.run(_catalog(request, st).get_plan, tenant_id, code))
+
+
+@router.post("/v1/plans/{code}/versions", status_code=201, tags=["catalog"])
+async def publish_version(
+    code: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    draft = await _body(request, PlanDraft, "plan version")
+    plan = await st.run(_catalog(request, st).publish_version, tenant_id, code, draft)
+    return _ok(plan, 201)
+
+
+@router.get("/v1/plans/{code}/versions", tags=["catalog"])
+async def list_versions(
+    code: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    return _ok(await st.run(_catalog(request, st).list_versions, tenant_id, code))
+
+
+@router.get("/v1/plans/{code}/versions/{version}", tags=["catalog"])
+async def get_version(
+    code: str,
+    version: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    n = _path_version(version)
+    return _ok(await st.run(_catalog(request, st).get_plan, tenant_id, code, n))
+
+
+# --- customers --------------------------------------------------------------------------------
+
+
+@router.post("/v1/customers", status_code=201, tags=["catalog"])
+async def create_customer(
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    data = await _body(request, CustomerIn, "customer")
+    return _ok(await st.run(_catalog(request, st).create_customer, tenant_id, data), 201)
+
+
+@router.get("/v1/customers", tags=["catalog"])
+async def list_customers(
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    limit = _int_param(request, "limit", 100, 1, MAX_LIST)
+    offset = _int_param(request, "offset", 0, 0, 10**9)
+    cat = _catalog(request, st)
+    return _ok(await st.run(cat.list_customers, tenant_id, limit, offset))
+
+
+@router.get("/v1/customers/{external_id}", tags=["catalog"])
+async def get_customer(
+    external_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    return _ok(await st.run(_catalog(request, st).get_customer, tenant_id, external_id))
+
+
+@router.patch("/v1/customers/{external_id}", tags=["catalog"])
+async def update_customer(
+    external_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    patch = await _body(request, CustomerPatch, "customer update")
+    cat = _catalog(request, st)
+    return _ok(await st.run(cat.update_customer, tenant_id, external_id, patch))
+
+
+@router.get("/v1/customers/{external_id}/upcoming-invoice", tags=["catalog"])
+async def upcoming_invoice(
+    external_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    cat = _catalog(request, st)
+    return _ok(await st.run(cat.upcoming_invoice, tenant_id, external_id, utc_now()))
+
+
+# --- subscriptions ----------------------------------------------------------------------------
+
+
+@router.post("/v1/subscriptions", status_code=201, tags=["catalog"])
+async def create_subscription(
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    req = await _body(request, SubscriptionIn, "subscription")
+    cat = _catalog(request, st)
+    return _ok(await st.run(cat.create_subscription, tenant_id, req, utc_now()), 201)
+
+
+@router.get("/v1/subscriptions", tags=["catalog"])
+async def list_subscriptions(
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    customer = request.query_params.get("customer_id")
+    cat = _catalog(request, st)
+    return _ok(await st.run(cat.list_subscriptions, tenant_id, customer))
+
+
+@router.get("/v1/subscriptions/{sub_id}", tags=["catalog"])
+async def get_subscription(
+    sub_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    cat = _catalog(request, st)
+    return _ok(await st.run(cat.current_subscription, tenant_id, sub_id, utc_now()))
+
+
+@router.post("/v1/subscriptions/{sub_id}/actions", tags=["catalog"])
+async def subscription_action(
+    sub_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    req = await _body(request, ActionIn, "subscription action")
+    cat = _catalog(request, st)
+    return _ok(await st.run(cat.subscription_action, tenant_id, sub_id, req, utc_now()))
+
+
+@router.post("/v1/subscriptions/{sub_id}/change-plan", tags=["catalog"])
+async def change_plan(
+    sub_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    req = await _body(request, ChangePlanIn, "plan change")
+    cat = _catalog(request, st)
+    return _ok(await st.run(cat.change_subscription_plan, tenant_id, sub_id, req, utc_now()))

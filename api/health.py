@@ -1,0 +1,99 @@
+"""/metrics (Prometheus exposition), /healthz (process alive), /readyz (broker + store reachable).
+
+Unauthenticated. ``MetricsMiddleware`` counts requests by route *template* (never the raw path,
+which would explode label cardinality) and status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import json_response
+from api.state import AppState, Metrics, get_state
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+READY_TIMEOUT_S = 3.0
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(st: AppState = Depends(get_state)) -> Response:
+    return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/healthz", tags=["health"])
+async def healthz() -> Response:
+    return json_response(200, {"status": "ok"})
+
+
+def _store_ping(store: Any) -> bool:
+    ping = getattr(store, "ping", None)
+    if callable(ping):
+        return bool(ping())
+    store.command("SELECT 1")
+    return True
+
+
+@router.get("/readyz", tags=["health"])
+async def readyz(st: AppState = Depends(get_state)) -> Response:
+    checks: dict[str, str] = {}
+
+    async def check(name: str, fn: Any, *args: Any) -> None:
+        try:
+            ok = await asyncio.wait_for(asyncio.to_thread(fn, *args), READY_TIMEOUT_S + 1)
+            checks[name] = "ok" if ok else "unreachable"
+        except Exception as exc:
+            log.warning("readiness check %s failed: %s", name, exc)
+            checks[name] = f"unreachable: {type(exc).__name__}"
+
+    tasks = [check("store", _store_ping, st.store)]
+    if st.producer is not None:
+        tasks.append(check("broker", st.producer.ping, READY_TIMEOUT_S))
+    await asyncio.gather(*tasks)
+    ready = all(v == "ok" for v in checks.values())
+    if ready:
+        return json_response(200, {"status": "ready", "checks": checks})
+    bad = ", ".join(f"{k} {v}" for k, v in checks.items() if v != "ok")
+    return json_response(
+        503,
+        {"error": "unavailable", "message": f"not ready: {bad}", "checks": checks},
+        {"Retry-After": str(st.settings.retry_after_s)},
+    )
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware (cheap): request count and latency per route template."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.http_requests.labels(scope["method"], template, str(status)).inc()
+            self.metrics.http_latency.labels(template).observe(time.perf_counter() - start)

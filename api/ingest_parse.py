@@ -1,0 +1,338 @@
+"""Pure parsing and validation of ingest request bodies (native and CloudEvents). No I/O.
+
+The hot path avoids pydantic's per-field validation: a body is decoded once with orjson, each
+event is checked by hand (the same rules as ``schemas.events.Event``) and the valid ones become
+``Row`` tuples ``(id, type, customer, time_ms, properties)`` -- exactly an envelope entry (see
+``api.envelopes``). ``row_to_event`` gives the pydantic ``Event`` when one is needed. Every
+problem is reported as ``{index, field, message}``.
+
+Native event fields: ``id`` (required, idempotency key), ``type``, ``customer`` (required),
+``time`` (RFC 3339 with offset, or integer epoch milliseconds; default: now), ``properties``
+(object, default ``{}``). Unknown fields are rejected (catches typos such as ``costumer``).
+
+CloudEvents fields (OpenMeter): ``id``, ``source``, ``specversion``, ``type``, ``subject`` (the
+customer) are required; ``time`` is optional; ``data`` (object or null) becomes ``properties``;
+other attributes (``datacontenttype``, ``dataschema``, extensions) are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from api.errors import UnsupportedMediaType
+from schemas.events import ID_MAX, Event
+from schemas.timeutil import epoch_ms, parse_time
+from tally.errors import PayloadTooLarge, ValidationError
+
+NATIVE_FIELDS = frozenset({"id", "type", "customer", "time", "properties"})
+CLOUDEVENTS_REQUIRED = ("id", "source", "specversion", "type", "subject")
+
+# Content types of POST /api/v1/events (OpenMeter): one event, a batch, or either.
+CE_SINGLE = "application/cloudevents+json"
+CE_BATCH = "application/cloudevents-batch+json"
+JSON = "application/json"
+
+# (id, type, customer, time_ms, properties): one event, as it goes into an envelope.
+Row = tuple[str, str, str, int, dict[str, Any]]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+_MS_MIN = -62_135_596_800_000
+_MS_MAX = 253_402_300_799_999
+
+
+def row_to_event(row: Row) -> Event:
+    return Event.model_construct(
+        id=row[0],
+        type=row[1],
+        customer=row[2],
+        time=_EPOCH + timedelta(milliseconds=row[3]),
+        properties=row[4],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_events: int
+    max_lateness_ms: int
+    max_future_ms: int
+
+
+@dataclass(slots=True)
+class ParseResult:
+    rows: list[Row] = field(default_factory=list)
+    indexes: list[int] = field(default_factory=list)  # position in the request of each event
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    total: int = 0
+
+    @property
+    def rejected_indexes(self) -> list[int]:
+        return sorted({e["index"] for e in self.errors})
+
+
+def load_json(raw: bytes) -> Any:
+    """Decode a request body; 400 naming the problem if it is empty or not JSON."""
+    if not raw or not raw.strip():
+        raise ValidationError(
+            "request body is empty; send a JSON event or array of events",
+            details=[{"field": "body", "message": "empty body"}],
+        )
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationError(
+            f"request body is not valid JSON: {exc}",
+            details=[{"field": "body", "message": f"malformed JSON: {exc}"}],
+        ) from None
+
+
+def as_items(doc: Any, *, single: bool = True, batch: bool = True) -> list[Any]:
+    """A body as a list of raw events. ``single``/``batch`` say which shapes are allowed."""
+    if isinstance(doc, list):
+        if not batch:
+            raise ValidationError(
+                "this content type carries one event object, not an array",
+                details=[{"field": "body", "message": "expected a JSON object"}],
+            )
+        if not doc:
+            raise ValidationError(
+                "the array of events is empty",
+                details=[{"field": "body", "message": "empty array"}],
+            )
+        return doc
+    if isinstance(doc, dict):
+        if not single:
+            raise ValidationError(
+                "this content type carries an array of events",
+                details=[{"field": "body", "message": "expected a JSON array"}],
+            )
+        return [doc]
+    shape = "a JSON object" if not batch else "an array" if not single else "an object or array"
+    raise ValidationError(
+        f"request body must be {shape} of events, got {type(doc).__name__}",
+        details=[{"field": "body", "message": f"expected {shape}"}],
+    )
+
+
+def check_count(n: int, limits: Limits) -> None:
+    if n > limits.max_events:
+        raise PayloadTooLarge(
+            f"{n} events in one request; the limit is {limits.max_events} (max_events_per_request)",
+            details=[{"field": "body", "message": f"at most {limits.max_events} events"}],
+        )
+
+
+def _err(out: list[dict[str, Any]], index: int, name: str, message: str) -> None:
+    out.append({"index": index, "field": name, "message": message})
+
+
+def _string(
+    item: dict[str, Any], name: str, index: int, errors: list[dict[str, Any]], label: str = ""
+) -> str | None:
+    v = item.get(name)
+    fld = label or name
+    if v is None:
+        _err(errors, index, fld, f"{fld} is required")
+        return None
+    if not isinstance(v, str):
+        _err(errors, index, fld, f"{fld} must be a string, got {_json_type(v)}")
+        return None
+    if not v:
+        _err(errors, index, fld, f"{fld} must not be empty")
+        return None
+    if len(v) > ID_MAX:
+        _err(errors, index, fld, f"{fld} is longer than {ID_MAX} characters")
+        return None
+    return v
+
+
+def _json_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int | float):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, list):
+        return "array"
+    if isinstance(v, dict):
+        return "object"
+    return type(v).__name__
+
+
+def _time(
+    v: Any, index: int, now_ms: int, limits: Limits, errors: list[dict[str, Any]]
+) -> int | None:
+    """Parse ``time`` to epoch ms and apply the lateness bound (None = error recorded)."""
+    if v is None:
+        return now_ms
+    if type(v) is int:
+        if not _MS_MIN <= v <= _MS_MAX:
+            _err(errors, index, "time", "invalid time: epoch milliseconds out of range")
+            return None
+        ms = v
+    elif isinstance(v, str):
+        try:
+            dt = datetime.fromisoformat(v)
+            if dt.tzinfo is None or dt.utcoffset() is None:
+                raise ValueError("no offset")  # let parse_time word the error
+            ms = (dt - _EPOCH) // _ONE_MS
+        except (ValueError, OverflowError):
+            try:  # the slow path: lower-case 'z', surrounding blanks, precise error message
+                ms = epoch_ms(parse_time(v))
+            except (ValueError, OverflowError) as exc:
+                _err(errors, index, "time", f"invalid time: {exc}")
+                return None
+    elif isinstance(v, float) and v.is_integer() and _MS_MIN <= v <= _MS_MAX:
+        ms = int(v)
+    else:
+        _err(
+            errors,
+            index,
+            "time",
+            f"time must be an RFC 3339 string or integer epoch milliseconds, got {_json_type(v)}",
+        )
+        return None
+    if ms < now_ms - limits.max_lateness_ms:
+        _err(
+            errors,
+            index,
+            "time",
+            f"time {_iso(ms)} is older than the lateness bound "
+            f"({_span(limits.max_lateness_ms)} before now); the event is not accepted",
+        )
+        return None
+    if ms > now_ms + limits.max_future_ms:
+        _err(
+            errors,
+            index,
+            "time",
+            f"time {_iso(ms)} is more than {_span(limits.max_future_ms)} in the future",
+        )
+        return None
+    return ms
+
+
+def _iso(ms: int) -> str:
+    return (_EPOCH + timedelta(milliseconds=ms)).isoformat(timespec="milliseconds")
+
+
+def _span(ms: int) -> str:
+    return str(timedelta(milliseconds=ms))
+
+
+def parse_native(items: list[Any], now_ms: int, limits: Limits) -> ParseResult:
+    """Validate native events. Every valid event is returned; every problem is listed."""
+    res = ParseResult(total=len(items))
+    errors = res.errors
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            _err(errors, index, "event", f"an event must be a JSON object, got {_json_type(item)}")
+            continue
+        # Fast path: a well-formed event (the common case) is checked inline.
+        ev_id = item.get("id")
+        ev_type = item.get("type")
+        customer = item.get("customer")
+        props = item.get("properties")
+        if (
+            type(ev_id) is str
+            and type(ev_type) is str
+            and type(customer) is str
+            and 0 < len(ev_id) <= ID_MAX
+            and 0 < len(ev_type) <= ID_MAX
+            and 0 < len(customer) <= ID_MAX
+            and (props is None or type(props) is dict)
+            and NATIVE_FIELDS.issuperset(item)
+        ):
+            t = _time(item.get("time"), index, now_ms, limits, errors)
+            if t is not None:
+                res.rows.append((ev_id, ev_type, customer, t, {} if props is None else props))
+                res.indexes.append(index)
+            continue
+        # Slow path: report every problem of the event.
+        n_err = len(errors)
+        if not NATIVE_FIELDS.issuperset(item):
+            for extra in sorted(set(item) - NATIVE_FIELDS):
+                _err(errors, index, extra, f"unknown field {extra!r}")
+        ev_id = _string(item, "id", index, errors)
+        ev_type = _string(item, "type", index, errors)
+        customer = _string(item, "customer", index, errors)
+        t = _time(item.get("time"), index, now_ms, limits, errors)
+        props = item.get("properties")
+        if props is None:
+            props = {}
+        elif not isinstance(props, dict):
+            _err(
+                errors,
+                index,
+                "properties",
+                f"properties must be an object, got {_json_type(props)}",
+            )
+        if len(errors) != n_err:
+            continue
+        assert ev_id is not None and ev_type is not None and customer is not None and t is not None
+        res.rows.append((ev_id, ev_type, customer, t, props))
+        res.indexes.append(index)
+    return res
+
+
+def parse_cloudevents(items: list[Any], now_ms: int, limits: Limits) -> ParseResult:
+    """Validate CloudEvents (OpenMeter wire format) and map them to events."""
+    res = ParseResult(total=len(items))
+    errors = res.errors
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            _err(errors, index, "event", f"an event must be a JSON object, got {_json_type(item)}")
+            continue
+        n_err = len(errors)
+        ev_id = _string(item, "id", index, errors)
+        _string(item, "source", index, errors)
+        _string(item, "specversion", index, errors)
+        ev_type = _string(item, "type", index, errors)
+        customer = _string(item, "subject", index, errors)
+        t = _time(item.get("time"), index, now_ms, limits, errors)
+        data = item.get("data")
+        if data is None:
+            data = {}
+        elif not isinstance(data, dict):
+            _err(errors, index, "data", f"data must be a JSON object, got {_json_type(data)}")
+        if len(errors) != n_err:
+            continue
+        assert ev_id is not None and ev_type is not None and customer is not None and t is not None
+        res.rows.append((ev_id, ev_type, customer, t, data))
+        res.indexes.append(index)
+    return res
+
+
+def cloudevents_shape(content_type: str | None) -> tuple[bool, bool]:
+    """(single allowed, batch allowed) for a Content-Type of POST /api/v1/events.
+
+    Raises ``UnsupportedMediaType`` (415) for anything else; a missing header means JSON.
+    """
+    media = (content_type or JSON).split(";", 1)[0].strip().lower()
+    if media == CE_SINGLE:
+        return True, False
+    if media == CE_BATCH:
+        return False, True
+    if media == JSON:
+        return True, True
+    raise UnsupportedMediaType(
+        f"Content-Type {media!r} is not supported; use {CE_SINGLE}, {CE_BATCH} or {JSON}",
+        details=[{"field": "content-type", "message": "unsupported media type"}],
+    )
+
+
+def native_shape(content_type: str | None) -> None:
+    """POST /v1/events takes JSON (a missing Content-Type is read as JSON)."""
+    media = (content_type or JSON).split(";", 1)[0].strip().lower()
+    if media not in (JSON, CE_SINGLE, CE_BATCH) and not media.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"Content-Type {media!r} is not supported; send {JSON}",
+            details=[{"field": "content-type", "message": "unsupported media type"}],
+        )

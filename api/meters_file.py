@@ -1,0 +1,129 @@
+"""Load meters from a YAML file at startup (``settings.meters_file``), idempotently.
+
+Format (several tenants)::
+
+    tenants:
+      <tenant_id>:
+        meters:
+          - slug: api_calls
+            event_type: api_call        # or eventType
+            aggregation: COUNT
+          - slug: tokens
+            eventType: llm
+            aggregation: SUM
+            valueProperty: $.tokens
+            groupBy: {model: $.model}
+
+A single-tenant shorthand is accepted too: ``{tenant: <tenant_id>, meters: [...]}``.
+
+Each entry is a ``schemas.meters.MeterSpec``. A slug that already exists with the same spec is
+left alone; one that exists with a different spec is an error naming it (delete the meter first:
+changing a meter in place would silently change history). The tenants must exist.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+
+from schemas.meters import Meter, MeterSpec
+from tally.errors import Conflict, NotFound, ValidationError
+
+log = logging.getLogger(__name__)
+
+
+def parse_meters_file(text: str, source: str = "meters file") -> dict[str, list[MeterSpec]]:
+    """tenant id -> meter specs. Pure; raises ValidationError naming the bad entry."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValidationError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValidationError(f"{source}: expected a mapping with 'tenants' or 'tenant'")
+    raw: dict[str, Any]
+    if "tenants" in doc:
+        if set(doc) - {"tenants"}:
+            raise ValidationError(f"{source}: unexpected keys {sorted(set(doc) - {'tenants'})}")
+        if not isinstance(doc["tenants"], dict):
+            raise ValidationError(f"{source}: 'tenants' must map tenant ids to {{meters: [...]}}")
+        raw = {}
+        for tenant_id, entry in doc["tenants"].items():
+            if not isinstance(entry, dict) or set(entry) - {"meters"}:
+                raise ValidationError(f"{source}: tenants.{tenant_id} must be {{meters: [...]}}")
+            raw[str(tenant_id)] = entry.get("meters") or []
+    elif "tenant" in doc:
+        if set(doc) - {"tenant", "meters"}:
+            raise ValidationError(
+                f"{source}: unexpected keys {sorted(set(doc) - {'tenant', 'meters'})}"
+            )
+        raw = {str(doc["tenant"]): doc.get("meters") or []}
+    else:
+        raise ValidationError(f"{source}: expected a top-level 'tenants' or 'tenant' key")
+    out: dict[str, list[MeterSpec]] = {}
+    for tenant_id, meters in raw.items():
+        if not isinstance(meters, list):
+            raise ValidationError(f"{source}: meters of tenant {tenant_id} must be a list")
+        specs: list[MeterSpec] = []
+        seen: set[str] = set()
+        for i, m in enumerate(meters):
+            try:
+                spec = MeterSpec.model_validate(m)
+            except pydantic.ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or 'meter'}: {e['msg']}"
+                    for e in exc.errors(include_url=False)
+                )
+                raise ValidationError(
+                    f"{source}: tenant {tenant_id} meter #{i}: {problems}"
+                ) from None
+            if spec.slug in seen:
+                raise ValidationError(f"{source}: tenant {tenant_id}: duplicate slug {spec.slug!r}")
+            seen.add(spec.slug)
+            specs.append(spec)
+        out[tenant_id] = specs
+    return out
+
+
+def spec_of(meter: Meter) -> MeterSpec:
+    return MeterSpec.model_validate(meter.model_dump(include=set(MeterSpec.model_fields)))
+
+
+def apply_meters(repo: Any, specs: dict[str, list[MeterSpec]]) -> list[str]:
+    """Create missing meters; returns ``tenant/slug`` of those created. Blocking (store I/O)."""
+    created: list[str] = []
+    for tenant_id, meters in specs.items():
+        try:
+            tenant = repo.get_tenant(tenant_id)
+        except NotFound:
+            tenant = None
+        if tenant is None:
+            raise ValidationError(f"meters file: tenant {tenant_id!r} does not exist")
+        for spec in meters:
+            try:
+                existing = repo.get_meter(tenant_id, spec.slug)
+            except NotFound:
+                existing = None
+            if existing is not None:
+                if spec_of(existing) != spec:
+                    raise Conflict(
+                        f"meters file: meter {spec.slug!r} of tenant {tenant_id} exists with a "
+                        "different definition; delete it first (DELETE /v1/meters/{slug})"
+                    )
+                continue
+            repo.create_meter(tenant_id, spec)
+            created.append(f"{tenant_id}/{spec.slug}")
+    if created:
+        log.info("meters file: created %d meters: %s", len(created), ", ".join(created))
+    return created
+
+
+def load_meters_file(repo: Any, path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValidationError(f"meters file {path}: cannot read: {exc}") from None
+    return apply_meters(repo, parse_meters_file(text, str(path)))

@@ -1,0 +1,89 @@
+"""Per-app state (``app.state.tally``): injected dependencies, the auth cache, metrics.
+
+No module-level globals: two apps in one process (tests) share nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import anyio
+from fastapi import Request
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from tally.settings import Settings
+
+if TYPE_CHECKING:
+    from api.producer import EventProducer
+
+T = TypeVar("T")
+
+
+class ProgressWaiter(Protocol):
+    async def wait_for(self, topic: str, offsets: dict[int, int], timeout: float) -> bool: ...
+
+
+class Metrics:
+    """Prometheus metrics on a registry of their own (one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.http_requests = Counter(
+            "tally_http_requests",
+            "HTTP requests by route template, method and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.http_latency = Histogram(
+            "tally_http_request_duration_seconds",
+            "HTTP request latency by route template",
+            ["route"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.events = Counter(
+            "tally_ingest_events",
+            "Ingested events by API flavour and outcome (accepted/rejected)",
+            ["api", "outcome"],
+            registry=self.registry,
+        )
+        self.envelopes = Counter(
+            "tally_ingest_envelopes",
+            "Envelopes acknowledged by the broker",
+            registry=self.registry,
+        )
+        self.produce_failures = Counter(
+            "tally_ingest_produce_failures",
+            "Ingest requests answered 503 because the broker did not acknowledge",
+            registry=self.registry,
+        )
+        self.wait_stored_timeouts = Counter(
+            "tally_ingest_wait_stored_timeouts",
+            "wait=stored requests answered 503 because the worker had not stored them in time",
+            registry=self.registry,
+        )
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    store: Any
+    repo: Any
+    producer: EventProducer | None
+    progress_waiter: ProgressWaiter | None
+    metrics: Metrics = field(default_factory=Metrics)
+    store_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
+    auth_cache: Any = None  # api.auth.AuthCache, set by create_app
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking store call in a worker thread (bounded by ``store_limiter``)."""
+        call = functools.partial(fn, *args, **kwargs) if kwargs else functools.partial(fn, *args)
+        return await anyio.to_thread.run_sync(call, limiter=self.store_limiter)
+
+
+def get_state(request: Request) -> AppState:
+    st: AppState = request.app.state.tally
+    return st

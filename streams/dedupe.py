@@ -1,0 +1,168 @@
+"""Exact per-partition dedupe index on local disk (sqlite3, WAL), a cache of ClickHouse.
+
+One file per (topic, partition). Holds the ``(tenant_id, event_id)`` of every event stored from
+the partition within the horizon, with its ``ingested_ms``, and a watermark: the last offset whose
+events are all recorded. Memory stays bounded as ids grow because the ids live on disk.
+
+The index is never the truth: ``rebuild`` brings it in line with the store's progress ``M`` on
+partition assignment (re-reading ids with ``W < source_offset <= M`` from the store, or starting
+over when the store is behind the index, e.g. after a store reset).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sqlite3
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from streams.sink import Sink
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+_CHUNK = 4000  # pairs per IN (...) query: 8000 variables, below sqlite's 32766 limit
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS seen (
+    tenant_id   TEXT NOT NULL,
+    event_id    TEXT NOT NULL,
+    ingested_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, event_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_ingested ON seen (ingested_ms);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+"""
+
+
+def index_path(directory: Path, topic: str, partition: int) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", topic)
+    return directory / f"{safe}-{partition}.sqlite"
+
+
+class DedupeIndex:
+    """Seen ids of one partition. Thread-safe (one connection behind a lock)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA cache_size=-16000")  # 16 MB page cache: bounded memory
+        self._db.executescript(_SCHEMA)
+
+    @classmethod
+    def open(cls, directory: Path, topic: str, partition: int) -> DedupeIndex:
+        return cls(index_path(directory, topic, partition))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @property
+    def watermark(self) -> int:
+        """Last offset whose stored ids are all in the index (-1 when empty)."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE name = 'watermark'").fetchone()
+        return int(row[0]) if row else -1
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM seen").fetchone()[0])
+
+    def contains_many(self, keys: Iterable[Key]) -> set[Key]:
+        """The subset of ``keys`` present in the index."""
+        keys = list(keys)
+        found: set[Key] = set()
+        with self._lock:
+            for i in range(0, len(keys), _CHUNK):
+                chunk = keys[i : i + _CHUNK]
+                marks = ",".join(["(?,?)"] * len(chunk))
+                params = [x for k in chunk for x in k]
+                sql = f"SELECT tenant_id, event_id FROM seen WHERE (tenant_id, event_id) IN (VALUES {marks})"
+                found.update((t, e) for t, e in self._db.execute(sql, params))
+        return found
+
+    def add_many(self, keys_with_ms: Iterable[tuple[str, str, int]], watermark: int) -> None:
+        """Record ids (tenant_id, event_id, ingested_ms) and move the watermark, atomically.
+
+        An id already present keeps its first ingested_ms.
+        """
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO seen (tenant_id, event_id, ingested_ms) VALUES (?,?,?)",
+                    keys_with_ms,
+                )
+                self._db.execute(
+                    "INSERT INTO meta (name, value) VALUES ('watermark', ?) "
+                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    (watermark,),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def purge_older_than(self, ms: int) -> int:
+        """Forget ids ingested before ``ms`` (the horizon). Returns how many were removed."""
+        with self._lock:
+            cur = self._db.execute("DELETE FROM seen WHERE ingested_ms < ?", (ms,))
+            return cur.rowcount
+
+    def reset(self) -> None:
+        """Forget everything (watermark back to -1)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM seen")
+            self._db.execute("DELETE FROM meta")
+            self._db.execute("COMMIT")
+
+
+def rebuild(
+    index: DedupeIndex,
+    sink: Sink,
+    topic: str,
+    partition: int,
+    store_progress: int,
+    now_ms: int,
+    horizon_ms: int,
+) -> int:
+    """Bring ``index`` in line with the store's progress ``M`` for the partition.
+
+    ``W < M``: add the ids the store holds with ``W < offset <= M`` (ingested within the horizon).
+    ``W > M``: the store is behind the index (reset store): start over from -1.
+    Rebuilt ids are recorded with ``ingested_ms = now_ms`` (the store query does not return it;
+    this keeps them at least a full horizon, never less). Returns the number of ids added.
+    """
+    m = store_progress
+    w = index.watermark
+    if w == m:
+        return 0
+    if w > m:
+        log.warning(
+            "dedupe index of %s[%d] is ahead of the store (%d > %d): rebuilding",
+            topic,
+            partition,
+            w,
+            m,
+        )
+        index.reset()
+        w = -1
+    added = 0
+    if m >= 0:
+        for chunk in sink.seen_ids(topic, partition, w, m, now_ms - horizon_ms):
+            index.add_many(((t, e, now_ms) for t, e in chunk), w)
+            added += len(chunk)
+    index.add_many((), m)
+    log.info(
+        "dedupe index of %s[%d] rebuilt: %d ids, offsets %d..%d", topic, partition, added, w, m
+    )
+    return added

@@ -1,0 +1,221 @@
+"""Store (migrations, errors) and Repo (tenants, keys, admin tokens, meters) on real chDB."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from clickhouse.repo import Repo, hash_secret
+from clickhouse.store import MIGRATIONS_DIR, Store, migration_files, open_store
+from schemas.meters import Aggregation, MeterSpec
+from tally.errors import Conflict, NotFound, StoreUnavailable, ValidationError
+from tally.settings import Settings
+
+
+def _all_text(store: Store, table: str) -> str:
+    rows = store.query_rows(f"SELECT * FROM {store.database}.{table}")
+    return "\n".join(repr(r) for r in rows)
+
+
+# --- store -------------------------------------------------------------------------------------
+
+
+def test_migrate_is_idempotent(store: Store) -> None:
+    names = [p.name for p in migration_files(MIGRATIONS_DIR)]
+    assert "001_core.sql" in names
+    assert store.migrate() == []  # the fixture already migrated
+    applied = store.query_rows(f"SELECT name FROM {store.database}.schema_migrations FINAL")
+    assert sorted(r[0] for r in applied) == sorted(names)
+    tables = {r[0] for r in store.query_rows(f"SHOW TABLES FROM {store.database}")}
+    assert {"tenants", "api_keys", "admin_tokens", "meters", "events", "usage_minute"} <= tables
+
+
+def test_migrate_applies_new_files_once(store: Store, tmp_path: Path) -> None:
+    for p in migration_files(MIGRATIONS_DIR):
+        (tmp_path / p.name).write_text(p.read_text())
+    (tmp_path / "999_extra.sql").write_text(
+        "-- a comment; with a semicolon\n"
+        "CREATE TABLE IF NOT EXISTS {db}.extra (tenant_id String) ENGINE = MergeTree ORDER BY tenant_id;\n"
+        "INSERT INTO {db}.extra VALUES ('x');\n"
+    )
+    assert store.migrate(tmp_path) == ["999_extra.sql"]
+    assert store.migrate(tmp_path) == []
+    assert store.query_rows(f"SELECT count() FROM {store.database}.extra") == [(1,)]
+
+
+def test_fresh_database_migrates_from_scratch(chdb_dir: Path, unique: str) -> None:
+    st = Store.open(f"chdb://{chdb_dir}", f"fresh_{unique}")
+    try:
+        assert st.migrate() == [p.name for p in migration_files(MIGRATIONS_DIR)]
+        assert st.migrate() == []
+    finally:
+        st.command(f"DROP DATABASE IF EXISTS {st.database}")
+        st.close()
+
+
+def test_open_store_from_settings(chdb_dir: Path, unique: str) -> None:
+    st = open_store(
+        Settings(clickhouse_url=f"chdb://{chdb_dir}", clickhouse_database=f"s_{unique}")
+    )
+    try:
+        assert st.query_rows("SELECT 1") == [(1,)]
+    finally:
+        st.command(f"DROP DATABASE IF EXISTS {st.database}")
+        st.close()
+
+
+def test_driver_errors_become_store_unavailable(store: Store) -> None:
+    with pytest.raises(StoreUnavailable):
+        store.query_rows(f"SELECT * FROM {store.database}.no_such_table")
+    with pytest.raises(StoreUnavailable):
+        Store.open("http://127.0.0.1:1", "tally")
+
+
+def test_bad_identifiers_and_urls_are_validation_errors(chdb_dir: Path) -> None:
+    with pytest.raises(ValidationError) as ei:
+        Store.open(f"chdb://{chdb_dir}", "x; DROP DATABASE y")
+    assert ei.value.details == {"field": "database"}
+    with pytest.raises(ValidationError):
+        Store.open("chdb://relative/dir", "tally")
+    with pytest.raises(ValidationError):
+        Store.open("ftp://host", "tally")
+
+
+# --- tenants and keys --------------------------------------------------------------------------
+
+
+def test_tenants_and_keys(store: Store) -> None:
+    repo = Repo(store)
+    tenant, key = repo.create_tenant("Acme")
+    assert len(tenant.tenant_id) == 12 and "_" not in tenant.tenant_id
+    assert key.startswith(f"tly_{tenant.tenant_id}_")
+    assert repo.get_tenant(tenant.tenant_id) == tenant
+    assert tenant.created_at.tzinfo is not None
+    assert repo.get_tenant(tenant.tenant_id).created_at == tenant.created_at
+    assert tenant in repo.list_tenants()
+    with pytest.raises(NotFound, match="nosuchtenant"):
+        repo.get_tenant("nosuchtenant")
+
+    assert repo.authenticate(key) == tenant.tenant_id
+    second = repo.create_api_key(tenant.tenant_id)
+    assert second != key and repo.authenticate(second) == tenant.tenant_id
+    # only the hash is stored: neither key nor its secret appears anywhere in the table
+    text = _all_text(store, "api_keys")
+    for k in (key, second):
+        assert hash_secret(k) in text
+        assert k not in text and k.split("_", 2)[2] not in text
+    for bad in (
+        "",
+        "tly_",
+        key[:-1],
+        key + "x",
+        "tly_" + "a" * 12 + "_nope",
+        "x" * 10_000,
+        key.replace(tenant.tenant_id, "bbbbbbbbbbbb"),
+    ):
+        assert repo.authenticate(bad) is None
+    with pytest.raises(NotFound):
+        repo.create_api_key("zzzzzzzzzzzz")
+
+
+def test_keys_of_one_tenant_never_authenticate_as_another(store: Store) -> None:
+    repo = Repo(store)
+    a, ka = repo.create_tenant("A")
+    b, kb = repo.create_tenant("B")
+    assert repo.authenticate(ka) == a.tenant_id
+    assert repo.authenticate(kb) == b.tenant_id
+    # a's secret under b's tenant id is not a key
+    forged = f"tly_{b.tenant_id}_{ka.split('_', 2)[2]}"
+    assert repo.authenticate(forged) is None
+
+
+def test_authenticate_caches_hits_only(store: Store) -> None:
+    repo = Repo(store)
+    t, key = repo.create_tenant("C")
+    assert repo.authenticate(key) == t.tenant_id
+    store.command(f"TRUNCATE TABLE {store.database}.api_keys")
+    assert repo.authenticate(key) == t.tenant_id  # cached
+    assert Repo(store).authenticate(key) is None  # a fresh repo has no cache
+    repo._auth_cache = {k: (v[0], time.monotonic() - 1) for k, v in repo._auth_cache.items()}
+    assert repo.authenticate(key) is None  # expired
+
+
+def test_admin_token(store: Store) -> None:
+    repo = Repo(store)
+    token = repo.ensure_admin_token()
+    assert token
+    assert repo.ensure_admin_token() is None
+    assert repo.check_admin_token(token)
+    assert not repo.check_admin_token(token + "x")
+    assert not repo.check_admin_token("")
+    assert repo.ensure_admin_token("fixed-token-123") == "fixed-token-123"
+    assert repo.ensure_admin_token("fixed-token-123") is None
+    assert repo.check_admin_token("fixed-token-123") and repo.check_admin_token(token)
+    text = _all_text(store, "admin_tokens")
+    assert token not in text and "fixed-token-123" not in text
+
+
+def test_fixed_admin_token_on_empty_store(store: Store) -> None:
+    repo = Repo(store)
+    assert repo.ensure_admin_token("given") == "given"
+    assert repo.ensure_admin_token() is None
+    assert repo.check_admin_token("given")
+
+
+# --- meters ------------------------------------------------------------------------------------
+
+
+def _spec(slug: str = "api-calls", **kw: object) -> MeterSpec:
+    base: dict[str, object] = dict(
+        slug=slug,
+        event_type="api_call",
+        aggregation=Aggregation.SUM,
+        value_property="$.tokens",
+        group_by={"model": "$.model"},
+        filters=[{"property": "$.status", "op": "in", "value": [200, 201]}],
+    )
+    base.update(kw)
+    return MeterSpec.model_validate(base)
+
+
+def test_meters_crud_conflict_and_isolation(store: Store) -> None:
+    repo = Repo(store)
+    a, _ = repo.create_tenant("A")
+    b, _ = repo.create_tenant("B")
+    m = repo.create_meter(a.tenant_id, _spec())
+    assert len(m.id) == 32 and m.tenant_id == a.tenant_id and m.created_at.tzinfo is not None
+    got = repo.get_meter(a.tenant_id, "api-calls")
+    assert got == m
+    assert got.filters == _spec().filters and got.group_by == {"model": "$.model"}
+    with pytest.raises(Conflict, match="api-calls"):
+        repo.create_meter(a.tenant_id, _spec())
+
+    # tenant B sees nothing of A's and may use the same slug independently
+    with pytest.raises(NotFound, match="meter 'api-calls' not found"):
+        repo.get_meter(b.tenant_id, "api-calls")
+    assert repo.list_meters(b.tenant_id) == []
+    with pytest.raises(NotFound):
+        repo.delete_meter(b.tenant_id, "api-calls")
+    mb = repo.create_meter(b.tenant_id, _spec(aggregation="count", value_property=None))
+    assert repo.get_meter(a.tenant_id, "api-calls") == m
+
+    m2 = repo.create_meter(a.tenant_id, _spec("second"))
+    assert [x.slug for x in repo.list_meters(a.tenant_id)] == ["api-calls", "second"]
+    assert {x.id for x in repo.all_meters()} >= {m.id, m2.id, mb.id}
+
+    repo.delete_meter(a.tenant_id, "api-calls")
+    with pytest.raises(NotFound):
+        repo.get_meter(a.tenant_id, "api-calls")
+    with pytest.raises(NotFound):
+        repo.delete_meter(a.tenant_id, "api-calls")
+    assert [x.slug for x in repo.list_meters(a.tenant_id)] == ["second"]
+    assert m.id not in {x.id for x in repo.all_meters()}
+    assert repo.get_meter(b.tenant_id, "api-calls") == mb
+
+    # re-creating a deleted slug gives a new id; the old one stays gone
+    m3 = repo.create_meter(a.tenant_id, _spec())
+    assert m3.id != m.id and repo.get_meter(a.tenant_id, "api-calls") == m3
+    with pytest.raises(NotFound):
+        repo.create_meter("nosuchtenant", _spec("x"))

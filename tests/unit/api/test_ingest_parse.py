@@ -1,0 +1,267 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from api.errors import UnsupportedMediaType
+from api.ingest_parse import (
+    Limits,
+    as_items,
+    check_count,
+    cloudevents_shape,
+    load_json,
+    native_shape,
+    parse_cloudevents,
+    parse_native,
+    row_to_event,
+)
+from schemas.events import Event
+from schemas.timeutil import epoch_ms
+from tally.errors import PayloadTooLarge, ValidationError
+
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+NOW_MS = epoch_ms(NOW)
+LIMITS = Limits(max_events=10, max_lateness_ms=35 * 86_400_000, max_future_ms=300_000)
+
+
+def ev(**kw: object) -> dict[str, object]:
+    base: dict[str, object] = {"id": "e1", "type": "api_call", "customer": "c1"}
+    base.update(kw)
+    return base
+
+
+def fields_of(errors: list[dict[str, object]]) -> list[tuple[object, object]]:
+    return [(e["index"], e["field"]) for e in errors]
+
+
+class TestLoadJson:
+    def test_malformed(self) -> None:
+        with pytest.raises(ValidationError) as ei:
+            load_json(b'{"id": ')
+        assert "not valid JSON" in ei.value.message
+        assert ei.value.details[0]["field"] == "body"
+
+    @pytest.mark.parametrize("raw", [b"", b"   \n"])
+    def test_empty(self, raw: bytes) -> None:
+        with pytest.raises(ValidationError, match="empty"):
+            load_json(raw)
+
+    def test_ok(self) -> None:
+        assert load_json(b'[{"a": 1}]') == [{"a": 1}]
+
+
+class TestShapes:
+    def test_single_and_batch(self) -> None:
+        assert as_items({"a": 1}) == [{"a": 1}]
+        assert as_items([{"a": 1}, 2]) == [{"a": 1}, 2]
+
+    def test_empty_array(self) -> None:
+        with pytest.raises(ValidationError, match="empty"):
+            as_items([])
+
+    @pytest.mark.parametrize("doc", [1, "x", None, True])
+    def test_scalar(self, doc: object) -> None:
+        with pytest.raises(ValidationError, match="must be"):
+            as_items(doc)
+
+    def test_single_only(self) -> None:
+        with pytest.raises(ValidationError, match="one event object"):
+            as_items([{}], batch=False)
+
+    def test_batch_only(self) -> None:
+        with pytest.raises(ValidationError, match="array"):
+            as_items({}, single=False)
+
+    def test_count_limit(self) -> None:
+        check_count(10, LIMITS)
+        with pytest.raises(PayloadTooLarge, match="limit is 10"):
+            check_count(11, LIMITS)
+
+    def test_content_types(self) -> None:
+        assert cloudevents_shape("application/cloudevents+json") == (True, False)
+        assert cloudevents_shape("application/cloudevents-batch+json; charset=utf-8") == (
+            False,
+            True,
+        )
+        assert cloudevents_shape("application/json") == (True, True)
+        assert cloudevents_shape(None) == (True, True)
+        with pytest.raises(UnsupportedMediaType, match="text/plain"):
+            cloudevents_shape("text/plain")
+        native_shape("application/json")
+        native_shape(None)
+        with pytest.raises(UnsupportedMediaType):
+            native_shape("application/x-www-form-urlencoded")
+
+
+class TestNative:
+    def test_valid_defaults(self) -> None:
+        res = parse_native([ev()], NOW_MS, LIMITS)
+        assert res.errors == []
+        assert res.rows == [("e1", "api_call", "c1", NOW_MS, {})]
+        assert res.indexes == [0]
+
+    def test_time_forms_keep_ms(self) -> None:
+        items = [
+            ev(id="a", time="2025-06-01T11:59:00.123Z"),
+            ev(id="b", time="2025-06-01T13:59:00.123456+02:00"),
+            ev(id="c", time=NOW_MS - 1),
+            ev(id="d", time="2025-06-01t11:59:00.5z"),
+        ]
+        res = parse_native(items, NOW_MS, LIMITS)
+        assert res.errors == []
+        t = NOW - timedelta(minutes=1)
+        assert [r[3] for r in res.rows] == [
+            epoch_ms(t) + 123,
+            epoch_ms(t) + 123,
+            NOW_MS - 1,
+            epoch_ms(t) + 500,
+        ]
+
+    @pytest.mark.parametrize(
+        ("item", "field", "text"),
+        [
+            (ev(id=None), "id", "required"),
+            ({"type": "t", "customer": "c"}, "id", "required"),
+            (ev(id=5), "id", "must be a string"),
+            (ev(id=""), "id", "empty"),
+            (ev(id="x" * 257), "id", "longer"),
+            (ev(type=None), "type", "required"),
+            (ev(customer=["a"]), "customer", "string"),
+            (ev(time="yesterday"), "time", "invalid time"),
+            (ev(time="2025-06-01T12:00:00"), "time", "offset"),
+            (ev(time=True), "time", "boolean"),
+            (ev(time=1.5), "time", "number"),
+            (ev(time=10**20), "time", "out of range"),
+            (ev(properties=[1]), "properties", "object"),
+            (ev(costumer="c"), "costumer", "unknown field"),
+        ],
+    )
+    def test_field_errors(self, item: dict[str, object], field: str, text: str) -> None:
+        res = parse_native([ev(id="ok"), item], NOW_MS, LIMITS)
+        assert [r[0] for r in res.rows] == ["ok"]
+        assert (1, field) in fields_of(res.errors)
+        msg = next(e["message"] for e in res.errors if e["field"] == field)
+        assert text in msg
+
+    def test_not_an_object(self) -> None:
+        res = parse_native([1, "x"], NOW_MS, LIMITS)
+        assert fields_of(res.errors) == [(0, "event"), (1, "event")]
+        assert res.rows == []
+
+    def test_lateness_bound(self) -> None:
+        old = NOW_MS - LIMITS.max_lateness_ms - 1
+        future = NOW_MS + LIMITS.max_future_ms + 1
+        edge = [NOW_MS - LIMITS.max_lateness_ms, NOW_MS + LIMITS.max_future_ms]
+        res = parse_native(
+            [ev(id="old", time=old), ev(id="fut", time=future)]
+            + [ev(id=f"e{i}", time=t) for i, t in enumerate(edge)],
+            NOW_MS,
+            LIMITS,
+        )
+        assert fields_of(res.errors) == [(0, "time"), (1, "time")]
+        assert "lateness bound" in res.errors[0]["message"]
+        assert "future" in res.errors[1]["message"]
+        assert [r[3] for r in res.rows] == edge
+
+    def test_all_errors_of_one_event_reported(self) -> None:
+        res = parse_native([{"time": "x", "properties": 3}], NOW_MS, LIMITS)
+        assert {f for _, f in fields_of(res.errors)} == {
+            "id",
+            "type",
+            "customer",
+            "time",
+            "properties",
+        }
+        assert res.rejected_indexes == [0]
+
+    def test_row_to_event_equals_validated_event(self) -> None:
+        item = ev(time="2025-06-01T11:59:00.123Z", properties={"n": 1})
+        res = parse_native([item], NOW_MS, LIMITS)
+        assert row_to_event(res.rows[0]) == Event.model_validate(item)
+
+
+class TestCloudEvents:
+    def ce(self, **kw: object) -> dict[str, object]:
+        base: dict[str, object] = {
+            "id": "e1",
+            "source": "svc",
+            "specversion": "1.0",
+            "type": "api_call",
+            "subject": "cust",
+            "time": "2025-06-01T11:59:00.001Z",
+            "data": {"tokens": 3},
+        }
+        base.update(kw)
+        return base
+
+    def test_mapping(self) -> None:
+        res = parse_cloudevents(
+            [self.ce(datacontenttype="application/json", ext=1)], NOW_MS, LIMITS
+        )
+        assert res.errors == []
+        assert res.rows == [
+            ("e1", "api_call", "cust", epoch_ms(NOW - timedelta(minutes=1)) + 1, {"tokens": 3})
+        ]
+
+    def test_data_null_and_time_default(self) -> None:
+        item = self.ce(data=None)
+        del item["time"]
+        res = parse_cloudevents([item], NOW_MS, LIMITS)
+        assert res.rows == [("e1", "api_call", "cust", NOW_MS, {})]
+
+    @pytest.mark.parametrize("missing", ["id", "source", "specversion", "type", "subject"])
+    def test_required(self, missing: str) -> None:
+        item = self.ce()
+        del item[missing]
+        res = parse_cloudevents([item], NOW_MS, LIMITS)
+        assert fields_of(res.errors) == [(0, missing)]
+
+    def test_data_must_be_object(self) -> None:
+        res = parse_cloudevents([self.ce(data="x")], NOW_MS, LIMITS)
+        assert fields_of(res.errors) == [(0, "data")]
+
+
+ids = st.text(min_size=1, max_size=20)
+props = st.dictionaries(
+    st.text(max_size=5), st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5), max_size=3
+)
+
+
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {"id": ids, "type": ids, "customer": ids},
+            optional={
+                "time": st.integers(NOW_MS - LIMITS.max_lateness_ms, NOW_MS + 300_000),
+                "properties": props,
+            },
+        ),
+        max_size=20,
+    )
+)
+def test_valid_events_round_trip(items: list[dict[str, object]]) -> None:
+    """Every valid event is kept, in order, and matches pydantic's own validation."""
+    res = parse_native(orjson.loads(orjson.dumps(items)), NOW_MS, LIMITS)
+    assert res.errors == []
+    assert res.indexes == list(range(len(items)))
+    for item, row in zip(items, res.rows, strict=True):
+        expected = Event.model_validate({"time": NOW_MS, **item})
+        assert row_to_event(row) == expected
+
+
+@given(
+    st.lists(
+        st.one_of(st.none(), st.integers(), st.text(), st.dictionaries(st.text(), st.integers())),
+        max_size=10,
+    )
+)
+def test_garbage_never_raises(items: list[object]) -> None:
+    """Arbitrary input gives a result naming index and field, never an exception."""
+    res = parse_native(items, NOW_MS, LIMITS)
+    assert len(res.rows) + len(res.rejected_indexes) == len(items)
+    for e in res.errors:
+        assert set(e) == {"index", "field", "message"} and e["message"]

@@ -1,0 +1,258 @@
+"""Exact SQL text and parameters of usage queries (no database)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from clickhouse.queries import VALUE_SQL, WINDOW_SQL, usage_sql
+from schemas.meters import Aggregation, Meter
+from schemas.usage import UsageQuery, UsageRow, WindowSize
+from tally.errors import ValidationError
+
+FROM = datetime(2024, 3, 1, tzinfo=UTC)
+TO = datetime(2024, 4, 1, tzinfo=UTC)
+FROM_MS = 1709251200000
+TO_MS = 1711929600000
+WHERE = (
+    " FROM tally.usage_minute WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}"
+    " AND window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC')"
+    " AND window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')"
+)
+BASE_PARAMS = {"tenant": "t1", "meter": "mid", "from_ms": FROM_MS, "to_ms": TO_MS}
+
+
+def meter(aggregation: Aggregation = Aggregation.SUM, **kw: object) -> Meter:
+    data: dict[str, object] = dict(
+        slug="calls",
+        event_type="call",
+        aggregation=aggregation,
+        value_property=None if aggregation == Aggregation.COUNT else "$.v",
+        group_by={"region": "$.r", "tier": "$.t"},
+        id="mid",
+        tenant_id="t1",
+        created_at=FROM,
+    )
+    data.update(kw)
+    return Meter.model_validate(data)
+
+
+def query(**kw: object) -> UsageQuery:
+    data: dict[str, object] = dict(tenant_id="t1", meter=meter(), from_=FROM, to=TO)
+    data.update(kw)
+    return UsageQuery.model_validate(data)
+
+
+EXPECTED_VALUE = {
+    Aggregation.COUNT: "sum(events)",
+    Aggregation.SUM: "sum(value_sum)",
+    Aggregation.MIN: "min(value_min)",
+    Aggregation.MAX: "max(value_max)",
+    Aggregation.AVG: "sum(value_sum) / nullIf(sum(value_count), 0)",
+    Aggregation.UNIQUE_COUNT: "length(groupUniqArrayArray(uniq_values))",
+    Aggregation.LATEST: (
+        "if(tupleElement(max(latest), 2) = '', NULL, tupleElement(max(latest), 3))"
+    ),
+}
+
+
+@pytest.mark.parametrize("aggregation", list(Aggregation))
+def test_each_aggregation_whole_range(aggregation: Aggregation) -> None:
+    sql, params = usage_sql(query(meter=meter(aggregation)), "tally")
+    assert sql == f"SELECT {EXPECTED_VALUE[aggregation]} AS value" + WHERE + " GROUP BY tenant_id"
+    assert params == BASE_PARAMS
+    assert VALUE_SQL[aggregation] == EXPECTED_VALUE[aggregation]
+
+
+def test_minute_window_needs_no_tz() -> None:
+    sql, params = usage_sql(query(window=WindowSize.MINUTE, tz="Asia/Kolkata"), "tally")
+    assert sql == (
+        "SELECT toStartOfMinute(window_start) AS bucket, toUnixTimestamp(bucket) AS window_start_s,"
+        " toUnixTimestamp(bucket + toIntervalMinute(1)) AS window_end_s, sum(value_sum) AS value"
+        + WHERE
+        + " GROUP BY bucket ORDER BY bucket"
+    )
+    assert params == BASE_PARAMS
+
+
+def test_hour_window_in_half_hour_zone() -> None:
+    sql, params = usage_sql(query(window=WindowSize.HOUR, tz="Australia/Lord_Howe"), "tally")
+    assert sql == (
+        "SELECT arrayFirst(x -> toMinute(x, {tz:String}) = 0, arrayMap(k -> "
+        "toStartOfFifteenMinutes(window_start) - toIntervalMinute(15 * k), range(9))) AS bucket,"
+        " toUnixTimestamp(bucket) AS window_start_s,"
+        " toUnixTimestamp(arrayFirst(x -> toMinute(x, {tz:String}) = 0, arrayMap(k -> bucket"
+        " + toIntervalMinute(15 * k), range(1, 10)))) AS window_end_s, sum(value_sum) AS value"
+        + WHERE
+        + " GROUP BY bucket ORDER BY bucket"
+    )
+    assert params == {**BASE_PARAMS, "tz": "Australia/Lord_Howe"}
+
+
+def test_day_window() -> None:
+    sql, params = usage_sql(query(window=WindowSize.DAY, tz="Europe/Berlin"), "tally")
+    assert sql == (
+        "SELECT toStartOfInterval(window_start, INTERVAL 1 DAY, {tz:String}) AS bucket,"
+        " toUnixTimestamp(bucket) AS window_start_s,"
+        " toUnixTimestamp(toStartOfInterval(bucket + INTERVAL 1 DAY, INTERVAL 1 DAY, {tz:String}))"
+        " AS window_end_s, sum(value_sum) AS value" + WHERE + " GROUP BY bucket ORDER BY bucket"
+    )
+    assert params == {**BASE_PARAMS, "tz": "Europe/Berlin"}
+
+
+def test_month_window() -> None:
+    sql, params = usage_sql(query(window=WindowSize.MONTH, tz="America/New_York"), "tally")
+    assert sql == (
+        "SELECT toDateTime(toStartOfInterval(window_start, INTERVAL 1 MONTH, {tz:String}),"
+        " {tz:String}) AS bucket, toUnixTimestamp(bucket) AS window_start_s,"
+        " toUnixTimestamp(bucket + INTERVAL 1 MONTH) AS window_end_s, sum(value_sum) AS value"
+        + WHERE
+        + " GROUP BY bucket ORDER BY bucket"
+    )
+    assert params == {**BASE_PARAMS, "tz": "America/New_York"}
+
+
+def test_group_by_customer_dimensions_and_filters() -> None:
+    q = query(
+        meter=meter(Aggregation.COUNT),
+        window=WindowSize.DAY,
+        customers=["c1", "c2", "c1"],
+        group_by=["tier", "customer", "region"],
+        filters={"tier": ["a", "b"], "customer": ["c2"]},
+    )
+    sql, params = usage_sql(q, "db_1")
+    assert sql == (
+        "SELECT toStartOfInterval(window_start, INTERVAL 1 DAY, {tz:String}) AS bucket,"
+        " toUnixTimestamp(bucket) AS window_start_s,"
+        " toUnixTimestamp(toStartOfInterval(bucket + INTERVAL 1 DAY, INTERVAL 1 DAY, {tz:String}))"
+        " AS window_end_s, customer, group_values[{g0:String}] AS d0,"
+        " group_values[{g1:String}] AS d1, sum(events) AS value"
+        + WHERE.replace("tally.", "db_1.")
+        + " AND customer IN {customers:Array(String)}"
+        " AND customer IN {f0:Array(String)}"
+        " AND group_values[{fk1:String}] IN {f1:Array(String)}"
+        " GROUP BY bucket, customer, d0, d1 ORDER BY bucket, customer, d0, d1"
+    )
+    assert params == {
+        **BASE_PARAMS,
+        "tz": "UTC",
+        "g0": "tier",
+        "g1": "region",
+        "customers": ["c1", "c2"],
+        "f0": ["c2"],
+        "f1": ["a", "b"],
+        "fk1": "tier",
+    }
+
+
+def test_by_customer_flag_without_window() -> None:
+    sql, params = usage_sql(query(by_customer=True, group_by=["region"]), "tally")
+    assert sql == (
+        "SELECT customer, group_values[{g0:String}] AS d0, sum(value_sum) AS value"
+        + WHERE
+        + " GROUP BY customer, d0 ORDER BY customer, d0"
+    )
+    assert params == {**BASE_PARAMS, "g0": "region"}
+
+
+def test_values_never_spliced_into_sql() -> None:
+    evil = "x' OR 1=1 --"
+    q = query(customers=[evil], filters={"region": [evil]}, group_by=["region"])
+    sql, params = usage_sql(q, "tally")
+    assert evil not in sql and "OR 1=1" not in sql
+    assert params["customers"] == [evil] and params["f0"] == [evil]
+
+
+@pytest.mark.parametrize("db", ["", "a.b", "x; DROP TABLE y", "1abc", "a-b"])
+def test_database_identifier_validated(db: str) -> None:
+    with pytest.raises(ValidationError) as ei:
+        usage_sql(query(), db)
+    assert ei.value.details == {"field": "database"}
+
+
+def test_every_window_has_sql() -> None:
+    assert set(WINDOW_SQL) == set(WindowSize)
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _field(exc: pytest.ExceptionInfo[ValidationError]) -> str:
+    return str(exc.value.details["field"])
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"group_by": ["nope"]}, "group_by"),
+        ({"group_by": ["region", "customerx"]}, "group_by"),
+        ({"filters": {"nope": ["a"]}}, "filters"),
+        ({"filters": {"region": []}}, "filters.region"),
+        ({"from_": FROM + timedelta(seconds=30)}, "from"),
+        ({"from_": FROM + timedelta(milliseconds=1)}, "from"),
+        ({"to": TO - timedelta(microseconds=1)}, "to"),
+        ({"from_": datetime(2024, 3, 1)}, "from"),
+        ({"to": datetime(2024, 4, 1)}, "to"),
+        ({"to": FROM}, "from"),
+        ({"from_": TO, "to": FROM}, "from"),
+        ({"tz": "Mars/Olympus"}, "tz"),
+        ({"tz": "../../etc/passwd"}, "tz"),
+        ({"tz": ""}, "tz"),
+        ({"tenant_id": "other"}, "meter"),
+    ],
+)
+def test_validation_errors_name_the_field(kw: dict[str, object], field: str) -> None:
+    with pytest.raises(ValidationError) as ei:
+        query(**kw)
+    assert _field(ei) == field
+    assert field.split(".")[0] in ei.value.message
+
+
+def test_accepts_aliases_offsets_and_dedupes() -> None:
+    q = UsageQuery.model_validate(
+        {
+            "tenant_id": "t1",
+            "meter": meter(),
+            "from": datetime(2024, 3, 1, 5, 30, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+            "to": TO,
+            "window": "HOUR",
+            "group_by": ["region", "region", "customer"],
+        }
+    )
+    assert q.from_ == FROM and q.from_.tzinfo == UTC
+    assert q.window is WindowSize.HOUR
+    assert q.group_by == ["region", "customer"]
+    assert q.dimensions == ["region"] and q.per_customer
+
+
+def test_usage_row_defaults() -> None:
+    r = UsageRow(window_start=FROM, window_end=TO)
+    assert r.customer is None and r.group_by == {} and r.value is None
+
+
+@given(
+    dims=st.lists(st.sampled_from(["region", "tier", "customer"]), max_size=5),
+    window=st.sampled_from([None, *WindowSize]),
+    aggregation=st.sampled_from(list(Aggregation)),
+)
+def test_sql_shape_invariants(
+    dims: list[str], window: WindowSize | None, aggregation: Aggregation
+) -> None:
+    q = query(meter=meter(aggregation), group_by=dims, window=window)
+    sql, params = usage_sql(q, "tally")
+    # always scoped to the tenant and meter, and only ever reads the pre-aggregates
+    assert "WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}" in sql
+    assert " FROM tally.usage_minute " in sql and "events " not in sql.replace("sum(events)", "")
+    assert params["tenant"] == "t1" and params["meter"] == "mid"
+    # every {name:Type} placeholder has a parameter and vice versa
+    import re
+
+    names = set(re.findall(r"\{(\w+):", sql))
+    assert names == set(params)
+    n_keys = (window is not None) + len(dict.fromkeys(dims))
+    assert sql.count(" AS d") == len([d for d in dict.fromkeys(dims) if d != "customer"])
+    if n_keys:
+        assert sql.endswith(" ORDER BY " + sql.split(" GROUP BY ")[1].split(" ORDER BY ")[0])

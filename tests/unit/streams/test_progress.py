@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from streams.progress import ProgressBoard, StoreProgressWaiter
+from tests.unit.streams.fakes import MemorySink
+
+
+def test_wait_for_already_reached() -> None:
+    b = ProgressBoard()
+    b.notify("t", 0, 5)
+    assert asyncio.run(b.wait_for("t", {0: 5}, 1.0))
+    assert asyncio.run(b.wait_for("t", {0: 3}, 1.0))
+    assert b.progress("t") == {0: 5}
+
+
+def test_wait_times_out() -> None:
+    b = ProgressBoard()
+    b.notify("t", 0, 5)
+    assert not asyncio.run(b.wait_for("t", {0: 6}, 0.05))
+    assert not asyncio.run(b.wait_for("other", {0: 0}, 0.05))
+
+
+def test_notify_never_goes_backwards() -> None:
+    b = ProgressBoard()
+    b.notify("t", 1, 10)
+    b.notify("t", 1, 4)
+    assert b.progress("t") == {1: 10}
+
+
+def test_notify_from_another_thread_wakes_waiter_on_its_own_loop() -> None:
+    b = ProgressBoard()
+    results: list[bool] = []
+    waiting = threading.Event()
+
+    def api_thread() -> None:
+        async def main() -> None:
+            task = asyncio.create_task(b.wait_for("t", {0: 10, 1: 3}, 10.0))
+            await asyncio.sleep(0.01)
+            waiting.set()
+            results.append(await task)
+
+        asyncio.run(main())
+
+    th = threading.Thread(target=api_thread)
+    th.start()
+    assert waiting.wait(5)
+    b.notify("t", 0, 10)
+    time.sleep(0.05)
+    assert results == []  # partition 1 not there yet
+    b.notify("t", 1, 2)
+    b.notify("t", 1, 3)
+    th.join(5)
+    assert results == [True]
+
+
+def test_many_waiters_many_threads() -> None:
+    b = ProgressBoard()
+    out: list[bool] = []
+
+    async def main() -> None:
+        waits = [b.wait_for("t", {p: 100}, 10.0) for p in range(4)]
+
+        def notifier(p: int) -> None:
+            for off in range(101):
+                b.notify("t", p, off)
+
+        threads = [threading.Thread(target=notifier, args=(p,)) for p in range(4)]
+        gathered = asyncio.gather(*waits)
+        await asyncio.sleep(0.01)
+        for t in threads:
+            t.start()
+        out.extend(await gathered)
+        for t in threads:
+            t.join()
+
+    asyncio.run(main())
+    assert out == [True] * 4
+
+
+def test_store_progress_waiter_polls() -> None:
+    sink = MemorySink()
+    w = StoreProgressWaiter(sink, poll_s=0.01)
+
+    async def main() -> tuple[bool, bool]:
+        fut = asyncio.create_task(w.wait_for("t", {2: 7}, 5.0))
+        await asyncio.sleep(0.05)
+        sink.commit("t", [], [], {2: 7})
+        ok = await fut
+        late = await w.wait_for("t", {2: 8}, 0.05)
+        return ok, late
+
+    assert asyncio.run(main()) == (True, False)
