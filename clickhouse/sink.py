@@ -146,6 +146,17 @@ class ClickHouseSink:
         )
         return {int(k): int(v) for k, v in rows}
 
+    def progress_all(self) -> dict[str, dict[int, int]]:
+        rows = self.store.query_rows(
+            f"SELECT customer, group_key, max(source_offset) FROM {self.db}.usage_minute "
+            "WHERE tenant_id = '' AND meter_id = {meter:String} GROUP BY customer, group_key",
+            {"meter": PROGRESS_METER},
+        )
+        out: dict[str, dict[int, int]] = {}
+        for topic, part, off in rows:
+            out.setdefault(topic, {})[int(part)] = int(off)
+        return out
+
     def seen_ids(
         self,
         topic: str,

@@ -1,8 +1,12 @@
 """Exact per-partition dedupe index on local disk (sqlite3, WAL), a cache of ClickHouse.
 
-One file per (topic, partition). Holds the ``(tenant_id, event_id)`` of every event stored from
-the partition within the horizon, with its ``ingested_ms``, and a watermark: the last offset whose
-events are all recorded. Memory stays bounded as ids grow because the ids live on disk.
+One file per partition NUMBER, shared by every topic generation: the partition of an event is a
+hash of (tenant, id), so all copies of an id land in the same partition number whatever the topic.
+This matters in embedded mode, where the in-memory broker gets a new topic at every start
+(``tally.events.g<ms>``) and a retry after a crash must still find the id stored by the old
+topic. Holds the ``(tenant_id, event_id)`` of every event stored from the partition within the
+horizon, with its ``ingested_ms``, and one watermark per topic: the last offset of that topic
+whose events are all recorded. Memory stays bounded as ids grow because the ids live on disk.
 
 The index is never the truth: ``rebuild`` brings it in line with the store's progress ``M`` on
 partition assignment (re-reading ids with ``W < source_offset <= M`` from the store, or starting
@@ -12,7 +16,6 @@ over when the store is behind the index, e.g. after a store reset).
 from __future__ import annotations
 
 import logging
-import re
 import sqlite3
 import threading
 from collections.abc import Iterable
@@ -39,16 +42,20 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) 
 """
 
 
-def index_path(directory: Path, topic: str, partition: int) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", topic)
-    return directory / f"{safe}-{partition}.sqlite"
+def index_path(directory: Path, partition: int) -> Path:
+    return directory / f"partition-{partition}.sqlite"
+
+
+def _wm(topic: str) -> str:
+    return "wm:" + topic
 
 
 class DedupeIndex:
     """Seen ids of one partition. Thread-safe (one connection behind a lock)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, topic: str) -> None:
         self.path = path
+        self.topic = topic  # the topic whose watermark ``watermark``/``add_many`` use
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -59,7 +66,7 @@ class DedupeIndex:
 
     @classmethod
     def open(cls, directory: Path, topic: str, partition: int) -> DedupeIndex:
-        return cls(index_path(directory, topic, partition))
+        return cls(index_path(directory, partition), topic)
 
     def close(self) -> None:
         with self._lock:
@@ -67,9 +74,14 @@ class DedupeIndex:
 
     @property
     def watermark(self) -> int:
-        """Last offset whose stored ids are all in the index (-1 when empty)."""
+        """Last offset of the current topic whose stored ids are all in the index (-1: none)."""
+        return self.watermark_of(self.topic)
+
+    def watermark_of(self, topic: str) -> int:
         with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE name = 'watermark'").fetchone()
+            row = self._db.execute(
+                "SELECT value FROM meta WHERE name = ?", (_wm(topic),)
+            ).fetchone()
         return int(row[0]) if row else -1
 
     def __len__(self) -> int:
@@ -89,10 +101,15 @@ class DedupeIndex:
                 found.update((t, e) for t, e in self._db.execute(sql, params))
         return found
 
-    def add_many(self, keys_with_ms: Iterable[tuple[str, str, int]], watermark: int) -> None:
-        """Record ids (tenant_id, event_id, ingested_ms) and move the watermark, atomically.
-
-        An id already present keeps its first ingested_ms.
+    def add_many(
+        self,
+        keys_with_ms: Iterable[tuple[str, str, int]],
+        watermark: int,
+        topic: str | None = None,
+    ) -> None:
+        """Record ids (tenant_id, event_id, ingested_ms) and move the watermark of ``topic``
+        (default: the current topic), atomically. An id already present keeps its first
+        ingested_ms.
         """
         with self._lock:
             self._db.execute("BEGIN")
@@ -102,9 +119,9 @@ class DedupeIndex:
                     keys_with_ms,
                 )
                 self._db.execute(
-                    "INSERT INTO meta (name, value) VALUES ('watermark', ?) "
+                    "INSERT INTO meta (name, value) VALUES (?, ?) "
                     "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                    (watermark,),
+                    (_wm(topic or self.topic), watermark),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -135,34 +152,29 @@ def rebuild(
     now_ms: int,
     horizon_ms: int,
 ) -> int:
-    """Bring ``index`` in line with the store's progress ``M`` for the partition.
+    """Bring ``index`` in line with the store's progress for the partition, for every topic.
 
-    ``W < M``: add the ids the store holds with ``W < offset <= M`` (ingested within the horizon).
-    ``W > M``: the store is behind the index (reset store): start over from -1.
-    Rebuilt ids are recorded with ``ingested_ms = now_ms`` (the store query does not return it;
-    this keeps them at least a full horizon, never less). Returns the number of ids added.
+    For each topic ``X`` with stored progress ``M_X`` (``topic`` itself has ``store_progress``):
+    ``W_X < M_X``: add the ids the store holds with ``W_X < offset <= M_X`` (ingested within the
+    horizon). ``W_X > M_X`` for any topic: the store is behind the index (reset store), so start
+    over from -1 for all topics. Rebuilt ids are recorded with ``ingested_ms = now_ms`` (the store
+    query does not return it; this keeps them at least a full horizon, never less).
+    Returns the number of ids added.
     """
-    m = store_progress
-    w = index.watermark
-    if w == m:
-        return 0
-    if w > m:
-        log.warning(
-            "dedupe index of %s[%d] is ahead of the store (%d > %d): rebuilding",
-            topic,
-            partition,
-            w,
-            m,
-        )
+    targets = {x: offs[partition] for x, offs in sink.progress_all().items() if partition in offs}
+    targets[topic] = store_progress
+    if any(index.watermark_of(x) > m for x, m in targets.items()):
+        log.warning("dedupe index of partition %d is ahead of the store: rebuilding", partition)
         index.reset()
-        w = -1
     added = 0
-    if m >= 0:
-        for chunk in sink.seen_ids(topic, partition, w, m, now_ms - horizon_ms):
-            index.add_many(((t, e, now_ms) for t, e in chunk), w)
-            added += len(chunk)
-    index.add_many((), m)
-    log.info(
-        "dedupe index of %s[%d] rebuilt: %d ids, offsets %d..%d", topic, partition, added, w, m
-    )
+    for x, m in sorted(targets.items()):
+        w = index.watermark_of(x)
+        if w == m:
+            continue
+        if m >= 0:
+            for chunk in sink.seen_ids(x, partition, w, m, now_ms - horizon_ms):
+                index.add_many(((t, e, now_ms) for t, e in chunk), w, topic=x)
+                added += len(chunk)
+        index.add_many((), m, topic=x)
+        log.info("dedupe index of %s[%d] rebuilt: %d ids, offsets %d..%d", x, partition, added, w, m)
     return added

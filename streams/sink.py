@@ -44,6 +44,10 @@ class Sink(Protocol):
         """Last committed offset per partition of ``topic`` (partitions never flushed absent)."""
         ...
 
+    def progress_all(self) -> dict[str, dict[int, int]]:
+        """``progress`` of every topic ever committed (topic generations of embedded mode)."""
+        ...
+
     def seen_ids(
         self,
         topic: str,

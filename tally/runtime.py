@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,10 @@ def _build_app(settings: Settings, core: Core, producer: Any, waiter: Any) -> An
     return create_app(settings, core.store, producer=producer, progress_waiter=waiter)
 
 
+def _note_signal(signum: int, _frame: Any) -> None:
+    log.info("received signal %s, shutting down", signum)
+
+
 def _serve(app: Any, settings: Settings, on_started: Any = None) -> None:
     import uvicorn
 
@@ -69,6 +74,10 @@ def _serve(app: Any, settings: Settings, on_started: Any = None) -> None:
         timeout_graceful_shutdown=int(settings.wait_stored_timeout_s) + 5,
     )
     server = uvicorn.Server(config)
+    # uvicorn re-raises the signal that stopped it to the handler that was installed before it
+    # started; make that one harmless so the caller's graceful shutdown (drain, flush) runs.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _note_signal)
     if on_started is not None:
         _orig = server.startup
 
@@ -101,7 +110,12 @@ def run_embedded(settings: Settings) -> None:
     # new topic generation (worker progress is kept per topic in ClickHouse).
     topic = f"{settings.events_topic}.g{int(time.time() * 1000)}"
     settings = settings.model_copy(
-        update={"kafka_bootstrap": broker.bootstrap, "events_topic": topic}
+        update={
+            "kafka_bootstrap": broker.bootstrap,
+            "events_topic": topic,
+            # Decided before kafka_bootstrap is filled in: embedded answers after storage.
+            "ingest_wait": settings.effective_ingest_wait,
+        }
     )
     producer = worker = None
     try:

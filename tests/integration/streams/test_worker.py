@@ -133,6 +133,9 @@ class FlakySink:
     def progress(self, topic: str) -> dict[int, int]:
         return self.inner.progress(topic)
 
+    def progress_all(self) -> dict[str, dict[int, int]]:
+        return self.inner.progress_all()
+
     def seen_ids(self, *a: Any) -> Any:
         return self.inner.seen_ids(*a)
 

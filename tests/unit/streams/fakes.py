@@ -45,6 +45,9 @@ class MemorySink:
     def progress(self, topic: str) -> dict[int, int]:
         return dict(self._progress.get(topic, {}))
 
+    def progress_all(self) -> dict[str, dict[int, int]]:
+        return {t: dict(p) for t, p in self._progress.items()}
+
     def seen_ids(
         self,
         topic: str,

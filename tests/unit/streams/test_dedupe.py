@@ -29,7 +29,7 @@ def test_contains_and_add(tmp_path: Path) -> None:
     assert idx.contains_many([("t", "a")]) == set()
     idx.close()
     # persisted across reopen
-    idx2 = DedupeIndex(index_path(tmp_path, "tally.events", 3))
+    idx2 = DedupeIndex(index_path(tmp_path, 3), "tally.events")
     assert idx2.watermark == 8
     assert idx2.contains_many([("t", "b"), ("u", "a")]) == {("t", "b"), ("u", "a")}
     idx2.reset()
@@ -102,10 +102,33 @@ def test_rebuild_respects_horizon(tmp_path: Path) -> None:
     st.lists(st.tuples(st.sampled_from(["t1", "t2"]), st.text(min_size=1, max_size=8)), max_size=80)
 )
 def test_index_is_a_set(tmp_path: Path, keys: list[tuple[str, str]]) -> None:
-    idx = DedupeIndex(tmp_path / "prop.sqlite")
+    idx = DedupeIndex(tmp_path / "prop.sqlite", "tp")
     idx.reset()
     half = keys[: len(keys) // 2]
     idx.add_many(((t, e, 1) for t, e in half), 0)
     assert idx.contains_many(keys) == set(half)
     assert len(idx) == len(set(half))
     idx.close()
+
+
+def test_new_topic_generation_still_knows_ids_stored_by_the_old_one(tmp_path: Path) -> None:
+    """Embedded mode: the in-memory broker restarts with a new topic; offsets start over at 0.
+
+    Ids stored from the old topic (including ones the index never recorded because of a crash
+    between commit and index update) must still be duplicates on the new topic; ids of the old
+    topic's uncommitted tail (offset > its progress) must not be."""
+    sink = MemorySink()
+    sink.commit("gen1", envelope_rows("gen1", 0, [(0, "a"), (1, "b"), (2, "c")]), [], {0: 2})
+    sink.commit("gen1", envelope_rows("gen1", 0, [(3, "tail")]), [], {})  # events, no progress
+    idx = DedupeIndex.open(tmp_path, "gen1", 0)
+    idx.add_many([("t1", "a", 1)], watermark=0)  # crashed before recording offsets 1..2
+    idx.close()
+
+    fresh = DedupeIndex.open(tmp_path, "gen2", 0)  # same file: partition 0
+    assert fresh.watermark == -1  # nothing known about the new topic yet
+    added = rebuild(fresh, sink, "gen2", 0, -1, now_ms=1_700_000_100_000, horizon_ms=35 * DAY)
+    assert added == 2
+    keys = [("t1", x) for x in ("a", "b", "c", "tail")]
+    assert fresh.contains_many(keys) == {("t1", "a"), ("t1", "b"), ("t1", "c")}
+    assert fresh.watermark_of("gen1") == 2
+    assert fresh.watermark == -1
