@@ -17,7 +17,9 @@ class Event(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str = Field(min_length=1, max_length=ID_MAX, description="Idempotency key, unique per tenant")
+    id: str = Field(
+        min_length=1, max_length=ID_MAX, description="Idempotency key, unique per tenant"
+    )
     type: str = Field(min_length=1, max_length=ID_MAX)
     customer: str = Field(min_length=1, max_length=ID_MAX, description="Customer external id")
     time: datetime

@@ -176,5 +176,7 @@ def rebuild(
                 index.add_many(((t, e, now_ms) for t, e in chunk), w, topic=x)
                 added += len(chunk)
         index.add_many((), m, topic=x)
-        log.info("dedupe index of %s[%d] rebuilt: %d ids, offsets %d..%d", x, partition, added, w, m)
+        log.info(
+            "dedupe index of %s[%d] rebuilt: %d ids, offsets %d..%d", x, partition, added, w, m
+        )
     return added

@@ -96,11 +96,10 @@ def _serve(app: Any, settings: Settings, on_started: Any = None) -> None:
 
 def run_embedded(settings: Settings) -> None:
     """`tally run`: broker child + chDB + worker thread + HTTP API, one process."""
+    from api.producer import EventProducer
     from clickhouse.sink import ClickHouseSink
     from streams.progress import ProgressBoard
     from streams.worker import WorkerRunner
-
-    from api.producer import EventProducer
     from tally.embedded import BrokerProcess, create_topic
 
     data_dir = settings.data_dir.resolve()
@@ -165,10 +164,9 @@ def _require_external(settings: Settings) -> None:
 
 
 def run_api(settings: Settings) -> None:
+    from api.producer import EventProducer
     from clickhouse.sink import ClickHouseSink
     from streams.progress import StoreProgressWaiter
-
-    from api.producer import EventProducer
     from tally.embedded import create_topic
 
     _require_external(settings)
@@ -191,7 +189,6 @@ def run_api(settings: Settings) -> None:
 def run_worker(settings: Settings) -> None:
     from clickhouse.sink import ClickHouseSink
     from streams.worker import WorkerRunner
-
     from tally.embedded import create_topic
 
     _require_external(settings)

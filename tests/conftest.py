@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,15 @@ import pytest
 from tally import log
 
 log.configure(os.environ.get("TALLY_TEST_LOG_LEVEL", "WARNING"))
+
+# chDB keeps a few /proc stat files open per engine thread it ever started (~12 fds per new
+# client); a full session opens hundreds of per-test stores, so lift the soft fd limit.
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if _soft != resource.RLIM_INFINITY and (_hard == resource.RLIM_INFINITY or _soft < _hard):
+    resource.setrlimit(
+        resource.RLIMIT_NOFILE,
+        (65536 if _hard == resource.RLIM_INFINITY else min(_hard, 65536), _hard),
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -52,7 +52,7 @@ import json
 import logging
 import os
 import re
-import select
+import selectors
 import shutil
 import signal
 import subprocess
@@ -765,13 +765,15 @@ def start_server(
     deadline = time.monotonic() + timeout
     buf = b""
     fd = proc.stdout.fileno()
+    # selectors (epoll), not select(): a long test session may hold fds numbered above 1024.
+    sel = selectors.DefaultSelector()
+    sel.register(fd, selectors.EVENT_READ)
     while b"\n" not in buf:
         left = deadline - time.monotonic()
         if left <= 0:
             stop_server(proc)
             raise TimeoutError(f"chdb-http on {path} not ready after {timeout}s")
-        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
-        if ready:
+        if sel.select(min(left, 0.5)):
             chunk = os.read(fd, 4096)
             if not chunk:
                 code = proc.wait()
@@ -780,6 +782,7 @@ def start_server(
                     f"(see {log_file or 'stderr'})"
                 )
             buf += chunk
+    sel.close()
     line = buf.split(b"\n", 1)[0].decode().strip()
     if not line.startswith("LISTENING "):
         stop_server(proc)

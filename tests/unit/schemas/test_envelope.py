@@ -71,8 +71,14 @@ def test_preserves_order_within_a_partition() -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"not json", b"[]", b'{"v": 2, "t": "x", "at": 1, "e": []}', b'{"v": 1, "t": "x"}',
-     b'{"v": 1, "t": "x", "at": 1, "e": [["only-id"]]}'],
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"v": 2, "t": "x", "at": 1, "e": []}',
+        b'{"v": 1, "t": "x"}',
+        b'{"v": 1, "t": "x", "at": 1, "e": [["only-id"]]}',
+    ],
 )
 def test_decode_rejects_poison(payload: bytes) -> None:
     with pytest.raises(envelope.EnvelopeError):
