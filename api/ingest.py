@@ -26,7 +26,6 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from api.auth import current_tenant
-from api.envelopes import group_rows
 from api.errors import json_response
 from api.ingest_parse import (
     Limits,
@@ -40,6 +39,7 @@ from api.ingest_parse import (
     parse_native,
 )
 from api.state import AppState, get_state
+from schemas.envelope import group_rows
 from tally.errors import BrokerUnavailable, PayloadTooLarge, Unavailable, ValidationError
 from tally.settings import WaitMode
 

@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from api.errors import UnsupportedMediaType
+from schemas.envelope import Row
 from schemas.events import ID_MAX, Event
 from schemas.timeutil import epoch_ms, parse_time
 from tally.errors import PayloadTooLarge, ValidationError
@@ -37,7 +38,6 @@ CE_BATCH = "application/cloudevents-batch+json"
 JSON = "application/json"
 
 # (id, type, customer, time_ms, properties): one event, as it goes into an envelope.
-Row = tuple[str, str, str, int, dict[str, Any]]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)

@@ -55,15 +55,56 @@ class OutgoingEnvelope:
     event_ids: tuple[str, ...]
 
 
+# One event on the wire: [id, type, customer, time_epoch_ms, properties].
+Row = tuple[str, str, str, int, dict[str, Any]]
+
+
 def encode(tenant_id: str, ingested_at_ms: int, events: list[Event]) -> bytes:
-    return orjson.dumps(
-        {
-            "v": VERSION,
-            "t": tenant_id,
-            "at": ingested_at_ms,
-            "e": [[e.id, e.type, e.customer, epoch_ms(e.time), e.properties] for e in events],
-        }
-    )
+    return _payload(tenant_id, ingested_at_ms, [to_row(e) for e in events])
+
+
+def to_row(event: Event) -> Row:
+    return (event.id, event.type, event.customer, epoch_ms(event.time), event.properties)
+
+
+def _payload(tenant_id: str, ingested_at_ms: int, rows: list[Row]) -> bytes:
+    return orjson.dumps({"v": VERSION, "t": tenant_id, "at": ingested_at_ms, "e": rows})
+
+
+def group_rows(
+    tenant_id: str,
+    ingested_at_ms: int,
+    rows: list[Row],
+    partitions: int,
+    max_events: int = 1000,
+) -> list[OutgoingEnvelope]:
+    """Group wire rows by target partition into envelopes of at most ``max_events`` events.
+
+    The ingest hot path calls this directly with rows it validated itself (no pydantic model per
+    event). Envelopes come in ascending partition order; order within a partition is preserved;
+    every input row is in exactly one envelope.
+    """
+    prefix = f"{tenant_id}\x00"
+    crc = zlib.crc32
+    by_partition: dict[int, list[Row]] = {}
+    for row in rows:
+        part = crc((prefix + row[0]).encode()) % partitions  # == partition_for(tenant, id)
+        bucket = by_partition.get(part)
+        if bucket is None:
+            by_partition[part] = [row]
+        else:
+            bucket.append(row)
+    out: list[OutgoingEnvelope] = []
+    for part in sorted(by_partition):
+        evs = by_partition[part]
+        for i in range(0, len(evs), max_events):
+            chunk = evs[i : i + max_events]
+            out.append(
+                OutgoingEnvelope(
+                    part, _payload(tenant_id, ingested_at_ms, chunk), tuple(r[0] for r in chunk)
+                )
+            )
+    return out
 
 
 def group(
@@ -73,24 +114,10 @@ def group(
     partitions: int,
     max_events: int = 1000,
 ) -> list[OutgoingEnvelope]:
-    """Group events by target partition into envelopes of at most ``max_events`` events.
-
-    Order of events within a partition is preserved; every input event is in exactly one envelope.
-    """
-    by_partition: dict[int, list[Event]] = {}
-    for ev in events:
-        by_partition.setdefault(partition_for(tenant_id, ev.id, partitions), []).append(ev)
-    out: list[OutgoingEnvelope] = []
-    for part in sorted(by_partition):
-        evs = by_partition[part]
-        for i in range(0, len(evs), max_events):
-            chunk = evs[i : i + max_events]
-            out.append(
-                OutgoingEnvelope(
-                    part, encode(tenant_id, ingested_at_ms, chunk), tuple(e.id for e in chunk)
-                )
-            )
-    return out
+    """``group_rows`` for validated ``Event`` models."""
+    return group_rows(
+        tenant_id, ingested_at_ms, [to_row(e) for e in events], partitions, max_events
+    )
 
 
 class EnvelopeError(ValueError):
@@ -118,9 +145,11 @@ __all__ = [
     "EnvelopeError",
     "EnvelopeEvent",
     "OutgoingEnvelope",
+    "Row",
     "decode",
     "encode",
     "from_epoch_ms",
     "group",
+    "group_rows",
     "partition_for",
 ]

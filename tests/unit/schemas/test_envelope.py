@@ -83,3 +83,28 @@ def test_preserves_order_within_a_partition() -> None:
 def test_decode_rejects_poison(payload: bytes) -> None:
     with pytest.raises(envelope.EnvelopeError):
         envelope.decode(payload)
+
+
+rows = st.lists(
+    st.tuples(
+        ids,
+        st.sampled_from(["a", "b"]),
+        st.text(min_size=1, max_size=5),
+        st.integers(0, 4_102_444_800_000),
+        st.dictionaries(st.text(max_size=4), st.integers(-(2**63), 2**63 - 1), max_size=2),
+    ),
+    max_size=60,
+)
+
+
+@given(rows, st.integers(1, 9), st.integers(1, 7))
+def test_group_rows_round_trips_wire_rows(
+    wire: list[envelope.Row], partitions: int, max_events: int
+) -> None:
+    out = envelope.group_rows("t", 5, wire, partitions, max_events)
+    back = []
+    for env in out:
+        for e in envelope.decode(env.payload).events:
+            assert envelope.partition_for("t", e.id, partitions) == env.partition
+            back.append((e.id, e.type, e.customer, e.time_ms, e.properties))
+    assert sorted(back, key=repr) == sorted(wire, key=repr)
