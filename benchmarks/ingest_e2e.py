@@ -113,14 +113,20 @@ def main() -> None:
         ).raise_for_status()
         time.sleep(1)
 
-        sent = [0] * args.clients
+        sent: dict[int, int] = dict.fromkeys(range(args.clients), 0)
         stop = threading.Event()
         now_ms = int(time.time() * 1000)
 
-        def load(ci: int) -> None:
+        def load(ci: int, rate: float = 0.0) -> None:
+            """Send batches until ``stop``; ``rate`` > 0 caps this client at rate events/s."""
             with httpx.Client(timeout=60) as c:
                 n = 0
+                t_start = time.perf_counter()
                 while not stop.is_set():
+                    if rate:
+                        ahead = n / rate - (time.perf_counter() - t_start)
+                        if ahead > 0:
+                            time.sleep(ahead)
                     body = orjson.dumps(
                         [
                             {
@@ -135,7 +141,7 @@ def main() -> None:
                     )
                     r = c.post(url + "/v1/events?wait=broker", content=body, headers=hdr)
                     if r.status_code < 300:
-                        sent[ci] += args.batch
+                        sent[ci] = sent.get(ci, 0) + args.batch
                     n += args.batch
 
         threads = [threading.Thread(target=load, args=(i,)) for i in range(args.clients)]
@@ -147,7 +153,7 @@ def main() -> None:
         for t in threads:
             t.join()
         elapsed = time.perf_counter() - t0
-        accepted = sum(sent)
+        accepted = sum(sent.values())
         frm = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:00Z")
         to = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:00Z")
 
@@ -169,44 +175,57 @@ def main() -> None:
         result["ingest_stored_events_per_s"] = round(total() / stored_elapsed)
         result["events_accepted"] = accepted
 
-        # Freshness under half load.
+        def probe(n: int) -> list[float]:
+            lat = []
+            with httpx.Client(timeout=30) as c:
+                for _ in range(n):
+                    cust = "probe-" + uuid.uuid4().hex[:8]
+                    c.post(
+                        url + "/v1/events?wait=broker",
+                        headers=hdr,
+                        json=[
+                            {
+                                "id": uuid.uuid4().hex,
+                                "type": "api.call",
+                                "customer": cust,
+                                "properties": {"bytes": 1},
+                            }
+                        ],
+                    ).raise_for_status()
+                    t_ack = time.perf_counter()
+                    while True:
+                        r = c.get(
+                            url + "/v1/meters/calls/usage",
+                            headers=hdr,
+                            params={"from": frm, "to": to, "customer": cust},
+                        )
+                        if r.status_code == 200 and any(
+                            row["value"] not in (None, "0") for row in r.json()["data"]
+                        ):
+                            break
+                        time.sleep(0.01)
+                    lat.append(time.perf_counter() - t_ack)
+            return sorted(lat)
+
+        idle = probe(max(5, args.probes // 3))
+        result["freshness_idle_p50_s"] = round(statistics.median(idle), 3)
+        # Freshness at half of the measured maximum (stored) rate.
+        half_rate = result["ingest_stored_events_per_s"] / 2  # type: ignore[operator]
+        result["half_load_events_per_s"] = round(half_rate)
         stop.clear()
-        half = [threading.Thread(target=load, args=(i,)) for i in range(max(1, args.clients // 2))]
+        half = [threading.Thread(target=load, args=(9, half_rate))]
         for t in half:
             t.start()
-        lat = []
-        with httpx.Client(timeout=30) as c:
-            for _ in range(args.probes):
-                cust = "probe-" + uuid.uuid4().hex[:8]
-                c.post(
-                    url + "/v1/events?wait=broker",
-                    headers=hdr,
-                    json=[
-                        {
-                            "id": uuid.uuid4().hex,
-                            "type": "api.call",
-                            "customer": cust,
-                            "properties": {"bytes": 1},
-                        }
-                    ],
-                ).raise_for_status()
-                t_ack = time.perf_counter()
-                while True:
-                    r = c.get(
-                        url + "/v1/meters/calls/usage",
-                        headers=hdr,
-                        params={"from": frm, "to": to, "customer": cust},
-                    )
-                    if r.status_code == 200 and any(
-                        row["value"] not in (None, "0") for row in r.json()["data"]
-                    ):
-                        break
-                    time.sleep(0.01)
-                lat.append(time.perf_counter() - t_ack)
+        time.sleep(3)
+        before = sent.get(9, 0)
+        t_half = time.perf_counter()
+        lat = probe(args.probes)
+        result["half_load_measured_events_per_s"] = round(
+            (sent.get(9, 0) - before) / (time.perf_counter() - t_half)
+        )
         stop.set()
         for t in half:
             t.join()
-        lat.sort()
         result["freshness_p50_s"] = round(statistics.median(lat), 3)
         result["freshness_p99_s"] = round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 3)
         result["freshness_max_s"] = round(lat[-1], 3)
