@@ -164,30 +164,26 @@ def _check_bands(bands: list[Any], field: str) -> None:
         previous = band.up_to
 
 
-class GraduatedPrice(_PriceBase):
+class _TieredPrice(_PriceBase):
+    tiers: list[Tier]
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers(cls, v: list[Tier]) -> list[Tier]:
+        _check_bands(v, "tiers")
+        return v
+
+
+class GraduatedPrice(_TieredPrice):
     """Each tier's slice at that tier's rate, plus the flat fee of every tier reached."""
 
     model: Literal["graduated"] = "graduated"
-    tiers: list[Tier]
-
-    @field_validator("tiers")
-    @classmethod
-    def _tiers(cls, v: list[Tier]) -> list[Tier]:
-        _check_bands(v, "tiers")
-        return v
 
 
-class VolumePrice(_PriceBase):
+class VolumePrice(_TieredPrice):
     """Every unit at the rate of the tier the total falls in, plus that tier's flat fee."""
 
     model: Literal["volume"] = "volume"
-    tiers: list[Tier]
-
-    @field_validator("tiers")
-    @classmethod
-    def _tiers(cls, v: list[Tier]) -> list[Tier]:
-        _check_bands(v, "tiers")
-        return v
 
 
 class PackagePrice(_PriceBase):
