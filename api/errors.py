@@ -26,20 +26,6 @@ from tally.errors import TallyError, Unavailable
 log = logging.getLogger(__name__)
 
 
-class UnsupportedMediaType(TallyError):
-    """The request's Content-Type is not one the endpoint accepts."""
-
-    status = 415
-    code = "unsupported_media_type"
-
-
-class NotAcceptable(TallyError):
-    """The client's Accept header names no representation we can produce."""
-
-    status = 406
-    code = "not_acceptable"
-
-
 _HTTP_CODES = {
     400: "invalid_request",
     401: "unauthorized",

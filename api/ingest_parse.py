@@ -23,11 +23,10 @@ from typing import Any
 
 import orjson
 
-from api.errors import UnsupportedMediaType
 from schemas.envelope import Row
 from schemas.events import ID_MAX, Event
-from schemas.timeutil import epoch_ms, parse_time
-from tally.errors import PayloadTooLarge, ValidationError
+from schemas.timeutil import EPOCH_MS_MAX, EPOCH_MS_MIN, epoch_ms, parse_time
+from tally.errors import PayloadTooLarge, UnsupportedMediaType, ValidationError
 
 NATIVE_FIELDS = frozenset({"id", "type", "customer", "time", "properties"})
 CLOUDEVENTS_REQUIRED = ("id", "source", "specversion", "type", "subject")
@@ -41,8 +40,6 @@ JSON = "application/json"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
-_MS_MIN = -62_135_596_800_000
-_MS_MAX = 253_402_300_799_999
 
 
 def row_to_event(row: Row) -> Event:
@@ -173,7 +170,7 @@ def _time(
     if v is None:
         return now_ms
     if type(v) is int:
-        if not _MS_MIN <= v <= _MS_MAX:
+        if not EPOCH_MS_MIN <= v <= EPOCH_MS_MAX:
             _err(errors, index, "time", "invalid time: epoch milliseconds out of range")
             return None
         ms = v
@@ -189,7 +186,7 @@ def _time(
             except (ValueError, OverflowError) as exc:
                 _err(errors, index, "time", f"invalid time: {exc}")
                 return None
-    elif isinstance(v, float) and v.is_integer() and _MS_MIN <= v <= _MS_MAX:
+    elif isinstance(v, float) and v.is_integer() and EPOCH_MS_MIN <= v <= EPOCH_MS_MAX:
         ms = int(v)
     else:
         _err(

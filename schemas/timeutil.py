@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+# Accepted epoch-millisecond range: years 1..9999.
+EPOCH_MS_MIN = -62_135_596_800_000
+EPOCH_MS_MAX = 253_402_300_799_999
+
 
 def utc_now() -> datetime:
     return to_ms(datetime.now(UTC))
@@ -35,7 +39,7 @@ def parse_time(value: object) -> datetime:
     if isinstance(value, bool):
         raise ValueError("time must be an RFC 3339 string or epoch milliseconds")
     if isinstance(value, int):
-        if not -62_135_596_800_000 <= value <= 253_402_300_799_999:
+        if not EPOCH_MS_MIN <= value <= EPOCH_MS_MAX:
             raise ValueError("epoch milliseconds out of range")
         return from_epoch_ms(value)
     if isinstance(value, datetime):

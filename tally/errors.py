@@ -62,6 +62,13 @@ class PayloadTooLarge(TallyError):
     code = "payload_too_large"
 
 
+class UnsupportedMediaType(TallyError):
+    """The request's Content-Type is not one the endpoint accepts."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
 class Unavailable(TallyError):
     """A dependency (broker, store) is down; the client should retry after ``retry_after`` s."""
 

@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from api.errors import UnsupportedMediaType
 from api.ingest_parse import (
     Limits,
     as_items,
@@ -21,7 +20,7 @@ from api.ingest_parse import (
 )
 from schemas.events import Event
 from schemas.timeutil import epoch_ms
-from tally.errors import PayloadTooLarge, ValidationError
+from tally.errors import PayloadTooLarge, UnsupportedMediaType, ValidationError
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 NOW_MS = epoch_ms(NOW)
