@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -193,7 +192,3 @@ def meters_backfill(
         _fail(exc)
         return
     typer.echo(f"done: {scanned} events scanned, {matched} matched, {windows} minute windows")
-
-
-def main() -> None:  # pragma: no cover - console entry
-    sys.exit(app())

@@ -14,7 +14,6 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tally.errors import TallyError
@@ -42,14 +41,6 @@ class Core:
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
         return cls(store=store, repo=Repo(store))
-
-
-def load_meters_file(settings: Settings, repo: Any) -> None:
-    if settings.meters_file is None:
-        return
-    from api.meters_file import load_meters_file as _load
-
-    _load(settings.meters_file, repo)
 
 
 def _build_app(settings: Settings, core: Core, producer: Any, waiter: Any) -> Any:
@@ -121,7 +112,6 @@ def run_embedded(settings: Settings) -> None:
         create_topic(broker.bootstrap, topic, settings.events_partitions)
         core = Core.open(settings.model_copy(update={"kafka_bootstrap": ""}))
         token = core.repo.ensure_admin_token(settings.admin_token or None)
-        load_meters_file(settings, core.repo)
         board = ProgressBoard()
         worker = WorkerRunner(
             settings, ClickHouseSink(core.store), board, dedupe_dir=data_dir / "dedupe"
@@ -175,7 +165,6 @@ def run_api(settings: Settings) -> None:
     token = core.repo.ensure_admin_token(settings.admin_token or None)
     if token:
         print(f"Admin token (shown once, keep it): {token}", flush=True)
-    load_meters_file(settings, core.repo)
     producer = EventProducer(
         settings.kafka_bootstrap, settings.events_topic, timeout_s=settings.produce_timeout_s
     )
@@ -227,7 +216,3 @@ def admin_call(url: str, token: str, method: str, path: str, body: Any = None) -
             msg = resp.text
         raise TallyError(f"{method} {path} failed ({resp.status_code}): {msg}")
     return resp.json()
-
-
-def default_data_dir() -> Path:
-    return Path(".tally")
