@@ -7,6 +7,7 @@ COPY rating ./rating
 COPY api ./api
 COPY schemas ./schemas
 COPY clickhouse ./clickhouse
+COPY runtime ./runtime
 RUN pip install --no-cache-dir .
 ENV TALLY_API_HOST=0.0.0.0
 EXPOSE 8000

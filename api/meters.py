@@ -135,7 +135,7 @@ async def run_backfill(st: AppState, tenant_id: str, slug: str) -> dict[str, Any
     from dataclasses import asdict
 
     from clickhouse.sink import ClickHouseSink
-    from tally.backfill import backfill_meter as _backfill
+    from streams.backfill import backfill_meter as _backfill
 
     meter: Meter = await st.run(st.repo.get_meter, tenant_id, slug)
     result = await st.run(_backfill, ClickHouseSink(st.store), meter)

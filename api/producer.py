@@ -22,8 +22,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from api.topics import topic_partitions
 from schemas.envelope import OutgoingEnvelope
-from tally.embedded import topic_partitions
 from tally.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,8 @@ from tests.integration.e2e.harness import create_tenant, start_embedded  # noqa:
 def broker_ceiling(n_msgs: int = 50_000) -> float:
     from confluent_kafka import Producer
 
-    from tally.embedded import BrokerProcess, create_topic
+    from api.topics import create_topic
+    from runtime.broker import BrokerProcess
 
     with BrokerProcess() as b:
         create_topic(b.bootstrap, "bench", 4)

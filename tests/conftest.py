@@ -38,7 +38,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    from tally.embedded import BrokerProcess
+    from runtime.broker import BrokerProcess
 
     logf = tmp_path_factory.mktemp("broker") / "tansu.log"
     with BrokerProcess(log_file=logf) as b:
@@ -53,7 +53,7 @@ def unique() -> str:
 
 @pytest.fixture
 def topic(broker: object, unique: str) -> str:
-    from tally.embedded import create_topic
+    from api.topics import create_topic
 
     name = f"tally.events.{unique}"
     create_topic(broker.bootstrap, name, 4)  # type: ignore[attr-defined]

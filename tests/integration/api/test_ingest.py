@@ -12,9 +12,10 @@ import pytest
 
 from api.app import create_app
 from api.producer import EventProducer
+from api.topics import create_topic
+from runtime.broker import BrokerProcess
 from schemas.envelope import partition_for
 from streams.progress import ProgressBoard
-from tally.embedded import BrokerProcess, create_topic
 
 from .conftest import auth, consume_all, make_settings
 

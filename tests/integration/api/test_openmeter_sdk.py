@@ -19,8 +19,8 @@ from openmeter.models import Event, MeterQueryRequest
 from api.app import create_app
 from api.producer import EventProducer
 from clickhouse.sink import NO_LATEST, ClickHouseSink
+from runtime.broker import free_port
 from schemas.meters import MeterSpec
-from tally.embedded import free_port
 from tally.settings import Settings
 
 from .conftest import consume_all

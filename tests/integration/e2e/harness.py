@@ -39,7 +39,7 @@ def tally_env(**extra: str) -> dict[str, str]:
 
 
 class TallyProcess:
-    """`python -m tally <args>` as a child process with its output in a log file."""
+    """`python -m runtime <args>` (the `tally` CLI) as a child process with its output in a log file."""
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
         self.args = args
@@ -50,7 +50,7 @@ class TallyProcess:
     def start(self) -> TallyProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tally", *self.args],
+            [sys.executable, "-m", "runtime", *self.args],
             env=self.env,
             cwd=REPO,
             stdout=self._log,

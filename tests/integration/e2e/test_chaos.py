@@ -94,7 +94,7 @@ def test_kill9_of_scaleout_workers(tmp_path: Path, broker: Any, unique: str) -> 
     try:
         mig = TallyProcess(["migrate"], env, tmp_path / "migrate.log").start()
         assert mig.proc is not None and mig.proc.wait(120) == 0, mig.tail()
-        port = __import__("tally.embedded", fromlist=["free_port"]).free_port()
+        port = __import__("runtime.broker", fromlist=["free_port"]).free_port()
         api = TallyProcess(["api", "--port", str(port)], env, tmp_path / "api.log").start()
         procs.append(api)
         url = f"http://127.0.0.1:{port}"

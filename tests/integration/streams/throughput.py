@@ -16,13 +16,14 @@ from pathlib import Path
 
 from confluent_kafka import Producer
 
+from api.topics import create_topic
 from clickhouse.sink import ClickHouseSink
 from clickhouse.store import Store
+from runtime.broker import BrokerProcess
 from schemas.envelope import group
 from schemas.events import Event
 from schemas.timeutil import epoch_ms, from_epoch_ms, utc_now
 from streams.worker import WorkerRunner
-from tally.embedded import BrokerProcess, create_topic
 from tests.integration.streams.helpers import PARTITIONS, create_meters, worker_settings
 
 

@@ -1,4 +1,4 @@
-"""The shared worked examples (/work/shared/rating_vectors.json, i.e. <repo>/../shared/).
+"""Published worked pricing examples, kept in the repository (tests/data/rating_vectors.json).
 
 A missing file FAILS (it is never skipped)."""
 
@@ -16,7 +16,7 @@ import pytest
 from rating import Period, rate_charge, round_half_up, time_weighted_sum
 from schemas.pricing import parse_price
 
-VECTORS = Path(__file__).resolve().parents[3] / ".." / "shared" / "rating_vectors.json"
+VECTORS = Path(__file__).resolve().parents[2] / "data" / "rating_vectors.json"
 
 
 def _load() -> dict[str, Any] | None:
@@ -36,7 +36,7 @@ CASES = (
 
 def _require() -> dict[str, Any]:
     if DATA is None:
-        pytest.fail(f"shared vectors file not found: {VECTORS}")
+        pytest.fail(f"pricing vectors file not found: {VECTORS}")
     return DATA
 
 
@@ -47,7 +47,7 @@ def test_vectors_file_has_cases() -> None:
 @pytest.mark.parametrize("vector", CASES)
 def test_vector(vector: dict[str, Any] | None) -> None:
     if vector is None:
-        pytest.fail(f"shared vectors file not found: {VECTORS}")
+        pytest.fail(f"pricing vectors file not found: {VECTORS}")
     price = parse_price(vector["price"])
     line = rate_charge(price, Decimal(vector["quantity"]))
     # String equality also checks the currency's exponent (2.00, 400, 0.500).

@@ -88,10 +88,11 @@ def _serve(app: Any, settings: Settings, on_started: Any = None) -> None:
 def run_embedded(settings: Settings) -> None:
     """`tally run`: broker child + chDB + worker thread + HTTP API, one process."""
     from api.producer import EventProducer
+    from api.topics import create_topic
     from clickhouse.sink import ClickHouseSink
+    from runtime.broker import BrokerProcess
     from streams.progress import ProgressBoard
     from streams.worker import WorkerRunner
-    from tally.embedded import BrokerProcess, create_topic
 
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -155,9 +156,9 @@ def _require_external(settings: Settings) -> None:
 
 def run_api(settings: Settings) -> None:
     from api.producer import EventProducer
+    from api.topics import create_topic
     from clickhouse.sink import ClickHouseSink
     from streams.progress import StoreProgressWaiter
-    from tally.embedded import create_topic
 
     _require_external(settings)
     core = Core.open(settings)
@@ -176,9 +177,9 @@ def run_api(settings: Settings) -> None:
 
 
 def run_worker(settings: Settings) -> None:
+    from api.topics import create_topic
     from clickhouse.sink import ClickHouseSink
     from streams.worker import WorkerRunner
-    from tally.embedded import create_topic
 
     _require_external(settings)
     core = Core.open(settings)

@@ -44,7 +44,7 @@ def run(
     port: Annotated[int | None, typer.Option(help="HTTP port (0 = any free port)")] = None,
 ) -> None:
     """Embedded mode: broker, chDB, worker and API in one process."""
-    from tally.runtime import run_embedded
+    from runtime.roles import run_embedded
 
     try:
         run_embedded(_settings(data_dir, api_host=host, api_port=port))
@@ -58,7 +58,7 @@ def api(
     port: Annotated[int | None, typer.Option()] = None,
 ) -> None:
     """Scale-out HTTP API role (needs TALLY_KAFKA_BOOTSTRAP and TALLY_CLICKHOUSE_URL)."""
-    from tally.runtime import run_api
+    from runtime.roles import run_api
 
     try:
         run_api(_settings(api_host=host, api_port=port))
@@ -69,7 +69,7 @@ def api(
 @app.command()
 def worker(data_dir: DataDir = None) -> None:
     """Scale-out stream worker role."""
-    from tally.runtime import run_worker
+    from runtime.roles import run_worker
 
     try:
         run_worker(_settings(data_dir))
@@ -109,7 +109,7 @@ def tenant_create(
     admin_token: Annotated[str | None, typer.Option(help="Needed when `tally run` is up")] = None,
 ) -> None:
     """Create a tenant and print its API key (shown once)."""
-    from tally.runtime import Core, admin_call, running_server
+    from runtime.roles import Core, admin_call, running_server
 
     settings = _settings(data_dir)
     try:
@@ -138,7 +138,7 @@ def tenant_list(
     data_dir: DataDir = None,
     admin_token: Annotated[str | None, typer.Option()] = None,
 ) -> None:
-    from tally.runtime import Core, admin_call, running_server
+    from runtime.roles import Core, admin_call, running_server
 
     settings = _settings(data_dir)
     try:
@@ -163,7 +163,7 @@ def meters_backfill(
     admin_token: Annotated[str | None, typer.Option(help="Needed when `tally run` is up")] = None,
 ) -> None:
     """Apply meter SLUG to the events stored before it existed (safe to re-run)."""
-    from tally.runtime import Core, admin_call, running_server
+    from runtime.roles import Core, admin_call, running_server
 
     settings = _settings(data_dir)
     try:
@@ -179,7 +179,7 @@ def meters_backfill(
             scanned, matched, windows = out["events_scanned"], out["events_matched"], out["windows"]
         else:
             from clickhouse.sink import ClickHouseSink
-            from tally.backfill import backfill_meter
+            from streams.backfill import backfill_meter
 
             core = Core.open(settings)
             meter = core.repo.get_meter(tenant, slug)

@@ -13,7 +13,7 @@ from clickhouse.sink import ClickHouseSink
 from clickhouse.usage import run_usage
 from schemas.meters import MeterSpec
 from schemas.usage import UsageQuery
-from tally.backfill import backfill_meter
+from streams.backfill import backfill_meter
 
 
 def _event_row(tenant: str, i: int, ingested: datetime, t: datetime) -> tuple[Any, ...]:

@@ -1,3 +1,0 @@
-from tally.cli import app
-
-app()
