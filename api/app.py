@@ -1,9 +1,10 @@
 """The FastAPI app factory. Every dependency is injected; nothing is read from the environment.
 
 ``create_app(settings, store, producer=..., progress_waiter=...)`` stores them on
-``app.state.tally`` (``api.state.AppState``). The lifespan loads ``settings.meters_file`` (if set)
-and registers a fixed ``settings.admin_token`` (if set); it closes nothing, because it created
-nothing: whoever made the store and the producer closes them.
+``app.state.tally`` (``api.state.AppState``). The lifespan loads ``settings.meters_file`` (if set),
+registers a fixed ``settings.admin_token`` (if set) and runs the counter flush task (key last-used
+times, monthly event counts; a final flush at shutdown); it closes nothing else, because it
+created nothing: whoever made the store and the producer closes them.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from typing import Any
 import anyio
 from fastapi import FastAPI
 
-from api import admin, catalog, health, ingest, meters, usage
+from api import admin, catalog, health, ingest, keys, meters, usage
 from api import errors as api_errors
-from api.auth import AuthCache
+from api.auth import Authenticator
+from api.limits import InflightMiddleware, TenantLimiter
 from api.meters_file import load_meters_file
 from api.producer import EventProducer
 from api.state import AppState, ProgressWaiter
+from clickhouse.limits import LimitsRepo
 from tally.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,8 +58,9 @@ def create_app(
         store_limiter=anyio.CapacityLimiter(
             store_concurrency or _default_store_concurrency(settings)
         ),
-        auth_cache=AuthCache(),
     )
+    state.auth = Authenticator(settings, state.metrics)
+    state.limiter = TenantLimiter(settings, LimitsRepo(store), state.metrics)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -64,7 +68,16 @@ def create_app(
             await state.run(repo.ensure_admin_token, settings.admin_token)
         if settings.meters_file is not None:
             await state.run(load_meters_file, repo, settings.meters_file)
-        yield
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(state.maintain)
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
+        try:
+            await state.flush_counters()
+        except Exception as exc:
+            log.warning("final counter flush failed: %s", exc)
 
     app = FastAPI(
         title="Tally",
@@ -74,7 +87,13 @@ def create_app(
     )
     app.state.tally = state
     api_errors.install(app)
+    app.add_middleware(
+        InflightMiddleware,
+        limit=settings.max_inflight_requests,
+        retry_after=settings.retry_after_s,
+        metrics=state.metrics,
+    )
     app.add_middleware(health.MetricsMiddleware, metrics=state.metrics)
-    for module in (ingest, meters, usage, admin, health, catalog):
+    for module in (ingest, meters, usage, admin, keys, health, catalog):
         app.include_router(module.router)
     return app

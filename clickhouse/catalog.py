@@ -10,7 +10,6 @@ updates check the revision they started from (409 on a concurrent change).
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import uuid
 from collections.abc import Iterable
@@ -46,7 +45,14 @@ from schemas.catalog import (
 )
 from schemas.pricing import PercentagePrice, PlanSpec, parse_price
 from schemas.timeutil import to_ms, utc_now
-from tally.errors import Conflict, NotFound, ValidationError
+from tally.errors import (
+    Conflict,
+    NotFound,
+    ValidationError,
+    detail,
+    pydantic_details,
+    summarize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,34 +66,6 @@ def _micros(dt: datetime) -> int:
 
 def _now(now: datetime | None) -> datetime:
     return to_ms(now) if now is not None else utc_now()
-
-
-_NAMED = re.compile(r"^(?:Value error, )?([A-Za-z_][A-Za-z0-9_]*(?:\[\d+\]|\.[A-Za-z0-9_]+)*): ")
-
-
-def refine_fields(details: list[dict[str, str]], prefix: str = "") -> list[dict[str, str]]:
-    """A model-level error (field ``body`` or empty) whose message starts with a field path
-    (``charges[0].price.currency: ...``) is attributed to that field (``charges.0.price...``)."""
-    out = []
-    for d in details:
-        field = d.get("field", "")
-        if field in ("", "body", prefix):
-            m = _NAMED.match(d.get("message", ""))
-            if m:
-                path = re.sub(r"\[(\d+)\]", r".\1", m.group(1))
-                field = f"{prefix}.{path}" if prefix else path
-        out.append({**d, "field": field or prefix or "body"})
-    return out
-
-
-def pydantic_details(exc: Any, prefix: str = "") -> list[dict[str, str]]:
-    """A pydantic ValidationError as ``[{field, message}]`` (fields joined with dots)."""
-    out = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()))
-        field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc or "body")
-        out.append({"field": field, "message": str(err.get("msg", "invalid value"))})
-    return refine_fields(out, prefix)
 
 
 class Catalog:
@@ -141,9 +119,7 @@ class Catalog:
                     }
                 )
         if problems:
-            raise ValidationError(
-                "; ".join(f"{p['field']}: {p['message']}" for p in problems), details=problems
-            )
+            raise ValidationError(summarize(problems), details=problems)
 
     def _plan_rows(self, where: str, params: dict[str, Any]) -> list[PlanVersion]:
         rows = self.store.query_rows(
@@ -176,7 +152,7 @@ class Catalog:
         if stored != plan:
             raise Conflict(
                 f"plan {plan.code} v{plan.version} was published concurrently; retry",
-                details={"field": "code"},
+                field="code",
             )
         return plan
 
@@ -189,7 +165,7 @@ class Catalog:
                 raise Conflict(
                     f"plan {spec.code!r} already exists; publish a new version with "
                     f"POST /v1/plans/{spec.code}/versions",
-                    details={"field": "code"},
+                    field="code",
                 )
             self._check_meters(tenant_id, spec)
             plan = PlanVersion(**spec.model_dump(), version=1, created_at=_now(now))
@@ -208,10 +184,7 @@ class Catalog:
             except Exception as exc:  # pydantic: a cross-field rule of the merged plan
                 if hasattr(exc, "errors"):
                     details = pydantic_details(exc)
-                    raise ValidationError(
-                        "; ".join(f"{d['field']}: {d['message']}" for d in details),
-                        details=details,
-                    ) from None
+                    raise ValidationError(summarize(details), details=details) from None
                 raise
             self._check_meters(tenant_id, spec)
             plan = PlanVersion(
@@ -229,13 +202,13 @@ class Catalog:
         found = self._plan_rows(where, params)
         if not found:
             what = f"plan {code!r}" + (f" version {version}" if version is not None else "")
-            raise NotFound(f"{what} not found", details={"field": "version" if version else "code"})
+            raise NotFound(f"{what} not found", field="version" if version else "code")
         return found[-1]
 
     def list_versions(self, tenant_id: str, code: str) -> list[PlanVersion]:
         found = self._plan_rows("code = {code:String}", {"tenant": tenant_id, "code": code})
         if not found:
-            raise NotFound(f"plan {code!r} not found", details={"field": "code"})
+            raise NotFound(f"plan {code!r} not found", field="code")
         return found
 
     def list_plans(self, tenant_id: str) -> list[PlanVersion]:
@@ -259,9 +232,7 @@ class Catalog:
         missing = wanted - set(found)
         if missing:
             code, version = sorted(missing)[0]
-            raise NotFound(
-                f"plan {code!r} version {version} not found", details={"field": "plan_code"}
-            )
+            raise NotFound(f"plan {code!r} version {version} not found", field="plan_code")
         return found
 
     # --- customers ----------------------------------------------------------------------------
@@ -310,7 +281,7 @@ class Catalog:
             ):
                 raise Conflict(
                     f"customer {data.external_id!r} already exists",
-                    details={"field": "external_id"},
+                    field="external_id",
                 )
             at = _now(now)
             customer = Customer(**data.model_dump(), created_at=at, updated_at=at)
@@ -322,7 +293,7 @@ class Catalog:
             "external_id = {ext:String}", {"tenant": tenant_id, "ext": external_id}
         )
         if not found:
-            raise NotFound(f"customer {external_id!r} not found", details={"field": "customer_id"})
+            raise NotFound(f"customer {external_id!r} not found", field="customer_id")
         return found[0]
 
     def list_customers(self, tenant_id: str, limit: int = 100, offset: int = 0) -> list[Customer]:
@@ -346,10 +317,10 @@ class Catalog:
             current = self.get_customer(tenant_id, external_id)
             changes = patch.model_dump(exclude_unset=True)
             if "currency" in changes and changes["currency"] is None:
-                raise ValidationError("currency must not be null", details={"field": "currency"})
+                raise ValidationError("currency must not be null", field="currency")
             for field in ("name", "timezone", "tax_rates", "metadata"):
                 if field in changes and changes[field] is None:
-                    raise ValidationError(f"{field} must not be null", details={"field": field})
+                    raise ValidationError(f"{field} must not be null", field=field)
             new_currency = changes.get("currency")
             if new_currency is not None and new_currency != current.currency:
                 subs = self.list_subscriptions(tenant_id, external_id)
@@ -357,7 +328,7 @@ class Catalog:
                     raise Conflict(
                         f"customer {external_id!r} has subscriptions billed in "
                         f"{current.currency}; its currency cannot change",
-                        details={"field": "currency"},
+                        field="currency",
                     )
             at = _now(now)
             updated = current.model_copy(
@@ -411,7 +382,7 @@ class Catalog:
     def get_subscription(self, tenant_id: str, sub_id: str) -> Subscription:
         found = self._sub_rows("subscription_id = {id:String}", {"tenant": tenant_id, "id": sub_id})
         if not found:
-            raise NotFound(f"subscription {sub_id!r} not found", details={"field": "id"})
+            raise NotFound(f"subscription {sub_id!r} not found", field="id")
         return found[0]
 
     def list_subscriptions(
@@ -429,7 +400,7 @@ class Catalog:
         if stored.revision != before.revision:
             raise Conflict(
                 f"subscription {before.id} was changed concurrently; retry",
-                details={"field": "id"},
+                field="id",
             )
         if after == before:
             return after
@@ -449,13 +420,13 @@ class Catalog:
                 plan = self.get_plan(tenant_id, req.plan_code, req.plan_version)
             except NotFound as exc:
                 field = "plan_version" if req.plan_version is not None else "plan_code"
-                raise NotFound(exc.message, details={"field": field}) from None
+                raise NotFound(exc.message, field=field) from None
             for other in self.list_subscriptions(tenant_id, req.customer_id):
                 if advance(other, at).status is not SubscriptionStatus.CANCELED:
                     raise Conflict(
                         f"customer {req.customer_id!r} already has subscription {other.id} "
                         f"({other.status.value}); change its plan or cancel it first",
-                        details={"field": "customer_id", "subscription_id": other.id},
+                        details=[detail("customer_id", f"already has subscription {other.id}")],
                     )
             sub = new_subscription("sub_" + uuid.uuid4().hex, req, customer, plan, at)
             self._write_subscription(tenant_id, sub)
@@ -491,7 +462,7 @@ class Catalog:
                 new = self.get_plan(tenant_id, req.plan_code, req.version)
             except NotFound as exc:
                 field = "version" if req.version is not None else "plan_code"
-                raise NotFound(exc.message, details={"field": field}) from None
+                raise NotFound(exc.message, field=field) from None
             updated = change_plan(current, old, new, at, req.timing)
             return self._save(tenant_id, stored, updated)
 
@@ -502,9 +473,7 @@ class Catalog:
         else the most recently canceled one (its last period)."""
         subs = [advance(s, now) for s in self.list_subscriptions(tenant_id, customer_id)]
         if not subs:
-            raise NotFound(
-                f"customer {customer_id!r} has no subscription", details={"field": "customer_id"}
-            )
+            raise NotFound(f"customer {customer_id!r} has no subscription", field="customer_id")
         live = [s for s in subs if s.status is not SubscriptionStatus.CANCELED]
         if live:
             return live[-1]
@@ -621,30 +590,25 @@ class Catalog:
             except Exception as exc:
                 if hasattr(exc, "errors"):
                     details = pydantic_details(exc, "price")
-                    raise ValidationError(
-                        "; ".join(f"{d['field']}: {d['message']}" for d in details),
-                        details=details,
-                    ) from None
+                    raise ValidationError(summarize(details), details=details) from None
                 raise
             quantity = req.quantity
             if quantity is None:
                 if len(req.usage) > 1:
                     raise ValidationError(
                         "a price is rated against one quantity: give quantity or one usage entry",
-                        details={"field": "usage"},
+                        field="usage",
                     )
                 given = next(iter(req.usage.values()), Decimal(0))
                 if not isinstance(given, Decimal):
                     raise ValidationError(
                         "a price is rated against one number, not per group",
-                        details={"field": "usage"},
+                        field="usage",
                     )
                 quantity = given
             currency = req.currency or price.currency
             if currency is None:
-                raise ValidationError(
-                    "give currency (or set it on the price)", details={"field": "currency"}
-                )
+                raise ValidationError("give currency (or set it on the price)", field="currency")
             lines = rate_charge_lines(price, quantity, currency)
             currency = lines[0].currency
         else:
@@ -656,11 +620,11 @@ class Catalog:
                     plan = self.get_plan(tenant_id, req.plan_code, req.plan_version)
                 except NotFound as exc:
                     field = "plan_version" if req.plan_version is not None else "plan_code"
-                    raise NotFound(exc.message, details={"field": field}) from None
+                    raise NotFound(exc.message, field=field) from None
             if req.currency is not None and req.currency != plan.currency:
                 raise ValidationError(
                     f"currency {req.currency} does not match the plan's {plan.currency}",
-                    details={"field": "currency"},
+                    field="currency",
                 )
             currency = plan.currency
             lines = preview_plan_lines(plan, req.usage)

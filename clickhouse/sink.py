@@ -111,7 +111,7 @@ def progress_row(topic: str, partition: int, offset: int) -> tuple:
 
 def _ms(value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValidationError("epoch milliseconds must be an int", details={"field": "ms"})
+        raise ValidationError("epoch milliseconds must be an int", field="ms")
     return value
 
 
@@ -191,7 +191,7 @@ class ClickHouseSink:
         ``(event_id, customer, time_ms, properties: dict, ingested_at_ms)`` chunks, in event id
         order (keyset paging: stable while new events arrive)."""
         if chunk < 1:
-            raise ValidationError("chunk must be >= 1", details={"field": "chunk"})
+            raise ValidationError("chunk must be >= 1", field="chunk")
         after: str | None = None
         while True:
             params: dict[str, Any] = {
@@ -236,7 +236,7 @@ class ClickHouseSink:
         """Delete the meter's earlier backfill rows (origin 'b:*'), then insert ``usage_rows``
         with origin ``b:<run_id>``. Re-running with the same rows gives the same totals."""
         if not run_id:
-            raise ValidationError("run_id must not be empty", details={"field": "run_id"})
+            raise ValidationError("run_id must not be empty", field="run_id")
         origin = f"b:{run_id}"
         rows = []
         for r in usage_rows:
@@ -244,7 +244,7 @@ class ClickHouseSink:
                 raise ValidationError(
                     f"backfill row for {r[0]!r}/{r[1]!r} does not belong to meter "
                     f"{tenant_id!r}/{meter_id!r}",
-                    details={"field": "usage_rows"},
+                    field="usage_rows",
                 )
             rows.append((*r[:5], origin, *r[6:]))
         self.store.command(
