@@ -10,8 +10,9 @@ Limits (names are the ``field`` of the 429/413 error details and the keys of the
 Defaults come from settings (``tenant_*``); per-tenant overrides are stored (``tenant_limits``,
 ``PUT /v1/admin/tenants/{id}/limits``) and cached here for ``limits_cache_ttl_s``. 0 = unlimited.
 
-Rates are token buckets held in this process (bucket size ``rate * rate_limit_burst_s``, never
-smaller than one maximal batch). With several API processes each enforces ``rate /
+Rates are token buckets held in this process (bucket size ``rate * rate_limit_burst_s``; a batch
+larger than that passes once the bucket holds a bucket's worth and leaves it in debt, so in any
+``t`` seconds a tenant gets at most ``rate * (burst_s + t)`` plus one batch). With several API processes each enforces ``rate /
 api_replicas``: set ``TALLY_API_REPLICAS`` to the number of replicas behind the load balancer. A
 shared limiter would need a shared counter store on the request path, which Tally does not have
 (ClickHouse is no place for per-request writes); per-process buckets cost nothing per request.
@@ -268,8 +269,8 @@ class TenantLimiter:
         if lim.events_per_second > 0:
             rate = self._per_process(lim.events_per_second)
             now = self.clock()
-            cap = max(rate * s.rate_limit_burst_s, float(lim.max_batch_events))
-            wait = self._events.bucket(tenant_id, rate, cap, now).take(n, now)
+            cap = max(1.0, rate * s.rate_limit_burst_s)
+            wait = self._events.bucket(tenant_id, rate, cap, now).take(n, now, debt=True)
             if wait > 0:
                 self._limited("events_per_second")
                 raise RateLimited(

@@ -3,7 +3,7 @@ their own: every call takes ``now``, so tests drive them with a fake clock).
 
 - ``TokenBucket``: ``rate`` tokens per second, at most ``capacity`` saved up. ``take(n, now)``
   returns 0.0 when the tokens were taken, else the seconds to wait until they would be there
-  (nothing is taken then).
+  (nothing is taken then). With ``debt=True`` a request larger than the capacity can pass.
 - ``KeyedBuckets``: one bucket per key (client address, tenant), at most ``max_keys`` of them;
   the least recently used bucket is dropped first (it comes back full: documented bound).
 - ``TTLCache``: at most ``max_entries`` values, least recently used dropped first. ``get`` tells
@@ -45,15 +45,21 @@ class TokenBucket:
         self._refill(now)
         return self.tokens
 
-    def take(self, n: float, now: float) -> float:
-        """Take ``n`` tokens: 0.0, or the wait in seconds until ``n`` would be available."""
+    def take(self, n: float, now: float, *, debt: bool = False) -> float:
+        """Take ``n`` tokens: 0.0, or the wait in seconds until they would be available.
+
+        ``debt=True``: ``n`` may exceed the capacity (a batch larger than the burst): the request
+        passes once ``min(n, capacity)`` tokens are there and the bucket goes negative, so the
+        long-run rate still holds (at most ``capacity + rate * t + n`` in any ``t`` seconds).
+        """
         self._refill(now)
-        if self.tokens >= n:
+        need = min(n, self.capacity) if debt else n
+        if self.tokens >= need:
             self.tokens -= n
             return 0.0
         if self.rate <= 0:
             return math.inf
-        return (n - self.tokens) / self.rate
+        return (need - self.tokens) / self.rate
 
 
 def retry_after_s(wait: float) -> int:

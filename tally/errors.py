@@ -79,12 +79,16 @@ def summarize(details: list[Detail], fallback: str = "invalid request") -> str:
 
 
 def _refine(field: str, message: str, prefix: str) -> str:
-    """A model-level error whose message names a field path is attributed to that field."""
-    if field in ("", "body", prefix):
-        m = _NAMED.match(message)
-        if m:
-            path = re.sub(r"\[(\d+)\]", r".\1", m.group(1))
+    """A model-level error whose message names a field path (``"Value error, currency: ..."``)
+    is attributed to that field, below the model's own location."""
+    m = _NAMED.match(message)
+    if m:
+        path = re.sub(r"\[(\d+)\]", r".\1", m.group(1))
+        base = "" if field == "body" else field
+        if not base:
             return f"{prefix}.{path}" if prefix else path
+        if base.rsplit(".", 1)[-1] != path.split(".", 1)[0]:
+            return f"{base}.{path}"
     return field or prefix or "body"
 
 
