@@ -36,10 +36,13 @@ class TokenBucket:
             self.stamp = now
 
     def reconfigure(self, rate: float, capacity: float, now: float) -> None:
+        """A changed limit; a bigger bucket gets the difference at once (a raised limit
+        applies immediately), a smaller one is cut to its new size."""
         self._refill(now)
+        grown = max(0.0, float(capacity) - self.capacity)
         self.rate = float(rate)
         self.capacity = float(capacity)
-        self.tokens = min(self.tokens, self.capacity)
+        self.tokens = min(self.tokens + grown, self.capacity)
 
     def available(self, now: float) -> float:
         self._refill(now)
