@@ -299,12 +299,13 @@ class StreamWorker:
             except FlushAbandoned:
                 log.error("final flush failed; the buffered messages will be replayed")
             with contextlib.suppress(Exception):
-                await self.app.consumer.commit()
+                # bounded: with a dead broker (embedded supervision) these never return
+                await asyncio.wait_for(self.app.consumer.commit(), timeout)
         else:
             self.dropped_on_stop = self.processor.take().__len__()
             self.pending = []
         with contextlib.suppress(Exception):
-            await self.app.stop()
+            await asyncio.wait_for(self.app.stop(), timeout)
         self.executor.shutdown(wait=True)
         for idx in self.indexes.values():
             idx.close()

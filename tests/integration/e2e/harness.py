@@ -86,12 +86,15 @@ class TallyProcess:
             return ""
 
 
-def start_embedded(data_dir: Path, log_path: Path, timeout: float = 90) -> tuple[TallyProcess, str]:
-    """Start `tally run` on a free port; return it and its URL once /healthz answers."""
+def start_embedded(
+    data_dir: Path, log_path: Path, timeout: float = 90, **env: str
+) -> tuple[TallyProcess, str]:
+    """Start `tally run` on a free port (``env``: extra TALLY_* variables); return it and its
+    URL once /healthz answers."""
     run_file = data_dir / "run.json"
     run_file.unlink(missing_ok=True)
     proc = TallyProcess(
-        ["run", "--data-dir", str(data_dir), "--port", "0"], tally_env(), log_path
+        ["run", "--data-dir", str(data_dir), "--port", "0"], tally_env(**env), log_path
     ).start()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -109,6 +112,26 @@ def start_embedded(data_dir: Path, log_path: Path, timeout: float = 90) -> tuple
         time.sleep(0.2)
     proc.kill9()
     raise AssertionError(f"tally run did not come up in {timeout}s:\n{proc.tail()}")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a process (all its threads'), from /proc."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return sorted(set(out))
+
+
+def rss_kb(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM = peak RSS) of a process in kB, from /proc."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        fields[k] = v.strip()
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
 def wait_http(url: str, timeout: float = 60) -> None:
