@@ -9,6 +9,8 @@ created nothing: whoever made the store and the producer closes them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -68,16 +70,17 @@ def create_app(
             await state.run(repo.ensure_admin_token, settings.admin_token)
         if settings.meters_file is not None:
             await state.run(load_meters_file, repo, settings.meters_file)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(state.maintain)
-            try:
-                yield
-            finally:
-                tg.cancel_scope.cancel()
+        task = asyncio.get_running_loop().create_task(state.maintain())
         try:
-            await state.flush_counters()
-        except Exception as exc:
-            log.warning("final counter flush failed: %s", exc)
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            try:
+                await state.flush_counters()
+            except Exception as exc:
+                log.warning("final counter flush failed: %s", exc)
 
     app = FastAPI(
         title="Tally",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -41,7 +42,9 @@ def code(url: str, token: str, path: str = "/v1/meters") -> int:
 
 def test_keys_tokens_and_limits_from_the_command_line(tmp_path: Path) -> None:
     data = str(tmp_path / "data")
-    proc, url = start_embedded(tmp_path / "data", tmp_path / "tally.log")
+    proc, url = start_embedded(
+        tmp_path / "data", tmp_path / "tally.log", TALLY_COUNTERS_FLUSH_S="1"
+    )
     adm = ("--data-dir", data, "--admin-token", ADMIN_TOKEN)
     try:
         out = cli("tenant", "create", "acme", *adm).stdout
@@ -51,7 +54,9 @@ def test_keys_tokens_and_limits_from_the_command_line(tmp_path: Path) -> None:
         ci = secret(out, "api_key")
         ci_id = out.split("\t", 1)[0]
         assert code(url, ci) == 200
+        time.sleep(2.5)  # the server writes last-used times every second here
         listed = cli("keys", "list", "--tenant", tenant, *adm).stdout
+        assert "last used never" not in listed.splitlines()[1], listed
         assert [ln.split("\t")[2] for ln in listed.splitlines()] == ["default", "ci"]
         assert first not in listed and ci not in listed
 
@@ -96,6 +101,8 @@ def test_keys_tokens_and_limits_from_the_command_line(tmp_path: Path) -> None:
         status = {ln.split("\t")[0]: ln.split("\t")[1] for ln in listed.splitlines()}
         assert status[ci_id] == "expired" and status[ci2_id] == "revoked"
         assert list(status.values()).count("active") == 1
+        # the last use of the first key, just before the stop, was flushed at shutdown
+        assert all("last used never" not in ln for ln in listed.splitlines()), listed
         out = cli("limits", "show", "--tenant", tenant, "--data-dir", data).stdout
         assert "requests_per_second\t7\t(override)" in out
         out = cli("admin-tokens", "create", "--data-dir", data).stdout
