@@ -93,19 +93,23 @@ async def test_rates_batch_and_quota_answer_429_naming_the_limit(
     app_b = create_app(s, store, producer=producer, progress_waiter=None, repo=Repo(store))
     async with http(app_a) as a, http(app_b) as b:
         h = auth(key)
-        # requests per second
-        await a.put(f"/v1/admin/tenants/{tid}/limits", json={"requests_per_second": 2}, headers=ADM)
-        assert (await a.get("/v1/meters", headers=h)).status_code == 200
+        # requests per second (rates this low make the test independent of the machine's speed:
+        # a bucket of 1 refills in 20 s)
+        r = await a.put(
+            f"/v1/admin/tenants/{tid}/limits", json={"requests_per_second": 0.05}, headers=ADM
+        )
+        assert r.status_code == 200
         assert (await a.get("/v1/meters", headers=h)).status_code == 200
         body = limit_error(await a.get("/v1/meters", headers=h), 429, "requests_per_second")
-        assert body["error"] == "rate_limited" and "2 requests per second" in body["message"]
+        assert body["error"] == "rate_limited" and "0.05 requests per second" in body["message"]
         # the other tenant is not affected
         assert (await a.get("/v1/meters", headers=auth(other_tenant[1]))).status_code == 200
 
-        # events per second (bucket of 1 s) and the per-tenant batch limit
+        # events per second (a bucket of 1: a batch of 10 passes and leaves it 9 in debt, which
+        # takes 18 s to repay) and the per-tenant batch limit
         r = await a.put(
             f"/v1/admin/tenants/{tid}/limits",
-            json={"events_per_second": 10, "max_batch_events": 20},
+            json={"events_per_second": 0.5, "max_batch_events": 20},
             headers=ADM,
         )
         assert r.status_code == 200
