@@ -27,5 +27,5 @@ def settings(tmp_path: Any) -> Settings:
 
 
 @pytest.fixture
-def services(store: Any, repo: Any, settings: Settings) -> BillingServices:
-    return build_services(settings, store, repo)
+def services(store: Any, settings: Settings) -> BillingServices:
+    return build_services(settings, store)
