@@ -29,7 +29,9 @@ def build_services(settings: Any, store: Any, repo: Any = None) -> BillingServic
     rows = open_billing_store(store, repo)
     catalog = Catalog(rows)
     webhooks = Webhooks(rows, settings)
-    invoicing = Invoicing(rows, catalog, InvoicingConfig.from_settings(settings), webhooks.emit)
+    invoicing = Invoicing(
+        rows, catalog, InvoicingConfig.from_settings(settings), webhooks.emit_many
+    )
     from api.matching import contributions
 
     corrections = Corrections(rows, contributions)

@@ -51,6 +51,7 @@ from rating.periods import Period
 from rating.subscriptions import advance, current_period
 from rating.tax import document_totals
 from schemas.billing import (
+    AuditRecord,
     Contract,
     CreditLineIn,
     CreditNote,
@@ -74,7 +75,8 @@ INVOICE = "invoice"
 CREDIT_NOTE = "credit_note"
 WRITE_CHUNK = 2000
 
-Notify = Callable[[str, str, str, dict[str, Any]], Any]
+# (tenant, event type, [(object id, data)]) -> queues the webhook events (billing.webhooks)
+Notify = Callable[[str, str, Sequence[tuple[str, dict[str, Any]]]], Any]
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
@@ -144,12 +146,34 @@ class Invoicing:
             return self._locks[tenant_id]
 
     def _emit(self, tenant_id: str, event_type: str, object_id: str, data: dict[str, Any]) -> None:
-        if self.notify is None:
+        self._emit_many(tenant_id, event_type, [(object_id, data)])
+
+    def _emit_many(
+        self, tenant_id: str, event_type: str, items: Sequence[tuple[str, dict[str, Any]]]
+    ) -> None:
+        if self.notify is None or not items:
             return
         try:
-            self.notify(tenant_id, event_type, object_id, data)
+            self.notify(tenant_id, event_type, items)
         except Exception:  # a notification must never undo or fail the billing operation
-            log.exception("tenant %s: could not queue %s for %s", tenant_id, event_type, object_id)
+            log.exception("tenant %s: could not queue %d %s", tenant_id, len(items), event_type)
+
+    def _audit_many(
+        self,
+        tenant_id: str,
+        action: str,
+        actor: str,
+        docs: Sequence[tuple[str, dict[str, Any]]],
+        at: datetime,
+    ) -> None:
+        records = [
+            AuditRecord(
+                object_type="invoice", object_id=oid, action=action, actor=actor, at=at, data=data
+            )
+            for oid, data in docs
+        ]
+        for i in range(0, len(records), 10_000):
+            self.rows.append_audit(tenant_id, records[i : i + 10_000])
 
     # =========================================================================================
     # Reads (with repair of interrupted finalizations)
@@ -429,18 +453,20 @@ class Invoicing:
                     note = self._automatic_credit_note(tenant_id, ctx, inv_id, adj, now)
                     if note is not None:
                         credit_ids.append(note.id)
-                for inv in mine:
-                    record(
-                        self.rows,
-                        tenant_id,
-                        "invoice",
-                        inv.id,
-                        "created",
-                        actor,
-                        {"run_id": run_id, "total": str(inv.total), "as_of": as_of.isoformat()},
-                        now,
-                    )
-                    self._emit(tenant_id, "invoice.created", inv.id, _summary(inv))
+                self._audit_many(
+                    tenant_id,
+                    "created",
+                    actor,
+                    [
+                        (
+                            i.id,
+                            {"run_id": run_id, "total": str(i.total), "as_of": as_of.isoformat()},
+                        )
+                        for i in mine
+                    ],
+                    now,
+                )
+                self._emit_many(tenant_id, "invoice.created", [(i.id, _summary(i)) for i in mine])
                 if self.config.auto_finalize and mine:
                     done = self._finalize_many(tenant_id, mine, actor, now)
                     finalized = [i.id for i in done]
@@ -545,19 +571,16 @@ class Invoicing:
         )
         claims = self.rows.claims(tenant_id, INVOICE, list(seqs))
         done = [Invoice.model_validate_json(claims[d][1]) for d in by_id if d in claims]
-        self.rows.write_invoices(tenant_id, done)
-        for inv in done:
-            record(
-                self.rows,
-                tenant_id,
-                "invoice",
-                inv.id,
-                "finalized",
-                actor,
-                {"number": inv.number, "total": str(inv.total)},
-                now,
-            )
-            self._emit(tenant_id, "invoice.finalized", inv.id, _summary(inv))
+        for i in range(0, len(done), WRITE_CHUNK):
+            self.rows.write_invoices(tenant_id, done[i : i + WRITE_CHUNK])
+        self._audit_many(
+            tenant_id,
+            "finalized",
+            actor,
+            [(i.id, {"number": i.number, "total": str(i.total)}) for i in done],
+            now,
+        )
+        self._emit_many(tenant_id, "invoice.finalized", [(i.id, _summary(i)) for i in done])
         return done
 
     # =========================================================================================

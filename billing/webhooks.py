@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -196,43 +196,53 @@ class Webhooks:
     def emit(
         self, tenant_id: str, event_type: str, object_id: str, data: dict[str, Any]
     ) -> list[str]:
-        """Queue ``event_type`` about ``object_id`` for every subscribed endpoint (once: the
-        event and delivery ids are deterministic and existing deliveries are kept)."""
+        """Queue ``event_type`` about ``object_id`` for every subscribed endpoint."""
+        return self.emit_many(tenant_id, event_type, [(object_id, data)])
+
+    def emit_many(
+        self, tenant_id: str, event_type: str, items: Sequence[tuple[str, dict[str, Any]]]
+    ) -> list[str]:
+        """Queue one event per ``(object id, data)`` for every subscribed endpoint (once: event
+        and delivery ids are deterministic and existing deliveries are kept)."""
         endpoints = [
-            (ep, v)
-            for ep, v in self.rows.endpoints(tenant_id)
+            ep
+            for ep, _ in self.rows.endpoints(tenant_id)
             if not ep.disabled and event_type in ep.events
         ]
-        if not endpoints:
+        if not endpoints or not items:
             return []
-        event_id = "evt_" + _hash(tenant_id, event_type, object_id)
-        have = {d.id for d in self.rows.deliveries(tenant_id, event_ids=[event_id])}
+        events = [("evt_" + _hash(tenant_id, event_type, oid), data) for oid, data in items]
+        have: set[str] = set()
+        for i in range(0, len(events), 5000):
+            ids = [e for e, _ in events[i : i + 5000]]
+            have |= {d.id for d in self.rows.deliveries(tenant_id, event_ids=ids, limit=1 << 30)}
         now = self.clock()
-        payload = {
-            "id": event_id,
-            "type": event_type,
-            "created_at": now.isoformat(),
-            "data": data,
-        }
         new = []
-        for ep, _ in endpoints:
-            did = "dlv_" + _hash(ep.id, event_id)
-            if did in have:
-                continue
-            new.append(
-                Delivery(
-                    id=did,
-                    endpoint_id=ep.id,
-                    event_id=event_id,
-                    event_type=event_type,
-                    status=DeliveryStatus.PENDING,
-                    attempts=0,
-                    next_attempt_at=now,
-                    created_at=now,
-                    updated_at=now,
-                    payload=payload,
+        for event_id, data in events:
+            payload = {
+                "id": event_id,
+                "type": event_type,
+                "created_at": now.isoformat(),
+                "data": data,
+            }
+            for ep in endpoints:
+                did = "dlv_" + _hash(ep.id, event_id)
+                if did in have:
+                    continue
+                new.append(
+                    Delivery(
+                        id=did,
+                        endpoint_id=ep.id,
+                        event_id=event_id,
+                        event_type=event_type,
+                        status=DeliveryStatus.PENDING,
+                        attempts=0,
+                        next_attempt_at=now,
+                        created_at=now,
+                        updated_at=now,
+                        payload=payload,
+                    )
                 )
-            )
         self.rows.write_deliveries(tenant_id, new, create=True)
         return [d.id for d in new]
 
