@@ -30,18 +30,39 @@ def test_two_concurrent_runs_make_one_invoice_per_period(
 ) -> None:
     a = _replica(chdb_dir, store.database, settings)
     b = _replica(chdb_dir, store.database, settings)
-    a.catalog.create_plan(tenant.id, PlanSpec.model_validate({
-        "code": "p", "name": "P", "currency": "USD",
-        "charges": [{"key": "base", "price": {"model": "flat", "amount": "10"}},
-                    {"key": "api", "meter_slug": "api", "price": {"model": "per_unit", "unit_amount": "0.01"}}],
-    }))
+    a.catalog.create_plan(
+        tenant.id,
+        PlanSpec.model_validate(
+            {
+                "code": "p",
+                "name": "P",
+                "currency": "USD",
+                "charges": [
+                    {"key": "base", "price": {"model": "flat", "amount": "10"}},
+                    {
+                        "key": "api",
+                        "meter_slug": "api",
+                        "price": {"model": "per_unit", "unit_amount": "0.01"},
+                    },
+                ],
+            }
+        ),
+    )
     for i in range(40):
-        a.catalog.create_customer(tenant.id, CustomerIn(external_id=f"c{i}", name=f"C{i}", currency="USD"))
+        a.catalog.create_customer(
+            tenant.id, CustomerIn(external_id=f"c{i}", name=f"C{i}", currency="USD")
+        )
         a.catalog.create_subscription(
-            tenant.id, SubscriptionIn(customer_id=f"c{i}", plan_code="p", start_at=datetime(2025, 1, 1, tzinfo=UTC)),
+            tenant.id,
+            SubscriptionIn(
+                customer_id=f"c{i}", plan_code="p", start_at=datetime(2025, 1, 1, tzinfo=UTC)
+            ),
             now=datetime(2025, 1, 1, tzinfo=UTC),
         )
-        tenant.usage(f"c{i}", [("api", datetime(2025, 2, 3, tzinfo=UTC) + timedelta(minutes=i), {})] * (i + 1))
+        tenant.usage(
+            f"c{i}",
+            [("api", datetime(2025, 2, 3, tzinfo=UTC) + timedelta(minutes=i), {})] * (i + 1),
+        )
     outs: dict[str, Any] = {}
     barrier = threading.Barrier(2)
 

@@ -72,11 +72,16 @@ def wait_for(cond: Any, timeout: float = 60) -> None:
 async def test_signed_deliveries_retry_after_500_without_duplicates(
     client: httpx.AsyncClient, tenant: Tenant, store: Any, tmp_path: Any
 ) -> None:
-    settings = Settings.model_validate({
-        "data_dir": tmp_path / "d", "billing_tasks": False, "invoice_run_workers": 1,
-        "webhook_backoff_s": 0.05, "webhook_poll_interval_s": 0.05,
-        "threshold_check_interval_s": 0.2,
-    })
+    settings = Settings.model_validate(
+        {
+            "data_dir": tmp_path / "d",
+            "billing_tasks": False,
+            "invoice_run_workers": 1,
+            "webhook_backoff_s": 0.05,
+            "webhook_poll_interval_s": 0.05,
+            "threshold_check_interval_s": 0.2,
+        }
+    )
     svc = build_services(settings, store)
     client._transport.app.state.billing = svc  # type: ignore[attr-defined]  (the API uses it)
     rx = Receiver()
@@ -88,11 +93,19 @@ async def test_signed_deliveries_retry_after_500_without_duplicates(
         assert "secret" not in listed[0] or listed[0]["secret"] is None
         await call(client, tenant, "POST", "/v1/plans", PLAN, 201)
         await setup_customer(client, tenant)
-        out = await call(client, tenant, "POST", "/v1/invoices/run", {"as_of": "2025-03-01T01:00:00Z"})
+        out = await call(
+            client, tenant, "POST", "/v1/invoices/run", {"as_of": "2025-03-01T01:00:00Z"}
+        )
         assert len(out["created"]) == 2
         await call(client, tenant, "POST", f"/v1/invoices/{out['created'][0]}/finalize")
-        await call(client, tenant, "POST", "/v1/customers/acme-1/thresholds",
-                   {"meter_slug": "api", "value": "5"}, 201)
+        await call(
+            client,
+            tenant,
+            "POST",
+            "/v1/customers/acme-1/thresholds",
+            {"meter_slug": "api", "value": "5"},
+            201,
+        )
         now = datetime.now(UTC).replace(second=0, microsecond=0)
         tenant.usage("acme-1", [("api", now, {})] * 6)
         svc.webhooks.start()
@@ -104,12 +117,19 @@ async def test_signed_deliveries_retry_after_500_without_duplicates(
         ids = [h["Tally-Webhook-Id"] for h, _, _ in rx.ok()]
         assert len(set(ids)) == 4  # one successful delivery per id
         types = sorted(orjson.loads(b)["type"] for _, b, _ in rx.ok())
-        assert types == ["invoice.created", "invoice.created", "invoice.finalized",
-                         "usage.threshold_crossed"]
+        assert types == [
+            "invoice.created",
+            "invoice.created",
+            "invoice.finalized",
+            "usage.threshold_crossed",
+        ]
         for headers, body, _ in rx.requests:
-            assert verify(secret, headers["Tally-Webhook-Timestamp"], body, headers["Tally-Signature"])
-            assert not verify("whsec_wrong", headers["Tally-Webhook-Timestamp"], body,
-                              headers["Tally-Signature"])
+            assert verify(
+                secret, headers["Tally-Webhook-Timestamp"], body, headers["Tally-Signature"]
+            )
+            assert not verify(
+                "whsec_wrong", headers["Tally-Webhook-Timestamp"], body, headers["Tally-Signature"]
+            )
         log = (await call(client, tenant, "GET", "/v1/webhooks/deliveries"))["data"]
         assert sorted(d["status"] for d in log) == ["succeeded"] * 4
         one = await call(client, tenant, "GET", f"/v1/webhooks/deliveries/{ids[0]}")
@@ -123,9 +143,13 @@ async def test_signed_deliveries_retry_after_500_without_duplicates(
 
 
 def test_gives_up_after_max_attempts(store: Any, tenant: Tenant, tmp_path: Any) -> None:
-    settings = Settings.model_validate({
-        "data_dir": tmp_path / "d", "webhook_backoff_s": 0.01, "webhook_max_attempts": 3,
-    })
+    settings = Settings.model_validate(
+        {
+            "data_dir": tmp_path / "d",
+            "webhook_backoff_s": 0.01,
+            "webhook_max_attempts": 3,
+        }
+    )
     calls: list[str] = []
 
     def refuse(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
