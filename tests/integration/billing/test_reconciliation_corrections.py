@@ -97,11 +97,11 @@ async def test_void_event_after_finalize_gives_a_credit_note_and_fixes_usage(
         EVENTS_COLUMNS,
     )
     out = await call(client, tenant, "POST", "/v1/invoices/run", {"as_of": "2025-03-01T01:00:00Z"})
-    feb = [
+    feb = next(
         i
         for i in (await call(client, tenant, "GET", "/v1/invoices"))["data"]
         if i["period_start"].startswith("2025-02")
-    ][0]
+    )
     await call(client, tenant, "POST", f"/v1/invoices/{feb['id']}/finalize")
     assert [ln["amount"] for ln in feb["lines"]][:2] == ["30.00", "23.00"] and out
 
