@@ -74,8 +74,12 @@ def seed(store: Store, customers: int) -> tuple[str, float]:
         repo.create_meter(
             tid,
             MeterSpec.model_validate(
-                {"slug": f"m{i}", "event_type": f"e{i}", "aggregation": "sum",
-                 "value_property": "$.v"}
+                {
+                    "slug": f"m{i}",
+                    "event_type": f"e{i}",
+                    "aggregation": "sum",
+                    "value_property": "$.v",
+                }
             ),
         )
         for i in range(METERS)
@@ -87,8 +91,14 @@ def seed(store: Store, customers: int) -> tuple[str, float]:
     template = None
     for n in range(customers):
         ext = f"cust-{n:06d}"
-        c = Customer(external_id=ext, name=f"Customer {n}", currency="USD",
-                     tax_rates={"VAT": Decimal("20")}, created_at=created, updated_at=created)
+        c = Customer(
+            external_id=ext,
+            name=f"Customer {n}",
+            currency="USD",
+            tax_rates={"VAT": Decimal("20")},
+            created_at=created,
+            updated_at=created,
+        )
         cust_rows.append((tid, ext, c.name, "USD", c.model_dump_json(), created, created, n + 1))
         if template is None:
             template = new_subscription(
@@ -99,21 +109,75 @@ def seed(store: Store, customers: int) -> tuple[str, float]:
                 created,
             )
         sub = template.model_copy(update={"id": f"sub_{n:06d}", "customer_id": ext})
-        sub_rows.append((tid, sub.id, ext, sub.status.value, "bench", 1, sub.model_dump_json(),
-                         created, created, n + 1))
-    store.insert("customers", cust_rows, ["tenant_id", "external_id", "name", "currency", "doc",
-                                          "created_at", "updated_at", "version"])
-    store.insert("subscriptions", sub_rows, ["tenant_id", "subscription_id", "customer_id", "status",
-                                             "plan_code", "plan_version", "doc", "created_at",
-                                             "updated_at", "version"])
+        sub_rows.append(
+            (
+                tid,
+                sub.id,
+                ext,
+                sub.status.value,
+                "bench",
+                1,
+                sub.model_dump_json(),
+                created,
+                created,
+                n + 1,
+            )
+        )
+    store.insert(
+        "customers",
+        cust_rows,
+        [
+            "tenant_id",
+            "external_id",
+            "name",
+            "currency",
+            "doc",
+            "created_at",
+            "updated_at",
+            "version",
+        ],
+    )
+    store.insert(
+        "subscriptions",
+        sub_rows,
+        [
+            "tenant_id",
+            "subscription_id",
+            "customer_id",
+            "status",
+            "plan_code",
+            "plan_version",
+            "doc",
+            "created_at",
+            "updated_at",
+            "version",
+        ],
+    )
     usage = []
     for n in range(customers):
         ext = f"cust-{n:06d}"
         for m in meters:
             for k in range(MINUTES):
                 v = Decimal((n * 7919 + k * 104729) % 50000) / 10
-                usage.append((tid, m.id, ext, PERIOD_START + timedelta(days=k * 7, minutes=n % 600),
-                              "", "s", {}, 10, 10, v, v, v, [], (0, "", Decimal(0)), 0))
+                usage.append(
+                    (
+                        tid,
+                        m.id,
+                        ext,
+                        PERIOD_START + timedelta(days=k * 7, minutes=n % 600),
+                        "",
+                        "s",
+                        {},
+                        10,
+                        10,
+                        v,
+                        v,
+                        v,
+                        [],
+                        (0, "", Decimal(0)),
+                        0,
+                    )
+                )
     for i in range(0, len(usage), 200_000):
         store.insert("usage_minute", usage[i : i + 200_000], USAGE_COLUMNS)
     return tid, time.perf_counter() - t0
