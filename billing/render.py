@@ -167,7 +167,7 @@ def to_pdf(doc: Invoice | CreditNote) -> bytes:
                     "",
                     "",
                     "",
-                    Paragraph(escape(str(part.amount)), small),
+                    str(part.amount),
                     "",
                 ]
             )

@@ -213,3 +213,79 @@ async def test_run_finalize_rerun_late_usage_void_and_credit_note(
     )["data"]
     assert [a["action"] for a in trail] == ["created", "finalized"]
     assert all(a["actor"].startswith("api_key:tly_") for a in trail)
+
+
+async def test_auto_finalize_discounts_and_inclusive_tax(
+    client: httpx.AsyncClient, tenant: Tenant, store: Any, tmp_path: Any
+) -> None:
+    from api.billing_state import build_services
+    from tally.settings import Settings
+
+    svc = build_services(
+        Settings.model_validate(
+            {"data_dir": tmp_path / "d", "billing_tasks": False, "invoice_auto_finalize": True}
+        ),
+        store,
+    )
+    client._transport.app.state.billing = svc  # type: ignore[attr-defined]
+    await call(client, tenant, "POST", "/v1/plans", PLAN, 201)
+    for ext, inclusive in (("net", False), ("gross", True)):
+        await call(
+            client,
+            tenant,
+            "POST",
+            "/v1/customers",
+            {
+                "external_id": ext,
+                "name": ext.title(),
+                "currency": "USD",
+                "tax_rates": {"VAT": "20"},
+                "tax_inclusive": inclusive,
+            },
+            201,
+        )
+        await call(
+            client,
+            tenant,
+            "POST",
+            "/v1/subscriptions",
+            {"customer_id": ext, "plan_code": "std", "start_at": "2025-02-01T00:00:00Z"},
+            201,
+        )
+    d = await call(
+        client,
+        tenant,
+        "POST",
+        "/v1/customers/net/discounts",
+        {"percentage": "50", "charge_key": "base", "expires_at": "2025-03-01T00:00:00Z"},
+        201,
+    )
+    bad = await call(
+        client,
+        tenant,
+        "POST",
+        "/v1/customers/net/discounts",
+        {"percentage": "5", "amount": "1"},
+        400,
+    )
+    assert bad["details"][0]["field"] == "body"
+    out = await call(client, tenant, "POST", "/v1/invoices/run", {"as_of": "2025-04-01T01:00:00Z"})
+    assert len(out["created"]) == 4 and sorted(out["finalized"]) == sorted(out["created"])
+    invs = (await call(client, tenant, "GET", "/v1/invoices?status=finalized"))["data"]
+    assert sorted(i["number"] for i in invs) == [f"INV-00000{n}" for n in range(1, 5)]
+    by = {(i["customer_id"], i["period_start"][:7]): i for i in invs}
+    # net, February: base 30.00 - 50 % = 15.00; VAT 20 % on top: 3.00 -> 18.00
+    feb = by[("net", "2025-02")]
+    assert [(ln["kind"], ln["amount"]) for ln in feb["lines"]][-1] == ("discount", "-15.00")
+    assert (feb["subtotal"], feb["tax"], feb["total"]) == ("15.00", "3.00", "18.00")
+    # The discount expired on March 1: March is full price.
+    assert by[("net", "2025-03")]["total"] == "36.00"
+    assert by[("net", "2025-02")]["contract"]["discounts"][0]["id"] == d["id"]
+    # gross: prices include VAT: 30.00 of which 5.00 VAT, net 25.00.
+    g = by[("gross", "2025-02")]
+    assert (g["subtotal"], g["tax"], g["total"], g["tax_inclusive"]) == (
+        "25.00",
+        "5.00",
+        "30.00",
+        True,
+    )
