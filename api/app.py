@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 from fastapi import FastAPI
 
-from api import admin, catalog, health, ingest, meters, usage
+from api import admin, catalog, health, ingest, invoices, meters, usage, webhooks
 from api import errors as api_errors
 from api.auth import AuthCache
 from api.meters_file import load_meters_file
@@ -40,8 +40,12 @@ def create_app(
     progress_waiter: ProgressWaiter | None,
     repo: Any = None,
     store_concurrency: int | None = None,
+    billing_tasks: bool | None = None,
 ) -> FastAPI:
-    """Build the API. ``repo`` defaults to ``clickhouse.repo.Repo(store)``."""
+    """Build the API. ``repo`` defaults to ``clickhouse.repo.Repo(store)``. ``billing_tasks``
+    (default ``settings.billing_tasks``) runs the webhook/threshold task while the app lives."""
+    if billing_tasks is None:
+        billing_tasks = settings.billing_tasks
     if repo is None:
         from clickhouse.repo import Repo
 
@@ -64,7 +68,21 @@ def create_app(
             await state.run(repo.ensure_admin_token, settings.admin_token)
         if settings.meters_file is not None:
             await state.run(load_meters_file, repo, settings.meters_file)
-        yield
+        tasks = None
+        if billing_tasks:
+            # The webhook dispatcher and the threshold check (billing.webhooks) run in this
+            # process, next to the API, never in the stream worker.
+            from api.billing_state import build_services
+
+            services = build_services(settings, store, repo)
+            _app.state.billing = services
+            tasks = services.webhooks
+            tasks.start()
+        try:
+            yield
+        finally:
+            if tasks is not None:
+                tasks.stop()
 
     app = FastAPI(
         title="Tally",
@@ -75,6 +93,7 @@ def create_app(
     app.state.tally = state
     api_errors.install(app)
     app.add_middleware(health.MetricsMiddleware, metrics=state.metrics)
-    for module in (ingest, meters, usage, admin, health, catalog):
+    for module in (ingest, meters, usage, admin, health, catalog, invoices, webhooks):
         app.include_router(module.router)
+    app.include_router(invoices.admin_router)
     return app

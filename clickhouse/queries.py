@@ -121,3 +121,73 @@ def usage_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, Any]]:
     if keys:
         sql += " ORDER BY " + ", ".join(keys)
     return sql, params
+
+
+# Aggregations whose value is a sum of per-event contributions: a correction (void or amend of
+# an event) is exact as a signed delta for these. Others (min, max, unique_count, latest, avg)
+# are not corrected by deltas; see docs/invoicing.md (corrections).
+CORRECTABLE: dict[Aggregation, str] = {
+    Aggregation.COUNT: "sum(events)",
+    Aggregation.SUM: "sum(value_sum)",
+}
+
+
+def corrections_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, Any]] | None:
+    """The signed correction deltas (``usage_corrections``) for ``q``, in the same result
+    columns as ``usage_sql(q)``, or None when the meter's aggregation is not correctable.
+    ``clickhouse.usage.run_usage`` adds them to the pre-aggregates' values: a separate query, so
+    the pre-aggregate SQL stays as it is."""
+    value = CORRECTABLE.get(q.meter.aggregation)
+    if value is None:
+        return None
+    db = check_identifier(database)
+    params: dict[str, Any] = {
+        "tenant": q.tenant_id,
+        "meter": q.meter.id,
+        "from_ms": epoch_ms(q.from_),
+        "to_ms": epoch_ms(q.to),
+    }
+    select: list[str] = []
+    keys: list[str] = []
+    if q.window is not None:
+        start, end = WINDOW_SQL[q.window]
+        select += [
+            f"{start} AS bucket",
+            "toUnixTimestamp(bucket) AS window_start_s",
+            f"toUnixTimestamp({end}) AS window_end_s",
+        ]
+        keys.append("bucket")
+        if q.window is not WindowSize.MINUTE:
+            params["tz"] = q.tz
+    if q.per_customer:
+        select.append("customer")
+        keys.append("customer")
+    for i, name in enumerate(q.dimensions):
+        params[f"g{i}"] = name
+        select.append(f"group_values[{{g{i}:String}}] AS d{i}")
+        keys.append(f"d{i}")
+    select.append(f"{value} AS value")
+    where = [
+        "tenant_id = {tenant:String}",
+        "meter_id = {meter:String}",
+        "window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC')",
+        "window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')",
+    ]
+    if q.customers:
+        params["customers"] = list(q.customers)
+        where.append("customer IN {customers:Array(String)}")
+    for i, (name, values) in enumerate(sorted(q.filters.items())):
+        params[f"f{i}"] = list(values)
+        if name == CUSTOMER:
+            where.append(f"customer IN {{f{i}:Array(String)}}")
+        else:
+            params[f"fk{i}"] = name
+            where.append(f"group_values[{{fk{i}:String}}] IN {{f{i}:Array(String)}}")
+    group = keys or ["tenant_id"]
+    sql = (
+        "SELECT " + ", ".join(select) + f" FROM {db}.usage_corrections FINAL"
+        " WHERE " + " AND ".join(where) + " GROUP BY " + ", ".join(group)
+    )
+    if keys:
+        sql += " ORDER BY " + ", ".join(keys)
+    return sql, params

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -14,8 +14,10 @@ from tally.settings import Settings, get_settings
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Tally usage metering")
 tenant_app = typer.Typer(no_args_is_help=True, help="Tenants and API keys")
 meters_app = typer.Typer(no_args_is_help=True, help="Meters")
+invoices_app = typer.Typer(no_args_is_help=True, help="Invoices")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(meters_app, name="meters")
+app.add_typer(invoices_app, name="invoices")
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (TALLY_DATA_DIR)")]
 
@@ -192,3 +194,95 @@ def meters_backfill(
         _fail(exc)
         return
     typer.echo(f"done: {scanned} events scanned, {matched} matched, {windows} minute windows")
+
+
+@invoices_app.command("run")
+def invoices_run(
+    as_of: Annotated[
+        str | None,
+        typer.Option("--as-of", help="Close periods that ended (plus grace) by then (RFC 3339)"),
+    ] = None,
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", help="One tenant id (default: every tenant)")
+    ] = None,
+    data_dir: DataDir = None,
+    admin_token: Annotated[str | None, typer.Option(help="Needed when `tally run` is up")] = None,
+) -> None:
+    """Create the invoices of every period that closed by --as-of (default now). Idempotent:
+    running it again creates nothing twice."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from runtime.roles import Core, admin_call, running_server
+    from schemas.timeutil import parse_time
+
+    settings = _settings(data_dir)
+    try:
+        when = parse_time(as_of) if as_of else None
+    except ValueError as exc:
+        typer.echo(f"error: --as-of: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    body = {"as_of": when.isoformat()} if when else {}
+    try:
+        url = running_server(settings) if settings.embedded else None
+        if url:
+            token = _admin_token(admin_token, settings)
+            tenants = (
+                [tenant]
+                if tenant
+                else [
+                    t["tenant_id"]
+                    for t in _items(admin_call(url, token, "GET", "/v1/admin/tenants"))
+                ]
+            )
+            with Progress(
+                TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn()
+            ) as bar:
+                task = bar.add_task(f"invoice run via {url}", total=len(tenants))
+                for tid in tenants:
+                    out = admin_call(
+                        url, token, "POST", f"/v1/admin/tenants/{tid}/invoices/run", body
+                    )
+                    bar.advance(task)
+                    bar.console.print(_summary_line(tid, out))
+            return
+        from api.billing_state import build_services
+
+        core = Core.open(settings)
+        services = build_services(settings, core.store, core.repo)
+        tenants = [tenant] if tenant else [t.tenant_id for t in core.repo.list_tenants()]
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} invoices"),
+            TimeElapsedColumn(),
+        ) as bar:
+            for tid in tenants:
+                task = bar.add_task(f"tenant {tid}", total=None)
+
+                def step(
+                    stage: str, done: int, total: int, task: Any = task, tid: str = tid
+                ) -> None:
+                    bar.update(
+                        task,
+                        total=max(total, 1),
+                        completed=done,
+                        description=f"tenant {tid}: {stage}",
+                    )
+
+                out = services.invoicing.run(tid, when, actor="cli", progress=step)
+                bar.console.print(_summary_line(tid, out.model_dump()))
+    except TallyError as exc:
+        _fail(exc)
+
+
+def _items(rows: Any) -> list[Any]:
+    return list(rows.get("data", rows) if isinstance(rows, dict) else rows)
+
+
+def _summary_line(tenant_id: str, out: dict[str, Any]) -> str:
+    extra = ""
+    if out.get("finalized"):
+        extra += f", {len(out['finalized'])} finalized"
+    if out.get("credit_notes"):
+        extra += f", {len(out['credit_notes'])} credit notes"
+    return f"{tenant_id}: {len(out['created'])} created, {out['existing']} existing{extra}"

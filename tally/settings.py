@@ -62,6 +62,38 @@ class Settings(BaseSettings):
     flush_max_events: int = Field(50_000, ge=1)
     meters_file: Path | None = None
 
+    # --- invoicing (docs/invoicing.md) ---------------------------------------------------------
+    invoice_grace: timedelta = Field(
+        timedelta(hours=1),
+        description="Usage arriving this long after a period end is billed on it",
+    )
+    invoice_auto_finalize: bool = Field(
+        False, description="Finalize invoices when a run creates them"
+    )
+    invoice_run_workers: int = Field(
+        0, ge=0, le=64, description="Rating processes; 0 = one per core"
+    )
+    invoice_adjustment_lookback: timedelta = Field(
+        timedelta(days=120),
+        description="How far back finalized periods are re-rated for late usage",
+    )
+    invoice_number_prefix: str = Field("INV", pattern=r"^[A-Z0-9][A-Z0-9-]{0,15}$")
+    credit_note_number_prefix: str = Field("CN", pattern=r"^[A-Z0-9][A-Z0-9-]{0,15}$")
+    billing_tasks: bool = Field(
+        True, description="Run the webhook dispatcher and the threshold check in this API process"
+    )
+    webhook_master_key: str = Field(
+        "", description="Derives every endpoint's signing secret; empty = generated in data_dir"
+    )
+    webhook_max_attempts: int = Field(8, ge=1, le=50)
+    webhook_backoff_s: float = Field(
+        2.0, gt=0, description="First retry delay; doubles per attempt"
+    )
+    webhook_backoff_max_s: float = Field(3600.0, gt=0)
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_poll_interval_s: float = Field(0.5, gt=0)
+    threshold_check_interval_s: float = Field(60.0, gt=0)
+
     # --- logging -----------------------------------------------------------------------------
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
 

@@ -86,12 +86,15 @@ class TallyProcess:
             return ""
 
 
-def start_embedded(data_dir: Path, log_path: Path, timeout: float = 90) -> tuple[TallyProcess, str]:
-    """Start `tally run` on a free port; return it and its URL once /healthz answers."""
+def start_embedded(
+    data_dir: Path, log_path: Path, timeout: float = 90, **env: str
+) -> tuple[TallyProcess, str]:
+    """Start `tally run` on a free port (``env``: extra TALLY_* variables); return it and its
+    URL once /healthz answers."""
     run_file = data_dir / "run.json"
     run_file.unlink(missing_ok=True)
     proc = TallyProcess(
-        ["run", "--data-dir", str(data_dir), "--port", "0"], tally_env(), log_path
+        ["run", "--data-dir", str(data_dir), "--port", "0"], tally_env(**env), log_path
     ).start()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
