@@ -62,6 +62,15 @@ class Settings(BaseSettings):
     flush_max_events: int = Field(50_000, ge=1)
     meters_file: Path | None = None
 
+    # --- backfill ----------------------------------------------------------------------------
+    backfill_chunk_events: int = Field(50_000, ge=1, description="Events per stored chunk")
+    backfill_lease_s: float = Field(
+        60.0, gt=0, description="A run without a heartbeat for this long is resumable"
+    )
+    backfill_wait_s: float = Field(
+        60.0, gt=0, description="How long a run waits for the worker to pass the meter's markers"
+    )
+
     # --- logging -----------------------------------------------------------------------------
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
 
