@@ -12,6 +12,10 @@ docs/architecture.md, "The worker's commit order", for why this order is exactly
 5. the caller acks the returned offsets.
 
 A failed commit leaves the batch intact: the caller retries the same batch (never drops it).
+
+Control messages (``schemas.control``) travel in the same partitions: an ``activate_meter`` marker
+starts its meter in its partition (``streams.activation``); the flush that holds a meter's first
+marker in a partition writes its activation row just before ``sink.commit``.
 """
 
 from __future__ import annotations
