@@ -316,10 +316,15 @@ class Repo:
         """Mark a pending meter active (its markers were acknowledged). NotFound if the meter
         was deleted (or replaced) meanwhile; an active meter is returned as it is."""
         current = self.find_meter(meter.tenant_id, meter.slug)
-        if current is None or current.id != meter.id:
+        if current is None:
             raise NotFound(
                 f"meter '{meter.slug}' was deleted while it was being activated",
-                details={"field": "slug"},
+                details=[{"field": "slug", "message": "deleted during activation"}],
+            )
+        if current.id != meter.id:
+            raise Conflict(
+                f"meter '{meter.slug}' was replaced by another create request meanwhile",
+                details=[{"field": "slug", "message": "created concurrently"}],
             )
         if current.status == MeterStatus.ACTIVE:
             return current
