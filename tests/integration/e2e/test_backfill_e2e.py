@@ -154,7 +154,7 @@ def test_kill9_of_a_backfill_process_mid_run_then_resume(
             TALLY_CLICKHOUSE_DATABASE=db,
             TALLY_EVENTS_TOPIC=topic,  # the live topic; the meter's is an older generation
             TALLY_BACKFILL_CHUNK_EVENTS="20",
-            TALLY_BACKFILL_LEASE_S="10",
+            TALLY_BACKFILL_LEASE_S="20",
         )
         args = ["meters", "backfill", "gb", "--tenant", h.tenant]
         log = open(tmp_path / "cli.log", "wb")
@@ -183,11 +183,11 @@ def test_kill9_of_a_backfill_process_mid_run_then_resume(
         assert killed.chunks < previous.events_scanned // 20  # really in the middle
         assert h.totals() == h.truth()  # the previous run is still the visible one
         assert bs.visible_run(h.tenant, h.meter.id) == previous.run_id
-        held = _cli(args, env)  # its lease (10 s) has not expired: 409-style refusal
+        held = _cli(args, env)  # its lease (20 s) has not expired: 409-style refusal
         assert held.returncode == 1 and "already running" in held.stderr, held.stderr
         assert run.run_id in held.stderr
         assert h.totals() == h.truth()
-        time.sleep(max(0.0, killed.heartbeat_ms / 1000 + 10.5 - time.time()))
+        time.sleep(max(0.0, killed.heartbeat_ms / 1000 + 20.5 - time.time()))
         done = _cli(args, env)
         assert done.returncode == 0, done.stderr + done.stdout
         assert f"done: run {run.run_id} (resumed)" in done.stdout, done.stdout

@@ -98,9 +98,14 @@ def test_concurrent_backfills_of_one_meter_one_runs_the_other_gets_409(store: St
     barrier = threading.Barrier(4)
     results: list[BackfillResult] = []
     conflicts: list[Conflict] = []
+    all_refused = threading.Event()
+
+    def hold_until_refused(chunk: int) -> None:  # the winner waits for the others' answers
+        if chunk == 1:
+            all_refused.wait(60)
 
     def go() -> None:
-        r = runner(h)
+        r = runner(h, on_chunk=hold_until_refused)
         acquire = r._acquire
 
         def synchronized() -> tuple[str, bool]:
@@ -112,6 +117,8 @@ def test_concurrent_backfills_of_one_meter_one_runs_the_other_gets_409(store: St
             results.append(r.run())
         except Conflict as exc:
             conflicts.append(exc)
+            if len(conflicts) == 3:
+                all_refused.set()
 
     threads = [threading.Thread(target=go) for _ in range(4)]
     for th in threads:
@@ -158,17 +165,17 @@ def test_crashed_backfill_keeps_the_previous_run_visible_and_is_resumed(store: S
             raise Crash
 
     with pytest.raises(Crash):
-        runner(h, on_chunk=crash_after_3).run()
+        runner(h, lease_s=5.0, on_chunk=crash_after_3).run()
     bs = BackfillStore(store)
     crashed = bs.list_runs(h.tenant, h.meter.id)[-1]
     assert crashed.state == "running" and crashed.chunks == 3
     assert h.totals() == h.truth()  # the previous complete run, nothing double
     assert bs.visible_run(h.tenant, h.meter.id) == previous.run_id
     with pytest.raises(Conflict, match=crashed.run_id):  # its lease has not expired yet
-        runner(h).run()
+        runner(h, lease_s=5.0).run()
     assert h.totals() == h.truth()
-    time.sleep(2.5)  # the lease (2 s) expires without heartbeats
-    resumed = runner(h, chunk_events=7).run()  # a different chunk size is ignored on resume
+    time.sleep(max(0.0, crashed.heartbeat_ms / 1000 + 5.5 - time.time()))  # lease expires
+    resumed = runner(h, lease_s=5.0, chunk_events=7).run()  # its own chunk size is kept
     assert resumed.resumed and resumed.run_id == crashed.run_id
     assert resumed.events_scanned == previous.events_scanned
     assert resumed.chunks == previous.chunks
