@@ -67,7 +67,7 @@ def create_app(
         if settings.admin_token:
             await state.run(repo.ensure_admin_token, settings.admin_token)
         if settings.meters_file is not None:
-            await state.run(load_meters_file, repo, settings.meters_file)
+            await load_meters_file(state, settings.meters_file)
         tasks = None
         if billing_tasks:
             # The webhook dispatcher and the threshold check (billing.webhooks) run in this

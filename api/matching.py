@@ -17,8 +17,8 @@ from streams.matching import CompiledMeter, ValueProblem
 def contributions(
     meters: list[Meter], event: dict[str, Any], properties: dict[str, Any]
 ) -> list[Contribution]:
-    """What ``event`` (a row of the ledger, with ``properties``) adds to each meter, by the same
-    rules the worker applied when it was ingested."""
+    """What ``event`` (a row of the ledger, with ``properties``) adds to each meter when the meter
+    counts it (by the same matching rules as the worker)."""
     ev = EnvelopeEvent(
         id=str(event["id"]),
         type=str(event["type"]),
@@ -26,11 +26,10 @@ def contributions(
         time_ms=epoch_ms(event["time"]),
         properties=properties,
     )
-    ingested = epoch_ms(event["ingested_at"])
     out = []
     for meter in meters:
         try:
-            c = CompiledMeter(meter).match(ev, ingested)
+            c = CompiledMeter(meter).match(ev)
         except ValueProblem:
             continue
         if c is not None:

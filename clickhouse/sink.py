@@ -1,4 +1,4 @@
-"""The worker's sink: flush commit, progress, dedupe-index rebuild, backfill (``streams.sink.Sink``).
+"""The worker's sink: flush commit, progress, dedupe-index rebuild (``streams.sink.Sink``).
 
 Row tuple formats (positional, in the column order below; produced by ``streams``):
 
@@ -34,12 +34,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-import orjson
-
+from clickhouse.activation import ActivationRows
 from clickhouse.repo import Repo
 from clickhouse.store import Store
 from schemas.meters import Meter
-from schemas.timeutil import epoch_ms
 from tally.errors import ValidationError
 
 log = logging.getLogger(__name__)
@@ -86,7 +84,6 @@ ONE_PART_SETTINGS: dict[str, Any] = {
     "max_insert_block_size": 1 << 40,
     "async_insert": 0,
 }
-_DELETE_SETTINGS: dict[str, Any] = {"mutations_sync": 2}
 
 
 def progress_row(topic: str, partition: int, offset: int) -> tuple:
@@ -115,8 +112,8 @@ def _ms(value: int) -> int:
     return value
 
 
-class ClickHouseSink:
-    """Implements ``streams.sink.Sink`` (plus ``iter_events`` and ``replace_backfill``)."""
+class ClickHouseSink(ActivationRows):
+    """Implements ``streams.sink.Sink`` (activation rows: ``clickhouse.activation``)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -183,75 +180,3 @@ class ClickHouseSink:
 
     def all_meters(self) -> list[Meter]:
         return self._repo.all_meters()
-
-    def iter_events(
-        self, tenant_id: str, event_type: str, ingested_before_ms: int, chunk: int = 50_000
-    ) -> Iterator[list[tuple]]:
-        """The tenant's stored events of ``event_type`` ingested before the given instant, as
-        ``(event_id, customer, time_ms, properties: dict, ingested_at_ms)`` chunks, in event id
-        order (keyset paging: stable while new events arrive)."""
-        if chunk < 1:
-            raise ValidationError("chunk must be >= 1", details={"field": "chunk"})
-        after: str | None = None
-        while True:
-            params: dict[str, Any] = {
-                "tenant": tenant_id,
-                "type": event_type,
-                "before": _ms(ingested_before_ms),
-                "limit": chunk,
-            }
-            cond = ""
-            if after is not None:
-                cond = " AND event_id > {after:String}"
-                params["after"] = after
-            rows = self.store.query_rows(
-                "SELECT event_id, customer, toUnixTimestamp64Milli(time), properties, "
-                "toUnixTimestamp64Milli(ingested_at) "
-                f"FROM {self.db}.events FINAL "
-                "WHERE tenant_id = {tenant:String}" + cond + " AND event_type = {type:String} "
-                "AND ingested_at < fromUnixTimestamp64Milli({before:Int64}, 'UTC') "
-                "ORDER BY event_id LIMIT 1 BY event_id LIMIT {limit:UInt64}",
-                params,
-            )
-            if not rows:
-                return
-            yield [(e, c, int(t), orjson.loads(p), int(i)) for e, c, t, p, i in rows]
-            if len(rows) < chunk:
-                return
-            after = rows[-1][0]
-
-    def count_events_before(self, tenant_id: str, event_type: str, before: datetime) -> int:
-        """How many stored events of ``event_type`` were ingested before ``before`` (progress)."""
-        rows = self.store.query_rows(
-            f"SELECT uniqExact(event_id) FROM {self.db}.events "
-            "WHERE tenant_id = {tenant:String} AND event_type = {type:String} "
-            "AND ingested_at < fromUnixTimestamp64Milli({before:Int64}, 'UTC')",
-            {"tenant": tenant_id, "type": event_type, "before": epoch_ms(before)},
-        )
-        return int(rows[0][0]) if rows else 0
-
-    def replace_backfill(
-        self, tenant_id: str, meter_id: str, run_id: str, usage_rows: list[tuple]
-    ) -> None:
-        """Delete the meter's earlier backfill rows (origin 'b:*'), then insert ``usage_rows``
-        with origin ``b:<run_id>``. Re-running with the same rows gives the same totals."""
-        if not run_id:
-            raise ValidationError("run_id must not be empty", details={"field": "run_id"})
-        origin = f"b:{run_id}"
-        rows = []
-        for r in usage_rows:
-            if r[0] != tenant_id or r[1] != meter_id:
-                raise ValidationError(
-                    f"backfill row for {r[0]!r}/{r[1]!r} does not belong to meter "
-                    f"{tenant_id!r}/{meter_id!r}",
-                    details={"field": "usage_rows"},
-                )
-            rows.append((*r[:5], origin, *r[6:]))
-        self.store.command(
-            f"DELETE FROM {self.db}.usage_minute WHERE tenant_id = {{tenant:String}} "
-            "AND meter_id = {meter:String} AND startsWith(origin, 'b:')",
-            {"tenant": tenant_id, "meter": meter_id},
-            settings=_DELETE_SETTINGS,
-        )
-        log.info("replaced backfill of meter %s/%s with %d rows", tenant_id, meter_id, len(rows))
-        self.store.insert("usage_minute", rows, USAGE_COLUMNS, settings=ONE_PART_SETTINGS)

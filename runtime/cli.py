@@ -164,36 +164,147 @@ def meters_backfill(
     data_dir: DataDir = None,
     admin_token: Annotated[str | None, typer.Option(help="Needed when `tally run` is up")] = None,
 ) -> None:
-    """Apply meter SLUG to the events stored before it existed (safe to re-run)."""
-    from runtime.roles import Core, admin_call, running_server
+    """Count meter SLUG's history: the events from before its activation markers.
+
+    Exclusive per meter (a second run fails with the running run's id), resumable (a run whose
+    process died is resumed from its last checkpoint by the next invocation) and atomic (queries
+    show the previous run until this one is complete).
+    """
+    from runtime.roles import admin_call, running_server
 
     settings = _settings(data_dir)
     try:
         url = running_server(settings) if settings.embedded else None
         if url:
-            typer.echo(f"backfilling {slug} in the running server at {url} ...")
-            out = admin_call(
-                url,
-                _admin_token(admin_token, settings),
-                "POST",
-                f"/v1/admin/tenants/{tenant}/meters/{slug}/backfill",
-            )
-            scanned, matched, windows = out["events_scanned"], out["events_matched"], out["windows"]
+            token = _admin_token(admin_token, settings)
+            path = f"/v1/admin/tenants/{tenant}/meters/{slug}/backfill"
+            typer.echo(f"backfilling {slug} in the running server at {url} ...", err=True)
+            with _BackfillBar(slug) as bar:
+                out = _remote_backfill(url, token, path, bar, admin_call)
         else:
-            from clickhouse.sink import ClickHouseSink
-            from streams.backfill import backfill_meter
-
-            core = Core.open(settings)
-            meter = core.repo.get_meter(tenant, slug)
-            sink = ClickHouseSink(core.store)
-            total = sink.count_events_before(tenant, meter.event_type, meter.created_at)
-            with typer.progressbar(length=max(total, 1), label=f"backfill {slug}") as bar:
-                res = backfill_meter(sink, meter, progress=bar.update)
-            scanned, matched, windows = res.events_scanned, res.events_matched, res.windows
+            out = _local_backfill(settings, tenant, slug)
     except TallyError as exc:
         _fail(exc)
         return
-    typer.echo(f"done: {scanned} events scanned, {matched} matched, {windows} minute windows")
+    if out["state"] == "nothing_to_backfill":
+        typer.echo(
+            f"nothing to backfill: meter {slug} was stored without activation markers, so the "
+            "stream applies it to every event"
+        )
+        return
+    how = "resumed" if out["resumed"] else "new"
+    typer.echo(
+        f"done: run {out['run_id']} ({how}): {out['events_scanned']} events scanned, "
+        f"{out['events_matched']} matched, {out['windows']} minute windows"
+    )
+
+
+class _BackfillBar:
+    """A rich progress bar on stderr: partitions while waiting for the worker, then events."""
+
+    def __init__(self, slug: str) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.slug = slug
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        )
+        self.task = self.progress.add_task(f"backfill {slug}", total=None)
+
+    def __enter__(self) -> _BackfillBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, phase: str, done: int, total: int, run_id: str = "") -> None:
+        if phase == "waiting":
+            desc = f"{self.slug}: waiting for the worker to pass the markers (partitions)"
+        else:
+            desc = f"{self.slug}: run {run_id} (events)" if run_id else f"{self.slug} (events)"
+        self.progress.update(self.task, description=desc, completed=done, total=max(total, done))
+
+
+def _local_backfill(settings: Settings, tenant: str, slug: str) -> dict[str, object]:
+    from dataclasses import asdict
+
+    from clickhouse.backfill import BackfillStore
+    from runtime.roles import Core
+    from streams.backfill import BackfillRunner, LiveTopic, Progress
+
+    core = Core.open(settings)
+    meter = core.repo.get_meter(tenant, slug)
+    live = None
+    if not settings.embedded:  # scale-out: the worker consumes events_topic now
+        from api.topics import topic_partitions
+
+        try:
+            parts = topic_partitions(settings.kafka_bootstrap, settings.events_topic)
+        except Exception as exc:
+            raise TallyError(
+                f"cannot read the partitions of {settings.events_topic} from the broker at "
+                f"{settings.kafka_bootstrap}: {exc}"
+            ) from None
+        live = LiveTopic(settings.events_topic, parts)
+    with _BackfillBar(slug) as bar:
+
+        def report(p: Progress) -> None:
+            bar.update(p.phase, p.done, p.total, p.run_id)
+
+        result = BackfillRunner(
+            BackfillStore(core.store),
+            meter,
+            live=live,
+            chunk_events=settings.backfill_chunk_events,
+            lease_s=settings.backfill_lease_s,
+            wait_s=settings.backfill_wait_s,
+            on_progress=report,
+        ).run()
+    return asdict(result)
+
+
+def _remote_backfill(
+    url: str, token: str, path: str, bar: _BackfillBar, admin_call: Any
+) -> dict[str, Any]:
+    """POST the backfill to the running server; show its progress from GET meanwhile."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["out"] = admin_call(url, token, "POST", path, timeout=None)
+        except BaseException as exc:
+            box["error"] = exc
+
+    th = threading.Thread(target=call, daemon=True)
+    th.start()
+    while th.is_alive():
+        th.join(0.5)
+        try:
+            runs = admin_call(url, token, "GET", path).get("data", [])
+        except Exception:  # progress only; the POST's answer decides
+            runs = []
+        active = [r for r in runs if r["state"] == "running"]
+        if active:
+            r = active[-1]
+            bar.update("scanning", r["events_scanned"], r["events_total"], r["run_id"])
+    if "error" in box:
+        raise box["error"]
+    out: dict[str, Any] = box["out"]
+    return out
 
 
 @invoices_app.command("run")

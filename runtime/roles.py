@@ -91,6 +91,7 @@ def run_embedded(settings: Settings) -> None:
     from api.topics import create_topic
     from clickhouse.sink import ClickHouseSink
     from runtime.broker import BrokerProcess
+    from schemas.topics import generation_topic
     from streams.progress import ProgressBoard
     from streams.worker import WorkerRunner
 
@@ -99,7 +100,7 @@ def run_embedded(settings: Settings) -> None:
     broker = BrokerProcess(log_file=data_dir / "broker.log").start()
     # The embedded broker keeps messages in memory only: every start is a new log, so it gets a
     # new topic generation (worker progress is kept per topic in ClickHouse).
-    topic = f"{settings.events_topic}.g{int(time.time() * 1000)}"
+    topic = generation_topic(settings.events_topic, int(time.time() * 1000))
     settings = settings.model_copy(
         update={
             "kafka_bootstrap": broker.bootstrap,
@@ -200,7 +201,9 @@ def running_server(settings: Settings) -> str | None:
         return None
 
 
-def admin_call(url: str, token: str, method: str, path: str, body: Any = None) -> Any:
+def admin_call(
+    url: str, token: str, method: str, path: str, body: Any = None, timeout: float | None = 30
+) -> Any:
     import httpx
 
     resp = httpx.request(
@@ -208,7 +211,7 @@ def admin_call(url: str, token: str, method: str, path: str, body: Any = None) -
         url + path,
         json=body,
         headers={"Authorization": f"Bearer {token}"},
-        timeout=30,
+        timeout=timeout,
     )
     if resp.status_code >= 400:
         try:

@@ -12,22 +12,28 @@ docs/architecture.md, "The worker's commit order", for why this order is exactly
 5. the caller acks the returned offsets.
 
 A failed commit leaves the batch intact: the caller retries the same batch (never drops it).
+
+Control messages (``schemas.control``) travel in the same partitions: an ``activate_meter`` marker
+starts its meter in its partition (``streams.activation``); the flush that holds a meter's first
+marker in a partition writes its activation row just before ``sink.commit``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from prometheus_client import Counter, Histogram
 
+from schemas.control import Control, ControlError, decode_control, is_control
 from schemas.envelope import Envelope, EnvelopeError, decode
 from schemas.meters import Meter
 from schemas.timeutil import from_epoch_ms
+from streams.activation import Activations
 from streams.aggregation import WindowTable
 from streams.dedupe import DedupeIndex, rebuild
 from streams.matching import MeterIndex, ValueProblem
@@ -48,6 +54,11 @@ FLUSH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 SKIPPED = Counter("tally_worker_skipped_messages", "Messages skipped as already stored")
+MARKERS = Counter(
+    "tally_worker_activation_markers", "Meter activation markers processed (first in a partition)"
+)
+
+METER_RELOAD_MS = 2_000
 
 
 def _now_ms() -> int:
@@ -55,20 +66,44 @@ def _now_ms() -> int:
 
 
 class MeterCache:
-    """Compiled meters, reloaded when older than the newest ``ingested_at`` of a batch."""
+    """Compiled meters from the store, reloaded when a batch holds activation markers and at least
+    every ``reload_ms`` (deleted meters stop counting then).
 
-    def __init__(self, load: Callable[[], list[Meter]], clock_ms: Callable[[], int] = _now_ms):
+    A marker carries its meter, so a marker activates the meter even if the reload fails (the
+    marker's meter is added to the last good index until the next successful reload). The very
+    first load must succeed: without it the meters activated earlier are unknown.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[], list[Meter]],
+        clock_ms: Callable[[], int] = _now_ms,
+        reload_ms: int = METER_RELOAD_MS,
+    ):
         self._load = load
         self._clock = clock_ms
+        self.reload_ms = reload_ms
         self.loaded_ms = -1
         self.index = MeterIndex([])
 
-    def ensure(self, max_ingested_ms: int) -> MeterIndex:
-        if self.loaded_ms < max_ingested_ms:
-            started = self._clock()
-            self.index = MeterIndex(self._load(), self.index)
-            self.loaded_ms = started
-            log.debug("meters reloaded: %d meters", len(self.index))
+    def ensure(self, markers: Sequence[Meter] = ()) -> MeterIndex:
+        now = self._clock()
+        if not markers and self.loaded_ms >= 0 and now - self.loaded_ms < self.reload_ms:
+            return self.index
+        try:
+            meters = self._load()
+        except Exception as exc:
+            if self.loaded_ms < 0:
+                raise
+            log.warning("meter reload failed, using the last loaded meters: %r", exc)
+            missing = [m for m in markers if m.id not in self.index.by_id]
+            if missing:
+                known = [cm.meter for cm in self.index.by_id.values()]
+                self.index = MeterIndex(known + missing, self.index)
+            return self.index
+        self.index = MeterIndex(meters, self.index)
+        self.loaded_ms = now
+        log.debug("meters reloaded: %d meters", len(self.index))
         return self.index
 
 
@@ -76,7 +111,8 @@ class MeterCache:
 class Entry:
     partition: int
     offset: int
-    envelope: Envelope | None  # None: poison message
+    envelope: Envelope | None  # None: poison or control message
+    control: Control | None = None  # an activation marker (streams.activation)
 
 
 @dataclass
@@ -146,14 +182,17 @@ class BatchProcessor:
         self.clock_ms = clock_ms
         self._high: dict[int, int] = {}
         self.current = Batch()
+        self.activations = Activations(topic)
 
     # --- assignment -----------------------------------------------------------------------
     def assign(self, partition: int, store_progress: int) -> None:
         self._high[partition] = store_progress
+        self.activations.assign(partition, store_progress)  # loaded by the next flush
 
     def revoke(self, partition: int) -> None:
         """Forget a partition: its unflushed messages are dropped (not acked)."""
         self._high.pop(partition, None)
+        self.activations.revoke(partition)
         if partition in self.current.last_offsets:
             self.current = self.current.without_partitions({partition})
 
@@ -170,15 +209,19 @@ class BatchProcessor:
             SKIPPED.inc()
             return False
         self._high[partition] = offset
+        control: Control | None = None
+        env: Envelope | None = None
         try:
             if payload is None:
                 raise EnvelopeError("empty message")
-            env: Envelope | None = decode(payload)
-        except EnvelopeError as exc:
+            if is_control(payload):
+                control = decode_control(payload)
+            else:
+                env = decode(payload)
+        except (EnvelopeError, ControlError) as exc:
             POISON.inc()
             log.warning("poison message %s[%d]@%d skipped: %s", self.topic, partition, offset, exc)
-            env = None
-        self.current.append(Entry(partition, offset, env))
+        self.current.append(Entry(partition, offset, env, control))
         return True
 
     @property
@@ -230,11 +273,12 @@ class BatchProcessor:
             return FlushResult({}, 0, 0, 0, 0)
         started = time.perf_counter()
         topic = self.topic
-        max_ingested = max(
-            (e.envelope.ingested_at_ms for e in batch.entries if e.envelope is not None),
-            default=-1,
+        markers = sorted(
+            (e.partition, e.offset, e.control) for e in batch.entries if e.control is not None
         )
-        meter_index = self.meters.ensure(max_ingested)
+        meter_index = self.meters.ensure([c.meter for _p, _o, c in markers])
+        activation_rows = self._activate(markers)
+        acts = self.activations
 
         # 1. dedupe: first copy by (offset, index) wins, within the batch and against the index
         by_partition: dict[int, list[Entry]] = {}
@@ -296,8 +340,10 @@ class BatchProcessor:
                 )
             )
             for cm in meter_index.candidates(env.tenant_id, ev.type):
+                if not acts.applies(cm.id, cm.activation_topic, p, offset):
+                    continue
                 try:
-                    c = cm.match(ev, p_ing)
+                    c = cm.match(ev)
                 except ValueProblem as exc:
                     value_errors += 1
                     log.debug("event %s/%s: meter %s: %s", env.tenant_id, ev.id, cm.id, exc)
@@ -307,7 +353,9 @@ class BatchProcessor:
         usage_rows = windows.rows()
         progress = dict(batch.last_offsets)
 
-        # 3. the commit point
+        # 3. the commit point (activation rows first: idempotent, like the events rows)
+        if activation_rows:
+            self.sink.record_activations(activation_rows)
         self.sink.commit(topic, events_rows, usage_rows, progress)
 
         # 4. record the kept ids (an id is "seen" only now, after the commit)
@@ -323,3 +371,30 @@ class BatchProcessor:
             METER_VALUE_ERRORS.inc(value_errors)
         FLUSH_SECONDS.observe(time.perf_counter() - started)
         return FlushResult(progress, events_in, duplicates, len(events_rows), len(usage_rows))
+
+    def _activate(
+        self, markers: list[tuple[int, int, Control]]
+    ) -> list[tuple[str, str, str, int, int]]:
+        """Bring the activation state of the assigned partitions up to date (store read after an
+        assignment) and apply the batch's markers in offset order; the activation rows to write."""
+        acts = self.activations
+        for p, upto in acts.to_load().items():
+            acts.load(p, self.sink.activations(self.topic, p, upto) if upto >= 0 else {})
+        rows: list[tuple[str, str, str, int, int]] = []
+        for p, offset, control in markers:
+            meter = control.meter
+            if meter.activation_topic != self.topic:
+                log.warning(
+                    "activation marker of meter %s for topic %r found in %s[%d]@%d: ignored",
+                    meter.id,
+                    meter.activation_topic,
+                    self.topic,
+                    p,
+                    offset,
+                )
+                continue
+            if acts.mark(p, meter.id, offset):
+                rows.append((meter.tenant_id, meter.id, self.topic, p, offset))
+        if rows:
+            MARKERS.inc(len(rows))
+        return rows

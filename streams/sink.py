@@ -64,3 +64,14 @@ class Sink(Protocol):
     def all_meters(self) -> list[Meter]:
         """Every live meter of every tenant (the worker's one cross-tenant read)."""
         ...
+
+    def record_activations(self, rows: list[tuple[str, str, str, int, int]]) -> None:
+        """Store ``(tenant_id, meter_id, topic, partition, marker_offset)`` rows: the first
+        activation marker of a meter in a partition. Called in the flush that holds the marker,
+        before ``commit``; idempotent (a replay writes the same rows)."""
+        ...
+
+    def activations(self, topic: str, partition: int, upto_offset: int) -> dict[str, int]:
+        """meter id -> offset of its first activation marker in ``topic``/``partition``, for
+        markers at or below ``upto_offset`` (the partition's committed progress)."""
+        ...

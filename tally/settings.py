@@ -93,6 +93,14 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(10.0, gt=0)
     webhook_poll_interval_s: float = Field(0.5, gt=0)
     threshold_check_interval_s: float = Field(60.0, gt=0)
+    # --- backfill ----------------------------------------------------------------------------
+    backfill_chunk_events: int = Field(50_000, ge=1, description="Events per stored chunk")
+    backfill_lease_s: float = Field(
+        60.0, gt=0, description="A run without a heartbeat for this long is resumable"
+    )
+    backfill_wait_s: float = Field(
+        60.0, gt=0, description="How long a run waits for the worker to pass the meter's markers"
+    )
 
     # --- logging -----------------------------------------------------------------------------
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")

@@ -41,7 +41,13 @@ IO_LIBRARIES = {
     "uvicorn",
     "requests",
 }
-PURE_MODULES = ["rating", "streams/aggregation.py", "streams/matching.py", "streams/dedupe.py"]
+PURE_MODULES = [
+    "rating",
+    "streams/aggregation.py",
+    "streams/matching.py",
+    "streams/activation.py",
+    "streams/dedupe.py",
+]
 
 
 def _modules(package: str) -> list[Path]:

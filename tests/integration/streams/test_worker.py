@@ -142,6 +142,12 @@ class FlakySink:
     def all_meters(self) -> Any:
         return self.inner.all_meters()
 
+    def record_activations(self, rows: list) -> None:  # type: ignore[type-arg]
+        self.inner.record_activations(rows)
+
+    def activations(self, topic: str, partition: int, upto_offset: int) -> dict[str, int]:
+        return self.inner.activations(topic, partition, upto_offset)
+
 
 def test_store_failures_are_retried_exactly_once(setup, broker, topic, store, tmp_path) -> None:  # type: ignore[no-untyped-def]
     settings, sink, truth, meters, src = setup

@@ -20,6 +20,9 @@ class MemorySink:
         self.fail_next = 0  # raise before storing
         self.fail_after_next = 0  # store, then raise (an ambiguous failure)
         self.meter_loads = 0
+        self.fail_meter_loads = 0
+        self.fail_activations_next = 0
+        self.activation_rows: list[tuple[str, str, str, int, int]] = []
 
     def commit(
         self,
@@ -68,8 +71,24 @@ class MemorySink:
             yield out[i : i + 3]
 
     def all_meters(self) -> list[Meter]:
+        if self.fail_meter_loads:
+            self.fail_meter_loads -= 1
+            raise ConnectionError("store down (meter reload)")
         self.meter_loads += 1
         return list(self.meters)
+
+    def record_activations(self, rows: list[tuple[str, str, str, int, int]]) -> None:
+        if self.fail_activations_next:
+            self.fail_activations_next -= 1
+            raise ConnectionError("store down (activation rows)")
+        self.activation_rows.extend(rows)
+
+    def activations(self, topic: str, partition: int, upto_offset: int) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for _t, meter_id, top, p, off in self.activation_rows:
+            if top == topic and p == partition and off <= upto_offset:
+                out[meter_id] = min(off, out.get(meter_id, off))
+        return out
 
 
 def meter(
@@ -83,6 +102,7 @@ def meter(
     tenant_id: str = "t1",
     created_at: datetime | None = None,
     meter_id: str | None = None,
+    activation_topic: str = "",
 ) -> Meter:
     return Meter(
         slug=slug,
@@ -94,6 +114,7 @@ def meter(
         id=meter_id or f"id-{slug}",
         tenant_id=tenant_id,
         created_at=created_at or datetime(2020, 1, 1, tzinfo=UTC),
+        activation_topic=activation_topic,
     )
 
 
