@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 from fastapi import FastAPI
 
-from api import admin, catalog, health, ingest, meters, usage
+from api import admin, catalog, health, ingest, meters, segment, usage
 from api import errors as api_errors
 from api.auth import AuthCache
 from api.meters_file import load_meters_file
@@ -75,6 +75,6 @@ def create_app(
     app.state.tally = state
     api_errors.install(app)
     app.add_middleware(health.MetricsMiddleware, metrics=state.metrics)
-    for module in (ingest, meters, usage, admin, health, catalog):
+    for module in (ingest, meters, usage, admin, health, catalog, segment):
         app.include_router(module.router)
     return app
