@@ -271,3 +271,34 @@ def test_open_client_flushes_at_interpreter_exit(tally: str, tmp_path: Path) -> 
             "sync-exit": Decimal(700),
             "async-exit": Decimal(300),
         }
+
+
+def test_sdk_doc_examples_run(tally: str) -> None:
+    """Every ```python block of docs/sdk.md runs as written, in order, against the server."""
+    import os
+    import re
+
+    key = create_tenant(tally, "sdk-docs")
+    blocks = re.findall(r"^```python\n(.*?)^```", (REPO / "docs" / "sdk.md").read_text(),
+                        flags=re.S | re.M)  # fmt: skip
+    assert len(blocks) >= 6
+    outputs = []
+    for block in blocks:
+        out = subprocess.run(
+            [sys.executable, "-c", block],
+            cwd=REPO,
+            env={**os.environ, "URL": tally, "KEY": key},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, block + out.stderr
+        outputs.append(out.stdout)
+    assert "cust-1 {'model': 'small'} 400" in outputs[0]
+    assert outputs[1].split() == ["1", "1", "customer", "customer", "is", "required"]
+    assert "404 not_found" in outputs[3]
+    assert outputs[5].startswith("active ")
+    with Tally(tally, key) as t:
+        frm, to = window()
+        total = t.meters.usage("tokens", from_=frm, to=to).data[0].value
+    assert total == Decimal(400 + 50 + 1000 + 3)  # the examples tracked these tokens
