@@ -174,13 +174,13 @@ def meters_backfill(
     try:
         url = running_server(settings) if settings.embedded else None
         if url:
-            typer.echo(f"backfilling {slug} in the running server at {url} ...")
-            out = admin_call(
-                url,
-                _admin_token(admin_token, settings),
-                "POST",
-                f"/v1/admin/tenants/{tenant}/meters/{slug}/backfill",
-            )
+            from rich.console import Console
+
+            token = _admin_token(admin_token, settings)
+            with Console(stderr=True).status(f"backfilling {slug} in the server at {url} ..."):
+                out = admin_call(
+                    url, token, "POST", f"/v1/admin/tenants/{tenant}/meters/{slug}/backfill"
+                )
             scanned, matched, windows = out["events_scanned"], out["events_matched"], out["windows"]
         else:
             from clickhouse.sink import ClickHouseSink
