@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 from fastapi import FastAPI
 
-from api import admin, catalog, health, ingest, invoices, meters, usage, webhooks
+from api import admin, catalog, health, ingest, invoices, meters, segment, usage, webhooks
 from api import errors as api_errors
 from api.auth import AuthCache
 from api.meters_file import load_meters_file
@@ -93,7 +93,7 @@ def create_app(
     app.state.tally = state
     api_errors.install(app)
     app.add_middleware(health.MetricsMiddleware, metrics=state.metrics)
-    for module in (ingest, meters, usage, admin, health, catalog, invoices, webhooks):
+    for module in (ingest, meters, usage, admin, health, catalog, invoices, webhooks, segment):
         app.include_router(module.router)
     app.include_router(invoices.admin_router)
     return app

@@ -73,7 +73,16 @@ def bearer_token(request: Request) -> str:
 
 async def current_tenant(request: Request, st: AppState = Depends(get_state)) -> str:
     """FastAPI dependency: the tenant id of the request's API key."""
-    token = bearer_token(request)
+    return await tenant_of_api_key(st, bearer_token(request))
+
+
+async def tenant_of_api_key(st: AppState, token: str) -> str:
+    """The tenant id of an API key however it was presented (Bearer, Segment write key); 401
+    if it is unknown or revoked."""
+    if len(token) > MAX_TOKEN_LEN:
+        raise AuthenticationError(
+            "invalid API key", details=[{"field": "authorization", "message": "token too long"}]
+        )
     cache: AuthCache = st.auth_cache
     key = "k:" + token
     hit, tenant_id = cache.get(key)

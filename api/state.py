@@ -65,6 +65,19 @@ class Metrics:
             "wait=stored requests answered 503 because the worker had not stored them in time",
             registry=self.registry,
         )
+        self.segment_ignored = Counter(
+            "tally_segment_messages_ignored",
+            "Segment messages accepted and ignored (identify, page, screen, group, alias) by type",
+            ["type"],
+            registry=self.registry,
+        )
+        self.segment_webhook_refused = Counter(
+            "tally_segment_webhook_refused",
+            "Segment webhook requests answered 401, by reason (missing or bad signature, "
+            "webhook not enabled)",
+            ["reason"],
+            registry=self.registry,
+        )
 
 
 @dataclass

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import signal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,9 +18,11 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Tally usage 
 tenant_app = typer.Typer(no_args_is_help=True, help="Tenants and API keys")
 meters_app = typer.Typer(no_args_is_help=True, help="Meters")
 invoices_app = typer.Typer(no_args_is_help=True, help="Invoices")
+events_app = typer.Typer(no_args_is_help=True, help="Events")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(meters_app, name="meters")
 app.add_typer(invoices_app, name="invoices")
+app.add_typer(events_app, name="events")
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (TALLY_DATA_DIR)")]
 
@@ -397,3 +402,266 @@ def _summary_line(tenant_id: str, out: dict[str, Any]) -> str:
     if out.get("credit_notes"):
         extra += f", {len(out['credit_notes'])} credit notes"
     return f"{tenant_id}: {len(out['created'])} created, {out['existing']} existing{extra}"
+
+
+# --- client commands ---------------------------------------------------------------------------
+
+Url = Annotated[
+    str | None,
+    typer.Option(help="Tally server URL (TALLY_URL; default: the `tally run` of --data-dir)"),
+]
+ApiKey = Annotated[str | None, typer.Option(help="Tenant API key (TALLY_API_KEY)")]
+
+
+def _server_url(url: str | None, settings: Settings) -> str | None:
+    from runtime.roles import running_server
+
+    return url or settings.url or (running_server(settings) if settings.embedded else None)
+
+
+@events_app.command("send")
+def events_send(
+    file: Annotated[Path, typer.Argument(help="NDJSON (.ndjson/.jsonl), JSON array or CSV")],
+    url: Url = None,
+    api_key: ApiKey = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="ndjson, json or csv (default: by suffix)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=1000, help="Events per request")] = 1000,
+    concurrency: Annotated[int, typer.Option(min=1, max=32, help="Requests in flight")] = 4,
+    wait: Annotated[
+        str | None, typer.Option(help="broker or stored (default: the server's)")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint file (default: FILE.tally-checkpoint.json)")
+    ] = None,
+    rejects: Annotated[
+        Path | None,
+        typer.Option(help="Where rejected records go (default: FILE.rejected.ndjson)"),
+    ] = None,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Ignore the checkpoint and send from the start")
+    ] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Send the events of FILE (bulk loads, history from another system). Resumable: rerun
+    the same command after Ctrl-C or a crash and it continues; resending is safe because an
+    event's id (given, or derived from its content) is deduplicated by Tally."""
+    from runtime.send import CheckpointLock, Format, default_checkpoint, default_rejects
+
+    settings = _settings(data_dir)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    server = _server_url(url, settings)
+    key = api_key or settings.api_key.get_secret_value()
+    if not server:
+        typer.echo("no Tally server: pass --url (or TALLY_URL), or start `tally run`", err=True)
+        raise typer.Exit(2)
+    if not key:
+        typer.echo("no API key: pass --api-key (or TALLY_API_KEY)", err=True)
+        raise typer.Exit(2)
+    if not file.is_file():
+        typer.echo(f"{file}: no such file", err=True)
+        raise typer.Exit(2)
+    try:
+        form = Format.of(file, fmt)
+    except ValueError:
+        typer.echo(f"--format must be ndjson, json or csv, got {fmt!r}", err=True)
+        raise typer.Exit(2) from None
+    if wait not in (None, "broker", "stored"):
+        typer.echo(f"--wait must be broker or stored, got {wait!r}", err=True)
+        raise typer.Exit(2)
+    cp_path = checkpoint or default_checkpoint(file)
+    rj_path = rejects or default_rejects(file)
+    lock = CheckpointLock(cp_path)
+    if not lock.acquire():
+        typer.echo(
+            f"another `tally events send` is running on {file} ({lock.path}); wait for it "
+            "or stop it first",
+            err=True,
+        )
+        raise typer.Exit(2)
+    try:
+        _send_file(file, form, server, key, cp_path, rj_path, restart, batch_size,
+                   concurrency, wait)  # fmt: skip
+    finally:
+        lock.release()
+
+
+def _send_file(
+    file: Path,
+    form: Any,
+    server: str,
+    key: str,
+    cp_path: Path,
+    rj_path: Path,
+    restart: bool,
+    batch_size: int,
+    concurrency: int,
+    wait: str | None,
+) -> None:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from runtime.send import (
+        FINGERPRINT_BYTES,
+        Checkpoint,
+        Format,
+        Sender,
+        SendStats,
+        fingerprint,
+    )
+    from tally_client import Tally, TallyClientError
+
+    console = Console(stderr=True, soft_wrap=True)
+    size = file.stat().st_size
+    print_ = console.print
+    try:
+        cp = None if restart else Checkpoint.load(cp_path)
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    if cp is not None and (
+        cp.fingerprint != fingerprint(file, cp.fingerprint_bytes)
+        or cp.format != form.value
+        or cp.offset > size
+    ):
+        typer.echo(
+            f"the checkpoint {cp_path} belongs to another version of {file} (its first bytes "
+            "or its size changed). Use --restart to send the file from the start: events "
+            "already sent count once, because their ids are deduplicated",
+            err=True,
+        )
+        raise typer.Exit(2)
+    if cp is not None and cp.done and (form is Format.JSON or cp.offset >= size):
+        print_(
+            f"{file} was sent completely already ({cp.accepted} accepted, {cp.rejected} "
+            f"rejected; {cp_path}). Use --restart to send it again."
+        )
+        return
+    if cp is None:
+        n = min(size, FINGERPRINT_BYTES)
+        cp = Checkpoint(str(file.resolve()), form.value, fingerprint(file, n), n)
+    elif cp.records:
+        print_(f"resuming after record {cp.records} ({cp.accepted} events sent before)")
+    cp.done = False
+    if form is Format.JSON:
+        import orjson
+
+        doc = orjson.loads(file.read_bytes()) if size else []
+        total, unit = (len(doc) if isinstance(doc, list) else 1), "records"
+        start = cp.records
+    else:
+        total, unit, start = size, "bytes", cp.offset
+    client = Tally(server, key, max_batch=batch_size)
+    columns = [
+        TextColumn("[bold]sending[/] {task.fields[name]}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[sent]} events sent, {task.fields[bad]} rejected"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    if unit == "records":
+        columns.insert(3, MofNCompleteColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("send", total=total or 1, completed=start, name=file.name,
+                                 sent=0, bad=0)  # fmt: skip
+
+        def show(st: SendStats) -> None:
+            done = st.resumed_from + st.records if unit == "records" else st.bytes_done
+            progress.update(task, completed=done, sent=st.sent, bad=st.rejected)
+
+        sender = Sender(client, file, form, cp_path, rj_path, batch_size=batch_size,
+                        concurrency=concurrency, wait=wait, on_progress=show)  # fmt: skip
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # kill: stop like Ctrl-C
+        try:
+            cp = sender.run(cp)
+        except KeyboardInterrupt:
+            progress.stop()
+            print_(
+                f"interrupted: {sender.stats.sent} events sent in this run, position saved in "
+                f"{cp_path}. Rerun the same command to continue."
+            )
+            raise typer.Exit(130) from None
+        except (TallyClientError, ValueError, OSError) as exc:
+            progress.stop()
+            print_(f"[red]stopped:[/] {exc}")
+            print_(f"position saved in {cp_path}; rerun the same command to continue.")
+            raise typer.Exit(3) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            with contextlib.suppress(TallyClientError):
+                client.close()
+        progress.update(task, completed=total or 1)
+    st = sender.stats
+    typer.echo(f"done: {st.sent} events accepted, {st.rejected} rejected in this run "
+               f"({cp.accepted} accepted, {cp.rejected} rejected in all)")  # fmt: skip
+    if st.rejected:
+        for line in st.rejected_examples:
+            print_(f"  {line}")
+        print_(f"rejected records are in {rj_path}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def doctor(
+    url: Url = None,
+    data_dir: DataDir = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each component")] = 5.0,
+) -> None:
+    """Check a deployment (server, broker, store, migrations, worker lag, clocks) and say
+    what is wrong and how to fix it. Exit code 1 when something is wrong."""
+    from rich.console import Console
+
+    from runtime.doctor import Context, Finding, Status, run_checks
+    from runtime.roles import running_server
+
+    settings = _settings(data_dir)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    running = running_server(settings) if settings.embedded else None
+    ctx = Context(
+        settings,
+        (url or settings.url or running or "").rstrip("/") or None,
+        timeout,
+        embedded_server_running=bool(running),
+    )
+    console = Console(highlight=False, soft_wrap=True)
+    marks = {
+        Status.OK: "[green]ok  [/]",
+        Status.WARN: "[yellow]warn[/]",
+        Status.FAIL: "[red]FAIL[/]",
+        Status.SKIP: "[dim]skip[/]",
+    }
+
+    def show(f: Finding) -> None:
+        console.print(f"{marks[f.status]} {f.check}: {f.message}")
+        if f.fix:
+            console.print(f"     [bold]fix:[/] {f.fix}")
+
+    findings = run_checks(ctx, show)
+    failed = [f for f in findings if f.status is Status.FAIL]
+    warned = [f for f in findings if f.status is Status.WARN]
+    if failed:
+        console.print(f"[red]{len(failed)} problem(s)[/], {len(warned)} warning(s)")
+        raise typer.Exit(1)
+    console.print(f"[green]no problems[/], {len(warned)} warning(s)")
+
+
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command("secrets-key")
+def secrets_key() -> None:
+    """Print a new key for TALLY_SECRETS_KEY (seals webhook secrets at rest)."""
+    from api.secretbox import generate_key
+
+    typer.echo(generate_key())

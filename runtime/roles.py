@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import SecretStr
+
 from tally.errors import TallyError
 from tally.settings import Settings
 
@@ -85,6 +87,24 @@ def _serve(app: Any, settings: Settings, on_started: Any = None) -> None:
     server.run()
 
 
+def embedded_secrets_key(settings: Settings, data_dir: Any) -> str:
+    """``secrets_key`` if set, else the key in ``<data_dir>/secrets.key`` (created once, 0600)."""
+    given = settings.secrets_key.get_secret_value()
+    if given:
+        return given
+    from api.secretbox import generate_key
+
+    path = data_dir / "secrets.key"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return str(path.read_text().strip())
+    with os.fdopen(fd, "w") as f:
+        f.write(generate_key() + "\n")
+    log.info("created the secrets key %s (keep it with the data directory)", path)
+    return str(path.read_text().strip())
+
+
 def run_embedded(settings: Settings) -> None:
     """`tally run`: broker child + chDB + worker thread + HTTP API, one process."""
     from api.producer import EventProducer
@@ -107,6 +127,7 @@ def run_embedded(settings: Settings) -> None:
             "events_topic": topic,
             # Decided before kafka_bootstrap is filled in: embedded answers after storage.
             "ingest_wait": settings.effective_ingest_wait,
+            "secrets_key": SecretStr(embedded_secrets_key(settings, data_dir)),
         }
     )
     producer = worker = None

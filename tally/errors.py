@@ -69,6 +69,13 @@ class UnsupportedMediaType(TallyError):
     code = "unsupported_media_type"
 
 
+class NotConfigured(TallyError):
+    """The server lacks a setting the request needs (an operator must fix it; not retryable)."""
+
+    status = 503
+    code = "not_configured"
+
+
 class Unavailable(TallyError):
     """A dependency (broker, store) is down; the client should retry after ``retry_after`` s."""
 

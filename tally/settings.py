@@ -10,7 +10,7 @@ from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -101,6 +101,18 @@ class Settings(BaseSettings):
     backfill_wait_s: float = Field(
         60.0, gt=0, description="How long a run waits for the worker to pass the meter's markers"
     )
+
+    # --- secrets at rest ---------------------------------------------------------------------
+    secrets_key: SecretStr = Field(
+        SecretStr(""),
+        description="Fernet key(s) sealing stored secrets (Segment webhook secrets), comma-"
+        "separated: the first seals, all open (key rotation). Embedded mode: generated once in "
+        "<data_dir>/secrets.key when empty. Scale-out: set the same value on every API replica",
+    )
+
+    # --- client commands (tally events send, tally doctor) ----------------------------------
+    url: str = Field("", description="URL of a running Tally server, e.g. http://127.0.0.1:8000")
+    api_key: SecretStr = Field(SecretStr(""), description="Tenant API key for client commands")
 
     # --- logging -----------------------------------------------------------------------------
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
