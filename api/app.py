@@ -9,7 +9,7 @@ nothing: whoever made the store and the producer closes them.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,6 +22,7 @@ from api.auth import AuthCache
 from api.meters_file import load_meters_file
 from api.producer import EventProducer
 from api.state import AppState, ProgressWaiter
+from schemas.worker import WorkerStatus
 from tally.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,11 @@ def create_app(
     progress_waiter: ProgressWaiter | None,
     repo: Any = None,
     store_concurrency: int | None = None,
+    worker_status: Callable[[], list[WorkerStatus]] | None = None,
 ) -> FastAPI:
-    """Build the API. ``repo`` defaults to ``clickhouse.repo.Repo(store)``."""
+    """Build the API. ``repo`` defaults to ``clickhouse.repo.Repo(store)``. ``worker_status``
+    (blocking, called in a thread) gives /readyz the stream workers' statuses; without it
+    /readyz has no ``worker`` check."""
     if repo is None:
         from clickhouse.repo import Repo
 
@@ -52,6 +56,7 @@ def create_app(
         repo=repo,
         producer=producer,
         progress_waiter=progress_waiter,
+        worker_status=worker_status,
         store_limiter=anyio.CapacityLimiter(
             store_concurrency or _default_store_concurrency(settings)
         ),
