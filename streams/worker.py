@@ -134,6 +134,7 @@ class StreamWorker:
         self.last_error = ""
         self.commits = 0  # links stored (or adopted from another writer)
         self.fenced_total = 0
+        self.revoked_dropped = 0  # messages given up at revocation (not acked)
         self.attempt_failures = 0
 
     # --- helpers ----------------------------------------------------------------------------
@@ -281,6 +282,7 @@ class StreamWorker:
         dropped = 0
         for p in parts:
             dropped += len(self.processor.revoke(p))
+        self.revoked_dropped += dropped
         if dropped:
             log.info("revoked %s: %d messages left to the next owner (not acked)", parts, dropped)
         with contextlib.suppress(Exception):

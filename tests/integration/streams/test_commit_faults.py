@@ -1,0 +1,195 @@
+"""The commit protocol under store faults: real Tansu broker, real chDB, the real ClickHouseSink
+on a store wrapper that injects faults at every step of the commit order
+(tests/support/faulty_store.py). Every test ends with usage totals equal to the independent
+ground truth of tests/integration/streams/helpers.py: nothing lost, nothing counted twice."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clickhouse.sink import ClickHouseSink
+from clickhouse.store import Store
+from tests.integration.streams.helpers import (
+    EventSource,
+    Truth,
+    Worker,
+    create_meters,
+    produce,
+    stored_totals,
+    wait_stored,
+    worker_settings,
+)
+from tests.support.faulty_store import FaultyStore
+
+
+@pytest.fixture
+def setup(broker: Any, topic: str, store: Store, unique: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+    tenant, meters = create_meters(store)
+    truth = Truth(tenant)
+    settings = worker_settings(broker.bootstrap, topic, f"grp-{unique}", tmp_path)
+    return settings, ClickHouseSink(store), truth, meters, EventSource(truth)
+
+
+def check(store: Store, truth: Truth, meters: dict[str, Any]) -> None:
+    assert stored_totals(store, truth.tenant, meters) == truth.totals()
+
+
+# Each plan arms faults on the wrapper; "skip" lets the first matching operations through, so
+# the faults hit the steady state (links of later flushes), not only the first one.
+PLANS: dict[str, list[dict[str, Any]]] = {
+    # (a) the ledger insert
+    "events-insert-fails": [dict(op="insert", table="events", skip=1, times=2)],
+    "events-insert-answer-lost": [dict(op="insert", mode="after", table="events", skip=1)],
+    # (c) the commit point
+    "link-insert-fails": [dict(op="insert", table="usage_minute", skip=2, times=2)],
+    "link-insert-answer-lost": [dict(op="insert", mode="after", table="usage_minute", skip=2)],
+    # the issue's case 1: the insert lands, its answer is lost AND the next check fails
+    "answer-lost-and-check-fails": [
+        dict(
+            op="insert",
+            mode="after",
+            table="usage_minute",
+            skip=2,
+            then=[dict(op="chain", times=3)],
+        )
+    ],
+    # the insert lands after the client gave up (while the worker retries the same link)
+    "insert-lands-after-timeout": [
+        dict(op="insert", mode="late", table="usage_minute", skip=2, delay=1.5)
+    ],
+    "late-insert-and-check-fails": [
+        dict(
+            op="insert",
+            mode="late",
+            table="usage_minute",
+            skip=3,
+            delay=0.8,
+            then=[dict(op="chain", times=2)],
+        )
+    ],
+    # (0)/(d) the progress + claims reads
+    "chain-reads-fail": [dict(op="chain", skip=4, times=3)],
+    # partition set-up: the claim write and the progress read
+    "claim-write-fails": [dict(op="insert", table="worker_claims", times=2)],
+    # preparing a link: the meters load
+    "meters-load-fails": [dict(op="meters", skip=1, times=2)],
+}
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_fault_at_each_commit_step_ends_exact(
+    plan: str, setup: Any, broker: Any, topic: str, store: Store, tmp_path: Path
+) -> None:
+    settings, sink, truth, meters, src = setup
+    faulty = FaultyStore(store)
+    faults = [faulty.arm(**spec) for spec in PLANS[plan]]
+    produce(broker.bootstrap, topic, truth, src.batch(600))
+    with Worker(settings, ClickHouseSink(faulty), tmp_path / "dedupe") as w:
+        for _ in range(3):
+            produce(broker.bootstrap, topic, truth, src.batch(400, dup_rate=0.3))
+            time.sleep(0.3)
+        wait_stored(sink, topic, truth.last_offsets)
+        worker = w.runner.worker
+        assert worker is not None
+    faulty.wait_late()
+    for f in faulty.faults:  # every armed fault (also the chained ones) really fired
+        assert f.hits == f.times, (plan, f)
+    assert faults
+    assert worker.attempt_failures >= 1  # the worker saw the failure and retried
+    if plan.startswith(("insert-lands", "late-insert")):
+        # the late insert executed after the worker had stored the link itself or adopted it
+        outcomes = [r.outcome for r in faulty.log]
+        assert "late-landed" in outcomes, outcomes
+    check(store, truth, meters)
+
+
+def test_index_rebuild_reads_failing_on_set_up(
+    setup: Any, broker: Any, topic: str, store: Store, tmp_path: Path
+) -> None:
+    """A new worker without the local index must rebuild it from the store; the reads fail
+    first: the set-up backs off and retries, retries of stored ids are still duplicates."""
+    settings, sink, truth, meters, src = setup
+    produce(broker.bootstrap, topic, truth, src.batch(1_500))
+    with Worker(settings, sink, tmp_path / "dedupe-a"):
+        wait_stored(sink, topic, truth.last_offsets)
+    faulty = FaultyStore(store)
+    fault = faulty.arm("seen", times=3)
+    produce(broker.bootstrap, topic, truth, src.batch(1_500, dup_rate=0.6))
+    with Worker(settings, ClickHouseSink(faulty), tmp_path / "dedupe-b") as w:
+        wait_stored(sink, topic, truth.last_offsets)
+        assert w.runner.worker is not None and w.runner.worker.attempt_failures >= 1
+    assert fault.hits == 3
+    check(store, truth, meters)
+
+
+def _wait(cond: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("fencing", [True, False], ids=["claims+tokens", "tokens-only"])
+def test_store_down_past_session_timeout_while_second_worker_takes_over(
+    fencing: bool, setup: Any, broker: Any, topic: str, store: Store, tmp_path: Path
+) -> None:
+    """Worker A cannot reach the store and holds sealed links; it is then frozen past the
+    session timeout (a zombie: evicted without knowing it) while worker B takes over every
+    partition and commits. When A comes back and the store answers it again, A must not commit
+    anything conflicting: with claims it is fenced before writing; with tokens only its stale
+    links are no-ops in the store (same chain token as B's links) and it resyncs."""
+    settings, sink, truth, meters, src = setup
+    faulty_a = FaultyStore(store)
+    a = Worker(settings, ClickHouseSink(faulty_a), tmp_path / "dedupe-a")
+    a.runner.fencing = fencing
+    a.runner.worker_id = "worker-a"
+    produce(broker.bootstrap, topic, truth, src.batch(1_000))
+    a.start()
+    wa = a.runner.worker
+    assert wa is not None
+    b: Worker | None = None
+    try:
+        wait_stored(sink, topic, truth.last_offsets)
+        faulty_a.down = True  # A's store is unreachable
+        produce(broker.bootstrap, topic, truth, src.batch(1_000, dup_rate=0.3))
+        _wait(lambda: wa.processor.links() and wa.failing_since_ms, 60, "A holding sealed links")
+        held = {k.partition: (k.first, k.last) for k in wa.processor.links()}
+        # freeze A's event loop past the session timeout: no heartbeats, evicted from the group
+        assert a.runner.loop is not None
+        frozen_s = settings.broker_session_timeout_s * 2.5
+        a.runner.loop.call_soon_threadsafe(time.sleep, frozen_s)
+        b = Worker(settings, sink, tmp_path / "dedupe-b")
+        b.runner.worker_id = "worker-b"
+        b.start()
+        wb = b.runner.worker
+        assert wb is not None
+        _wait(lambda: len(wb.processor.partitions) == 4, 90, "B owning every partition")
+        produce(broker.bootstrap, topic, truth, src.batch(1_000, dup_rate=0.3))
+        wait_stored(sink, topic, truth.last_offsets)  # B committed everything, A's held offsets too
+        b_progress = sink.progress(topic)
+        assert all(b_progress[p] >= last for p, (_, last) in held.items())
+        restored_at = time.monotonic()
+        faulty_a.down = False  # the store answers A again, while A is still frozen
+        # A wakes up with its stale links: fenced (claims) or resynced (tokens), or dropped when
+        # it learns of the revocation; never committing them
+        _wait(lambda: not wa.processor.links(), 120, "A giving up its stale links")
+        after = [r for r in faulty_a.log if r.at >= restored_at]
+        if fencing:
+            stale = [
+                r for r in after if r.token in {f"{topic}/{p}/{f}" for p, (f, _) in held.items()}
+            ]
+            assert not stale, stale  # fenced before writing
+        a_info = (wa.fenced_total, wa.revoked_dropped, [(r.token, r.outcome) for r in after])
+        print("worker A after the takeover (fenced, dropped at revocation, inserts):", a_info)
+        assert wa.fenced_total or wa.revoked_dropped or after
+        wait_stored(sink, topic, truth.last_offsets)
+    finally:
+        if b is not None:
+            b.stop()
+        a.stop()
+    check(store, truth, meters)
