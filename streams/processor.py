@@ -191,6 +191,7 @@ class BatchProcessor:
         self._gen: dict[int, int] = {}  # bumped at every assign/revoke: stale results are ignored
         self._buffer: dict[int, list[Entry]] = {}
         self._sealed: dict[int, Link] = {}
+        self._buffered_events = 0  # events in _buffer (kept in step: read per message)
         self._next_gen = 0
 
     # --- assignment -----------------------------------------------------------------------
@@ -200,8 +201,17 @@ class BatchProcessor:
         self._high[partition] = store_progress
         self._chain[partition] = store_progress
         self._epoch[partition] = epoch
-        self._buffer.pop(partition, None)
+        self._drop_buffer(partition)
         self._sealed.pop(partition, None)
+
+    @staticmethod
+    def _events_of(entries: list[Entry]) -> int:
+        return sum(len(e.envelope.events) for e in entries if e.envelope is not None)
+
+    def _drop_buffer(self, partition: int) -> list[Entry]:
+        entries = self._buffer.pop(partition, [])
+        self._buffered_events -= self._events_of(entries)
+        return entries
 
     def revoke(self, partition: int) -> list[Entry]:
         """Forget a partition: its buffered and sealed messages are dropped (not acked) and
@@ -211,7 +221,7 @@ class BatchProcessor:
         self._high.pop(partition, None)
         self._chain.pop(partition, None)
         self._epoch.pop(partition, None)
-        dropped = self._buffer.pop(partition, [])
+        dropped = self._drop_buffer(partition)
         link = self._sealed.pop(partition, None)
         return (link.entries if link is not None else []) + dropped
 
@@ -244,6 +254,8 @@ class BatchProcessor:
             log.warning("poison message %s[%d]@%d skipped: %s", self.topic, partition, offset, exc)
             env = None
         self._buffer.setdefault(partition, []).append(Entry(partition, offset, env, handle))
+        if env is not None:
+            self._buffered_events += len(env.events)
         return True
 
     @property
@@ -272,7 +284,7 @@ class BatchProcessor:
             entries = self._buffer[p]
             if not entries or p in self._sealed:
                 continue
-            del self._buffer[p]
+            self._drop_buffer(p)
             first = self._chain[p] + 1
             last = max(e.offset for e in entries)
             link = Link(p, first, last, entries, self._gen[p], chain_token(self.topic, p, first))
@@ -508,11 +520,12 @@ class BatchProcessor:
             # RESYNC: the store's chain ends at m; offsets <= m are stored (by someone)
             self._chain[p] = m
             self._high[p] = max(self._high[p], m)
-            rest = k.entries + self._buffer.pop(p, [])
+            rest = k.entries + self._drop_buffer(p)
             res.acks.extend(e for e in rest if e.offset <= m)
             keep = [e for e in rest if e.offset > m]
             if keep:
                 self._buffer[p] = keep
+                self._buffered_events += self._events_of(keep)
             res.resynced[p] = m
             log.warning(
                 "%s[%d]: the store's chain ends at %d, not at %d (link %s): resynced, %d "

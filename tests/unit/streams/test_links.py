@@ -67,7 +67,11 @@ def attempt(proc: BatchProcessor) -> tuple[Any, Any]:
     links = proc.links()
     proc.prepare(links)
     out = proc.flush_batch(links)
-    return out, proc.apply(out, links)
+    applied = proc.apply(out, links)
+    # the running count of buffered events stays in step with the buffers
+    real = sum(len(e.envelope.events) for b in proc._buffer.values() for e in b if e.envelope)
+    assert proc.buffered_events == real
+    return out, applied
 
 
 # --- the token ---------------------------------------------------------------------------------
@@ -450,6 +454,7 @@ def test_exactly_once_under_every_fault(tmp_path_factory, steps) -> None:  # typ
     sink.land_late()
     proc.flush()
     sink.land_late()
+    assert proc.held_messages == 0 and proc.buffered_events == 0
     assert {p: o for p, o in offsets.items() if o >= 0} == {
         p: sink.progress(TOPIC).get(p, -1) for p, o in offsets.items() if o >= 0
     }
