@@ -244,7 +244,7 @@ def test_scaleout_store_outage_and_broker_pause(tmp_path: Path, unique: str) -> 
                 timeout=60,
             )
             assert r.status_code == 503, r.text
-            assert r.headers["retry-after"] == "2"
+            assert int(r.headers["retry-after"]) >= 1
             assert r.json()["error"] == "broker_unavailable"
             second = Workload(seed=41, n_unique=0)
             second.events = wl.events[half:]

@@ -139,3 +139,21 @@ def test_rebalance_between_two_workers(setup, broker, topic, store, tmp_path) ->
         w2.stop()
         w1.stop()
     check(store, truth, meters)
+
+
+def test_start_without_ready_partitions_fails_with_a_clear_error(
+    setup, store, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """`tally run` must not serve an API whose events are never stored: a worker that gets no
+    ready partitions in time (here: no broker listens at the address) raises WorkerStartError,
+    and its status says stopped."""
+    from runtime.broker import free_port
+    from streams.worker import WorkerStartError
+
+    settings, sink, *_ = setup
+    settings = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_port()}"})
+    runner = WorkerRunner(settings, sink, dedupe_dir=tmp_path / "dedupe")
+    with pytest.raises(WorkerStartError, match="no ready partitions after 5 s"):
+        runner.start_or_fail(5.0)
+    assert not runner.running
+    assert runner.status().state == "stopped"
