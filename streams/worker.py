@@ -584,6 +584,10 @@ class WorkerRunner:
             if app.crash_reason is not None and self.error is None:
                 self.error = app.crash_reason
             await worker.shutdown(flush=self._stop_flush, timeout=self._stop_timeout)
+        except BaseException as exc:
+            if self.error is None:  # visible to start() before it wakes up
+                self.error = exc
+            raise
         finally:
             self._ready.set()
 
@@ -638,6 +642,7 @@ class WorkerRunner:
         try:
             ok = self.start(timeout)
         except Exception as exc:
+            self._done.wait(30.0)  # let the worker thread finish its clean-up
             raise WorkerStartError(f"the stream worker failed to start: {_describe(exc)}") from exc
         if not ok:
             st = self.status()
