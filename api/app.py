@@ -9,7 +9,7 @@ nothing: whoever made the store and the producer closes them.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,6 +22,7 @@ from api.auth import AuthCache
 from api.meters_file import load_meters_file
 from api.producer import EventProducer
 from api.state import AppState, ProgressWaiter
+from schemas.worker import WorkerStatus
 from tally.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,12 @@ def create_app(
     repo: Any = None,
     store_concurrency: int | None = None,
     billing_tasks: bool | None = None,
+    worker_status: Callable[[], list[WorkerStatus]] | None = None,
 ) -> FastAPI:
     """Build the API. ``repo`` defaults to ``clickhouse.repo.Repo(store)``. ``billing_tasks``
-    (default ``settings.billing_tasks``) runs the webhook/threshold task while the app lives."""
+    (default ``settings.billing_tasks``) runs the webhook/threshold task while the app lives.
+    ``worker_status`` (blocking, called in a thread) gives /readyz the stream workers' statuses;
+    without it /readyz has no ``worker`` check."""
     if billing_tasks is None:
         billing_tasks = settings.billing_tasks
     if repo is None:
@@ -56,6 +60,7 @@ def create_app(
         repo=repo,
         producer=producer,
         progress_waiter=progress_waiter,
+        worker_status=worker_status,
         store_limiter=anyio.CapacityLimiter(
             store_concurrency or _default_store_concurrency(settings)
         ),

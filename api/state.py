@@ -18,6 +18,7 @@ from tally.settings import Settings
 
 if TYPE_CHECKING:
     from api.producer import EventProducer
+    from schemas.worker import WorkerStatus
 
 T = TypeVar("T")
 
@@ -87,6 +88,8 @@ class AppState:
     repo: Any
     producer: EventProducer | None
     progress_waiter: ProgressWaiter | None
+    # the stream worker(s) to judge in /readyz: the in-process worker, or heartbeats (blocking)
+    worker_status: Callable[[], list[WorkerStatus]] | None = None
     metrics: Metrics = field(default_factory=Metrics)
     store_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
     auth_cache: Any = None  # api.auth.AuthCache, set by create_app

@@ -45,10 +45,18 @@ class Core:
         return cls(store=store, repo=Repo(store))
 
 
-def _build_app(settings: Settings, core: Core, producer: Any, waiter: Any) -> Any:
+def _build_app(
+    settings: Settings, core: Core, producer: Any, waiter: Any, worker_status: Any
+) -> Any:
     from api.app import create_app
 
-    return create_app(settings, core.store, producer=producer, progress_waiter=waiter)
+    return create_app(
+        settings,
+        core.store,
+        producer=producer,
+        progress_waiter=waiter,
+        worker_status=worker_status,
+    )
 
 
 def _note_signal(signum: int, _frame: Any) -> None:
@@ -139,9 +147,11 @@ def run_embedded(settings: Settings) -> None:
         worker = WorkerRunner(
             settings, ClickHouseSink(core.store), board, dedupe_dir=data_dir / "dedupe"
         )
-        worker.start()
+        # a worker that fails or has no ready partitions in time stops `tally run` (exit 1)
+        worker.start_or_fail(settings.worker_start_timeout_s)
         producer = EventProducer(broker.bootstrap, topic, timeout_s=settings.produce_timeout_s)
-        app = _build_app(settings, core, producer, board)
+        runner = worker
+        app = _build_app(settings, core, producer, board, lambda: [runner.status()])
 
         def started(port: int) -> None:
             url = f"http://{settings.api_host}:{port}"
@@ -181,6 +191,7 @@ def run_api(settings: Settings) -> None:
     from api.topics import create_topic
     from clickhouse.sink import ClickHouseSink
     from streams.progress import StoreProgressWaiter
+    from streams.status import stale_after_s
 
     _require_external(settings)
     core = Core.open(settings)
@@ -191,9 +202,16 @@ def run_api(settings: Settings) -> None:
     producer = EventProducer(
         settings.kafka_bootstrap, settings.events_topic, timeout_s=settings.produce_timeout_s
     )
-    waiter = StoreProgressWaiter(ClickHouseSink(core.store))
+    sink = ClickHouseSink(core.store)
+    waiter = StoreProgressWaiter(sink)
+    stale_s = stale_after_s(settings.worker_heartbeat_s)
+
+    def heartbeats() -> list[Any]:
+        # the workers are other processes: judge them by the heartbeats they write
+        return sink.heartbeats(settings.events_topic, int((time.time() - stale_s) * 1000))
+
     try:
-        _serve(_build_app(settings, core, producer, waiter), settings)
+        _serve(_build_app(settings, core, producer, waiter, heartbeats), settings)
     finally:
         producer.close()
 
@@ -206,9 +224,13 @@ def run_worker(settings: Settings) -> None:
     _require_external(settings)
     core = Core.open(settings)
     create_topic(settings.kafka_bootstrap, settings.events_topic, settings.events_partitions)
-    WorkerRunner(
+    runner = WorkerRunner(
         settings, ClickHouseSink(core.store), None, dedupe_dir=settings.data_dir / "dedupe"
-    ).run_forever()
+    )
+    if runner.run_forever() != 0:
+        err = runner.error
+        detail = f"{type(err).__name__}: {err}" if err is not None else "unknown error"
+        raise TallyError(f"the stream worker stopped on an error: {detail}")
 
 
 def running_server(settings: Settings) -> str | None:

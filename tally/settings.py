@@ -61,6 +61,22 @@ class Settings(BaseSettings):
     flush_interval_s: float = Field(0.5, gt=0, le=1.0)
     flush_max_events: int = Field(50_000, ge=1)
     meters_file: Path | None = None
+    worker_start_timeout_s: float = Field(
+        60.0, gt=0, description="A worker that has no ready partitions by then fails to start"
+    )
+    worker_heartbeat_s: float = Field(
+        5.0, gt=0, description="How often a worker writes its status to worker_heartbeats"
+    )
+    worker_max_failing_s: float = Field(
+        10.0, gt=0, description="/readyz is red when the worker cannot commit for longer"
+    )
+    link_max_age_s: float = Field(
+        300.0,
+        gt=0,
+        le=1800,
+        description="A commit retried this long is redone from a fresh read of the store "
+        "(keep far below the time usage_minute's deduplication window lasts)",
+    )
 
     # --- invoicing (docs/invoicing.md) ---------------------------------------------------------
     invoice_grace: timedelta = Field(
