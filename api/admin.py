@@ -195,3 +195,10 @@ async def backfill(tenant_id: str, slug: str, st: AppState = Depends(get_state))
     from api.meters import run_backfill
 
     return json_response(200, await run_backfill(st, tenant_id, slug))
+
+
+@router.get("/v1/admin/tenants/{tenant_id}/meters/{slug}/backfill", tags=["admin"])
+async def backfill_status(tenant_id: str, slug: str, st: AppState = Depends(get_state)) -> Response:
+    from api.meters import backfill_runs
+
+    return json_response(200, await backfill_runs(st, tenant_id, slug))

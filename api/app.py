@@ -12,14 +12,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 from fastapi import FastAPI
 
-from api import admin, catalog, health, ingest, keys, meters, usage
+from api import (
+    admin,
+    catalog,
+    health,
+    ingest,
+    invoices,
+    keys,
+    meters,
+    segment,
+    usage,
+    webhooks,
+)
 from api import errors as api_errors
 from api.auth import Authenticator
 from api.limits import InflightMiddleware, TenantLimiter
@@ -27,6 +38,7 @@ from api.meters_file import load_meters_file
 from api.producer import EventProducer
 from api.state import AppState, ProgressWaiter
 from clickhouse.limits import LimitsRepo
+from schemas.worker import WorkerStatus
 from tally.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,8 +57,15 @@ def create_app(
     progress_waiter: ProgressWaiter | None,
     repo: Any = None,
     store_concurrency: int | None = None,
+    billing_tasks: bool | None = None,
+    worker_status: Callable[[], list[WorkerStatus]] | None = None,
 ) -> FastAPI:
-    """Build the API. ``repo`` defaults to ``clickhouse.repo.Repo(store)``."""
+    """Build the API. ``repo`` defaults to ``clickhouse.repo.Repo(store)``. ``billing_tasks``
+    (default ``settings.billing_tasks``) runs the webhook/threshold task while the app lives.
+    ``worker_status`` (blocking, called in a thread) gives /readyz the stream workers' statuses;
+    without it /readyz has no ``worker`` check."""
+    if billing_tasks is None:
+        billing_tasks = settings.billing_tasks
     if repo is None:
         from clickhouse.repo import Repo
 
@@ -57,6 +76,7 @@ def create_app(
         repo=repo,
         producer=producer,
         progress_waiter=progress_waiter,
+        worker_status=worker_status,
         store_limiter=anyio.CapacityLimiter(
             store_concurrency or _default_store_concurrency(settings)
         ),
@@ -69,18 +89,30 @@ def create_app(
         if settings.admin_token:
             await state.run(repo.ensure_admin_token, settings.admin_token)
         if settings.meters_file is not None:
-            await state.run(load_meters_file, repo, settings.meters_file)
-        task = asyncio.get_running_loop().create_task(state.maintain())
+            await load_meters_file(state, settings.meters_file)
+        tasks = None
+        if billing_tasks:
+            # The webhook dispatcher and the threshold check (billing.webhooks) run in this
+            # process, next to the API, never in the stream worker.
+            from api.billing_state import build_services
+
+            services = build_services(settings, store, repo)
+            _app.state.billing = services
+            tasks = services.webhooks
+            tasks.start()
+        counters = asyncio.get_running_loop().create_task(state.maintain())
         try:
             yield
         finally:
-            task.cancel()
+            counters.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await counters
             try:
                 await state.flush_counters()
             except Exception as exc:
                 log.warning("final counter flush failed: %s", exc)
+            if tasks is not None:
+                tasks.stop()
 
     app = FastAPI(
         title="Tally",
@@ -97,6 +129,18 @@ def create_app(
         metrics=state.metrics,
     )
     app.add_middleware(health.MetricsMiddleware, metrics=state.metrics)
-    for module in (ingest, meters, usage, admin, keys, health, catalog):
+    for module in (
+        ingest,
+        meters,
+        usage,
+        admin,
+        keys,
+        health,
+        catalog,
+        invoices,
+        webhooks,
+        segment,
+    ):
         app.include_router(module.router)
+    app.include_router(invoices.admin_router)
     return app

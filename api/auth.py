@@ -198,10 +198,12 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
 
 
-async def current_key(request: Request, st: AppState = Depends(get_state)) -> KeyMatch:
-    """FastAPI dependency: the valid API key of the request (charges the tenant's request
-    rate limit)."""
-    token = bearer_token(request)
+async def key_match(st: AppState, token: str, address: str) -> KeyMatch:
+    """The valid API key ``token`` however it was presented (Bearer, Segment write key), from
+    client ``address``: 401 if unknown, revoked or expired, 429 if the address or the lookup
+    budget is exhausted or the tenant's request rate is exceeded."""
+    if len(token) > MAX_TOKEN_LEN:
+        raise AuthenticationError("invalid API key: token too long", field="authorization")
     auth: Authenticator = st.auth
     creds = st.repo.credentials
 
@@ -209,11 +211,22 @@ async def current_key(request: Request, st: AppState = Depends(get_state)) -> Ke
         return await st.run(creds.lookup_api_key, t)
 
     match: KeyMatch = await auth.resolve(
-        "k", token, client_address(request), lookup, "invalid API key (unknown, revoked or expired)"
+        "k", token, address, lookup, "invalid API key (unknown, revoked or expired)"
     )
     auth.touch(match)
     await st.limiter.charge_request(st, match.tenant_id)
     return match
+
+
+async def tenant_of_api_key(st: AppState, token: str, address: str = "unknown") -> str:
+    """The tenant id of an API key presented some other way than Bearer (Segment write key)."""
+    return (await key_match(st, token, address)).tenant_id
+
+
+async def current_key(request: Request, st: AppState = Depends(get_state)) -> KeyMatch:
+    """FastAPI dependency: the valid API key of the request (charges the tenant's request
+    rate limit)."""
+    return await key_match(st, bearer_token(request), client_address(request))
 
 
 async def current_tenant(match: KeyMatch = Depends(current_key)) -> str:

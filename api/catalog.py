@@ -1,6 +1,7 @@
 """Catalog and rating endpoints: plans (with versions), customers, subscriptions, the upcoming
-invoice and the rating preview. Storage and logic live in ``clickhouse.catalog.Catalog``
-(one per app, created on first use); this module only parses, authenticates and answers.
+invoice and the rating preview. The use-cases live in ``billing.catalog.Catalog`` (one per app,
+created on first use, see ``api.billing_state``); this module only parses, authenticates and
+answers.
 Every route is tenant-scoped through ``api.auth.current_tenant``. See docs/catalog.md.
 """
 
@@ -38,13 +39,9 @@ M = TypeVar("M", bound=pydantic.BaseModel)
 
 
 def _catalog(request: Request, st: AppState) -> Any:
-    from clickhouse.catalog import Catalog
+    from api.billing_state import billing
 
-    cat = getattr(request.app.state, "catalog", None)
-    if cat is None or cat.store is not st.store:
-        cat = Catalog(st.store, st.repo)
-        request.app.state.catalog = cat
-    return cat
+    return billing(request, st).catalog
 
 
 async def _body(request: Request, model: type[M], what: str) -> M:
@@ -245,8 +242,10 @@ async def upcoming_invoice(
     tenant_id: str = Depends(current_tenant),
     st: AppState = Depends(get_state),
 ) -> Response:
-    cat = _catalog(request, st)
-    return _ok(await st.run(cat.upcoming_invoice, tenant_id, external_id, utc_now()))
+    from api.billing_state import billing
+
+    inv = billing(request, st).invoicing
+    return _ok(await st.run(inv.upcoming_invoice, tenant_id, external_id, utc_now()))
 
 
 # --- subscriptions ----------------------------------------------------------------------------

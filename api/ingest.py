@@ -15,7 +15,8 @@ Answers:
 - too many events / bytes: 413 (also the tenant's ``max_batch_events``); broker down: 503 +
   Retry-After (nothing counts; retry)
 - a tenant limit (``requests_per_second``, ``events_per_second``, ``monthly_events``): 429 +
-  Retry-After naming it; too much in flight in this process: 503 ``overloaded`` (``api.limits``)
+  Retry-After naming it; too much in flight in this process: 503 ``overloaded`` (``api.limits``);
+  nothing of a refused request was produced
 - ``wait=stored`` timeout: 503 + Retry-After; the events ARE in the broker and will be stored,
   retrying is safe because ingest is idempotent by event id.
 """
@@ -42,7 +43,7 @@ from api.ingest_parse import (
     parse_native,
 )
 from api.state import AppState, get_state
-from schemas.envelope import group_rows
+from schemas.envelope import Row, group_rows
 from tally.errors import (
     BrokerUnavailable,
     PayloadTooLarge,
@@ -152,55 +153,58 @@ async def _ingest(request: Request, tenant_id: str, st: AppState, api: str) -> R
         single, batch = cloudevents_shape(content_type)
     raw = await read_body(request, s.max_request_bytes)
     items = as_items(load_json(raw), single=single, batch=batch)
-    del raw
     limits = limits_of(st)
     check_count(len(items), limits)
-    # per-tenant batch size, monthly quota, event rate, in-flight events (413/429/503)
-    reservation = await st.limiter.admit_events(st, tenant_id, len(items))
-    try:
-        return await _accept(request, tenant_id, st, api, atomic, wait, items, reservation)
-    finally:
-        st.limiter.release(reservation)
-
-
-async def _accept(
-    request: Request,
-    tenant_id: str,
-    st: AppState,
-    api: str,
-    atomic: bool,
-    wait: WaitMode,
-    items: list[Any],
-    reservation: Any,
-) -> Response:
-    s = st.settings
     now_ms = time.time_ns() // 1_000_000
     parse = parse_native if api == "native" else parse_cloudevents
-    res = parse(items, now_ms, limits_of(st))
-    del items
+    res = parse(items, now_ms, limits)
     metrics = st.metrics
     if res.errors and (atomic or not res.rows):
         metrics.events.labels(api, "rejected").inc(res.total)
         prefix = "atomic request rejected: " if atomic and res.rows else ""
         raise ValidationError(prefix + _summary(res), details=res.errors)
+    await deliver(st, tenant_id, res.rows, now_ms, wait, api)
+    if res.errors:
+        metrics.events.labels(api, "rejected").inc(len(res.rejected_indexes))
+    if not res.errors:
+        if api == "cloudevents":
+            return Response(status_code=204)
+        return json_response(202, {"accepted": len(res.rows), "rejected": []})
+    body: dict[str, Any] = {"accepted": len(res.rows), "rejected": res.errors}
+    return json_response(200, body)
+
+
+async def deliver(
+    st: AppState, tenant_id: str, rows: list[Row], now_ms: int, wait: WaitMode, api: str
+) -> None:
+    """Make validated ``rows`` durable: the one way events enter Tally (every ingest flavour).
+
+    Groups the rows into envelopes per partition, produces them (acks=all) and, with
+    ``wait=stored``, waits until the worker stored them. Returns only when that is done; raises
+    ``Unavailable`` (503 + Retry-After) otherwise -- retrying is then safe because ingest is
+    idempotent by event id. Counts the rows as accepted under the ``api`` label.
+    """
+    s = st.settings
+    metrics = st.metrics
     producer = st.producer
     if producer is None:
         raise BrokerUnavailable("ingest is not configured on this server (no producer)")
-    envelopes = group_rows(tenant_id, now_ms, res.rows, producer.partitions, s.envelope_max_events)
-    n_accepted, n_envelopes = len(res.rows), len(envelopes)
+    # the tenant's batch size, monthly quota and event rate, this process's in-flight events
+    # (413 / 429 / 503 naming the limit; nothing is produced then)
+    reservation = await st.limiter.admit_events(st, tenant_id, len(rows))
     try:
-        positions = await producer.produce(envelopes, key=tenant_id)
-    except Unavailable:
-        metrics.produce_failures.inc()
-        raise
+        envelopes = group_rows(tenant_id, now_ms, rows, producer.partitions, s.envelope_max_events)
+        try:
+            positions = await producer.produce(envelopes, key=tenant_id)
+        except Unavailable:
+            metrics.produce_failures.inc()
+            raise
+        st.limiter.commit(reservation, len(rows))
+    finally:
+        st.limiter.release(reservation)
+    metrics.envelopes.inc(len(envelopes))
     del envelopes
-    st.limiter.commit(reservation, n_accepted)
-    metrics.envelopes.inc(n_envelopes)
-    metrics.events.labels(api, "accepted").inc(n_accepted)
-    if res.errors:
-        metrics.events.labels(api, "rejected").inc(len(res.rejected_indexes))
-    errors = res.errors
-    del res
+    metrics.events.labels(api, "accepted").inc(len(rows))
     if wait == WaitMode.STORED:
         assert st.progress_waiter is not None
         targets: dict[int, int] = {}
@@ -211,20 +215,14 @@ async def _accept(
         if not stored:
             metrics.wait_stored_timeouts.inc()
             raise Unavailable(
-                f"the {n_accepted} events were accepted by the broker but not stored within "
+                f"the {len(rows)} events were accepted by the broker but not stored within "
                 f"{s.wait_stored_timeout_s:g}s; they will be stored. Retrying is safe: ingest is "
                 "idempotent by event id",
                 retry_after=s.retry_after_s,
                 details=[
-                    detail("wait", f"{n_accepted} events accepted by the broker, not stored yet")
+                    detail("wait", f"{len(rows)} events accepted by the broker, not stored yet")
                 ],
             )
-    if not errors:
-        if api == "cloudevents":
-            return Response(status_code=204)
-        return json_response(202, {"accepted": n_accepted, "rejected": []})
-    body: dict[str, Any] = {"accepted": n_accepted, "rejected": errors}
-    return json_response(200, body)
 
 
 @router.post("/v1/events", status_code=202, tags=["ingest"])

@@ -16,9 +16,11 @@ Format (several tenants)::
 
 A single-tenant shorthand is accepted too: ``{tenant: <tenant_id>, meters: [...]}``.
 
-Each entry is a ``schemas.meters.MeterSpec``. A slug that already exists with the same spec is
-left alone; one that exists with a different spec is an error naming it (delete the meter first:
-changing a meter in place would silently change history). The tenants must exist.
+Each entry is a ``schemas.meters.MeterSpec``. A missing meter is created like ``POST /v1/meters``
+(stored pending, activation markers produced to every partition, then active); a slug that
+already exists with the same spec is left alone (a pending one has its activation finished); one
+that exists with a different spec is an error naming it (delete the meter first: changing a meter
+in place would silently change history). The tenants must exist.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 import pydantic
 import yaml
 
-from schemas.meters import Meter, MeterSpec
+from schemas.meters import MeterSpec
 from tally.errors import Conflict, NotFound, ValidationError
 
 log = logging.getLogger(__name__)
@@ -84,42 +86,36 @@ def parse_meters_file(text: str, source: str = "meters file") -> dict[str, list[
     return out
 
 
-def spec_of(meter: Meter) -> MeterSpec:
-    return MeterSpec.model_validate(meter.model_dump(include=set(MeterSpec.model_fields)))
+async def apply_meters(st: Any, specs: dict[str, list[MeterSpec]]) -> list[str]:
+    """Create the missing meters (activation markers included, ``api.meters.activate_meter``) and
+    finish the activation of pending ones; returns ``tenant/slug`` of those created now."""
+    from api.meters import activate_meter
 
-
-def apply_meters(repo: Any, specs: dict[str, list[MeterSpec]]) -> list[str]:
-    """Create missing meters; returns ``tenant/slug`` of those created. Blocking (store I/O)."""
     created: list[str] = []
     for tenant_id, meters in specs.items():
         try:
-            tenant = repo.get_tenant(tenant_id)
+            await st.run(st.repo.get_tenant, tenant_id)
         except NotFound:
-            tenant = None
-        if tenant is None:
-            raise ValidationError(f"meters file: tenant {tenant_id!r} does not exist")
+            raise ValidationError(f"meters file: tenant {tenant_id!r} does not exist") from None
         for spec in meters:
             try:
-                existing = repo.get_meter(tenant_id, spec.slug)
-            except NotFound:
-                existing = None
-            if existing is not None:
-                if spec_of(existing) != spec:
-                    raise Conflict(
-                        f"meters file: meter {spec.slug!r} of tenant {tenant_id} exists with a "
-                        "different definition; delete it first (DELETE /v1/meters/{slug})"
-                    )
-                continue
-            repo.create_meter(tenant_id, spec)
-            created.append(f"{tenant_id}/{spec.slug}")
+                _meter, done_now = await activate_meter(st, tenant_id, spec, existing_ok=True)
+            except Conflict as exc:
+                raise Conflict(
+                    f"meters file: meter {spec.slug!r} of tenant {tenant_id}: {exc.message}",
+                    details=exc.details,
+                ) from None
+            if done_now:
+                created.append(f"{tenant_id}/{spec.slug}")
     if created:
         log.info("meters file: created %d meters: %s", len(created), ", ".join(created))
     return created
 
 
-def load_meters_file(repo: Any, path: Path) -> list[str]:
+async def load_meters_file(st: Any, path: Path) -> list[str]:
+    """Load ``path`` (``settings.meters_file``) into the app state ``st`` (``api.state.AppState``)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ValidationError(f"meters file {path}: cannot read: {exc}") from None
-    return apply_meters(repo, parse_meters_file(text, str(path)))
+    return await apply_meters(st, parse_meters_file(text, str(path)))

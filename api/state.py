@@ -19,6 +19,7 @@ from tally.settings import Settings
 
 if TYPE_CHECKING:
     from api.producer import EventProducer
+    from schemas.worker import WorkerStatus
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -85,6 +86,19 @@ class Metrics:
             "wait=stored requests answered 503 because the worker had not stored them in time",
             registry=self.registry,
         )
+        self.segment_ignored = Counter(
+            "tally_segment_messages_ignored",
+            "Segment messages accepted and ignored (identify, page, screen, group, alias) by type",
+            ["type"],
+            registry=self.registry,
+        )
+        self.segment_webhook_refused = Counter(
+            "tally_segment_webhook_refused",
+            "Segment webhook requests answered 401, by reason (missing or bad signature, "
+            "webhook not enabled)",
+            ["reason"],
+            registry=self.registry,
+        )
 
 
 @dataclass
@@ -94,6 +108,8 @@ class AppState:
     repo: Any
     producer: EventProducer | None
     progress_waiter: ProgressWaiter | None
+    # the stream worker(s) to judge in /readyz: the in-process worker, or heartbeats (blocking)
+    worker_status: Callable[[], list[WorkerStatus]] | None = None
     metrics: Metrics = field(default_factory=Metrics)
     store_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
     auth: Any = None  # api.auth.Authenticator, set by create_app

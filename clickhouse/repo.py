@@ -33,9 +33,9 @@ from clickhouse.credentials import (
     tenant_of_key,
 )
 from clickhouse.store import Store
-from schemas.meters import Meter, MeterSpec
+from schemas.meters import Meter, MeterSpec, MeterStatus
 from schemas.tenants import Tenant
-from schemas.timeutil import epoch_ms, utc_now
+from schemas.timeutil import epoch_ms, to_ms, utc_now
 from tally.errors import Conflict, NotFound, ValidationError
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,18 @@ class Repo:
 
     # --- meters -------------------------------------------------------------------------------
 
-    _METER_COLS = "tenant_id, slug, meter_id, spec, created_at"
+    _METER_COLS = "tenant_id, slug, meter_id, spec, created_at, status, activation_topic"
+    _METER_INSERT = [
+        "tenant_id",
+        "slug",
+        "meter_id",
+        "spec",
+        "created_at",
+        "deleted",
+        "version",
+        "status",
+        "activation_topic",
+    ]
 
     def _live_meters(self, where: str, params: dict[str, Any]) -> list[Meter]:
         rows = self.store.query_rows(
@@ -151,27 +162,95 @@ class Repo:
         return [self._meter(*r) for r in rows]
 
     @staticmethod
-    def _meter(tenant_id: str, slug: str, meter_id: str, spec: str, created: datetime) -> Meter:
+    def _meter(
+        tenant_id: str,
+        slug: str,
+        meter_id: str,
+        spec: str,
+        created: datetime,
+        status: str = MeterStatus.ACTIVE,
+        activation_topic: str = "",
+    ) -> Meter:
         data = orjson.loads(spec)
-        data.update(slug=slug, id=meter_id, tenant_id=tenant_id, created_at=_aware(created))
+        data.update(
+            slug=slug,
+            id=meter_id,
+            tenant_id=tenant_id,
+            created_at=_aware(created),
+            status=status or MeterStatus.ACTIVE,
+            activation_topic=activation_topic,
+        )
         return Meter.model_validate(data)
 
-    def create_meter(self, tenant_id: str, spec: MeterSpec) -> Meter:
-        self.get_tenant(tenant_id)
-        if self._live_meters(
-            "tenant_id = {tenant:String} AND slug = {slug:String}",
-            {"tenant": tenant_id, "slug": spec.slug},
-        ):
-            raise Conflict(f"meter '{spec.slug}' already exists", field="slug")
+    def _write_meter(self, meter: Meter, *, deleted: bool = False) -> None:
         now = utc_now()
-        meter_id = uuid.uuid4().hex
-        spec_json = _spec_json(spec)
         self.store.insert(
             "meters",
-            [(tenant_id, spec.slug, meter_id, spec_json, now, 0, self._versions.next(now))],
-            ["tenant_id", "slug", "meter_id", "spec", "created_at", "deleted", "version"],
+            [
+                (
+                    meter.tenant_id,
+                    meter.slug,
+                    meter.id,
+                    _spec_json(meter),
+                    meter.created_at,
+                    int(deleted),
+                    self._versions.next(now),
+                    str(meter.status),
+                    meter.activation_topic,
+                )
+            ],
+            self._METER_INSERT,
         )
-        return self._meter(tenant_id, spec.slug, meter_id, spec_json, now)
+
+    def create_meter(self, tenant_id: str, spec: MeterSpec, *, activation_topic: str = "") -> Meter:
+        """Store a new meter; Conflict if the slug exists.
+
+        With ``activation_topic`` the meter is stored ``pending``: the caller then produces its
+        activation markers to that topic and calls ``activate_meter``. Without it the meter is
+        ``active`` at once and applies to every event (no markers; used by tests and tools that
+        write the store directly).
+        """
+        self.get_tenant(tenant_id)
+        if self.find_meter(tenant_id, spec.slug) is not None:
+            raise Conflict(f"meter '{spec.slug}' already exists", field="slug")
+        meter = self._meter(
+            tenant_id,
+            spec.slug,
+            uuid.uuid4().hex,
+            _spec_json(spec),
+            to_ms(utc_now()),
+            MeterStatus.PENDING if activation_topic else MeterStatus.ACTIVE,
+            activation_topic,
+        )
+        self._write_meter(meter)
+        return meter
+
+    def activate_meter(self, meter: Meter) -> Meter:
+        """Mark a pending meter active (its markers were acknowledged). NotFound if the meter
+        was deleted (or replaced) meanwhile; an active meter is returned as it is."""
+        current = self.find_meter(meter.tenant_id, meter.slug)
+        if current is None:
+            raise NotFound(
+                f"meter '{meter.slug}' was deleted while it was being activated",
+                details=[{"field": "slug", "message": "deleted during activation"}],
+            )
+        if current.id != meter.id:
+            raise Conflict(
+                f"meter '{meter.slug}' was replaced by another create request meanwhile",
+                details=[{"field": "slug", "message": "created concurrently"}],
+            )
+        if current.status == MeterStatus.ACTIVE:
+            return current
+        active = current.model_copy(update={"status": MeterStatus.ACTIVE})
+        self._write_meter(active)
+        return active
+
+    def find_meter(self, tenant_id: str, slug: str) -> Meter | None:
+        found = self._live_meters(
+            "tenant_id = {tenant:String} AND slug = {slug:String}",
+            {"tenant": tenant_id, "slug": slug},
+        )
+        return found[0] if found else None
 
     def list_meters(self, tenant_id: str) -> list[Meter]:
         return self._live_meters("tenant_id = {tenant:String}", {"tenant": tenant_id})
@@ -186,14 +265,7 @@ class Repo:
         return found[0]
 
     def delete_meter(self, tenant_id: str, slug: str) -> None:
-        meter = self.get_meter(tenant_id, slug)
-        now = utc_now()
-        spec_json = _spec_json(meter)
-        self.store.insert(
-            "meters",
-            [(tenant_id, slug, meter.id, spec_json, meter.created_at, 1, self._versions.next(now))],
-            ["tenant_id", "slug", "meter_id", "spec", "created_at", "deleted", "version"],
-        )
+        self._write_meter(self.get_meter(tenant_id, slug), deleted=True)
 
     def all_meters(self) -> list[Meter]:
         """Every tenant's live meters (the worker's one cross-tenant read)."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import signal
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -19,11 +22,15 @@ keys_app = typer.Typer(no_args_is_help=True, help="API keys of a tenant")
 tokens_app = typer.Typer(no_args_is_help=True, help="Admin tokens")
 limits_app = typer.Typer(no_args_is_help=True, help="Per-tenant rate limits and quota")
 meters_app = typer.Typer(no_args_is_help=True, help="Meters")
+invoices_app = typer.Typer(no_args_is_help=True, help="Invoices")
+events_app = typer.Typer(no_args_is_help=True, help="Events")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(keys_app, name="keys")
 app.add_typer(tokens_app, name="admin-tokens")
 app.add_typer(limits_app, name="limits")
 app.add_typer(meters_app, name="meters")
+app.add_typer(invoices_app, name="invoices")
+app.add_typer(events_app, name="events")
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (TALLY_DATA_DIR)")]
 
@@ -444,33 +451,499 @@ def meters_backfill(
     data_dir: DataDir = None,
     admin_token: Annotated[str | None, typer.Option(help="Needed when `tally run` is up")] = None,
 ) -> None:
-    """Apply meter SLUG to the events stored before it existed (safe to re-run)."""
-    from runtime.roles import Core, admin_call, running_server
+    """Count meter SLUG's history: the events from before its activation markers.
+
+    Exclusive per meter (a second run fails with the running run's id), resumable (a run whose
+    process died is resumed from its last checkpoint by the next invocation) and atomic (queries
+    show the previous run until this one is complete).
+    """
+    from runtime.roles import admin_call, running_server
 
     settings = _settings(data_dir)
     try:
         url = running_server(settings) if settings.embedded else None
         if url:
-            typer.echo(f"backfilling {slug} in the running server at {url} ...")
-            out = admin_call(
-                url,
-                _admin_token(admin_token, settings),
-                "POST",
-                f"/v1/admin/tenants/{tenant}/meters/{slug}/backfill",
-            )
-            scanned, matched, windows = out["events_scanned"], out["events_matched"], out["windows"]
+            token = _admin_token(admin_token, settings)
+            path = f"/v1/admin/tenants/{tenant}/meters/{slug}/backfill"
+            typer.echo(f"backfilling {slug} in the running server at {url} ...", err=True)
+            with _BackfillBar(slug) as bar:
+                out = _remote_backfill(url, token, path, bar, admin_call)
         else:
-            from clickhouse.sink import ClickHouseSink
-            from streams.backfill import backfill_meter
-
-            core = Core.open(settings)
-            meter = core.repo.get_meter(tenant, slug)
-            sink = ClickHouseSink(core.store)
-            total = sink.count_events_before(tenant, meter.event_type, meter.created_at)
-            with typer.progressbar(length=max(total, 1), label=f"backfill {slug}") as bar:
-                res = backfill_meter(sink, meter, progress=bar.update)
-            scanned, matched, windows = res.events_scanned, res.events_matched, res.windows
+            out = _local_backfill(settings, tenant, slug)
     except TallyError as exc:
         _fail(exc)
         return
-    typer.echo(f"done: {scanned} events scanned, {matched} matched, {windows} minute windows")
+    if out["state"] == "nothing_to_backfill":
+        typer.echo(
+            f"nothing to backfill: meter {slug} was stored without activation markers, so the "
+            "stream applies it to every event"
+        )
+        return
+    how = "resumed" if out["resumed"] else "new"
+    typer.echo(
+        f"done: run {out['run_id']} ({how}): {out['events_scanned']} events scanned, "
+        f"{out['events_matched']} matched, {out['windows']} minute windows"
+    )
+
+
+class _BackfillBar:
+    """A rich progress bar on stderr: partitions while waiting for the worker, then events."""
+
+    def __init__(self, slug: str) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.slug = slug
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        )
+        self.task = self.progress.add_task(f"backfill {slug}", total=None)
+
+    def __enter__(self) -> _BackfillBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, phase: str, done: int, total: int, run_id: str = "") -> None:
+        if phase == "waiting":
+            desc = f"{self.slug}: waiting for the worker to pass the markers (partitions)"
+        else:
+            desc = f"{self.slug}: run {run_id} (events)" if run_id else f"{self.slug} (events)"
+        self.progress.update(self.task, description=desc, completed=done, total=max(total, done))
+
+
+def _local_backfill(settings: Settings, tenant: str, slug: str) -> dict[str, object]:
+    from dataclasses import asdict
+
+    from clickhouse.backfill import BackfillStore
+    from runtime.roles import Core
+    from streams.backfill import BackfillRunner, LiveTopic, Progress
+
+    core = Core.open(settings)
+    meter = core.repo.get_meter(tenant, slug)
+    live = None
+    if not settings.embedded:  # scale-out: the worker consumes events_topic now
+        from api.topics import topic_partitions
+
+        try:
+            parts = topic_partitions(settings.kafka_bootstrap, settings.events_topic)
+        except Exception as exc:
+            raise TallyError(
+                f"cannot read the partitions of {settings.events_topic} from the broker at "
+                f"{settings.kafka_bootstrap}: {exc}"
+            ) from None
+        live = LiveTopic(settings.events_topic, parts)
+    with _BackfillBar(slug) as bar:
+
+        def report(p: Progress) -> None:
+            bar.update(p.phase, p.done, p.total, p.run_id)
+
+        result = BackfillRunner(
+            BackfillStore(core.store),
+            meter,
+            live=live,
+            chunk_events=settings.backfill_chunk_events,
+            lease_s=settings.backfill_lease_s,
+            wait_s=settings.backfill_wait_s,
+            on_progress=report,
+        ).run()
+    return asdict(result)
+
+
+def _remote_backfill(
+    url: str, token: str, path: str, bar: _BackfillBar, admin_call: Any
+) -> dict[str, Any]:
+    """POST the backfill to the running server; show its progress from GET meanwhile."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["out"] = admin_call(url, token, "POST", path, timeout=None)
+        except BaseException as exc:
+            box["error"] = exc
+
+    th = threading.Thread(target=call, daemon=True)
+    th.start()
+    while th.is_alive():
+        th.join(0.5)
+        try:
+            runs = admin_call(url, token, "GET", path).get("data", [])
+        except Exception:  # progress only; the POST's answer decides
+            runs = []
+        active = [r for r in runs if r["state"] == "running"]
+        if active:
+            r = active[-1]
+            bar.update("scanning", r["events_scanned"], r["events_total"], r["run_id"])
+    if "error" in box:
+        raise box["error"]
+    out: dict[str, Any] = box["out"]
+    return out
+
+
+@invoices_app.command("run")
+def invoices_run(
+    as_of: Annotated[
+        str | None,
+        typer.Option("--as-of", help="Close periods that ended (plus grace) by then (RFC 3339)"),
+    ] = None,
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", help="One tenant id (default: every tenant)")
+    ] = None,
+    data_dir: DataDir = None,
+    admin_token: Annotated[str | None, typer.Option(help="Needed when `tally run` is up")] = None,
+) -> None:
+    """Create the invoices of every period that closed by --as-of (default now). Idempotent:
+    running it again creates nothing twice."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from runtime.roles import Core, admin_call, running_server
+    from schemas.timeutil import parse_time
+
+    settings = _settings(data_dir)
+    try:
+        when = parse_time(as_of) if as_of else None
+    except ValueError as exc:
+        typer.echo(f"error: --as-of: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    body = {"as_of": when.isoformat()} if when else {}
+    try:
+        url = running_server(settings) if settings.embedded else None
+        if url:
+            token = _admin_token(admin_token, settings)
+            tenants = (
+                [tenant]
+                if tenant
+                else [
+                    t["tenant_id"]
+                    for t in _items(admin_call(url, token, "GET", "/v1/admin/tenants"))
+                ]
+            )
+            with Progress(
+                TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn()
+            ) as bar:
+                task = bar.add_task(f"invoice run via {url}", total=len(tenants))
+                for tid in tenants:
+                    out = admin_call(
+                        url, token, "POST", f"/v1/admin/tenants/{tid}/invoices/run", body
+                    )
+                    bar.advance(task)
+                    bar.console.print(_summary_line(tid, out))
+            return
+        from api.billing_state import build_services
+
+        core = Core.open(settings)
+        services = build_services(settings, core.store, core.repo)
+        tenants = [tenant] if tenant else [t.tenant_id for t in core.repo.list_tenants()]
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} invoices"),
+            TimeElapsedColumn(),
+        ) as bar:
+            for tid in tenants:
+                task = bar.add_task(f"tenant {tid}", total=None)
+
+                def step(
+                    stage: str, done: int, total: int, task: Any = task, tid: str = tid
+                ) -> None:
+                    bar.update(
+                        task,
+                        total=max(total, 1),
+                        completed=done,
+                        description=f"tenant {tid}: {stage}",
+                    )
+
+                out = services.invoicing.run(tid, when, actor="cli", progress=step)
+                bar.console.print(_summary_line(tid, out.model_dump()))
+    except TallyError as exc:
+        _fail(exc)
+
+
+def _items(rows: Any) -> list[Any]:
+    return list(rows.get("data", rows) if isinstance(rows, dict) else rows)
+
+
+def _summary_line(tenant_id: str, out: dict[str, Any]) -> str:
+    extra = ""
+    if out.get("finalized"):
+        extra += f", {len(out['finalized'])} finalized"
+    if out.get("credit_notes"):
+        extra += f", {len(out['credit_notes'])} credit notes"
+    return f"{tenant_id}: {len(out['created'])} created, {out['existing']} existing{extra}"
+
+
+# --- client commands ---------------------------------------------------------------------------
+
+Url = Annotated[
+    str | None,
+    typer.Option(help="Tally server URL (TALLY_URL; default: the `tally run` of --data-dir)"),
+]
+ApiKey = Annotated[str | None, typer.Option(help="Tenant API key (TALLY_API_KEY)")]
+
+
+def _server_url(url: str | None, settings: Settings) -> str | None:
+    from runtime.roles import running_server
+
+    return url or settings.url or (running_server(settings) if settings.embedded else None)
+
+
+@events_app.command("send")
+def events_send(
+    file: Annotated[Path, typer.Argument(help="NDJSON (.ndjson/.jsonl), JSON array or CSV")],
+    url: Url = None,
+    api_key: ApiKey = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="ndjson, json or csv (default: by suffix)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=1000, help="Events per request")] = 1000,
+    concurrency: Annotated[int, typer.Option(min=1, max=32, help="Requests in flight")] = 4,
+    wait: Annotated[
+        str | None, typer.Option(help="broker or stored (default: the server's)")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint file (default: FILE.tally-checkpoint.json)")
+    ] = None,
+    rejects: Annotated[
+        Path | None,
+        typer.Option(help="Where rejected records go (default: FILE.rejected.ndjson)"),
+    ] = None,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Ignore the checkpoint and send from the start")
+    ] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Send the events of FILE (bulk loads, history from another system). Resumable: rerun
+    the same command after Ctrl-C or a crash and it continues; resending is safe because an
+    event's id (given, or derived from its content) is deduplicated by Tally."""
+    from runtime.send import CheckpointLock, Format, default_checkpoint, default_rejects
+
+    settings = _settings(data_dir)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    server = _server_url(url, settings)
+    key = api_key or settings.api_key.get_secret_value()
+    if not server:
+        typer.echo("no Tally server: pass --url (or TALLY_URL), or start `tally run`", err=True)
+        raise typer.Exit(2)
+    if not key:
+        typer.echo("no API key: pass --api-key (or TALLY_API_KEY)", err=True)
+        raise typer.Exit(2)
+    if not file.is_file():
+        typer.echo(f"{file}: no such file", err=True)
+        raise typer.Exit(2)
+    try:
+        form = Format.of(file, fmt)
+    except ValueError:
+        typer.echo(f"--format must be ndjson, json or csv, got {fmt!r}", err=True)
+        raise typer.Exit(2) from None
+    if wait not in (None, "broker", "stored"):
+        typer.echo(f"--wait must be broker or stored, got {wait!r}", err=True)
+        raise typer.Exit(2)
+    cp_path = checkpoint or default_checkpoint(file)
+    rj_path = rejects or default_rejects(file)
+    lock = CheckpointLock(cp_path)
+    if not lock.acquire():
+        typer.echo(
+            f"another `tally events send` is running on {file} ({lock.path}); wait for it "
+            "or stop it first",
+            err=True,
+        )
+        raise typer.Exit(2)
+    try:
+        _send_file(file, form, server, key, cp_path, rj_path, restart, batch_size,
+                   concurrency, wait)  # fmt: skip
+    finally:
+        lock.release()
+
+
+def _send_file(
+    file: Path,
+    form: Any,
+    server: str,
+    key: str,
+    cp_path: Path,
+    rj_path: Path,
+    restart: bool,
+    batch_size: int,
+    concurrency: int,
+    wait: str | None,
+) -> None:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from runtime.send import (
+        FINGERPRINT_BYTES,
+        Checkpoint,
+        Format,
+        Sender,
+        SendStats,
+        fingerprint,
+    )
+    from tally_client import Tally, TallyClientError
+
+    console = Console(stderr=True, soft_wrap=True)
+    size = file.stat().st_size
+    print_ = console.print
+    try:
+        cp = None if restart else Checkpoint.load(cp_path)
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    if cp is not None and (
+        cp.fingerprint != fingerprint(file, cp.fingerprint_bytes)
+        or cp.format != form.value
+        or cp.offset > size
+    ):
+        typer.echo(
+            f"the checkpoint {cp_path} belongs to another version of {file} (its first bytes "
+            "or its size changed). Use --restart to send the file from the start: events "
+            "already sent count once, because their ids are deduplicated",
+            err=True,
+        )
+        raise typer.Exit(2)
+    if cp is not None and cp.done and (form is Format.JSON or cp.offset >= size):
+        print_(
+            f"{file} was sent completely already ({cp.accepted} accepted, {cp.rejected} "
+            f"rejected; {cp_path}). Use --restart to send it again."
+        )
+        return
+    if cp is None:
+        n = min(size, FINGERPRINT_BYTES)
+        cp = Checkpoint(str(file.resolve()), form.value, fingerprint(file, n), n)
+    elif cp.records:
+        print_(f"resuming after record {cp.records} ({cp.accepted} events sent before)")
+    cp.done = False
+    if form is Format.JSON:
+        import orjson
+
+        doc = orjson.loads(file.read_bytes()) if size else []
+        total, unit = (len(doc) if isinstance(doc, list) else 1), "records"
+        start = cp.records
+    else:
+        total, unit, start = size, "bytes", cp.offset
+    client = Tally(server, key, max_batch=batch_size)
+    columns = [
+        TextColumn("[bold]sending[/] {task.fields[name]}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[sent]} events sent, {task.fields[bad]} rejected"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    if unit == "records":
+        columns.insert(3, MofNCompleteColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("send", total=total or 1, completed=start, name=file.name,
+                                 sent=0, bad=0)  # fmt: skip
+
+        def show(st: SendStats) -> None:
+            done = st.resumed_from + st.records if unit == "records" else st.bytes_done
+            progress.update(task, completed=done, sent=st.sent, bad=st.rejected)
+
+        sender = Sender(client, file, form, cp_path, rj_path, batch_size=batch_size,
+                        concurrency=concurrency, wait=wait, on_progress=show)  # fmt: skip
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # kill: stop like Ctrl-C
+        try:
+            cp = sender.run(cp)
+        except KeyboardInterrupt:
+            progress.stop()
+            print_(
+                f"interrupted: {sender.stats.sent} events sent in this run, position saved in "
+                f"{cp_path}. Rerun the same command to continue."
+            )
+            raise typer.Exit(130) from None
+        except (TallyClientError, ValueError, OSError) as exc:
+            progress.stop()
+            print_(f"[red]stopped:[/] {exc}")
+            print_(f"position saved in {cp_path}; rerun the same command to continue.")
+            raise typer.Exit(3) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            with contextlib.suppress(TallyClientError):
+                client.close()
+        progress.update(task, completed=total or 1)
+    st = sender.stats
+    typer.echo(f"done: {st.sent} events accepted, {st.rejected} rejected in this run "
+               f"({cp.accepted} accepted, {cp.rejected} rejected in all)")  # fmt: skip
+    if st.rejected:
+        for line in st.rejected_examples:
+            print_(f"  {line}")
+        print_(f"rejected records are in {rj_path}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def doctor(
+    url: Url = None,
+    data_dir: DataDir = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each component")] = 5.0,
+) -> None:
+    """Check a deployment (server, broker, store, migrations, worker lag, clocks) and say
+    what is wrong and how to fix it. Exit code 1 when something is wrong."""
+    from rich.console import Console
+
+    from runtime.doctor import Context, Finding, Status, run_checks
+    from runtime.roles import running_server
+
+    settings = _settings(data_dir)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    running = running_server(settings) if settings.embedded else None
+    ctx = Context(
+        settings,
+        (url or settings.url or running or "").rstrip("/") or None,
+        timeout,
+        embedded_server_running=bool(running),
+    )
+    console = Console(highlight=False, soft_wrap=True)
+    marks = {
+        Status.OK: "[green]ok  [/]",
+        Status.WARN: "[yellow]warn[/]",
+        Status.FAIL: "[red]FAIL[/]",
+        Status.SKIP: "[dim]skip[/]",
+    }
+
+    def show(f: Finding) -> None:
+        console.print(f"{marks[f.status]} {f.check}: {f.message}")
+        if f.fix:
+            console.print(f"     [bold]fix:[/] {f.fix}")
+
+    findings = run_checks(ctx, show)
+    failed = [f for f in findings if f.status is Status.FAIL]
+    warned = [f for f in findings if f.status is Status.WARN]
+    if failed:
+        console.print(f"[red]{len(failed)} problem(s)[/], {len(warned)} warning(s)")
+        raise typer.Exit(1)
+    console.print(f"[green]no problems[/], {len(warned)} warning(s)")
+
+
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command("secrets-key")
+def secrets_key() -> None:
+    """Print a new key for TALLY_SECRETS_KEY (seals webhook secrets at rest)."""
+    from api.secretbox import generate_key
+
+    typer.echo(generate_key())

@@ -13,8 +13,11 @@ import json
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic import SecretStr
 
 from tally.errors import TallyError
 from tally.settings import Settings
@@ -43,10 +46,18 @@ class Core:
         return cls(store=store, repo=Repo(store))
 
 
-def _build_app(settings: Settings, core: Core, producer: Any, waiter: Any) -> Any:
+def _build_app(
+    settings: Settings, core: Core, producer: Any, waiter: Any, worker_status: Any
+) -> Any:
     from api.app import create_app
 
-    return create_app(settings, core.store, producer=producer, progress_waiter=waiter)
+    return create_app(
+        settings,
+        core.store,
+        producer=producer,
+        progress_waiter=waiter,
+        worker_status=worker_status,
+    )
 
 
 def _note_signal(signum: int, _frame: Any) -> None:
@@ -87,6 +98,24 @@ def _serve(app: Any, settings: Settings, on_started: Any = None, on_server: Any 
     server.run()
 
 
+def embedded_secrets_key(settings: Settings, data_dir: Any) -> str:
+    """``secrets_key`` if set, else the key in ``<data_dir>/secrets.key`` (created once, 0600)."""
+    given = settings.secrets_key.get_secret_value()
+    if given:
+        return given
+    from api.secretbox import generate_key
+
+    path = data_dir / "secrets.key"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return str(path.read_text().strip())
+    with os.fdopen(fd, "w") as f:
+        f.write(generate_key() + "\n")
+    log.info("created the secrets key %s (keep it with the data directory)", path)
+    return str(path.read_text().strip())
+
+
 def run_embedded(settings: Settings) -> None:
     """`tally run`: broker child + chDB + worker thread + HTTP API, one process.
 
@@ -100,8 +129,13 @@ def run_embedded(settings: Settings) -> None:
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     base_topic = settings.events_topic
-    # Decided before kafka_bootstrap is filled in: embedded answers after storage.
-    settings = settings.model_copy(update={"ingest_wait": settings.effective_ingest_wait})
+    settings = settings.model_copy(
+        update={
+            # Decided before kafka_bootstrap is filled in: embedded answers after storage.
+            "ingest_wait": settings.effective_ingest_wait,
+            "secrets_key": SecretStr(embedded_secrets_key(settings, data_dir)),
+        }
+    )
     pipeline: EmbeddedPipeline | None = None
     supervisor: BrokerSupervisor | None = None
     server_ref: list[Any] = []
@@ -116,7 +150,14 @@ def run_embedded(settings: Settings) -> None:
         )
         gen = pipeline.start()
         settings = pipeline.settings_for(gen.broker.bootstrap, gen.topic)
-        app = _build_app(settings, core, gen.producer, board)
+        # the worker of the current generation (it changes when the broker is restarted)
+        app = _build_app(
+            settings,
+            core,
+            gen.producer,
+            board,
+            lambda: [pipeline.current.worker.status()] if pipeline and pipeline.current else [],
+        )
 
         def swap_producer(producer: Any) -> None:
             app.state.tally.producer = producer
@@ -181,6 +222,7 @@ def run_api(settings: Settings) -> None:
     from api.topics import create_topic
     from clickhouse.sink import ClickHouseSink
     from streams.progress import StoreProgressWaiter
+    from streams.status import stale_after_s
 
     _require_external(settings)
     core = Core.open(settings)
@@ -191,9 +233,16 @@ def run_api(settings: Settings) -> None:
     producer = EventProducer(
         settings.kafka_bootstrap, settings.events_topic, timeout_s=settings.produce_timeout_s
     )
-    waiter = StoreProgressWaiter(ClickHouseSink(core.store))
+    sink = ClickHouseSink(core.store)
+    waiter = StoreProgressWaiter(sink)
+    stale_s = stale_after_s(settings.worker_heartbeat_s)
+
+    def heartbeats() -> list[Any]:
+        # the workers are other processes: judge them by the heartbeats they write
+        return sink.heartbeats(settings.events_topic, int((time.time() - stale_s) * 1000))
+
     try:
-        _serve(_build_app(settings, core, producer, waiter), settings)
+        _serve(_build_app(settings, core, producer, waiter, heartbeats), settings)
     finally:
         producer.close()
 
@@ -206,9 +255,13 @@ def run_worker(settings: Settings) -> None:
     _require_external(settings)
     core = Core.open(settings)
     create_topic(settings.kafka_bootstrap, settings.events_topic, settings.events_partitions)
-    WorkerRunner(
+    runner = WorkerRunner(
         settings, ClickHouseSink(core.store), None, dedupe_dir=settings.data_dir / "dedupe"
-    ).run_forever()
+    )
+    if runner.run_forever() != 0:
+        err = runner.error
+        detail = f"{type(err).__name__}: {err}" if err is not None else "unknown error"
+        raise TallyError(f"the stream worker stopped on an error: {detail}")
 
 
 def running_server(settings: Settings) -> str | None:
@@ -222,7 +275,9 @@ def running_server(settings: Settings) -> str | None:
         return None
 
 
-def admin_call(url: str, token: str, method: str, path: str, body: Any = None) -> Any:
+def admin_call(
+    url: str, token: str, method: str, path: str, body: Any = None, timeout: float | None = 30
+) -> Any:
     import httpx
 
     resp = httpx.request(
@@ -230,7 +285,7 @@ def admin_call(url: str, token: str, method: str, path: str, body: Any = None) -
         url + path,
         json=body,
         headers={"Authorization": f"Bearer {token}"},
-        timeout=30,
+        timeout=timeout,
     )
     if resp.status_code >= 400:
         try:

@@ -46,8 +46,10 @@ POLL_S = 0.5
 START_ATTEMPTS = 3
 
 
-def topic_generation(base: str) -> str:
-    return f"{base}.g{int(time.time() * 1000)}"
+def new_generation(base: str) -> str:
+    from schemas.topics import generation_topic
+
+    return generation_topic(base, int(time.time() * 1000))
 
 
 class Generation:
@@ -96,7 +98,7 @@ class EmbeddedPipeline:
         from streams.worker import WorkerRunner
 
         broker = broker or self.start_broker()
-        topic = topic_generation(self.base_topic)
+        topic = new_generation(self.base_topic)
         settings = self.settings_for(broker.bootstrap, topic)
         worker = producer = None
         try:
@@ -104,7 +106,8 @@ class EmbeddedPipeline:
             worker = WorkerRunner(
                 settings, self.sink, self.board, dedupe_dir=self.data_dir / "dedupe"
             )
-            worker.start()
+            # a worker that fails or has no ready partitions in time: WorkerStartError
+            worker.start_or_fail(settings.worker_start_timeout_s)
             producer = EventProducer(broker.bootstrap, topic, timeout_s=settings.produce_timeout_s)
         except BaseException:
             if worker is not None:

@@ -153,6 +153,7 @@ class CustomerIn(BaseModel):
     timezone: TimeZone = "UTC"
     billing_anchor: Time | None = None
     tax_rates: dict[str, TaxRate] = Field(default_factory=dict)
+    tax_inclusive: bool = False
     metadata: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("external_id")
@@ -184,6 +185,7 @@ class CustomerPatch(BaseModel):
     timezone: TimeZone | None = None
     billing_anchor: Time | None = None
     tax_rates: dict[str, TaxRate] | None = None
+    tax_inclusive: bool | None = None
     metadata: dict[str, str] | None = None
 
     @field_validator("tax_rates")
@@ -206,6 +208,7 @@ class Customer(BaseModel):
     timezone: str = "UTC"
     billing_anchor: datetime | None = None
     tax_rates: dict[str, Decimal] = Field(default_factory=dict)
+    tax_inclusive: bool = False  # prices include the taxes (they are extracted, not added)
     metadata: dict[str, str] = Field(default_factory=dict)
     created_at: datetime
     updated_at: datetime

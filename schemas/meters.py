@@ -34,6 +34,13 @@ class Aggregation(StrEnum):
         return None
 
 
+class MeterStatus(StrEnum):
+    """``pending``: stored, its activation markers not all acknowledged yet; ``active``: done."""
+
+    PENDING = "pending"
+    ACTIVE = "active"
+
+
 class FilterOp(StrEnum):
     EQ = "eq"
     NE = "ne"
@@ -118,8 +125,20 @@ class MeterSpec(BaseModel):
 
 
 class Meter(MeterSpec):
-    """A stored meter. ``id`` is unique per creation (re-creating a slug gives a new id)."""
+    """A stored meter. ``id`` is unique per creation (re-creating a slug gives a new id).
+
+    ``activation_topic``: the events topic whose activation markers start the meter (see
+    docs/architecture.md, "Meter activation"); empty for a meter stored without markers (older
+    versions, tests), which applies to every event. ``status``: ``pending`` until the markers were
+    acknowledged on every partition, then ``active``.
+    """
 
     id: str
     tenant_id: str
     created_at: datetime
+    status: MeterStatus = MeterStatus.ACTIVE
+    activation_topic: str = ""
+
+    def spec(self) -> MeterSpec:
+        """The definition alone (what a client sent to create it)."""
+        return MeterSpec.model_validate(self.model_dump(include=set(MeterSpec.model_fields)))

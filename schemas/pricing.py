@@ -332,6 +332,9 @@ class LineKind(StrEnum):
     FIXED = "fixed"
     PRORATION = "proration"
     MINIMUM_ADJUSTMENT = "minimum_adjustment"
+    DISCOUNT = "discount"  # a discount (negative), per charge or per invoice
+    ADJUSTMENT = "adjustment"  # late usage of an earlier, finalized period
+    CREDIT = "credit"  # a credit note line
 
 
 class BreakdownPart(BaseModel):

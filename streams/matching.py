@@ -4,8 +4,9 @@ Compile each meter once (``CompiledMeter``); ``MeterIndex`` finds the candidate 
 by ``(tenant_id, event_type)``.
 
 Rules:
-- a meter applies to an event of its ``event_type`` whose envelope ``ingested_at`` is at or after
-  the meter's ``created_at`` (history is the job of ``tally meters backfill``);
+- a meter applies to an event of its ``event_type`` at a position of the log where the meter is
+  active (``streams.activation``: after the meter's activation marker; the caller checks that);
+  history before the marker is the job of ``tally meters backfill``;
 - every filter must pass. ``eq``/``ne``/``in``/``nin`` compare numbers numerically (``1 == 1.0``)
   and everything else by JSON equality; a missing property fails ``eq``/``in``/``gt``... and passes
   ``ne``/``nin``. ``gt``/``gte``/``lt``/``lte`` need a number or a numeric string. ``exists`` (true by
@@ -31,7 +32,6 @@ import orjson
 from schemas.envelope import EnvelopeEvent
 from schemas.jsonpath import MISSING, JsonPath, compile_path
 from schemas.meters import Aggregation, FilterOp, Meter, PropertyFilter
-from schemas.timeutil import epoch_ms
 
 QUANTUM = Decimal("0.000000001")
 _CTX = Context(prec=80)
@@ -190,8 +190,8 @@ class Contribution:
 
 class CompiledMeter:
     __slots__ = (
+        "activation_topic",
         "aggregation",
-        "created_ms",
         "event_type",
         "filters",
         "group_paths",
@@ -207,7 +207,7 @@ class CompiledMeter:
         self.tenant_id = meter.tenant_id
         self.event_type = meter.event_type
         self.aggregation = meter.aggregation
-        self.created_ms = epoch_ms(meter.created_at)
+        self.activation_topic = meter.activation_topic
         self.filters = tuple(_compile_filter(f) for f in meter.filters)
         self.value_path: JsonPath | None = (
             compile_path(meter.value_property) if meter.value_property else None
@@ -216,19 +216,20 @@ class CompiledMeter:
             (name, compile_path(path)) for name, path in sorted(meter.group_by.items())
         )
 
-    def applies(self, event_type: str, ingested_ms: int, properties: dict[str, Any]) -> bool:
-        if event_type != self.event_type or ingested_ms < self.created_ms:
+    def applies(self, event_type: str, properties: dict[str, Any]) -> bool:
+        if event_type != self.event_type:
             return False
         return all(f(properties) for f in self.filters)  # same rule as match()
 
-    def match(self, event: EnvelopeEvent, ingested_ms: int) -> Contribution | None:
+    def match(self, event: EnvelopeEvent) -> Contribution | None:
         """The event's contribution, None if the meter does not apply.
 
-        The caller picks candidates of the event's tenant (``MeterIndex``). Raises ValueProblem
-        when the meter applies but the value is unusable.
+        The caller picks candidates of the event's tenant (``MeterIndex``) at a position where the
+        meter is active (``streams.activation``). Raises ValueProblem when the meter applies but
+        the value is unusable.
         """
         properties = event.properties
-        if event.type != self.event_type or ingested_ms < self.created_ms:
+        if event.type != self.event_type:
             return None
         for f in self.filters:
             if not f(properties):

@@ -214,6 +214,13 @@ class QuotaExceeded(RateLimited):
     code = "quota_exceeded"
 
 
+class NotConfigured(TallyError):
+    """The server lacks a setting the request needs (an operator must fix it; not retryable)."""
+
+    status = 503
+    code = "not_configured"
+
+
 class Unavailable(Retryable):
     """A dependency (broker, store) is down; the client should retry after ``retry_after`` s."""
 

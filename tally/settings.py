@@ -10,7 +10,7 @@ from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -116,6 +116,74 @@ class Settings(BaseSettings):
     flush_interval_s: float = Field(0.5, gt=0, le=1.0)
     flush_max_events: int = Field(50_000, ge=1)
     meters_file: Path | None = None
+    worker_start_timeout_s: float = Field(
+        60.0, gt=0, description="A worker that has no ready partitions by then fails to start"
+    )
+    worker_heartbeat_s: float = Field(
+        5.0, gt=0, description="How often a worker writes its status to worker_heartbeats"
+    )
+    worker_max_failing_s: float = Field(
+        10.0, gt=0, description="/readyz is red when the worker cannot commit for longer"
+    )
+    link_max_age_s: float = Field(
+        300.0,
+        gt=0,
+        le=1800,
+        description="A commit retried this long is redone from a fresh read of the store "
+        "(keep far below the time usage_minute's deduplication window lasts)",
+    )
+
+    # --- invoicing (docs/invoicing.md) ---------------------------------------------------------
+    invoice_grace: timedelta = Field(
+        timedelta(hours=1),
+        description="Usage arriving this long after a period end is billed on it",
+    )
+    invoice_auto_finalize: bool = Field(
+        False, description="Finalize invoices when a run creates them"
+    )
+    invoice_run_workers: int = Field(
+        0, ge=0, le=64, description="Rating processes; 0 = one per core"
+    )
+    invoice_adjustment_lookback: timedelta = Field(
+        timedelta(days=120),
+        description="How far back finalized periods are re-rated for late usage",
+    )
+    invoice_number_prefix: str = Field("INV", pattern=r"^[A-Z0-9][A-Z0-9-]{0,15}$")
+    credit_note_number_prefix: str = Field("CN", pattern=r"^[A-Z0-9][A-Z0-9-]{0,15}$")
+    billing_tasks: bool = Field(
+        True, description="Run the webhook dispatcher and the threshold check in this API process"
+    )
+    webhook_master_key: str = Field(
+        "", description="Derives every endpoint's signing secret; empty = generated in data_dir"
+    )
+    webhook_max_attempts: int = Field(8, ge=1, le=50)
+    webhook_backoff_s: float = Field(
+        2.0, gt=0, description="First retry delay; doubles per attempt"
+    )
+    webhook_backoff_max_s: float = Field(3600.0, gt=0)
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_poll_interval_s: float = Field(0.5, gt=0)
+    threshold_check_interval_s: float = Field(60.0, gt=0)
+    # --- backfill ----------------------------------------------------------------------------
+    backfill_chunk_events: int = Field(50_000, ge=1, description="Events per stored chunk")
+    backfill_lease_s: float = Field(
+        60.0, gt=0, description="A run without a heartbeat for this long is resumable"
+    )
+    backfill_wait_s: float = Field(
+        60.0, gt=0, description="How long a run waits for the worker to pass the meter's markers"
+    )
+
+    # --- secrets at rest ---------------------------------------------------------------------
+    secrets_key: SecretStr = Field(
+        SecretStr(""),
+        description="Fernet key(s) sealing stored secrets (Segment webhook secrets), comma-"
+        "separated: the first seals, all open (key rotation). Embedded mode: generated once in "
+        "<data_dir>/secrets.key when empty. Scale-out: set the same value on every API replica",
+    )
+
+    # --- client commands (tally events send, tally doctor) ----------------------------------
+    url: str = Field("", description="URL of a running Tally server, e.g. http://127.0.0.1:8000")
+    api_key: SecretStr = Field(SecretStr(""), description="Tenant API key for client commands")
 
     # --- logging -----------------------------------------------------------------------------
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")

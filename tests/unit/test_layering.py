@@ -21,9 +21,21 @@ ALLOWED: dict[str, set[str]] = {
     "schemas": {"tally"},
     "rating": {"schemas", "tally"},
     "streams": {"schemas", "tally"},
-    "clickhouse": {"schemas", "tally", "rating"},
-    "api": {"schemas", "tally", "rating", "streams", "clickhouse"},
-    "runtime": {"schemas", "tally", "rating", "streams", "clickhouse", "api"},
+    "clickhouse": {"schemas", "tally"},
+    "billing": {"rating", "schemas", "tally", "clickhouse"},
+    "api": {"schemas", "tally", "rating", "streams", "clickhouse", "billing"},
+    "runtime": {
+        "schemas",
+        "tally",
+        "rating",
+        "streams",
+        "clickhouse",
+        "billing",
+        "api",
+        "tally_client",
+    },
+    # The Python SDK: shares the wire models, never the server's internals.
+    "tally_client": {"schemas"},
 }
 FIRST_PARTY = set(ALLOWED)
 
@@ -40,7 +52,13 @@ IO_LIBRARIES = {
     "uvicorn",
     "requests",
 }
-PURE_MODULES = ["rating", "streams/aggregation.py", "streams/matching.py", "streams/dedupe.py"]
+PURE_MODULES = [
+    "rating",
+    "streams/aggregation.py",
+    "streams/matching.py",
+    "streams/activation.py",
+    "streams/dedupe.py",
+]
 
 
 def _modules(package: str) -> list[Path]:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from api.app import create_app
 from api.meters_file import load_meters_file
+from schemas.control import decode_control, is_control
 from tally.errors import Conflict, ValidationError
 
 from .conftest import ADMIN_TOKEN, auth
@@ -155,25 +158,30 @@ async def test_health_metrics_and_unknown_routes(
     assert r.status_code == 405 and r.json()["message"]
 
 
-def test_meters_file(repo: Any, tenant: tuple[str, str], tmp_path: Path) -> None:
+async def test_meters_file(
+    settings: Any, store: Any, repo: Any, producer: Any, tenant: tuple[str, str], tmp_path: Path
+) -> None:
     tenant_id = tenant[0]
+    st = create_app(settings, store, producer=producer, progress_waiter=None, repo=repo).state.tally
     f = tmp_path / "meters.yaml"
     f.write_text(
         f"tenants:\n  {tenant_id}:\n    meters:\n"
         "      - {slug: calls, eventType: api_call, aggregation: COUNT}\n"
         "      - {slug: tokens, eventType: llm, aggregation: SUM, valueProperty: $.tokens}\n"
     )
-    assert load_meters_file(repo, f) == [f"{tenant_id}/calls", f"{tenant_id}/tokens"]
-    assert load_meters_file(repo, f) == []  # idempotent
-    assert [m.slug for m in repo.list_meters(tenant_id)] == ["calls", "tokens"]
+    assert await load_meters_file(st, f) == [f"{tenant_id}/calls", f"{tenant_id}/tokens"]
+    assert await load_meters_file(st, f) == []  # idempotent
+    meters = repo.list_meters(tenant_id)
+    assert [m.slug for m in meters] == ["calls", "tokens"]
+    assert {(m.status, m.activation_topic) for m in meters} == {("active", producer.topic)}
     f.write_text(
         f"tenant: {tenant_id}\nmeters:\n  - {{slug: calls, eventType: other, aggregation: COUNT}}\n"
     )
     with pytest.raises(Conflict, match="calls"):
-        load_meters_file(repo, f)
+        await load_meters_file(st, f)
     f.write_text("tenant: nosuchtenant\nmeters: []\n")
     with pytest.raises(ValidationError, match="nosuchtenant"):
-        load_meters_file(repo, f)
+        await load_meters_file(st, f)
 
 
 async def test_lifespan_loads_meters_file(
@@ -188,3 +196,92 @@ async def test_lifespan_loads_meters_file(
     async with app.router.lifespan_context(app):
         assert [m.slug for m in repo.list_meters(tenant[0])] == ["c"]
         assert repo.check_admin_token("another-admin-token-xyz")
+
+
+def read_markers(bootstrap: str, topic: str, want: int, timeout: float = 20) -> list[Any]:
+    """Every control message of the topic as (partition, offset, Control), read from the start
+    until ``want`` were seen (event envelopes are skipped)."""
+    import time
+
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"markers-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    try:
+        parts = sorted(c.list_topics(topic, timeout=10).topics[topic].partitions)
+        c.assign([TopicPartition(topic, p, 0) for p in parts])
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while len(out) < want and time.monotonic() < deadline:
+            msg = c.poll(0.5)
+            if msg is None or msg.error() or not is_control(msg.value()):
+                continue
+            out.append((msg.partition(), msg.offset(), decode_control(msg.value())))
+        return out
+    finally:
+        c.close()
+
+
+async def test_create_produces_a_marker_to_every_partition_then_answers(
+    client: httpx.AsyncClient, tenant: tuple[str, str], repo: Any, broker: Any, topic: str
+) -> None:
+    r = await client.post("/v1/meters", json=TOKENS, headers=auth(tenant[1]))
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["status"] == "active" and "activation_topic" not in body
+    stored = repo.get_meter(tenant[0], "tokens")
+    assert stored.status == "active" and stored.activation_topic == topic
+    markers = read_markers(broker.bootstrap, topic, 4)
+    assert sorted(p for p, _o, _c in markers) == [0, 1, 2, 3]  # every partition, once
+    for _p, _o, control in markers:
+        assert control.meter.id == body["id"] and control.meter.activation_topic == topic
+        assert control.meter.spec() == stored.spec()
+
+
+async def test_create_with_broker_down_stays_pending_and_a_resend_finishes_it(
+    settings: Any,
+    store: Any,
+    repo: Any,
+    client: httpx.AsyncClient,
+    tenant: tuple[str, str],
+    broker: Any,
+    topic: str,
+) -> None:
+    from api.producer import EventProducer
+    from runtime.broker import free_port
+
+    dead = EventProducer(
+        f"127.0.0.1:{free_port()}", topic, timeout_s=1.0, retry_after_s=4, partitions=4
+    )
+    app = create_app(settings, store, producer=dead, progress_waiter=None, repo=repo)
+    h = auth(tenant[1])
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
+            r = await c.post("/v1/meters", json=TOKENS, headers=h)
+            assert r.status_code == 503, r.text
+            assert r.json()["error"] == "broker_unavailable" and r.headers["retry-after"] == "4"
+    finally:
+        dead.close(0.1)
+    pending = repo.get_meter(tenant[0], "tokens")
+    assert pending.status == "pending"
+    r = await client.get("/v1/meters/tokens", headers=h)
+    assert r.json()["status"] == "pending"
+    # a different definition is still a conflict while pending
+    r = await client.post("/v1/meters", json={**TOKENS, "aggregation": "MAX"}, headers=h)
+    assert r.status_code == 409 and "different definition" in r.json()["message"]
+    assert r.json()["details"] == [
+        {"field": "slug", "message": "exists with a different definition"}
+    ]
+    # the same request again, with the broker up: markers produced, meter active, same id
+    r = await client.post("/v1/meters", json=TOKENS, headers=h)
+    assert r.status_code == 201, r.text
+    assert r.json()["id"] == pending.id and r.json()["status"] == "active"
+    assert sorted(p for p, _o, _c in read_markers(broker.bootstrap, topic, 4)) == [0, 1, 2, 3]
+    r = await client.post("/v1/meters", json=TOKENS, headers=h)
+    assert r.status_code == 409 and "already exists" in r.json()["message"]

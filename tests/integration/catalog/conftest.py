@@ -17,7 +17,7 @@ from clickhouse.repo import Repo
 from clickhouse.sink import ClickHouseSink
 from schemas.envelope import EnvelopeEvent
 from schemas.meters import Meter, MeterSpec
-from schemas.timeutil import epoch_ms, utc_now
+from schemas.timeutil import epoch_ms
 from streams.aggregation import WindowTable
 from streams.matching import CompiledMeter
 from tally.settings import Settings
@@ -78,7 +78,6 @@ class Tenant:
         """Store ``(meter slug, time, properties)`` events for ``customer``, as one worker flush
         (the commit point is one INSERT into usage_minute)."""
         table = WindowTable()
-        ingested = epoch_ms(utc_now())
         for slug, when, props in events:
             meter = self.meters[slug]
             ev = EnvelopeEvent(
@@ -88,7 +87,7 @@ class Tenant:
                 time_ms=epoch_ms(when),
                 properties=props,
             )
-            contribution = self._compiled[slug].match(ev, ingested)
+            contribution = self._compiled[slug].match(ev)
             assert contribution is not None, (slug, props)
             table.add(self.id, customer, ev.time_ms, ev.id, contribution)
         self._sink.commit("tally.events.test", [], table.rows(), {})

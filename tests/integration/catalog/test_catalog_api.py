@@ -10,7 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from clickhouse.catalog import Catalog
+from billing.catalog import Catalog
+from billing.ports import open_billing_store
 from rating.periods import period_containing
 from schemas.catalog import ChangePlanIn
 from schemas.timeutil import utc_now
@@ -206,7 +207,7 @@ async def test_upgrade_mid_period_prorates_to_the_cent(
     assert period.start == anchor
     # Upgrade exactly half-way through the period (28..31 days, so before "now" = anchor + 20 d).
     half = period.start + (period.end - period.start) / 2
-    Catalog(store).change_subscription_plan(
+    Catalog(open_billing_store(store)).change_subscription_plan(
         tenant.id, sub["id"], ChangePlanIn(plan_code="pro"), now=half
     )
     got = await get(client, tenant, f"/v1/subscriptions/{sub['id']}")
@@ -684,7 +685,7 @@ def test_first_published_version_wins(store: Any, repo: Any) -> None:
     from schemas.pricing import PlanSpec
 
     t, _ = repo.create_tenant("race")
-    a, b = Catalog(store), Catalog(store)
+    a, b = Catalog(open_billing_store(store)), Catalog(open_billing_store(store))
     spec = {"code": "p", "name": "P", "currency": "USD", "charges": []}
     a.create_plan(t.tenant_id, PlanSpec.model_validate(spec))
     from schemas.catalog import PlanDraft, PlanVersion

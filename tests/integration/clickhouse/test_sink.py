@@ -13,9 +13,8 @@ from clickhouse.store import Store
 from clickhouse.usage import run_usage
 from schemas.meters import Aggregation, MeterSpec
 from schemas.timeutil import epoch_ms
-from schemas.usage import UsageQuery, WindowSize
+from schemas.usage import UsageQuery
 from streams.sink import Sink
-from tests.integration.clickhouse.groundtruth import Ev, delta_rows
 
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -175,50 +174,3 @@ def test_seen_ids(store: Store) -> None:
     assert sorted(got) == sorted(want)
     assert all(isinstance(c, list) for c in sink.seen_ids("topic-a", 0, -1, 100, 0))
     assert list(sink.seen_ids("topic-a", 5, -1, 100, 0)) == []
-
-
-def test_iter_events_pages_stably(store: Store) -> None:
-    sink = ClickHouseSink(store)
-    rows = [_event_row("t1", i) for i in range(23)]
-    rows += [_event_row("t1", 50, etype="other"), _event_row("t2", 60)]
-    rows += [_event_row("t1", 70, ingested=T0 + timedelta(hours=1))]
-    sink.commit("topic-a", rows, [], {})
-    sink.commit("topic-a", rows[:5], [], {})  # duplicates must not show twice
-    chunks = list(sink.iter_events("t1", "api_call", epoch_ms(T0 + timedelta(minutes=1)), chunk=5))
-    assert [len(c) for c in chunks] == [5, 5, 5, 5, 3]
-    flat = [x for c in chunks for x in c]
-    assert [x[0] for x in flat] == [f"id-{i:06d}" for i in range(23)]
-    first = flat[3]
-    assert first == ("id-000003", "c0", epoch_ms(T0) + 3000, {"v": 3, "k": "x"}, epoch_ms(T0))
-
-
-def test_backfill_replace_is_idempotent(store: Store) -> None:
-    sink = ClickHouseSink(store)
-    tenant, meter = _sum_meter(store)
-    mid = meter.id  # type: ignore[attr-defined]
-    evs = [Ev(f"e{i}", "c1", T0 + timedelta(minutes=i % 30), Decimal(i)) for i in range(60)]
-    stream, history = evs[:20], evs[20:]
-    sink.commit("topic-a", [], delta_rows(tenant, mid, stream), {0: 1})
-    want = sum((e.value for e in evs), Decimal(0))
-    rows = delta_rows(tenant, mid, history, origin="ignored")
-    sink.replace_backfill(tenant, mid, "run1", rows)
-    assert _total(store, tenant, meter) == want
-    sink.replace_backfill(tenant, mid, "run2", rows)
-    sink.replace_backfill(tenant, mid, "run2", rows)
-    assert _total(store, tenant, meter) == want
-    origins = store.query_rows(
-        f"SELECT DISTINCT origin FROM {store.database}.usage_minute WHERE meter_id = {{m:String}}",
-        {"m": mid},
-    )
-    assert sorted(r[0] for r in origins) == ["b:run2", "s"]
-    # a backfill of nothing removes the earlier backfill, never the stream rows
-    sink.replace_backfill(tenant, mid, "run3", [])
-    assert _total(store, tenant, meter) == sum((e.value for e in stream), Decimal(0))
-    q = UsageQuery(
-        tenant_id=tenant,
-        meter=meter,
-        from_=T0,
-        to=T0 + timedelta(hours=1),  # type: ignore[arg-type]
-        window=WindowSize.MINUTE,
-    )
-    assert len(run_usage(store, q)) == 20

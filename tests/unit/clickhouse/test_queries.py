@@ -17,8 +17,25 @@ FROM = datetime(2024, 3, 1, tzinfo=UTC)
 TO = datetime(2024, 4, 1, tzinfo=UTC)
 FROM_MS = 1709251200000
 TO_MS = 1711929600000
+# the stream's rows plus only the meter's latest complete backfill run
+VISIBLE_RUN = (
+    "(SELECT concat('b:', argMax(run_id, (finished_at, run_id))) FROM tally.backfill_runs"
+    " WHERE tenant_id = {tenant:String} AND meter_id = {meter:String} AND state = 'complete')"
+)
+COLUMNS = (
+    "tenant_id, meter_id, customer, window_start, group_key, group_values, events, value_count,"
+    " value_sum, value_min, value_max, uniq_values, latest"
+)
+SOURCE = (
+    f"(SELECT {COLUMNS} FROM tally.usage_minute"
+    " WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}"
+    f" AND origin IN ('s', {VISIBLE_RUN})"
+    f" UNION ALL SELECT {COLUMNS} FROM tally.usage_backfill"
+    " WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}"
+    f" AND origin = {VISIBLE_RUN})"
+)
 WHERE = (
-    " FROM tally.usage_minute WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}"
+    f" FROM {SOURCE} WHERE tenant_id = {{tenant:String}} AND meter_id = {{meter:String}}"
     " AND window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC')"
     " AND window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')"
 )

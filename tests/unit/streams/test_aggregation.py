@@ -26,7 +26,7 @@ T0 = 1_700_000_040_000  # 2023-11-14T22:14:00Z, a minute boundary
 
 
 def contribution(cm: CompiledMeter, props: dict, t: int = T0, id_: str = "e"):  # type: ignore[no-untyped-def]
-    c = cm.match(EnvelopeEvent(id_, "api", "c1", t, props), ING)
+    c = cm.match(EnvelopeEvent(id_, "api", "c1", t, props))
     assert c is not None
     return c
 
@@ -159,7 +159,7 @@ def _table(kind: str, evs: list[tuple[int, str, Decimal, str]], first: int = 0) 
     wt = WindowTable()
     for i, (dt, g, v, cust) in enumerate(evs, start=first):
         t = T0 + dt
-        c = cm.match(EnvelopeEvent(f"e{i}", "api", cust, t, {"v": str(v), "g": g}), ING)
+        c = cm.match(EnvelopeEvent(f"e{i}", "api", cust, t, {"v": str(v), "g": g}))
         assert c is not None
         wt.add("t1", cust, t, f"e{i}", c)
     return wt
@@ -223,7 +223,7 @@ def test_order_independent(evs, rnd, kind) -> None:  # type: ignore[no-untyped-d
         wt = WindowTable()
         for i, (dt, _g, v, cust) in seq:
             t = T0 + dt
-            c = cm.match(EnvelopeEvent(f"e{i}", "api", cust, t, {"v": str(v)}), ING)
+            c = cm.match(EnvelopeEvent(f"e{i}", "api", cust, t, {"v": str(v)}))
             wt.add("t1", cust, t, f"e{i}", c)
         return _norm(merge_rows(wt.rows()))
 

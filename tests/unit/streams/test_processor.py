@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -13,9 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
+from schemas.control import CONTROL_PREFIX, encode_activate
 from schemas.meters import Meter
 from streams.aggregation import merge_rows
-from streams.dedupe import DedupeIndex
+from streams.dedupe import DedupeIndex, rebuild
 from streams.processor import BatchProcessor, MeterCache
 from tests.unit.streams.fakes import MemorySink, meter
 
@@ -198,12 +200,12 @@ def test_failed_commit_keeps_batch_and_retry_stores_once(tmp_path: Path) -> None
     for _ in range(2):
         with pytest.raises(ConnectionError):
             proc.flush()
-        assert proc.buffered_events == 2
+        assert proc.held_events == 2  # sealed in a link, not acked
         assert idx[0].watermark == -1  # not seen before it is stored
     proc.add(0, 1, payload([("b", T0, {}), ("c", T0, {})]))
-    assert proc.flush() == {0: 1}
+    assert proc.flush() == {0: 1}  # the sealed link [0, 0], then a new link [1, 1]
     assert usage_total(sink)["events"] == 3
-    assert sink.commits == 1
+    assert sink.commits == 2
 
 
 def test_ambiguous_failure_is_not_inserted_twice(tmp_path: Path) -> None:
@@ -233,28 +235,6 @@ def test_crash_between_commit_and_index_is_repaired_by_rebuild(tmp_path: Path) -
     assert usage_total(sink)["events"] == 1
 
 
-def test_meters_apply_after_created_and_cache_reloads(tmp_path: Path) -> None:
-    clock = Clock(ING - 10_000)
-    sink = MemorySink([])
-    proc, _, _ = make(tmp_path, sink=sink, clock=clock)
-    proc.add(0, 0, payload([("a", T0, {})], ingested=ING - 20_000))
-    proc.flush()
-    assert sink.meter_loads == 1
-    # a meter is created at ING; the cache (loaded at ING-10s) is older than the next batch
-    sink.meters.append(meter(created_at=datetime.fromtimestamp(ING / 1000, UTC)))
-    clock.ms = ING + 5_000
-    proc.add(0, 1, payload([("b", T0, {})], ingested=ING - 1))  # before created_at: no
-    proc.add(0, 2, payload([("c", T0, {})], ingested=ING + 1000))
-    proc.flush()
-    assert sink.meter_loads == 2
-    assert usage_total(sink)["events"] == 1
-    # cache loaded at ING+5s, newer than this batch: no reload
-    proc.add(0, 3, payload([("d", T0, {})], ingested=ING + 2000))
-    proc.flush()
-    assert sink.meter_loads == 2
-    assert usage_total(sink)["events"] == 2
-
-
 def test_meter_value_errors_are_counted(tmp_path: Path) -> None:
     proc, sink, _ = make(tmp_path, [meter(aggregation="sum", value_property="$.v")])
     before = metric("tally_worker_meter_value_errors")
@@ -265,15 +245,38 @@ def test_meter_value_errors_are_counted(tmp_path: Path) -> None:
     assert usage_total(sink)["events"] == 1
 
 
-def test_meter_cache_only_reloads_when_older() -> None:
+def test_meter_cache_reload_policy() -> None:
     loads: list[int] = []
+    fail = {"n": 0}
+
+    def load() -> list[Meter]:
+        if fail["n"]:
+            fail["n"] -= 1
+            raise ConnectionError("store down")
+        loads.append(1)
+        return [meter("a", meter_id="id-a")]
+
     clock = Clock(100)
-    cache = MeterCache(lambda: loads.append(1) or [], clock)  # type: ignore[func-returns-value]
-    cache.ensure(50)
-    cache.ensure(100)
-    assert len(loads) == 1
-    cache.ensure(101)
-    assert len(loads) == 2
+    cache = MeterCache(load, clock, reload_ms=1000)
+    fail["n"] = 1
+    with pytest.raises(ConnectionError):  # the first load must succeed
+        cache.ensure()
+    assert set(cache.ensure().by_id) == {"id-a"} and len(loads) == 1
+    clock.ms = 1099
+    cache.ensure()
+    assert len(loads) == 1  # fresh enough
+    marker_meter = meter("b", meter_id="id-b", activation_topic=TOPIC)
+    cache.ensure([marker_meter])
+    assert len(loads) == 2  # a marker forces a reload; the store does not know id-b: not added
+    assert set(cache.index.by_id) == {"id-a"}
+    clock.ms = 2200
+    fail["n"] = 1
+    # the reload fails: the last good meters stay and the marker's own meter is added
+    assert set(cache.ensure([marker_meter]).by_id) == {"id-a", "id-b"}
+    fail["n"] = 1
+    assert set(cache.ensure().by_id) == {"id-a", "id-b"}  # a failing periodic reload is no error
+    cache.ensure()
+    assert len(loads) == 3 and set(cache.index.by_id) == {"id-a"}  # the store is the authority
 
 
 def test_revoke_drops_buffer_of_partition(tmp_path: Path) -> None:
@@ -324,12 +327,223 @@ def test_exactly_once_under_duplicates_and_failures(tmp_path_factory, stream) ->
                 sink.fail_next = 1
                 with pytest.raises(ConnectionError):
                     proc.flush()
-            elif fail == 1:
+                proc.flush()
+            elif fail == 1:  # stored, answer lost: this round may end unresolved, the next not
                 sink.fail_after_next = 1
-            proc.flush()
+                with contextlib.suppress(TimeoutError):
+                    proc.flush()
+                try:  # the link whose answer was lost is verified stored; later links of the
+                    proc.flush()  # same attempt were not sent and stay sealed
+                except TimeoutError:
+                    proc.flush()
+            else:
+                proc.flush()
     proc.flush()
     assert set(sink.events) == {("t1", eid) for eid in truth}
     tot = usage_total(sink)
     assert tot["events"] == len(truth)
     assert tot["sum"] == sum(v for v, _ in truth.values())
     assert sink.progress(TOPIC) == {p: o for p, o in offsets.items() if o >= 0}
+
+
+# --- meter activation by markers (streams.activation) ----------------------------------------
+
+
+def marker(m: Meter) -> bytes:
+    return encode_activate(m)
+
+
+def test_marker_activates_a_meter_per_partition(tmp_path: Path) -> None:
+    m = meter(activation_topic=TOPIC)
+    proc, sink, _ = make(tmp_path, [m])
+    proc.add(0, 0, payload([("a", T0, {})]))  # before the marker: history (backfill)
+    proc.add(0, 1, marker(m))
+    proc.add(0, 2, payload([("b", T0, {})]))  # after it: the stream counts it
+    proc.add(1, 0, payload([("c", T0, {})]))  # partition without a marker yet
+    assert proc.flush() == {0: 2, 1: 0}
+    assert usage_total(sink)["events"] == 1
+    assert sink.activation_rows == [("t1", "id-m", TOPIC, 0, 1)]
+    assert len(sink.events) == 3  # the ledger has every event
+    proc.add(1, 1, marker(m))
+    proc.add(1, 2, payload([("d", T0, {})]))
+    proc.flush()
+    assert usage_total(sink)["events"] == 2
+    assert sink.activation_rows[-1] == ("t1", "id-m", TOPIC, 1, 1)
+
+
+def test_marker_between_two_flushes_and_repeats(tmp_path: Path) -> None:
+    m = meter(activation_topic=TOPIC)
+    proc, sink, _ = make(tmp_path, [m])
+    proc.add(2, 0, payload([("a", T0, {})]))
+    proc.add(2, 1, marker(m))  # the last message of this flush
+    proc.flush()
+    assert usage_total(sink)["events"] == 0
+    proc.add(2, 2, payload([("b", T0, {})]))  # first message of the next flush
+    proc.add(2, 3, marker(m))  # a repeat (a resumed create): ignored
+    proc.add(2, 4, payload([("c", T0, {})]))
+    proc.flush()
+    assert usage_total(sink)["events"] == 2
+    assert sink.activation_rows == [("t1", "id-m", TOPIC, 2, 1)]
+
+
+def test_activation_is_rebuilt_from_the_store_after_a_restart(tmp_path: Path) -> None:
+    m = meter(activation_topic=TOPIC)
+    proc, sink, _ = make(tmp_path, [m])
+    proc.add(0, 0, marker(m))
+    proc.add(0, 1, payload([("a", T0, {})]))
+    proc.flush()
+    # restart: a new processor knows nothing but the store (progress M=1, activation row @0)
+    proc2, _, _ = make(tmp_path / "b", sink=sink)
+    proc2.add(0, 2, payload([("b", T0, {})]))
+    proc2.flush()
+    assert usage_total(sink)["events"] == 2
+    # a partition assigned to a processor whose store rows are above its progress M: not loaded
+    proc3, _, _ = make(tmp_path / "c", sink=MemorySink([m]))
+    proc3.sink.activation_rows.append(("t1", "id-m", TOPIC, 0, 5))  # written, never committed
+    proc3.add(0, 0, payload([("x", T0, {})]))
+    proc3.flush()
+    assert usage_total(proc3.sink)["events"] == 0
+
+
+def test_failed_flush_with_a_marker_is_replayed_identically(tmp_path: Path) -> None:
+    m = meter(activation_topic=TOPIC)
+    proc, sink, _ = make(tmp_path, [m])
+    proc.add(0, 0, payload([("a", T0, {})]))
+    proc.add(0, 1, marker(m))
+    proc.add(0, 2, payload([("b", T0, {})]))
+    sink.fail_activations_next = 1
+    with pytest.raises(ConnectionError):
+        proc.flush()
+    sink.fail_next = 1  # the activation rows land, the commit fails
+    with pytest.raises(ConnectionError):
+        proc.flush()
+    assert sink.activation_rows == [("t1", "id-m", TOPIC, 0, 1)] and sink.commits == 0
+    # crash: a new owner starts from the store's progress (-1) and replays the partition
+    proc2, _, _ = make(tmp_path / "b", sink=sink)
+    proc2.add(0, 0, payload([("a", T0, {})]))
+    proc2.add(0, 1, marker(m))
+    proc2.add(0, 2, payload([("b", T0, {})]))
+    proc2.flush()
+    assert usage_total(sink)["events"] == 1
+    assert set(sink.activation_rows) == {("t1", "id-m", TOPIC, 0, 1)}  # the same row again
+
+
+def test_generations_legacy_meters_and_foreign_markers(tmp_path: Path) -> None:
+    topic = "tally.events.g2000"
+    older = meter("o", meter_id="id-o", activation_topic="tally.events.g1000")
+    newer = meter("n", meter_id="id-n", activation_topic="tally.events.g3000")
+    legacy = meter("l", meter_id="id-l")  # no activation topic: applies everywhere
+    sink = MemorySink([older, newer, legacy])
+    proc = BatchProcessor(topic, sink, lambda p: DedupeIndex.open(tmp_path, topic, p))
+    proc.assign(0, -1)
+    proc.add(0, 0, payload([("a", T0, {})]))
+    proc.add(0, 1, marker(newer))  # a marker of another topic's meter: ignored
+    proc.add(0, 2, payload([("b", T0, {})]))
+    proc.flush()
+    assert usage_total(sink, "id-o")["events"] == 2
+    assert usage_total(sink, "id-l")["events"] == 2
+    assert usage_total(sink, "id-n")["events"] == 0
+    assert sink.activation_rows == []
+
+
+def test_bad_control_messages_are_poison(tmp_path: Path) -> None:
+    m = meter(activation_topic=TOPIC)
+    proc, sink, _ = make(tmp_path, [m])
+    before = metric("tally_worker_poison_messages")
+    proc.add(0, 0, CONTROL_PREFIX + b'{"v": 1, "kind": "reboot"}')
+    proc.add(0, 1, CONTROL_PREFIX + b"not json")
+    proc.add(0, 2, CONTROL_PREFIX + orjson.dumps({"v": 1, "kind": "activate_meter", "meter": {}}))
+    proc.add(0, 3, payload([("a", T0, {})]))
+    assert proc.flush() == {0: 3}
+    assert metric("tally_worker_poison_messages") - before == 3
+    assert usage_total(sink)["events"] == 0 and sink.activation_rows == []
+
+
+def test_marker_activates_without_the_store_and_deletion_stops_it(tmp_path: Path) -> None:
+    m = meter(activation_topic=TOPIC)
+    clock = Clock()
+    sink = MemorySink([])
+    proc, _, _ = make(tmp_path, sink=sink, clock=clock)
+    proc.add(0, 0, payload([("a", T0, {})]))
+    proc.flush()  # first load: no meters
+    sink.meters.append(m)
+    sink.fail_meter_loads = 1  # the reload forced by the marker fails: the marker's JSON is used
+    proc.add(0, 1, marker(m))
+    proc.add(0, 2, payload([("b", T0, {})]))
+    proc.flush()
+    assert usage_total(sink)["events"] == 1
+    sink.meters.clear()  # the meter is deleted; the next reload (a few seconds later) drops it
+    clock.ms += 60_000
+    proc.add(0, 3, payload([("c", T0, {})]))
+    proc.flush()
+    assert usage_total(sink)["events"] == 1
+
+
+marker_stream_st = st.lists(
+    st.tuples(
+        st.integers(0, 2),  # partition
+        st.one_of(
+            st.none(),  # a marker (repeats are fine)
+            st.lists(st.integers(0, 15), min_size=1, max_size=4),  # event id numbers
+        ),
+        st.booleans(),  # flush after this message?
+        st.integers(0, 5),  # 0: commit fails, 1: answer lost, 2: activation rows fail, else ok
+        st.booleans(),  # restart (new processor, state from the store) after this message?
+    ),
+    max_size=30,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(marker_stream_st)
+def test_stream_counts_exactly_the_events_after_the_first_marker(tmp_path_factory, stream) -> None:  # type: ignore[no-untyped-def]
+    tmp = tmp_path_factory.mktemp("act")
+    m = meter(activation_topic=TOPIC)
+    sink = MemorySink([m])
+    proc, _, _ = make(tmp / "0", sink=sink)
+    offsets = dict.fromkeys(range(3), -1)
+    first_marker: dict[int, int] = {}
+    first_copy: dict[str, tuple[int, int]] = {}  # id -> (partition, offset) of its first copy
+    restarts = 0
+    for p, evs, do_flush, fail, restart in stream:
+        offsets[p] += 1
+        if evs is None:
+            first_marker.setdefault(p, offsets[p])
+            proc.add(p, offsets[p], marker(m))
+        else:
+            ids = [f"p{p}-{i}" for i in evs]
+            for eid in ids:
+                first_copy.setdefault(eid, (p, offsets[p]))
+            proc.add(p, offsets[p], payload([(eid, T0, {}) for eid in ids]))
+        if do_flush:
+            if fail == 0:
+                sink.fail_next = 1
+                with pytest.raises(ConnectionError):
+                    proc.flush()
+            elif fail == 1:  # stored, answer lost: this round may end unresolved, the next not
+                sink.fail_after_next = 1
+                with contextlib.suppress(TimeoutError):
+                    proc.flush()
+            elif fail == 2:  # fails only if the batch has a first marker
+                sink.fail_activations_next = 1
+                with contextlib.suppress(ConnectionError):
+                    proc.flush()
+                sink.fail_activations_next = 0
+            proc.flush()
+        if restart:  # what is not flushed is lost; Kafka redelivers it from the store's progress
+            restarts += 1
+            proc, _, _ = make(tmp / str(restarts), sink=sink)
+            stored = sink.progress(TOPIC)
+            for q in range(3):  # as the worker does on assignment
+                rebuild(proc.index_for(q), sink, TOPIC, q, stored.get(q, -1), ING, 86_400_000)
+            offsets = {q: stored.get(q, -1) for q in range(3)}
+            first_marker = {q: o for q, o in first_marker.items() if o <= offsets[q]}
+            first_copy = {e: (q, o) for e, (q, o) in first_copy.items() if o <= offsets[q]}
+    proc.flush()
+    want = sum(1 for q, o in first_copy.values() if first_marker.get(q, 1 << 60) < o)
+    assert usage_total(sink)["events"] == want
+    assert set(sink.events) == {("t1", e) for e in first_copy}
+    rows = {(q, o) for _t, _m, _top, q, o in sink.activation_rows}
+    assert rows == set(first_marker.items())

@@ -1,0 +1,403 @@
+"""Invoicing endpoints: invoice runs, invoices (JSON, CSV, PDF) and their lifecycle, credit
+notes, discounts, event corrections, the audit trail and reconciliation. The use-cases live in
+``billing`` (``api.billing_state``); this module parses, authenticates and answers.
+See docs/invoicing.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pydantic
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from api.auth import current_tenant, require_admin
+from api.billing_state import actor_of, billing
+from api.catalog import _body, _ok
+from api.errors import json_response
+from api.ingest import read_body
+from api.state import AppState, get_state
+from billing import reconcile, render
+from schemas.billing import (
+    CorrectionIn,
+    CreditNoteIn,
+    DiscountIn,
+    ExternalLine,
+    InvoiceStatus,
+    ReconciliationIn,
+    RunIn,
+    VoidIn,
+)
+from schemas.catalog import _time
+from tally.errors import ValidationError, summarize
+
+router = APIRouter()
+admin_router = APIRouter(dependencies=[Depends(require_admin)])
+
+CSV = "text/csv; charset=utf-8"
+MAX_RECON_BODY = 32 * 1024 * 1024
+
+
+def _wants_csv(request: Request) -> bool:
+    fmt = request.query_params.get("format")
+    if fmt is not None:
+        if fmt not in ("json", "csv"):
+            raise ValidationError(
+                "format must be json or csv", details=[{"field": "format", "message": "json|csv"}]
+            )
+        return fmt == "csv"
+    return "text/csv" in request.headers.get("accept", "")
+
+
+async def _optional_body(request: Request, model: type[Any], what: str) -> Any:
+    """Like ``_body``, but an empty body means all defaults."""
+    raw = await read_body(request, 64 * 1024)
+    if not raw.strip():
+        return model()
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationError(
+            f"request body is not valid JSON: {exc}",
+            details=[{"field": "body", "message": f"malformed JSON: {exc}"}],
+        ) from None
+    if not isinstance(doc, dict):
+        raise ValidationError(
+            f"a {what} must be a JSON object",
+            details=[{"field": "body", "message": "expected a JSON object"}],
+        )
+    try:
+        return model.model_validate(doc)
+    except pydantic.ValidationError as exc:
+        raise ValidationError.from_pydantic(exc, f"invalid {what}") from None
+
+
+# --- runs -------------------------------------------------------------------------------------
+
+
+@router.post("/v1/invoices/run", tags=["invoices"])
+async def run_invoices(
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    req = await _optional_body(request, RunIn, "invoice run")
+    svc = billing(request, st).invoicing
+    out = await st.run(svc.run, tenant_id, req.as_of, actor_of(request))
+    return _ok(out)
+
+
+@admin_router.post("/v1/admin/tenants/{tenant_id}/invoices/run", tags=["admin"])
+async def admin_run_invoices(
+    tenant_id: str, request: Request, st: AppState = Depends(get_state)
+) -> Response:
+    req = await _optional_body(request, RunIn, "invoice run")
+    await st.run(st.repo.get_tenant, tenant_id)
+    svc = billing(request, st).invoicing
+    return _ok(await st.run(svc.run, tenant_id, req.as_of, "admin"))
+
+
+# --- invoices ---------------------------------------------------------------------------------
+
+
+@router.get("/v1/invoices", tags=["invoices"])
+async def list_invoices(
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    raw = request.query_params.get("status")
+    status = None
+    if raw:
+        try:
+            status = InvoiceStatus(raw)
+        except ValueError:
+            raise ValidationError(
+                "status must be draft, finalized or void",
+                details=[{"field": "status", "message": f"unknown status {raw!r}"}],
+            ) from None
+    customer = request.query_params.get("customer_id") or None
+    svc = billing(request, st).invoicing
+    return _ok(await st.run(svc.list_invoices, tenant_id, customer, status))
+
+
+@router.get("/v1/invoices/{invoice_id}", tags=["invoices"])
+async def get_invoice(
+    invoice_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    inv = await st.run(billing(request, st).invoicing.get_invoice, tenant_id, invoice_id)
+    if _wants_csv(request):
+        return Response(render.to_csv(inv), media_type=CSV)
+    return _ok(inv)
+
+
+@router.get("/v1/invoices/{invoice_id}/csv", tags=["invoices"])
+async def invoice_csv(
+    invoice_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    inv = await st.run(billing(request, st).invoicing.get_invoice, tenant_id, invoice_id)
+    return Response(render.to_csv(inv), media_type=CSV)
+
+
+@router.get("/v1/invoices/{invoice_id}/pdf", tags=["invoices"])
+async def invoice_pdf(
+    invoice_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    inv = await st.run(billing(request, st).invoicing.get_invoice, tenant_id, invoice_id)
+    name = inv.number or inv.id
+    return Response(
+        render.to_pdf(inv),
+        media_type="application/pdf",
+        headers={"Content-Disposition": f'inline; filename="{name}.pdf"'},
+    )
+
+
+@router.post("/v1/invoices/{invoice_id}/finalize", tags=["invoices"])
+async def finalize_invoice(
+    invoice_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    svc = billing(request, st).invoicing
+    return _ok(await st.run(svc.finalize, tenant_id, invoice_id, actor_of(request)))
+
+
+@router.post("/v1/invoices/{invoice_id}/refresh", tags=["invoices"])
+async def refresh_invoice(
+    invoice_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    svc = billing(request, st).invoicing
+    return _ok(await st.run(svc.refresh, tenant_id, invoice_id, actor_of(request)))
+
+
+@router.post("/v1/invoices/{invoice_id}/void", tags=["invoices"])
+async def void_invoice(
+    invoice_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    req = await _body(request, VoidIn, "void request")
+    svc = billing(request, st).invoicing
+    return _ok(await st.run(svc.void, tenant_id, invoice_id, req, actor_of(request)))
+
+
+# --- credit notes -----------------------------------------------------------------------------
+
+
+@router.post("/v1/invoices/{invoice_id}/credit-notes", status_code=201, tags=["invoices"])
+async def create_credit_note(
+    invoice_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    req = await _body(request, CreditNoteIn, "credit note")
+    svc = billing(request, st).invoicing
+    note = await st.run(svc.create_credit_note, tenant_id, invoice_id, req, actor_of(request))
+    return _ok(note, 201)
+
+
+@router.get("/v1/invoices/{invoice_id}/credit-notes", tags=["invoices"])
+async def invoice_credit_notes(
+    invoice_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    svc = billing(request, st).invoicing
+    await st.run(svc.get_invoice, tenant_id, invoice_id)
+    return _ok(await st.run(svc.list_credit_notes, tenant_id, invoice_id))
+
+
+@router.get("/v1/credit-notes", tags=["invoices"])
+async def list_credit_notes(
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    svc = billing(request, st).invoicing
+    customer = request.query_params.get("customer_id") or None
+    return _ok(await st.run(svc.list_credit_notes, tenant_id, None, customer))
+
+
+@router.get("/v1/credit-notes/{note_id}", tags=["invoices"])
+async def get_credit_note(
+    note_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    note = await st.run(billing(request, st).invoicing.get_credit_note, tenant_id, note_id)
+    if _wants_csv(request):
+        return Response(render.to_csv(note), media_type=CSV)
+    return _ok(note)
+
+
+@router.get("/v1/credit-notes/{note_id}/pdf", tags=["invoices"])
+async def credit_note_pdf(
+    note_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    note = await st.run(billing(request, st).invoicing.get_credit_note, tenant_id, note_id)
+    return Response(
+        render.to_pdf(note),
+        media_type="application/pdf",
+        headers={"Content-Disposition": f'inline; filename="{note.number}.pdf"'},
+    )
+
+
+# --- discounts --------------------------------------------------------------------------------
+
+
+@router.post("/v1/customers/{customer_id}/discounts", status_code=201, tags=["invoices"])
+async def add_discount(
+    customer_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    req = await _body(request, DiscountIn, "discount")
+    svc = billing(request, st).invoicing
+    return _ok(await st.run(svc.add_discount, tenant_id, customer_id, req, actor_of(request)), 201)
+
+
+@router.get("/v1/customers/{customer_id}/discounts", tags=["invoices"])
+async def list_discounts(
+    customer_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    svc = billing(request, st).invoicing
+    return _ok(await st.run(svc.list_discounts, tenant_id, customer_id))
+
+
+@router.delete("/v1/customers/{customer_id}/discounts/{discount_id}", tags=["invoices"])
+async def delete_discount(
+    customer_id: str,
+    discount_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    svc = billing(request, st).invoicing
+    return _ok(
+        await st.run(svc.delete_discount, tenant_id, customer_id, discount_id, actor_of(request))
+    )
+
+
+# --- corrections and audit --------------------------------------------------------------------
+
+
+@router.post("/v1/events/{event_id}/corrections", status_code=201, tags=["invoices"])
+async def correct_event(
+    event_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    req = await _body(request, CorrectionIn, "correction")
+    svc = billing(request, st).corrections
+    return _ok(await st.run(svc.correct, tenant_id, event_id, req, actor_of(request)), 201)
+
+
+@router.get("/v1/events/{event_id}/corrections", tags=["invoices"])
+async def event_corrections(
+    event_id: str,
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    svc = billing(request, st).corrections
+    return _ok(await st.run(svc.history, tenant_id, event_id))
+
+
+@router.get("/v1/audit", tags=["invoices"])
+async def audit(
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    q = request.query_params
+    rows = billing(request, st).rows
+    found = await st.run(
+        rows.audit, tenant_id, q.get("object_type") or None, q.get("object_id") or None
+    )
+    return _ok(found)
+
+
+# --- reconciliation ---------------------------------------------------------------------------
+
+
+@router.post("/v1/reconciliations", tags=["invoices"])
+async def reconciliation(
+    request: Request,
+    tenant_id: str = Depends(current_tenant),
+    st: AppState = Depends(get_state),
+) -> Response:
+    """The other system's lines as JSON (``{period_start, period_end, lines, amount_tolerance?}``)
+    or as CSV (``Content-Type: text/csv``, the period in the query string)."""
+    ctype = request.headers.get("content-type", "")
+    if "csv" in ctype:
+        raw = await read_body(request, MAX_RECON_BODY)
+        q = request.query_params
+        try:
+            req = ReconciliationIn.model_validate(
+                {
+                    "period_start": q.get("period_start"),
+                    "period_end": q.get("period_end"),
+                    "lines": [],
+                    **(
+                        {"amount_tolerance": q["amount_tolerance"]}
+                        if "amount_tolerance" in q
+                        else {}
+                    ),
+                }
+            )
+        except pydantic.ValidationError as exc:
+            err = ValidationError.from_pydantic(exc, "invalid request")
+            raise ValidationError(summarize(err.details), details=err.details) from None
+        lines = reconcile.parse_csv(raw.decode("utf-8-sig", errors="replace"))
+    else:
+        req = await _body(request, ReconciliationIn, "reconciliation")
+        lines = list(req.lines)
+    if req.period_end <= req.period_start:
+        raise ValidationError(
+            "period_end must be after period_start",
+            details=[{"field": "period_end", "message": "not after period_start"}],
+        )
+    rows = billing(request, st).rows
+    invoices = await st.run(
+        rows.invoices, tenant_id, None, None, None, None, req.period_start, req.period_end
+    )
+    report = reconcile.diff(
+        reconcile.tally_lines(invoices),
+        lines,
+        req.period_start,
+        req.period_end,
+        req.amount_tolerance,
+    )
+    if _wants_csv(request):
+        return Response(reconcile.report_csv(report), media_type=CSV)
+    return json_response(200, orjson.loads(report.model_dump_json()))
+
+
+__all__ = ["ExternalLine", "_time", "admin_router", "router"]
