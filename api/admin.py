@@ -140,15 +140,6 @@ async def put_limits(
     Takes effect at once in this process, within ``limits_cache_ttl_s`` in the others."""
     await _tenant(st, tenant_id)
     body = await parse_body(request, LimitsIn, "limits")
-    if (
-        body.max_batch_events is not None
-        and body.max_batch_events > st.settings.max_events_per_request
-    ):
-        raise ValidationError(
-            f"max_batch_events must be <= max_events_per_request "
-            f"({st.settings.max_events_per_request}) of this server",
-            field="max_batch_events",
-        )
     overrides = LimitOverrides(**body.model_dump())
     await st.run(st.limiter.repo.put, tenant_id, overrides)
     st.limiter.invalidate(tenant_id)

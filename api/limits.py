@@ -3,8 +3,9 @@
 Limits (names are the ``field`` of the 429/413 error details and the keys of the admin API):
 
 - ``requests_per_second``: every tenant-authenticated request (charged by ``api.auth``);
-- ``events_per_second``: events of ingest requests (every item of the batch);
-- ``max_batch_events``: events in one ingest request (413, retrying the same batch cannot help);
+- ``events_per_second``: valid events of ingest requests, every flavour (``api.ingest.deliver``);
+- ``max_batch_events``: valid events in one ingest request (413: retrying the same batch cannot
+  help); on top of each flavour's own request limits (``max_events_per_request``, Segment's);
 - ``monthly_events``: events accepted (acknowledged by the broker) per UTC calendar month.
 
 Defaults come from settings (``tenant_*``); per-tenant overrides are stored (``tenant_limits``,
@@ -78,10 +79,6 @@ class EffectiveLimits:
 
 def effective_limits(settings: Settings, o: LimitOverrides) -> EffectiveLimits:
     s = settings
-    batch_default = s.tenant_max_batch_events or s.max_events_per_request
-    batch = batch_default if o.max_batch_events is None else o.max_batch_events
-    if batch == 0 or batch > s.max_events_per_request:
-        batch = s.max_events_per_request
     return EffectiveLimits(
         requests_per_second=(
             s.tenant_requests_per_s if o.requests_per_second is None else o.requests_per_second
@@ -89,7 +86,9 @@ def effective_limits(settings: Settings, o: LimitOverrides) -> EffectiveLimits:
         events_per_second=(
             s.tenant_events_per_s if o.events_per_second is None else o.events_per_second
         ),
-        max_batch_events=batch,
+        max_batch_events=(
+            s.tenant_max_batch_events if o.max_batch_events is None else o.max_batch_events
+        ),
         monthly_events=s.tenant_monthly_events if o.monthly_events is None else o.monthly_events,
     )
 
@@ -238,7 +237,7 @@ class TenantLimiter:
         events for ``n`` events; reserve them (``commit``/``release`` afterwards)."""
         lim = await self.limits(st, tenant_id)
         s = self.settings
-        if n > lim.max_batch_events:
+        if 0 < lim.max_batch_events < n:
             self._limited("max_batch_events")
             raise PayloadTooLarge(
                 f"{n} events in one request; this tenant's limit is {lim.max_batch_events} "

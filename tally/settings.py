@@ -77,7 +77,9 @@ class Settings(BaseSettings):
     # --- per-tenant limits (defaults; overrides per tenant through the admin API) ------------
     tenant_requests_per_s: float = Field(1000.0, ge=0, description="0 = unlimited")
     tenant_events_per_s: float = Field(50_000.0, ge=0, description="0 = unlimited")
-    tenant_max_batch_events: int = Field(0, ge=0, description="0 = max_events_per_request")
+    tenant_max_batch_events: int = Field(
+        0, ge=0, description="0 = only each ingest flavour's own request limits"
+    )
     tenant_monthly_events: int = Field(
         0, ge=0, description="Accepted events per UTC month; 0 = unlimited"
     )

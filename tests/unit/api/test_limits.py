@@ -70,13 +70,15 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-def test_effective_limits_defaults_overrides_and_caps() -> None:
-    s = Settings(max_events_per_request=500, tenant_events_per_s=10, tenant_monthly_events=7)
+def test_effective_limits_defaults_and_overrides() -> None:
+    s = Settings(tenant_events_per_s=10, tenant_monthly_events=7)
     e = effective_limits(s, LimitOverrides())
-    assert (e.events_per_second, e.max_batch_events, e.monthly_events) == (10, 500, 7)
+    assert (e.events_per_second, e.max_batch_events, e.monthly_events) == (10, 0, 7)
     e = effective_limits(s, LimitOverrides(events_per_second=0, max_batch_events=9000))
-    assert e.events_per_second == 0 and e.max_batch_events == 500
-    assert effective_limits(s, LimitOverrides(max_batch_events=20)).max_batch_events == 20
+    assert e.events_per_second == 0 and e.max_batch_events == 9000
+    s = Settings(tenant_max_batch_events=300)
+    assert effective_limits(s, LimitOverrides()).max_batch_events == 300
+    assert effective_limits(s, LimitOverrides(max_batch_events=0)).max_batch_events == 0
     assert next_month(date(2026, 12, 1)) == datetime(2027, 1, 1, tzinfo=UTC)
     assert month_of(datetime(2026, 2, 28, 23, 59, tzinfo=UTC)) == date(2026, 2, 1)
 
