@@ -75,8 +75,10 @@ PLANS: dict[str, list[dict[str, Any]]] = {
     "chain-reads-fail": [dict(op="chain", skip=4, times=3)],
     # partition set-up: the claim write and the progress read
     "claim-write-fails": [dict(op="insert", table="worker_claims", times=2)],
-    # preparing a link: the meters load
-    "meters-load-fails": [dict(op="meters", skip=1, times=2)],
+    # preparing a link: the first meters load fails (the link waits and is retried) ...
+    "meters-first-load-fails": [dict(op="meters", times=2)],
+    # ... a later reload fails (the last loaded meters are used; markers carry their meter)
+    "meters-reload-fails": [dict(op="meters", skip=1, times=2)],
 }
 
 
@@ -99,7 +101,8 @@ def test_fault_at_each_commit_step_ends_exact(
     for f in faulty.faults:  # every armed fault (also the chained ones) really fired
         assert f.hits == f.times, (plan, f)
     assert faults
-    assert worker.attempt_failures >= 1  # the worker saw the failure and retried
+    if plan != "meters-reload-fails":  # a failed reload is absorbed by the meter cache
+        assert worker.attempt_failures >= 1  # the worker saw the failure and retried
     if plan.startswith(("insert-lands", "late-insert")):
         # the late insert executed after the worker had stored the link itself or adopted it
         outcomes = [r.outcome for r in faulty.log]
