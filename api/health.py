@@ -8,25 +8,30 @@ check is red when no worker is running, or one cannot commit for longer than
 ``worker_max_failing_s`` (embedded: the worker in this process; scale-out: the heartbeats the
 workers write to the store, ``streams.status``).
 
-Unauthenticated. ``MetricsMiddleware`` counts requests by route *template* (never the raw path,
-which would explode label cardinality) and status.
+/healthz and /readyz are unauthenticated. /metrics is open unless ``settings.metrics_token`` is
+set, then it needs ``Authorization: Bearer <metrics token>`` (401 otherwise). Metrics never carry
+secrets: labels are route templates, methods, statuses and limit names (no tenant ids, no keys).
+``MetricsMiddleware`` counts requests by route *template* (never the raw path, which would
+explode label cardinality) and status.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import json_response
+from api.errors import error_body, json_response
 from api.state import AppState, Metrics, get_state
 from streams.status import evaluate, stale_after_s
+from tally.errors import AuthenticationError, detail
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -35,7 +40,18 @@ READY_TIMEOUT_S = 3.0
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics(st: AppState = Depends(get_state)) -> Response:
+async def metrics(request: Request, st: AppState = Depends(get_state)) -> Response:
+    expected = st.settings.metrics_token
+    if expected:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), expected.encode()
+        ):
+            raise AuthenticationError(
+                "/metrics needs 'Authorization: Bearer <metrics token>' (TALLY_METRICS_TOKEN)",
+                field="authorization",
+            )
     return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -95,11 +111,12 @@ async def readyz(st: AppState = Depends(get_state)) -> Response:
     if ready:
         return json_response(200, {"status": "ready", "checks": checks, "components": components})
     bad = ", ".join(f"{k} {v}" for k, v in checks.items() if v != "ok")
+    details = [detail(k, v) for k, v in checks.items() if v != "ok"]
     return json_response(
         503,
         {
-            "error": "unavailable",
-            "message": f"not ready: {bad}",
+            # the one error shape, plus the readiness diagnostics
+            **error_body("unavailable", f"not ready: {bad}", details),
             "status": "not_ready",
             "checks": checks,
             "components": components,

@@ -12,7 +12,11 @@ Answers:
 - some invalid: 200 ``{"accepted": n, "rejected": [{index, field, message}, ...]}``
   (the valid ones are accepted); ``?atomic=true``: 400 and nothing is accepted
 - all invalid: 400 with ``details`` = the list
-- too many events / bytes: 413; broker down: 503 + Retry-After (nothing counts; retry)
+- too many events / bytes: 413 (also the tenant's ``max_batch_events``); broker down: 503 +
+  Retry-After (nothing counts; retry)
+- a tenant limit (``requests_per_second``, ``events_per_second``, ``monthly_events``): 429 +
+  Retry-After naming it; too much in flight in this process: 503 ``overloaded`` (``api.limits``);
+  nothing of a refused request was produced
 - ``wait=stored`` timeout: 503 + Retry-After; the events ARE in the broker and will be stored,
   retrying is safe because ingest is idempotent by event id.
 """
@@ -40,7 +44,13 @@ from api.ingest_parse import (
 )
 from api.state import AppState, get_state
 from schemas.envelope import Row, group_rows
-from tally.errors import BrokerUnavailable, PayloadTooLarge, Unavailable, ValidationError
+from tally.errors import (
+    BrokerUnavailable,
+    PayloadTooLarge,
+    Unavailable,
+    ValidationError,
+    detail,
+)
 from tally.settings import WaitMode
 
 router = APIRouter()
@@ -179,13 +189,21 @@ async def deliver(
     producer = st.producer
     if producer is None:
         raise BrokerUnavailable("ingest is not configured on this server (no producer)")
-    envelopes = group_rows(tenant_id, now_ms, rows, producer.partitions, s.envelope_max_events)
+    # the tenant's batch size, monthly quota and event rate, this process's in-flight events
+    # (413 / 429 / 503 naming the limit; nothing is produced then)
+    reservation = await st.limiter.admit_events(st, tenant_id, len(rows))
     try:
-        positions = await producer.produce(envelopes, key=tenant_id)
-    except Unavailable:
-        metrics.produce_failures.inc()
-        raise
+        envelopes = group_rows(tenant_id, now_ms, rows, producer.partitions, s.envelope_max_events)
+        try:
+            positions = await producer.produce(envelopes, key=tenant_id)
+        except Unavailable:
+            metrics.produce_failures.inc()
+            raise
+        st.limiter.commit(reservation, len(rows))
+    finally:
+        st.limiter.release(reservation)
     metrics.envelopes.inc(len(envelopes))
+    del envelopes
     metrics.events.labels(api, "accepted").inc(len(rows))
     if wait == WaitMode.STORED:
         assert st.progress_waiter is not None
@@ -201,7 +219,9 @@ async def deliver(
                 f"{s.wait_stored_timeout_s:g}s; they will be stored. Retrying is safe: ingest is "
                 "idempotent by event id",
                 retry_after=s.retry_after_s,
-                details={"accepted_by_broker": len(rows), "stored": False},
+                details=[
+                    detail("wait", f"{len(rows)} events accepted by the broker, not stored yet")
+                ],
             )
 
 

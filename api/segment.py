@@ -38,8 +38,8 @@ import pydantic
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from api.auth import current_tenant, tenant_of_api_key
-from api.errors import describe, json_response, validation_details
+from api.auth import client_address, current_tenant, tenant_of_api_key
+from api.errors import json_response
 from api.ingest import deliver, limits_of, parse_wait, read_body
 from api.ingest_parse import load_json
 from api.secretbox import SecretBox
@@ -255,7 +255,7 @@ async def segment_batch(
 ) -> Response:
     """Segment's batch call: ``{"batch": [message, ...], "sentAt"?, "context"?, "writeKey"?}``."""
     doc = load_json(await _read(request, MAX_BATCH_BYTES, "a batch request"))
-    tenant_id = await tenant_of_api_key(st, write_key(request, doc))
+    tenant_id = await tenant_of_api_key(st, write_key(request, doc), client_address(request))
     if not isinstance(doc, dict) or not isinstance(doc.get("batch"), list):
         raise ValidationError(
             'a batch request is an object {"batch": [message, ...]}',
@@ -285,7 +285,7 @@ async def segment_track(
 ) -> Response:
     """Segment's track call: one message object (its ``type`` is implied)."""
     doc = load_json(await _read(request, MAX_MESSAGE_BYTES, "a track request"))
-    tenant_id = await tenant_of_api_key(st, write_key(request, doc))
+    tenant_id = await tenant_of_api_key(st, write_key(request, doc), client_address(request))
     if not isinstance(doc, dict):
         raise ValidationError(
             "a track request is one message object",
@@ -307,7 +307,7 @@ async def segment_track(
 def _ignored_route(kind: str) -> None:
     async def handler(request: Request, st: AppState = Depends(get_state)) -> Response:
         doc = load_json(await _read(request, MAX_MESSAGE_BYTES, f"a {kind} request"))
-        await tenant_of_api_key(st, write_key(request, doc))
+        await tenant_of_api_key(st, write_key(request, doc), client_address(request))
         if not isinstance(doc, dict):
             raise ValidationError(
                 f"a {kind} request is one message object",
@@ -404,8 +404,7 @@ async def _model(request: Request, model: type[M], what: str, allow_empty: bool 
     try:
         return model.model_validate(doc)
     except pydantic.ValidationError as exc:
-        details = validation_details(list(exc.errors(include_url=False)))
-        raise ValidationError(f"invalid {what}: " + describe(details), details=details) from None
+        raise ValidationError.from_pydantic(exc, f"invalid {what}") from None
 
 
 def _webhook(cfg: SegmentSettings) -> SegmentWebhook:

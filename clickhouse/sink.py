@@ -147,7 +147,7 @@ def progress_row(topic: str, partition: int, offset: int) -> tuple:
 
 def _ms(value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValidationError("epoch milliseconds must be an int", details={"field": "ms"})
+        raise ValidationError("epoch milliseconds must be an int", field="ms")
     return value
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,11 +17,17 @@ from tally.errors import TallyError
 from tally.settings import Settings, get_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Tally usage metering")
-tenant_app = typer.Typer(no_args_is_help=True, help="Tenants and API keys")
+tenant_app = typer.Typer(no_args_is_help=True, help="Tenants")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys of a tenant")
+tokens_app = typer.Typer(no_args_is_help=True, help="Admin tokens")
+limits_app = typer.Typer(no_args_is_help=True, help="Per-tenant rate limits and quota")
 meters_app = typer.Typer(no_args_is_help=True, help="Meters")
 invoices_app = typer.Typer(no_args_is_help=True, help="Invoices")
 events_app = typer.Typer(no_args_is_help=True, help="Events")
 app.add_typer(tenant_app, name="tenant")
+app.add_typer(keys_app, name="keys")
+app.add_typer(tokens_app, name="admin-tokens")
+app.add_typer(limits_app, name="limits")
 app.add_typer(meters_app, name="meters")
 app.add_typer(invoices_app, name="invoices")
 app.add_typer(events_app, name="events")
@@ -160,6 +168,280 @@ def tenant_list(
                 typer.echo(f"{t.tenant_id}\t{t.name}")
     except TallyError as exc:
         _fail(exc)
+
+
+AdminToken = Annotated[
+    str | None, typer.Option(help="Needed when `tally run` is up (or TALLY_ADMIN_TOKEN)")
+]
+Tenant = Annotated[str, typer.Option("--tenant", help="Tenant id")]
+
+
+def _admin(
+    data_dir: Path | None,
+    admin_token: str | None,
+    via_api: Callable[[Any], Any],
+    direct: Callable[[Any], Any],
+) -> Any:
+    """Run an admin operation through a running `tally run` (admin API) or on the store.
+
+    ``via_api(call)`` gets ``call(method, path, body=None) -> json``; ``direct(core)`` gets an
+    opened ``runtime.roles.Core``. Both return the same JSON-shaped answer.
+    """
+    from runtime.roles import Core, admin_call, running_server
+
+    settings = _settings(data_dir)
+    try:
+        url = running_server(settings) if settings.embedded else None
+        if url:
+            token = _admin_token(admin_token, settings)
+            return via_api(
+                lambda method, path, body=None: admin_call(url, token, method, path, body)
+            )
+        return direct(Core.open(settings))
+    except TallyError as exc:
+        _fail(exc)
+
+
+def _show_key(k: dict[str, Any]) -> None:
+    typer.echo(
+        f"{k['id']}\t{k['status']}\t{k['name'] or '-'}\t{k['prefix']}...\t"
+        f"created {k['created_at']}\texpires {k['expires_at'] or 'never'}\t"
+        f"last used {k['last_used_at'] or 'never'}"
+    )
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Tenant,
+    name: Annotated[str | None, typer.Option(help="A label, e.g. 'ci'")] = None,
+    expires_at: Annotated[
+        str | None, typer.Option(help="RFC 3339, e.g. 2027-01-01T00:00:00Z")
+    ] = None,
+    data_dir: DataDir = None,
+    admin_token: AdminToken = None,
+) -> None:
+    """Create an API key for a tenant and print it (shown once)."""
+    body: dict[str, Any] = {"name": name, "expires_at": expires_at}
+
+    def direct(core: Any) -> Any:
+        from schemas.credentials import KeyIn
+        from schemas.timeutil import utc_now
+
+        core.repo.get_tenant(tenant)
+        req = _model(KeyIn, body)
+        info, key = core.repo.credentials.create_api_key(tenant, req.name, req.expires_at)
+        return {**info.to_json(utc_now()), "api_key": key}
+
+    out = _admin(
+        data_dir,
+        admin_token,
+        lambda call: call("POST", f"/v1/admin/tenants/{tenant}/keys", body),
+        direct,
+    )
+    _show_key(out)
+    typer.echo(f"api_key: {out['api_key']}   (shown once; only its hash is stored)")
+
+
+@keys_app.command("list")
+def keys_list(tenant: Tenant, data_dir: DataDir = None, admin_token: AdminToken = None) -> None:
+    """List a tenant's keys (never the secrets): id, status, name, prefix, times."""
+
+    def direct(core: Any) -> Any:
+        from schemas.timeutil import utc_now
+
+        core.repo.get_tenant(tenant)
+        now = utc_now()
+        return {"data": [k.to_json(now) for k in core.repo.credentials.list_api_keys(tenant)]}
+
+    out = _admin(
+        data_dir, admin_token, lambda call: call("GET", f"/v1/admin/tenants/{tenant}/keys"), direct
+    )
+    for k in out["data"]:
+        _show_key(k)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: str, tenant: Tenant, data_dir: DataDir = None, admin_token: AdminToken = None
+) -> None:
+    """Revoke a key (effective within auth_positive_ttl_s in every API process)."""
+
+    def direct(core: Any) -> Any:
+        from schemas.timeutil import utc_now
+
+        return core.repo.credentials.revoke_api_key(tenant, key_id).to_json(utc_now())
+
+    out = _admin(
+        data_dir,
+        admin_token,
+        lambda call: call("DELETE", f"/v1/admin/tenants/{tenant}/keys/{key_id}"),
+        direct,
+    )
+    _show_key(out)
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    key_id: str,
+    tenant: Tenant,
+    overlap: Annotated[int, typer.Option(help="Seconds the old key keeps working")] = 3600,
+    data_dir: DataDir = None,
+    admin_token: AdminToken = None,
+) -> None:
+    """Replace a key: prints the new key; the old one works for --overlap more seconds."""
+    body = {"overlap_s": overlap}
+
+    def direct(core: Any) -> Any:
+        from schemas.credentials import RotateIn
+        from schemas.timeutil import utc_now
+
+        req = _model(RotateIn, body)
+        new, secret, old = core.repo.credentials.rotate_api_key(
+            tenant, key_id, timedelta(seconds=req.overlap_s)
+        )
+        now = utc_now()
+        return {**new.to_json(now), "api_key": secret, "previous": old.to_json(now)}
+
+    out = _admin(
+        data_dir,
+        admin_token,
+        lambda call: call("POST", f"/v1/admin/tenants/{tenant}/keys/{key_id}/rotate", body),
+        direct,
+    )
+    _show_key(out["previous"])
+    _show_key(out)
+    typer.echo(f"api_key: {out['api_key']}   (shown once; only its hash is stored)")
+
+
+def _model(model: Any, body: dict[str, Any]) -> Any:
+    import pydantic
+
+    from tally.errors import ValidationError
+
+    try:
+        return model.model_validate({k: v for k, v in body.items() if v is not None})
+    except pydantic.ValidationError as exc:
+        raise ValidationError.from_pydantic(exc, "invalid option") from None
+
+
+def _show_token(t: dict[str, Any]) -> None:
+    typer.echo(
+        f"{t['id']}\t{t['status']}\t{t['name'] or '-'}\tcreated {t['created_at']}"
+        + (f"\trevoked {t['revoked_at']}" if t.get("revoked_at") else "")
+    )
+
+
+@tokens_app.command("create")
+def tokens_create(
+    name: Annotated[str | None, typer.Option(help="A label")] = None,
+    data_dir: DataDir = None,
+    admin_token: AdminToken = None,
+) -> None:
+    """Create an admin token and print it (shown once)."""
+
+    def direct(core: Any) -> Any:
+        info, token = core.repo.credentials.create_admin_token(name)
+        return {**info.to_json(), "admin_token": token}
+
+    out = _admin(
+        data_dir, admin_token, lambda call: call("POST", "/v1/admin/tokens", {"name": name}), direct
+    )
+    _show_token(out)
+    typer.echo(f"admin_token: {out['admin_token']}   (shown once; only its hash is stored)")
+
+
+@tokens_app.command("list")
+def tokens_list(data_dir: DataDir = None, admin_token: AdminToken = None) -> None:
+    def direct(core: Any) -> Any:
+        return {"data": [t.to_json() for t in core.repo.credentials.list_admin_tokens()]}
+
+    out = _admin(data_dir, admin_token, lambda call: call("GET", "/v1/admin/tokens"), direct)
+    for t in out["data"]:
+        _show_token(t)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token_id: str, data_dir: DataDir = None, admin_token: AdminToken = None) -> None:
+    """Revoke an admin token (effective within auth_positive_ttl_s in every API process)."""
+
+    def direct(core: Any) -> Any:
+        return core.repo.credentials.revoke_admin_token(token_id).to_json()
+
+    out = _admin(
+        data_dir, admin_token, lambda call: call("DELETE", f"/v1/admin/tokens/{token_id}"), direct
+    )
+    _show_token(out)
+
+
+def _show_limits(out: dict[str, Any]) -> None:
+    for name, value in out["effective"].items():
+        override = out["overrides"].get(name)
+        src = "default" if override is None else "override"
+        shown = "unlimited" if value == 0 else f"{value:g}" if isinstance(value, float) else value
+        typer.echo(f"{name}\t{shown}\t({src})")
+
+
+@limits_app.command("show")
+def limits_show(tenant: Tenant, data_dir: DataDir = None, admin_token: AdminToken = None) -> None:
+    """The limits in effect for a tenant (0 = unlimited) and where they come from."""
+
+    def direct(core: Any) -> Any:
+        from api.limits import effective_limits
+        from clickhouse.limits import LimitsRepo
+
+        core.repo.get_tenant(tenant)
+        o = LimitsRepo(core.store).get(tenant)
+        eff = effective_limits(_settings(data_dir), o)
+        return {"overrides": o.to_json(), "effective": eff.to_json()}
+
+    _show_limits(
+        _admin(
+            data_dir,
+            admin_token,
+            lambda call: call("GET", f"/v1/admin/tenants/{tenant}/limits"),
+            direct,
+        )
+    )
+
+
+@limits_app.command("set")
+def limits_set(
+    tenant: Tenant,
+    requests_per_second: Annotated[float | None, typer.Option()] = None,
+    events_per_second: Annotated[float | None, typer.Option()] = None,
+    max_batch_events: Annotated[int | None, typer.Option()] = None,
+    monthly_events: Annotated[int | None, typer.Option()] = None,
+    data_dir: DataDir = None,
+    admin_token: AdminToken = None,
+) -> None:
+    """Replace a tenant's overrides (omitted = default, 0 = unlimited)."""
+    body: dict[str, Any] = {
+        "requests_per_second": requests_per_second,
+        "events_per_second": events_per_second,
+        "max_batch_events": max_batch_events,
+        "monthly_events": monthly_events,
+    }
+
+    def direct(core: Any) -> Any:
+        from api.limits import effective_limits
+        from clickhouse.limits import LimitOverrides, LimitsRepo
+        from schemas.credentials import LimitsIn
+
+        core.repo.get_tenant(tenant)
+        req = _model(LimitsIn, body)
+        o = LimitOverrides(**req.model_dump())
+        LimitsRepo(core.store).put(tenant, o)
+        eff = effective_limits(_settings(data_dir), o)
+        return {"overrides": o.to_json(), "effective": eff.to_json()}
+
+    _show_limits(
+        _admin(
+            data_dir,
+            admin_token,
+            lambda call: call("PUT", f"/v1/admin/tenants/{tenant}/limits", body),
+            direct,
+        )
+    )
 
 
 @meters_app.command("backfill")

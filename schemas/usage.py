@@ -41,7 +41,7 @@ def _zones() -> frozenset[str]:
 
 
 def _bad(field: str, message: str) -> ValidationError:
-    return ValidationError(f"{field}: {message}", details={"field": field})
+    return ValidationError(f"{field}: {message}", field=field)
 
 
 def _instant(field: str, value: datetime) -> datetime:

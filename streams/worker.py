@@ -461,13 +461,14 @@ class StreamWorker:
                     self.processor.held_messages,
                 )
             with contextlib.suppress(Exception):
-                await self.app.consumer.commit()
+                # bounded: with a dead broker (embedded supervision) these never return
+                await asyncio.wait_for(self.app.consumer.commit(), timeout)
         else:
             self.dropped_on_stop = self.processor.held_messages
         self.state = "stopped"
         await self._beat(5.0)
         with contextlib.suppress(Exception):
-            await self.app.stop()
+            await asyncio.wait_for(self.app.stop(), timeout)
         self.executor.shutdown(wait=True)
         self._hb_executor.shutdown(wait=False)
         for idx in self.indexes.values():
