@@ -94,6 +94,11 @@ def test_fault_at_each_commit_step_ends_exact(
         for _ in range(3):
             produce(broker.bootstrap, topic, truth, src.batch(400, dup_rate=0.3))
             time.sleep(0.3)
+        # a meters reload happens every 2 s: keep events flowing until every fault has fired
+        deadline = time.monotonic() + 60
+        while any(f.hits < f.times for f in faulty.faults) and time.monotonic() < deadline:
+            produce(broker.bootstrap, topic, truth, src.batch(50, dup_rate=0.3))
+            time.sleep(0.5)
         wait_stored(sink, topic, truth.last_offsets)
         worker = w.runner.worker
         assert worker is not None
