@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import Depends, Request
 
 from api.state import AppState, get_state
+from tally import log as tally_log
 from tally.errors import AuthenticationError
 
 POSITIVE_TTL_S = 60.0
@@ -94,6 +95,7 @@ async def tenant_of_api_key(st: AppState, token: str) -> str:
             "invalid API key (unknown or revoked)",
             details=[{"field": "authorization", "message": "invalid API key"}],
         )
+    tally_log.note_tenant(str(tenant_id))
     return str(tenant_id)
 
 
