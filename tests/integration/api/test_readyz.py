@@ -269,9 +269,9 @@ async def test_stuck_consumer_turns_freshness_and_lag_red(
             await _produce(producer, tenant.tenant_id, 12, "b")
             body = await _until(
                 c,
-                lambda code, b: code == 503
-                and b["checks"]["freshness"] != "ok"
-                and b["checks"]["lag"] != "ok",
+                lambda code, b: (
+                    code == 503 and b["checks"]["freshness"] != "ok" and b["checks"]["lag"] != "ok"
+                ),
                 timeout=90,
             )
             checks = body["checks"]
