@@ -11,8 +11,10 @@ their own on a private registry (unit tests). The processor calls the hooks at a
   that returned), ``store_errors`` (attempts that met a store error);
 - ``BatchProcessor.apply`` for a stored link: ``stored``, ``duplicate``, ``late``,
   ``meter_value_errors``;
-- the worker's monitor loop: ``consumer_lag{partition}``, ``freshness_seconds``,
-  ``dedupe_index_entries``, ``partitions``, ``held_events``.
+- the worker's monitor loop (every ``worker_heartbeat_s``): ``consumer_lag{partition}``,
+  ``freshness_seconds``, ``dedupe_index_entries``, ``partitions``, ``held_events``, ``up``,
+  ``store_up`` (the heartbeat write), ``broker_up`` (the lag measurement),
+  ``failing_seconds``.
 """
 
 from __future__ import annotations
@@ -114,6 +116,26 @@ class WorkerMetrics:
         self.fenced = Counter(
             "tally_worker_fenced_partitions",
             "Partitions dropped because another worker claimed them",
+            registry=r,
+        )
+        self.up = Gauge(
+            "tally_worker_up",
+            "1 while the worker runs (partitions set up, consuming), 0 when starting or stopped",
+            registry=r,
+        )
+        self.store_up = Gauge(
+            "tally_worker_store_up",
+            "1 when the worker's last heartbeat write to the store succeeded, else 0",
+            registry=r,
+        )
+        self.broker_up = Gauge(
+            "tally_worker_broker_up",
+            "1 when the worker's last lag measurement got an answer from the broker, else 0",
+            registry=r,
+        )
+        self.failing_seconds = Gauge(
+            "tally_worker_failing_seconds",
+            "How long commits have been failing (0 while they go through)",
             registry=r,
         )
         self.lag_probe_errors = Counter(

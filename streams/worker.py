@@ -272,6 +272,7 @@ class StreamWorker:
                 self.assigned.set()
                 if self.state == "starting":
                     self.state = "running"
+                    self.metrics.up.set(1)
 
     async def on_partitions_assigned(self, sender: Any, assigned: set[Any], **kw: Any) -> None:
         parts = {tp.partition for tp in assigned if tp.topic == self.topic}
@@ -439,7 +440,10 @@ class StreamWorker:
         try:
             await asyncio.wait_for(fut, timeout)
         except (TimeoutError, Exception) as exc:
+            self.metrics.store_up.set(0)
             log.debug("heartbeat not written: %r", exc)
+        else:
+            self.metrics.store_up.set(1)
 
     async def heartbeat_loop(self) -> None:
         """The monitor loop: measure lag and freshness, update the gauges, write the heartbeat."""
@@ -456,6 +460,9 @@ class StreamWorker:
         proc = self.processor
         stored = {p: proc.chain_end(p) for p in proc.partitions}
         m.partitions.set(len(stored))
+        m.up.set(1 if self.state == "running" else 0)
+        failing = self.failing_since_ms
+        m.failing_seconds.set(0 if failing is None else max(0, _now_ms() - failing) / 1000)
         m.held_events.set(proc.held_events)
         m.dedupe_entries.set(sum(idx.entries for idx in list(self.indexes.values())))
         report: LagReport
@@ -470,6 +477,7 @@ class StreamWorker:
                 m.lag_probe_errors.inc()
                 log.debug("lag not measured: %r", exc)
                 report = LagReport(_now_ms(), (), error=_describe(exc), topic=self.topic)
+        m.broker_up.set(0 if report.error else 1)
         if not report.error:
             # partitions revoked while measuring are not ours to report
             owned = set(proc.partitions)
@@ -544,6 +552,9 @@ class StreamWorker:
         else:
             self.dropped_on_stop = self.processor.held_messages
         self.state = "stopped"
+        self.metrics.up.set(0)
+        self.metrics.partitions.set(0)
+        self.metrics.set_lag({})
         await self._beat(5.0)
         with contextlib.suppress(Exception):
             await self.app.stop()
@@ -710,6 +721,7 @@ class WorkerRunner:
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 loop.close()
+                self.metrics.up.set(0)  # however the worker ended
                 self._ready.set()
                 self._done.set()
 

@@ -123,8 +123,9 @@ class TopTenantCounter(Collector):
         self._next_review = self._clock() + self.review_s
         recent = self._recent
         ranked = sorted(recent, key=lambda v: (-recent[v], v))
+        dropped: set[str] = set()
         for cand in ranked[: self.top_n]:
-            if cand in self._series or cand == OTHER:
+            if cand in self._series or cand == OTHER or cand in dropped:
                 continue
             if len(self._series) < self.top_n:
                 self._series[cand] = 0.0
@@ -132,6 +133,7 @@ class TopTenantCounter(Collector):
             quietest = min(self._series, key=lambda v: (recent.get(v, 0.0), v))
             if recent[cand] > 2 * recent.get(quietest, 0.0):
                 self.retired += self._series.pop(quietest)
+                dropped.add(quietest)
                 self._series[cand] = 0.0
         for v in list(recent):
             recent[v] /= 2
