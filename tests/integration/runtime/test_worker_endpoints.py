@@ -65,7 +65,7 @@ def test_worker_serves_metrics_health_and_readiness(
         procs.append(worker)
         url = f"http://127.0.0.1:{port}"
         wait_http(url, timeout=120)
-        code, body = _until(url, lambda c, b: c == 200)
+        _code, body = _until(url, lambda c, b: c == 200)
         assert body["checks"] == {
             "store": "ok",
             "migrations": "ok",
