@@ -94,6 +94,13 @@ def test_fault_at_each_commit_step_ends_exact(
         for _ in range(3):
             produce(broker.bootstrap, topic, truth, src.batch(400, dup_rate=0.3))
             time.sleep(0.3)
+        # keep events coming until every armed fault had its chance: a fault on a periodic
+        # operation (the meters reload, at most every 2 s) must not depend on how fast a loaded
+        # machine got through the batches above
+        deadline = time.monotonic() + 60
+        while any(f.hits < f.times for f in faulty.faults) and time.monotonic() < deadline:
+            produce(broker.bootstrap, topic, truth, src.batch(50, dup_rate=0.3))
+            time.sleep(0.5)
         wait_stored(sink, topic, truth.last_offsets)
         worker = w.runner.worker
         assert worker is not None
