@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -49,7 +50,9 @@ async def _meter(st: AppState, tenant_id: str, slug: str) -> Meter:
     return meter
 
 
-async def _run(st: AppState, tenant_id: str, meter: Meter, p: UsageParams) -> list[Any]:
+async def _run(
+    st: AppState, tenant_id: str, meter: Meter, p: UsageParams, api: str = "native"
+) -> list[Any]:
     q = UsageQuery.model_validate(
         {
             "tenant_id": tenant_id,
@@ -64,7 +67,9 @@ async def _run(st: AppState, tenant_id: str, meter: Meter, p: UsageParams) -> li
             "by_customer": p.by_customer,
         }
     )
+    started = time.perf_counter()
     rows: list[Any] = await st.run(run_usage, st.store, q)
+    st.metrics.usage_query.labels(api).observe(time.perf_counter() - started)
     return rows
 
 
@@ -101,7 +106,7 @@ async def _om_query(
 ) -> Response:
     meter = await _meter(st, tenant_id, slug)
     p = openmeter_params(fields, meter.group_by, utc_now())
-    result = await _run(st, tenant_id, meter, p)
+    result = await _run(st, tenant_id, meter, p, "openmeter")
     if wants_csv(accept, None):
         rows = openmeter_rows(result, p.by_customer, exact=True)
         return Response(openmeter_csv(rows, p.group_by, p.by_customer), media_type=CSV)

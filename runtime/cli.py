@@ -43,7 +43,7 @@ def _settings(data_dir: Path | None = None, **overrides: object) -> Settings:
     except Exception as exc:  # pydantic ValidationError: name the setting
         typer.echo(f"invalid settings: {exc}", err=True)
         raise typer.Exit(2) from exc
-    logsetup.configure(settings.log_level)
+    logsetup.configure(settings.log_level, settings.log_format.value)
     return settings
 
 

@@ -21,6 +21,11 @@ class WaitMode(StrEnum):
     STORED = "stored"  # after the worker stored every event in ClickHouse
 
 
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TALLY_", extra="ignore", validate_default=True)
 
@@ -187,13 +192,56 @@ class Settings(BaseSettings):
     url: str = Field("", description="URL of a running Tally server, e.g. http://127.0.0.1:8000")
     api_key: SecretStr = Field(SecretStr(""), description="Tenant API key for client commands")
 
+    # --- observability (docs/deploy.md) ---------------------------------------------------
+    worker_metrics_host: str = Field(
+        "127.0.0.1", description="`tally worker`: address of its /metrics, /healthz, /readyz"
+    )
+    worker_metrics_port: int = Field(
+        9464, ge=0, le=65535, description="`tally worker`: port of /metrics etc. (0 = any free)"
+    )
+    worker_max_lag: int = Field(
+        100_000, ge=1, description="/readyz is red when more messages than this wait unstored"
+    )
+    worker_max_freshness_s: float = Field(
+        60.0,
+        gt=0,
+        description="/readyz is red when the oldest unstored message is older than this "
+        "(a stuck or too slow worker)",
+    )
+    late_event_s: float = Field(
+        60.0, ge=0, description="Events older than this at acceptance count as late (metric)"
+    )
+    metrics_tenant_top_n: int = Field(
+        10,
+        ge=0,
+        le=1000,
+        description="tally_tenant_events_total has a series for at most this many tenants "
+        "(the busiest; the rest are 'other')",
+    )
+    metrics_tenants: str = Field(
+        "",
+        description="Comma-separated tenant ids that get their own series in "
+        "tally_tenant_events_total instead of the top N (the rest are 'other')",
+    )
+
     # --- logging -----------------------------------------------------------------------------
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    log_format: LogFormat = Field(
+        LogFormat.TEXT, description="text (for a terminal) or json (one object per line)"
+    )
+    access_log: bool = Field(
+        False, description="Log one line per HTTP request (route, status, time, tenant, ids)"
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, v: object) -> object:
         return v.upper() if isinstance(v, str) else v
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.strip().lower() if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
