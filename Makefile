@@ -30,8 +30,8 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/pytest tests/integration -q
 
-bench: $(STAMP)  ## quick end-to-end ingest + freshness benchmark
-	$(BIN)/python benchmarks/ingest_e2e.py
+bench: $(STAMP)  ## the benchmark harness (docs/performance.md); QUICK=1 for the 2-minute run
+	$(BIN)/python -m benchmarks $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -59,9 +59,7 @@ def _imported_roots(path: Path) -> set[str]:
 
 
 def test_every_package_is_listed() -> None:
-    packages = {
-        p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name not in {"tests"}
-    }
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name not in {"tests"}}
     assert packages - {"benchmarks"} <= set(ALLOWED), (
         f"new top-level package(s) {sorted(packages - set(ALLOWED))}: add them to ALLOWED "
         "and to the package table in docs/architecture.md"
