@@ -117,7 +117,7 @@ def write_history(spec: HistorySpec, *, progress: Progress) -> dict[str, Any]:
         to_add = max(0, spec.target_events - before)
         meters = _meters(store, db, spec.tenant_ids)
         t0 = time.perf_counter()
-        topic = f"tally.events.g{spec.span_end_ms}{spec.tag}"
+        topic = f"tally.events.g{spec.span_end_ms}.h{spec.tag}"
         if to_add:
             _backdate_meters(store, db, spec.tenant_ids, spec.span_start_ms - DAY_MS)
             store.command(

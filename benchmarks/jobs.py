@@ -48,6 +48,7 @@ def run_job(
     proc = ctx.Process(target=_main, args=(fn, args, child), daemon=True)
     proc.start()
     child.close()
+    done = False
     try:
         while True:
             if not parent.poll(timeout):
@@ -62,11 +63,12 @@ def run_job(
                 if progress is not None:
                     progress(msg[1], msg[2], msg[3])
             elif msg[0] == "result":
+                done = True
                 return msg[1]
             else:
                 raise BenchError(f"job {fn.__name__} failed: {msg[1]}")
     finally:
-        proc.join(60)
+        proc.join(60 if done else 1)
         if proc.is_alive():
             proc.kill()
             proc.join(10)

@@ -659,7 +659,9 @@ def markdown(r: RunResult, ratios_: dict[str, float | None]) -> str:
     add("")
     add("## Memory")
     add("")
-    add("| phase | stored events | tally run peak RSS | broker peak RSS |")
+    add(
+        "| phase | stored events | Tally process peak RSS | its children (embedded broker) peak RSS |"
+    )
     add("|---|---|---|---|")
     add(
         f"| ingest ramp | up to {ing.stored_after:,} | {_n(ing.memory.tally_peak_mb)} MB | {_n(ing.memory.broker_peak_mb)} MB |"

@@ -271,7 +271,7 @@ class Runner:
         bootstrap = self.remote.kafka_bootstrap if self.remote else None
         with bars.task("ceiling: broker produce/consume", 1) as tid:
             out["broker"] = ceilings.broker_ceiling(
-                4000 if quick else 40_000, p.batch, bootstrap, bars.callback(tid)
+                4000 if quick else 15_000, p.batch, bootstrap, bars.callback(tid)
             )
             out["broker"]["where"] = bootstrap or "embedded Tansu (fresh)"
         ch = self.remote.clickhouse_url if self.remote else None

@@ -83,6 +83,7 @@ def worker(data_dir: DataDir = None) -> None:
 )
 def bench(ctx: typer.Context) -> None:
     """Run the benchmark harness (source checkout only): `tally bench --quick`, `--help`."""
+    import os
     import subprocess
     import sys
 
@@ -90,7 +91,9 @@ def bench(ctx: typer.Context) -> None:
     if not (root / "benchmarks" / "__main__.py").is_file():
         typer.echo("tally bench needs a source checkout (benchmarks/ is not installed)", err=True)
         raise typer.Exit(2)
-    raise typer.Exit(subprocess.call([sys.executable, "-m", "benchmarks", *ctx.args], cwd=root))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "benchmarks", *ctx.args], env=env))
 
 
 @app.command()
