@@ -64,6 +64,7 @@ class HistorySpec:
     tag: str  # makes ids and the topic generation unique per write
     query_n: int = 0  # direct query timings after the write (0 = none)
     query_warmup: int = 0
+    query_budget_s: float | None = None
 
 
 def _one_insert_settings() -> dict[str, Any]:
@@ -230,6 +231,7 @@ def write_history(spec: HistorySpec, *, progress: Progress) -> dict[str, Any]:
             **stats,
         }
         if spec.query_n:
+            _settle(store, db)
             out["direct_queries"] = time_direct(
                 store,
                 spec.tenant_ids,
@@ -239,10 +241,24 @@ def write_history(spec: HistorySpec, *, progress: Progress) -> dict[str, Any]:
                 spec.zipf_s,
                 spec.seed,
                 progress,
+                spec.query_budget_s,
             )
         return out
     finally:
         store.close()
+
+
+def _settle(store: Any, db: str, timeout_s: float = 180.0) -> None:
+    """Wait (bounded) until the background merges of the fresh parts are done, so that the
+    direct query timings do not share the CPU with them."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rows = store.query_rows(
+            "SELECT count() FROM system.merges WHERE database = {db:String}", {"db": db}
+        )
+        if not int(rows[0][0]):
+            return
+        time.sleep(0.5)
 
 
 def _meters(store: Any, db: str, tenant_ids: list[str]) -> list[tuple[str, str, str]]:

@@ -37,6 +37,7 @@ class Params:
     history_days: int = 30
     query_n: int = 200  # per shape and volume
     query_warmup: int = 5
+    query_budget_s: float = 60.0  # per shape: stop after this once 20 queries are measured
     burst_s: float = 20.0
     # bookkeeping
     poll_s: float = 1.0

@@ -517,6 +517,7 @@ class Runner:
                 p.zipf_s,
                 p.seed,
                 bars.callback(tid),
+                p.query_budget_s,
             )
 
     def burst(self, bars: Bars, label: str) -> dict[str, Any]:
@@ -580,6 +581,7 @@ class Runner:
                 tag=f"{self.run_id}{label}",
                 query_n=p.query_n if self.embedded else 0,
                 query_warmup=p.query_warmup,
+                query_budget_s=p.query_budget_s,
             )
             with bars.task(f"history to {target:,} events", 1) as tid:
                 hist = run_job(history.write_history, hist_spec, progress=bars.callback(tid))
