@@ -31,9 +31,9 @@ class Params:
     half_min_s: float = 20.0
     freshness_probes: int = 100
     profile_s: float = 30.0  # 0 = no profile
-    # stored volume: history written to these totals, then queries, memory and a burst
+    # stored volume: on a fresh store (embedded), history written to these totals, then
+    # queries, memory and an ingest burst
     volumes: list[int] = field(default_factory=lambda: [1_000_000, 10_000_000])
-    volumes_on_top: bool = False  # volumes count on top of what the ingest phase stored
     history_days: int = 30
     query_n: int = 200  # per shape and volume
     query_warmup: int = 5
@@ -64,7 +64,6 @@ QUICK = replace(
     freshness_probes=5,
     profile_s=3.0,
     volumes=[150_000],
-    volumes_on_top=True,
     query_n=8,
     query_warmup=1,
     burst_s=2.0,

@@ -267,6 +267,7 @@ class RunResult(_M):
     params: dict[str, Any]
     ceilings: Ceilings
     setup: dict[str, Any]
+    volume_setup: dict[str, Any] | None = None
     ingest: Ingest
     volumes: list[Volume] = Field(min_length=1)
     count_check_final: CountCheck

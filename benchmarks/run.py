@@ -151,6 +151,7 @@ class Runner:
         self.run_id = uuid.uuid4().hex[:6]
         self.work = Path(tempfile.mkdtemp(prefix="tally-bench-", dir=work_dir))
         self.tally: EmbeddedTally | None = None
+        self.data_dir = self.work / "ingest"
         self.gen: LoadGenerator | None = None
         self.mem = MemorySampler()
         self.urls: list[str] = []
@@ -285,11 +286,16 @@ class Runner:
             out["store"]["where"] = "ClickHouse " + ch if ch else "embedded chDB (fresh)"
         return out
 
-    def setup(self, bars: Bars) -> dict[str, Any]:
+    def setup(self, bars: Bars, store: str) -> dict[str, Any]:
+        """Start on a fresh store (embedded) or connect (remote); tenants and meters; the
+        ground-truth counters start from what the store holds now."""
         info: dict[str, Any] = {}
+        self.acked_unique = self.unacked_unique = self.probes = 0
+        self.tenants = []
         if self.embedded:
-            self.tally = EmbeddedTally(self.work / "data", self.out / "tally.log")
-            info.update(self.start_tally(bars, "empty store"))
+            self.data_dir = self.work / store
+            self.tally = EmbeddedTally(self.data_dir, self.out / "tally.log")
+            info.update(self.start_tally(bars, f"empty {store} store"))
             with bars.task("create tenants and meters", self.p.tenants):
                 self.tenants = create_tenants(
                     self.urls[0], self.tally.admin_token, self.p.tenants, f"bench-{self.run_id}"
@@ -545,7 +551,28 @@ class Runner:
             "latency_p99_s": pct(st.latencies_s, 0.99),
         }
 
-    def volume_point(self, bars: Bars, target: int | None, label: str) -> dict[str, Any]:
+    def new_generator(self) -> None:
+        """(Re)start the generator processes for the current tenants."""
+        if self.gen is not None:
+            self.gen.close()
+        p = self.p
+        self.gen = LoadGenerator(
+            GenConfig(
+                tenants=self.tenants,
+                customers=p.customers,
+                zipf_s=p.zipf_s,
+                dup_rate=p.dup_rate,
+                late_rate=p.late_rate,
+                batch=p.batch,
+                seed=p.seed,
+                run_id=self.run_id,
+            ),
+            p.procs,
+        )
+
+    def volume_point(
+        self, bars: Bars, target: int | None, label: str, burst: bool = True
+    ) -> dict[str, Any]:
         """Bring the store to ``target`` events (history), then queries, memory and a burst."""
         p = self.p
         point: dict[str, Any] = {"label": label, "target_events": target}
@@ -558,7 +585,7 @@ class Runner:
                 with bars.task(f"stop tally ({label})", 1):
                     self.tally.stop()
                 self.mem.pid = None
-                store_url = f"chdb://{(self.work / 'data' / 'clickhouse').resolve()}"
+                store_url = f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
                 database = "tally"
                 partitions = PARTITIONS
             else:
@@ -595,7 +622,7 @@ class Runner:
         point["stored_events"] = self.stored_now()
         self.mem.stored = point["stored_events"]
         point["queries"] = self.queries_http(bars, label)
-        if p.burst_s > 0:
+        if burst and p.burst_s > 0:
             point["burst"] = self.burst(bars, label)
         self.mem.sample()
         peak_tally, peak_children = self.mem.peak(f"volume {label}")
@@ -620,35 +647,32 @@ class Runner:
         try:
             with Bars(self.console) as bars:
                 res["ceilings"] = self.measure_ceilings(bars)
-                res["setup"] = self.setup(bars)
-                self.gen = LoadGenerator(
-                    GenConfig(
-                        tenants=self.tenants,
-                        customers=p.customers,
-                        zipf_s=p.zipf_s,
-                        dup_rate=p.dup_rate,
-                        late_rate=p.late_rate,
-                        batch=p.batch,
-                        seed=p.seed,
-                        run_id=self.run_id,
-                    ),
-                    p.procs,
-                )
+                res["setup"] = self.setup(bars, "ingest")
+                self.new_generator()
                 res["ingest"] = self.ingest(bars)
                 ingest_mem = self.mem.peak("ingest")
                 res["ingest"]["memory"] = {
                     "tally_peak_mb": ingest_mem[0],
                     "broker_peak_mb": ingest_mem[1],
                 }
-                volumes: list[dict[str, Any]] = [self.volume_point(bars, None, "after ingest")]
+                volumes: list[dict[str, Any]] = [
+                    self.volume_point(bars, None, "after ingest", burst=False)
+                ]
                 can_write = self.embedded or (
                     self.remote is not None and self.remote.clickhouse_url
                 )
-                if can_write:
-                    base = volumes[0]["stored_events"] if p.volumes_on_top else 0
+                if can_write and p.volumes:
+                    if self.embedded:
+                        # The volumes on a fresh store, so that they are exact whatever the
+                        # ingest phase stored.
+                        assert self.tally is not None
+                        with bars.task("stop tally (ingest store)", 1):
+                            self.tally.stop()
+                        shutil.rmtree(self.data_dir, ignore_errors=True)
+                        res["volume_setup"] = self.setup(bars, "volumes")
+                        self.new_generator()
                     for v in p.volumes:
-                        label = f"+{human(v)}" if p.volumes_on_top else human(v)
-                        volumes.append(self.volume_point(bars, base + v, label))
+                        volumes.append(self.volume_point(bars, v, human(v)))
                 res["volumes"] = volumes
                 res["count_check_final"] = self.drain(bars, "final")
                 if self.embedded and self.tally is not None:

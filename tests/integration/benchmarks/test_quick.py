@@ -48,12 +48,17 @@ def test_quick_run_writes_valid_results(tmp_path: Path) -> None:
     assert (out / "profile.raw.gz").stat().st_size > 0
     assert r.ceilings.broker.consumed_msgs > 0
 
-    # One volume point after the ramp, one with written history, both queried with every shape.
+    # One volume point after the ramp, one on a fresh store with written history, both queried
+    # with every shape.
     assert len(r.volumes) == 2
     written = r.volumes[1]
-    assert written.history is not None and written.history.events_written > 0
-    assert written.stored_events >= r.volumes[0].stored_events + written.history.events_written
+    assert written.target_events is not None and written.history is not None
+    assert written.history.events_written > 0
+    assert written.history.events_rows >= written.target_events
+    assert written.stored_events >= written.target_events
     assert written.start is not None and written.direct_queries
+    assert written.burst is not None and r.volumes[0].burst is None
+    assert r.volume_setup is not None
     for v in r.volumes:
         assert set(v.queries) == {s.name for s in SHAPES}
         assert v.memory.tally_peak_mb > 0
