@@ -23,6 +23,8 @@ from typing import Any
 from benchmarks.target import REPO, BenchError
 
 FIRST_PARTY = ("api", "streams", "schemas", "clickhouse", "runtime", "tally", "rating")
+# Inclusive time is listed for these (runtime/ only wires the roles: its frames hold everything).
+_WORK_PACKAGES = frozenset(FIRST_PARTY) - {"runtime"}
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>.*?)(?::(?P<line>\d+))?\)$")
 _THREAD = re.compile(
     r'^(?:process \d+:"[^"]*";)?thread \((?P<tid>[^)]*)\)(?::\s*"?(?P<name>[^";]*)"?)?'
@@ -194,7 +196,7 @@ def summarise(raw: str, ticks: int | None = None, top: int = 20) -> dict[str, An
         leaf = frames[-1]
         self_time[leaf.where] += count
         components[component(leaf.file)] += count
-        for w in {f.where for f in frames}:
+        for w in {f.where for f in frames if component(f.file) in _WORK_PACKAGES}:
             inclusive[w] += count
         fp = next(
             (f for f in reversed(frames) if component(f.file) in FIRST_PARTY),
@@ -263,7 +265,7 @@ def render(summary: dict[str, Any]) -> str:
             "by_first_party_caller",
         ),
         ("top self (leaf function)", "top_self"),
-        ("top inclusive", "top_inclusive"),
+        ("top inclusive (first-party functions, callees included)", "top_inclusive"),
     ):
         lines.append(f"== {title}")
         for row in summary[key]:

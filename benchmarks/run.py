@@ -531,7 +531,8 @@ class Runner:
         p = self.p
         gen = self.gen
         assert gen is not None
-        poller = StoredPoller(self.totals(), p.poll_s).start()
+        # Tenant-wide totals over a large store are not free: poll less often than in the ramp.
+        poller = StoredPoller(self.totals(), max(p.poll_s, p.burst_s / 6)).start()
         self.mem.stored_fn = poller.latest
         try:
             before = self.stored_now()

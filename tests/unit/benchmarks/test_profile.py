@@ -70,6 +70,7 @@ def test_summary_counts_work_by_thread_function_and_caller(monkeypatch: pytest.M
     assert callers["[stdlib:asyncio] _run_once"] == pytest.approx(0.1)
     inclusive = {r["name"]: r["share"] for r in s["top_inclusive"]}
     assert inclusive["BatchProcessor.flush_batch (streams/processor.py)"] == pytest.approx(0.6)
+    assert not any("threading.py" in name for name in inclusive)  # scaffolding left out
     comps = {r["name"]: r["share"] for r in s["by_component"]}
     assert comps["clickhouse_connect"] == pytest.approx(0.5)
     text = render(s)
