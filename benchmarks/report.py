@@ -54,7 +54,16 @@ class _M(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Step(_M):
+class Cpu(_M):
+    """CPU over the step, in cores: the whole machine (everything on it, the benchmark's own
+    generator and other users included), the Tally process, its children (the broker)."""
+
+    machine_busy_cores: float
+    tally_cpu_cores: float | None
+    broker_cpu_cores: float | None
+
+
+class Step(Cpu):
     name: str
     offered_events_per_s: float | None
     clients: int
@@ -70,7 +79,7 @@ class Step(_M):
     generator_cpu_s: float
 
 
-class Sequential(_M):
+class Sequential(Cpu):
     events_per_s: float
     latency_p50_s: float | None
     latency_p99_s: float | None
@@ -87,7 +96,7 @@ class Freshness(_M):
     max_s: float | None
 
 
-class HalfLoad(_M):
+class HalfLoad(Cpu):
     offered_events_per_s: float
     accepted_events_per_s: float
     latency_p50_s: float | None
@@ -117,7 +126,7 @@ class ProfileSummary(_M):
     by_thread_first_party: dict[str, list[Share]]
 
 
-class ProfileResult(_M):
+class ProfileResult(Cpu):
     seconds: float
     offered: str
     clients: int
@@ -177,7 +186,7 @@ class Start(_M):
     ready_s: float
 
 
-class Burst(_M):
+class Burst(Cpu):
     stored_before: int
     accepted_events_per_s: float
     stored_events_per_s: float | None
@@ -610,15 +619,24 @@ def markdown(r: RunResult, ratios_: dict[str, float | None]) -> str:
     )
     add("")
     add(
-        "| step | offered ev/s | accepted ev/s | stored ev/s | errors | answer p50 | p99 | generator CPU |"
+        "| step | offered ev/s | accepted ev/s | stored ev/s | errors | answer p50 | p99 | "
+        "CPU cores: tally / broker / generator / whole machine |"
     )
     add("|---|---|---|---|---|---|---|---|")
     for st in ing.steps:
         add(
             f"| {st.name} | {_n(st.offered_events_per_s)} | {_n(st.accepted_events_per_s)} | "
             f"{_n(st.stored_events_per_s)} | {_pc(st.error_rate)} | {_ms(st.latency_p50_s)} | "
-            f"{_ms(st.latency_p99_s)} | {st.generator_cpu_s / st.seconds * 100:.0f} % of a core |"
+            f"{_ms(st.latency_p99_s)} | {_n(st.tally_cpu_cores, 2)} / {_n(st.broker_cpu_cores, 2)} / "
+            f"{st.generator_cpu_s / st.seconds:.2f} / {st.machine_busy_cores:.2f} |"
         )
+    add("")
+    add(
+        f"One sequential client: Tally used {_n(s.tally_cpu_cores, 2)} cores; at half load "
+        f"{_n(h.tally_cpu_cores, 2)}. The whole machine was busy "
+        f"{max(x.machine_busy_cores for x in ing.steps):.2f} cores at most during the ramp "
+        f"(of {m.cpus}; other users of the machine included)."
+    )
     add("")
     add(f"![throughput]({PLOTS['throughput']})")
     add("")

@@ -8,6 +8,7 @@ import contextlib
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from benchmarks.loadgen import GenConfig, LoadGenerator, StepSpec, StepStats, Te
 from benchmarks.params import Params
 from benchmarks.target import (
     BenchError,
+    CpuMeter,
     EmbeddedTally,
     MemorySampler,
     StoredPoller,
@@ -341,12 +343,13 @@ class Runner:
             rate = p.ramp_start
             for i in range(p.max_steps):
                 spec = self.step(f"ramp-{i + 1}", rate, p.clients, p.step_s)
+                cpu = CpuMeter(self.pid)
                 st = bars.timed(
                     f"ramp {i + 1}: offered {rate:,.0f} ev/s", p.step_s, lambda s=spec: gen.run(s)
                 )
                 self.account(st)
                 stored = poller.rate(st.window_start, st.ended)
-                row = step_row(st, rate, p.clients, stored)
+                row = step_row(st, rate, p.clients, stored, cpu.cores())
                 self.steps.append(row)
                 self.log(
                     f"ramp {i + 1}: offered {rate:,.0f}/s accepted {row['accepted_events_per_s']:,.0f}/s "
@@ -372,9 +375,11 @@ class Runner:
 
             # A single sequential client (SDKs send one batch at a time).
             spec = self.step("sequential", None, 1, p.sequential_s)
+            cpu = CpuMeter(self.pid)
             st = bars.timed("sequential client", p.sequential_s, lambda: gen.run(spec))
             self.account(st)
             out["sequential"] = {
+                **cpu.cores(),
                 "events_per_s": st.accepted_per_s,
                 "latency_p50_s": pct(st.latencies_s, 0.5),
                 "latency_p99_s": pct(st.latencies_s, 0.99),
@@ -398,6 +403,7 @@ class Runner:
         gen = self.gen
         assert gen is not None
         spec = self.step("half-load", rate, p.clients, 3600)
+        cpu = CpuMeter(self.pid)
         gen.start(spec)
         lat: list[float] = []
         failed = 0
@@ -422,6 +428,7 @@ class Runner:
         self.account(st)
         seconds = time.monotonic() - t0
         return {
+            **cpu.cores(),
             "offered_events_per_s": rate,
             "accepted_events_per_s": st.events_sent / seconds,
             "latency_p50_s": pct(st.latencies_s, 0.5),
@@ -488,6 +495,7 @@ class Runner:
         pid = self.pid
         assert gen is not None and pid is not None
         spec = self.step("profile", None, p.clients, p.profile_s + 4)
+        cpu = CpuMeter(pid)
         gen.start(spec)
         try:
             time.sleep(1.5)
@@ -503,6 +511,7 @@ class Runner:
         summary = profile.finish(rec, 60)
         (self.out / "profile.txt").write_text(profile.render(summary))
         return {
+            **cpu.cores(),
             "seconds": p.profile_s,
             "offered": "unthrottled",
             "clients": p.clients,
@@ -537,13 +546,16 @@ class Runner:
         try:
             before = self.stored_now()
             spec = self.step(f"burst {label}", None, p.clients, p.burst_s)
+            cpu = CpuMeter(self.pid)
             st = bars.timed(f"ingest burst ({label})", p.burst_s, lambda: gen.run(spec))
+            cores = cpu.cores()
             self.account(st)
             stored = poller.rate(st.window_start, st.ended)
         finally:
             poller.stop()
             self.mem.stored_fn = None
         return {
+            **cores,
             "stored_before": before,
             "accepted_events_per_s": st.accepted_per_s,
             "stored_events_per_s": stored,
@@ -665,12 +677,16 @@ class Runner:
                 if can_write and p.volumes:
                     if self.embedded:
                         # The volumes on a fresh store, so that they are exact whatever the
-                        # ingest phase stored.
-                        assert self.tally is not None
-                        with bars.task("stop tally (ingest store)", 1):
-                            self.tally.stop()
-                        shutil.rmtree(self.data_dir, ignore_errors=True)
-                        res["volume_setup"] = self.setup(bars, "volumes")
+                        # ingest phase stored. The ingest server stops meanwhile.
+                        old, old_dir = self.tally, self.data_dir
+                        assert old is not None
+                        stopping = threading.Thread(target=old.stop, name="stop-ingest-tally")
+                        stopping.start()
+                        try:
+                            res["volume_setup"] = self.setup(bars, "volumes")
+                        finally:
+                            stopping.join()
+                        shutil.rmtree(old_dir, ignore_errors=True)
                         self.new_generator()
                     for v in p.volumes:
                         volumes.append(self.volume_point(bars, v, human(v)))
@@ -710,9 +726,14 @@ class Runner:
 
 
 def step_row(
-    st: StepStats, offered: float | None, clients: int, stored: float | None
+    st: StepStats,
+    offered: float | None,
+    clients: int,
+    stored: float | None,
+    cpu: dict[str, float | None],
 ) -> dict[str, Any]:
     return {
+        **cpu,
         "name": st.name,
         "offered_events_per_s": offered,
         "clients": clients,

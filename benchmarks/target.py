@@ -292,6 +292,60 @@ def peak_rss_mb(pid: int) -> float | None:
     return None if kb is None else kb / 1024
 
 
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) the process has used so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def machine_busy_s() -> float:
+    """Non-idle CPU seconds of the whole machine (all cores) since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        vals = [int(x) for x in f.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+    return (sum(vals[:8]) - idle) / _TICK
+
+
+@dataclass
+class CpuMeter:
+    """CPU used by a process, its children and the whole machine over an interval, in cores."""
+
+    pid: int | None
+    t0: float = 0.0
+    own0: float | None = None
+    kids0: float = 0.0
+    machine0: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.machine0 = machine_busy_s()
+        if self.pid is not None:
+            self.own0 = cpu_s(self.pid)
+            self.kids0 = sum(cpu_s(c) or 0.0 for c in children(self.pid))
+
+    def cores(self) -> dict[str, float | None]:
+        dt = max(time.monotonic() - self.t0, 1e-9)
+        out: dict[str, float | None] = {
+            "machine_busy_cores": (machine_busy_s() - self.machine0) / dt,
+            "tally_cpu_cores": None,
+            "broker_cpu_cores": None,
+        }
+        if self.pid is not None and self.own0 is not None:
+            own = cpu_s(self.pid)
+            if own is not None:
+                out["tally_cpu_cores"] = (own - self.own0) / dt
+                kids = sum(cpu_s(c) or 0.0 for c in children(self.pid))
+                out["broker_cpu_cores"] = (kids - self.kids0) / dt
+        return out
+
+
 @dataclass
 class MemSample:
     t: float

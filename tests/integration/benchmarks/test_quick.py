@@ -38,6 +38,7 @@ def test_quick_run_writes_valid_results(tmp_path: Path) -> None:
     # Every figure was measured (not skipped) and the counts add up.
     ing = r.ingest
     assert ing.steps and all(s.accepted_events_per_s > 0 for s in ing.steps)
+    assert all(s.tally_cpu_cores is not None and s.machine_busy_cores > 0 for s in ing.steps)
     assert ing.max_stored_events_per_s > 0
     assert ing.sequential.requests > 0 and ing.sequential.latency_p99_s is not None
     assert ing.half_load.requests > 0 and ing.half_load.freshness.n > 0
