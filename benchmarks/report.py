@@ -261,6 +261,7 @@ class MemorySample(_M):
     stored: int
     tally_mb: float
     children_mb: float
+    load1: float
 
 
 class RunResult(_M):
@@ -630,6 +631,20 @@ def markdown(r: RunResult, ratios_: dict[str, float | None]) -> str:
             f"{_ms(st.latency_p99_s)} | {_n(st.tally_cpu_cores, 2)} / {_n(st.broker_cpu_cores, 2)} / "
             f"{st.generator_cpu_s / st.seconds:.2f} / {st.machine_busy_cores:.2f} |"
         )
+    add("")
+    others = [
+        x.machine_busy_cores
+        - (x.tally_cpu_cores or 0)
+        - (x.broker_cpu_cores or 0)
+        - x.generator_cpu_s / x.seconds
+        for x in ing.steps
+    ]
+    loads = [x.load1 for x in r.memory_samples]
+    add(
+        f"Other users of the machine took up to {max(others):.2f} cores during the ramp steps; "
+        f"the 1-minute load average ranged {min(loads, default=0):.1f}-{max(loads, default=0):.1f} "
+        "over the run."
+    )
     add("")
     add(
         f"One sequential client: Tally used {_n(s.tally_cpu_cores, 2)} cores; at half load "

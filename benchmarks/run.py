@@ -706,6 +706,7 @@ class Runner:
                 "stored": s.stored,
                 "tally_mb": round(s.tally_mb, 1),
                 "children_mb": round(s.children_mb, 1),
+                "load1": round(s.load1, 2),
             }
             for s in self.mem.samples
         ]

@@ -353,6 +353,7 @@ class MemSample:
     stored: int
     tally_mb: float
     children_mb: float
+    load1: float  # the machine's 1-minute load average (other users of the machine show here)
 
 
 @dataclass
@@ -383,7 +384,8 @@ class MemorySampler:
         kids = sum(rss_mb(c) or 0.0 for c in children(pid))
         fn = self.stored_fn
         stored = fn() if fn is not None else self.stored
-        self.samples.append(MemSample(time.time(), self.phase, stored, own, kids))
+        load1 = os.getloadavg()[0]
+        self.samples.append(MemSample(time.time(), self.phase, stored, own, kids, load1))
 
     def _run(self) -> None:
         while not self._stop.is_set():
