@@ -467,52 +467,69 @@ def plots(r: RunResult, out: Path) -> None:
     fig.savefig(out / PLOTS["throughput"], dpi=110)
     plt.close(fig)
 
-    # 2. Query latency vs stored volume.
+    # 2. Query latency vs stored volume: lines through the volumes with written history; the
+    # point after the ramp (live events of the last minutes, a different shape) stands apart.
     fig, ax = plt.subplots(figsize=(8, 5))
-    vols = sorted(r.volumes, key=lambda v: v.stored_events)
-    shapes = list(vols[0].queries)
+    written = sorted((v for v in r.volumes if v.history), key=lambda v: v.stored_events)
+    live = [v for v in r.volumes if not v.history]
+    shapes = list(r.volumes[0].queries)
     for shape in shapes:
-        xs = [max(v.stored_events, 1) for v in vols if shape in v.queries]
-        p50 = [v.queries[shape].p50_s * 1000 for v in vols if shape in v.queries]
-        p99 = [v.queries[shape].p99_s * 1000 for v in vols if shape in v.queries]
+        xs = [max(v.stored_events, 1) for v in written if shape in v.queries]
+        p50 = [v.queries[shape].p50_s * 1000 for v in written if shape in v.queries]
+        p99 = [v.queries[shape].p99_s * 1000 for v in written if shape in v.queries]
         (line,) = ax.plot(xs, p99, "o-", label=f"{shape} p99")
         ax.plot(xs, p50, "o:", color=line.get_color(), alpha=0.6)
+        for v in live:
+            if shape in v.queries:
+                q = v.queries[shape]
+                ax.plot(
+                    [v.stored_events] * 2,
+                    [q.p50_s * 1000, q.p99_s * 1000],
+                    "x",
+                    color=line.get_color(),
+                )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("stored events")
     ax.set_ylabel("query latency (ms); solid p99, dotted p50")
-    ax.set_title("Usage query latency vs stored volume (HTTP, one client)")
+    title = "Usage query latency vs stored volume (HTTP, one client)"
+    if live:
+        title += "\nx: p50/p99 after the ramp (live events of the last minutes)"
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / PLOTS["latency_volume"], dpi=110)
     plt.close(fig)
 
-    # 3. Memory vs stored volume.
+    # 3. Memory vs stored volume, per store: the ramp's store (live ingest, the in-memory broker
+    # grows with every message) and the store of the written volumes (fresh broker).
     fig, ax = plt.subplots(figsize=(8, 5))
-    samples = [s for s in r.memory_samples if s.stored > 0]
-    if samples:
-        ax.plot(
-            [s.stored for s in samples],
-            [s.tally_mb for s in samples],
-            ".",
-            ms=3,
-            label="tally run (API + worker)",
-        )
-        ax.plot(
-            [s.stored for s in samples],
-            [s.children_mb for s in samples],
-            ".",
-            ms=3,
-            label="broker (Tansu child)",
-        )
-    ax.plot(
-        [max(v.stored_events, 1) for v in vols],
-        [v.memory.tally_peak_mb for v in vols],
-        "o-",
-        color="black",
-        label="tally peak per volume",
-    )
+    ramp = [
+        x for x in r.memory_samples if x.stored > 0 and x.phase in ("ingest", "volume after ingest")
+    ]
+    hist = [x for x in r.memory_samples if x.stored > 0 and x not in ramp]
+    for group, label, c1, c2 in (
+        (ramp, "ramp store (live ingest)", "tab:blue", "tab:orange"),
+        (hist, "volume store (written history)", "tab:green", "tab:red"),
+    ):
+        if group:
+            ax.plot(
+                [x.stored for x in group],
+                [x.tally_mb for x in group],
+                ".",
+                ms=3,
+                color=c1,
+                label=f"Tally process, {label}",
+            )
+            ax.plot(
+                [x.stored for x in group],
+                [x.children_mb for x in group],
+                ".",
+                ms=3,
+                color=c2,
+                label=f"broker, {label}",
+            )
     ax.set_xscale("log")
     ax.set_xlabel("stored events")
     ax.set_ylabel("RSS (MB)")
