@@ -40,7 +40,7 @@ class Params:
     query_budget_s: float = 60.0  # per shape: stop after this once 20 queries are measured
     burst_s: float = 20.0
     # bookkeeping
-    poll_s: float = 1.0
+    poll_s: float = 2.0  # stored totals (tenant-wide usage queries) every poll_s seconds
     drain_timeout_s: float = 300.0
 
     def as_dict(self) -> dict[str, Any]:

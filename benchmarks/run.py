@@ -390,7 +390,13 @@ class Runner:
             # Half of the measured maximum: answer latency of the load, freshness probes.
             half = max(max_stored / 2, p.batch)
             out["half_load"] = self.half_load(bars, half)
-            out["profile"] = self.profile(bars) if p.profile_s > 0 and self.pid else None
+            out["profile"] = None
+            if p.profile_s > 0 and self.pid:
+                poller.paused.set()  # its queries would show in the profile
+                try:
+                    out["profile"] = self.profile(bars)
+                finally:
+                    poller.paused.clear()
         finally:
             poller.stop()
             self.mem.stored_fn = None

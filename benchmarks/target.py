@@ -223,6 +223,7 @@ class StoredPoller:
         self.samples: list[tuple[float, int]] = []
         self.errors = 0
         self._stop = threading.Event()
+        self.paused = threading.Event()  # set: no queries (e.g. while the server is profiled)
         self._thread = threading.Thread(target=self._run, name="stored-poller", daemon=True)
         self._lock = threading.Lock()
 
@@ -233,6 +234,9 @@ class StoredPoller:
     def _run(self) -> None:
         with httpx.Client() as client:
             while not self._stop.is_set():
+                if self.paused.is_set():
+                    self._stop.wait(self.interval)
+                    continue
                 try:
                     value = self.totals.read(client)
                     with self._lock:
