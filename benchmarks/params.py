@@ -24,10 +24,10 @@ class Params:
     ramp_factor: float = 2.0
     max_steps: int = 8
     patience: int = 2
-    step_s: float = 30.0
+    step_s: float = 20.0
     warmup_s: float = 10.0
     wait: str | None = None  # ingest ?wait= for the load (None: the server's default)
-    sequential_s: float = 30.0
+    sequential_s: float = 20.0
     half_min_s: float = 20.0
     freshness_probes: int = 100
     profile_s: float = 30.0  # 0 = no profile
@@ -37,7 +37,7 @@ class Params:
     history_days: int = 30
     query_n: int = 200  # per shape and volume
     query_warmup: int = 5
-    query_budget_s: float = 60.0  # per shape: stop after this once 20 queries are measured
+    query_budget_s: float = 40.0  # per shape: stop after this once 20 queries are measured
     burst_s: float = 20.0
     # bookkeeping
     poll_s: float = 2.0  # stored totals (tenant-wide usage queries) every poll_s seconds
