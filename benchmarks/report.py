@@ -70,6 +70,7 @@ class Step(Cpu):
     seconds: float
     accepted_events_per_s: float
     stored_events_per_s: float | None
+    stored_per_tally_cpu_s: float | None
     error_rate: float
     errors: dict[str, int]
     requests_ok: int
@@ -151,6 +152,7 @@ class Peak(_M):
 class Ingest(_M):
     steps: list[Step] = Field(min_length=1)
     max_stored_events_per_s: float
+    max_stored_per_tally_cpu_s: float | None
     max_accepted_events_per_s: float
     sequential: Sequential
     half_load: HalfLoad
@@ -378,6 +380,8 @@ def ratios(res: dict[str, Any]) -> dict[str, float | None]:
         short = fig.removeprefix("max_").removesuffix("_events_per_s") + "_max"
         for name, value in ceil.items():
             out[f"{short}/{name}"] = _div(ing[fig], value)
+    for name, value in ceil.items():
+        out[f"stored_per_tally_cpu_s/{name}"] = _div(ing["max_stored_per_tally_cpu_s"], value)
     out["bottleneck_ceiling_events_per_s"] = min(ceil.values())
     out["stored_max/bottleneck_ceiling"] = _div(ing["max_stored_events_per_s"], min(ceil.values()))
     seq = ing["sequential"]
@@ -609,6 +613,10 @@ def markdown(r: RunResult, ratios_: dict[str, float | None]) -> str:
     add(
         f"| max accepted (2xx) | {_n(ing.max_accepted_events_per_s)} events/s | {_pc(_div(ing.max_accepted_events_per_s, bott))} |"
     )
+    add(
+        f"| stored per CPU-second of the Tally process (best step) | {_n(ing.max_stored_per_tally_cpu_s)} events | "
+        f"{_pc(_div(ing.max_stored_per_tally_cpu_s, bott))} (a ceiling runs on about one core) |"
+    )
     s = ing.sequential
     add(
         f"| one sequential client | {_n(s.events_per_s)} events/s, answer p50 {_ms(s.latency_p50_s)}, p99 {_ms(s.latency_p99_s)} | {_n(ratios_.get('sequential_p50/produce_ack_p50'), 1)} x the broker ack p50 |"
@@ -637,14 +645,15 @@ def markdown(r: RunResult, ratios_: dict[str, float | None]) -> str:
     )
     add("")
     add(
-        "| step | offered ev/s | accepted ev/s | stored ev/s | errors | answer p50 | p99 | "
-        "CPU cores: tally / broker / generator / whole machine |"
+        "| step | offered ev/s | accepted ev/s | stored ev/s | stored per Tally CPU-s | errors | "
+        "answer p50 | p99 | CPU cores: tally / broker / generator / whole machine |"
     )
-    add("|---|---|---|---|---|---|---|---|")
+    add("|---|---|---|---|---|---|---|---|---|")
     for st in ing.steps:
         add(
             f"| {st.name} | {_n(st.offered_events_per_s)} | {_n(st.accepted_events_per_s)} | "
-            f"{_n(st.stored_events_per_s)} | {_pc(st.error_rate)} | {_ms(st.latency_p50_s)} | "
+            f"{_n(st.stored_events_per_s)} | {_n(st.stored_per_tally_cpu_s)} | {_pc(st.error_rate)} | "
+            f"{_ms(st.latency_p50_s)} | "
             f"{_ms(st.latency_p99_s)} | {_n(st.tally_cpu_cores, 2)} / {_n(st.broker_cpu_cores, 2)} / "
             f"{st.generator_cpu_s / st.seconds:.2f} / {st.machine_busy_cores:.2f} |"
         )

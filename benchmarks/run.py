@@ -371,6 +371,10 @@ class Runner:
             max_accepted = max(r["accepted_events_per_s"] for r in self.steps)
             out["steps"] = self.steps
             out["max_stored_events_per_s"] = max_stored
+            per_cpu = [
+                r["stored_per_tally_cpu_s"] for r in self.steps if r["stored_per_tally_cpu_s"]
+            ]
+            out["max_stored_per_tally_cpu_s"] = max(per_cpu) if per_cpu else None
             out["max_accepted_events_per_s"] = max_accepted
 
             # A single sequential client (SDKs send one batch at a time).
@@ -739,6 +743,7 @@ def step_row(
     stored: float | None,
     cpu: dict[str, float | None],
 ) -> dict[str, Any]:
+    tally_cores = cpu.get("tally_cpu_cores")
     return {
         **cpu,
         "name": st.name,
@@ -747,6 +752,8 @@ def step_row(
         "seconds": st.seconds,
         "accepted_events_per_s": st.accepted_per_s,
         "stored_events_per_s": stored,
+        # Per CPU-second the Tally process got: robust to other users of the machine.
+        "stored_per_tally_cpu_s": stored / tally_cores if stored and tally_cores else None,
         "error_rate": st.error_rate,
         "errors": st.errors,
         "requests_ok": st.requests_ok,
