@@ -44,8 +44,8 @@ unit: $(STAMP)
 integration: $(STAMP) tools
 	$(BIN)/pytest tests/integration -q
 
-bench: $(STAMP)  ## quick end-to-end ingest + freshness benchmark, invoice run (1k customers)
-	$(BIN)/python benchmarks/ingest_e2e.py
+bench: $(STAMP)  ## the benchmark harness (docs/performance.md); QUICK=1 for the 2-minute run; invoice run (1k customers)
+	$(BIN)/python -m benchmarks $(if $(QUICK),--quick)
 	$(BIN)/python benchmarks/invoice_run.py --quick
 
 clean:

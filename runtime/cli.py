@@ -92,6 +92,25 @@ def worker(data_dir: DataDir = None) -> None:
         _fail(exc)
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def bench(ctx: typer.Context) -> None:
+    """Run the benchmark harness (source checkout only): `tally bench --quick`, `--help`."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        typer.echo("tally bench needs a source checkout (benchmarks/ is not installed)", err=True)
+        raise typer.Exit(2)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "benchmarks", *ctx.args], env=env))
+
+
 @app.command()
 def migrate(data_dir: DataDir = None) -> None:
     """Apply ClickHouse migrations."""
