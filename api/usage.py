@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from api.auth import current_tenant
+from api.billing_state import billing
 from api.errors import json_response
 from api.ingest import read_body
 from api.ingest_parse import load_json
@@ -49,7 +50,9 @@ async def _meter(st: AppState, tenant_id: str, slug: str) -> Meter:
     return meter
 
 
-async def _run(st: AppState, tenant_id: str, meter: Meter, p: UsageParams) -> list[Any]:
+async def _run(
+    request: Request, st: AppState, tenant_id: str, meter: Meter, p: UsageParams
+) -> list[Any]:
     q = UsageQuery.model_validate(
         {
             "tenant_id": tenant_id,
@@ -64,7 +67,9 @@ async def _run(st: AppState, tenant_id: str, meter: Meter, p: UsageParams) -> li
             "by_customer": p.by_customer,
         }
     )
-    rows: list[Any] = await st.run(run_usage, st.store, q)
+    # corrected min/max/unique_count/latest windows are recomputed first when out of date
+    repair = billing(request, st).corrections.repair
+    rows: list[Any] = await st.run(run_usage, st.store, q, repair)
     return rows
 
 
@@ -79,7 +84,7 @@ async def usage(
     query = request.query_params.multi_items()
     p = native_params(query, meter.group_by, utc_now())
     csv = wants_csv(request.headers.get("accept"), request.query_params.get("format"))
-    rows = native_rows(await _run(st, tenant_id, meter, p), p.by_customer)
+    rows = native_rows(await _run(request, st, tenant_id, meter, p), p.by_customer)
     if csv:
         return Response(native_csv(rows, p.group_by, p.by_customer), media_type=CSV)
     return json_response(
@@ -97,11 +102,12 @@ async def usage(
 
 
 async def _om_query(
-    st: AppState, tenant_id: str, slug: str, fields: dict[str, Any], accept: str | None
+    request: Request, st: AppState, tenant_id: str, slug: str, fields: dict[str, Any]
 ) -> Response:
+    accept = request.headers.get("accept")
     meter = await _meter(st, tenant_id, slug)
     p = openmeter_params(fields, meter.group_by, utc_now())
-    result = await _run(st, tenant_id, meter, p)
+    result = await _run(request, st, tenant_id, meter, p)
     if wants_csv(accept, None):
         rows = openmeter_rows(result, p.by_customer, exact=True)
         return Response(openmeter_csv(rows, p.group_by, p.by_customer), media_type=CSV)
@@ -120,7 +126,7 @@ async def om_query_get(
     st: AppState = Depends(get_state),
 ) -> Response:
     fields = openmeter_query_fields(request.query_params.multi_items())
-    return await _om_query(st, tenant_id, slug, fields, request.headers.get("accept"))
+    return await _om_query(request, st, tenant_id, slug, fields)
 
 
 @router.post("/api/v1/meters/{slug}/query", tags=["openmeter"])
@@ -132,4 +138,4 @@ async def om_query_post(
 ) -> Response:
     raw = await read_body(request, 64 * 1024)
     fields = openmeter_body_fields(load_json(raw)) if raw.strip() else {}
-    return await _om_query(st, tenant_id, slug, fields, request.headers.get("accept"))
+    return await _om_query(request, st, tenant_id, slug, fields)

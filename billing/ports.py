@@ -6,7 +6,7 @@ machines, numbering, what an invoice contains) stays in billing and rating.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -22,9 +22,14 @@ from schemas.billing import (
     WebhookEndpoint,
 )
 from schemas.catalog import Customer, PlanVersion, Subscription
+from schemas.corrections import Effect, LedgerEvent, Markers, Override
 from schemas.meters import Meter
 from schemas.tenants import Tenant
 from schemas.usage import UsageQuery, UsageRow
+
+Window = tuple[str, datetime]  # (customer, minute window start)
+# (tenant, meter, windows) -> recompute the corrected windows (clickhouse.usage.Repair)
+WindowRepair = Callable[[str, Meter, list[Window]], None]
 
 
 class CatalogRows(Protocol):
@@ -67,10 +72,12 @@ class CatalogRows(Protocol):
 class UsageSource(Protocol):
     def usage(self, q: UsageQuery) -> list[UsageRow]: ...
 
+    def set_window_repair(self, repair: WindowRepair | None) -> None: ...
+
     def event_counts(
         self,
         tenant_id: str,
-        meter_id: str,
+        meter: Meter,
         start: datetime,
         end: datetime,
         customers: Sequence[str] | None,
@@ -134,13 +141,37 @@ class InvoiceRows(Protocol):
 
 
 class CorrectionRows(Protocol):
-    def get_event(self, tenant_id: str, event_id: str) -> dict[str, Any]: ...
+    def get_event(self, tenant_id: str, event_id: str) -> LedgerEvent: ...
+
+    def ledger_window_events(
+        self, tenant_id: str, event_type: str, windows: Sequence[Window]
+    ) -> list[LedgerEvent]: ...
+
+    def activation_markers(
+        self, tenant_id: str, meter_ids: Sequence[str]
+    ) -> dict[str, Markers]: ...
+
+    def correction_top(self, tenant_id: str) -> int: ...
 
     def corrections(self, tenant_id: str, event_id: str | None = None) -> list[Correction]: ...
 
-    def insert_correction(
-        self, tenant_id: str, correction: Correction, deltas: Sequence[tuple[Any, ...]]
-    ) -> None: ...
+    def claim_correction(
+        self, tenant_id: str, correction: Correction, effects: Sequence[Effect]
+    ) -> str | None: ...
+
+    def latest_corrections(
+        self, tenant_id: str, event_ids: Sequence[str]
+    ) -> dict[str, dict[str, Any] | None]: ...
+
+    def dirty_keys(
+        self, tenant_id: str, meter_id: str, windows: Sequence[Window]
+    ) -> dict[Window, dict[tuple[str, str], dict[str, str]]]: ...
+
+    def stream_counts(
+        self, tenant_id: str, meter_id: str, windows: Sequence[Window]
+    ) -> dict[tuple[str, datetime, str], int]: ...
+
+    def write_overrides(self, tenant_id: str, overrides: Sequence[Override]) -> None: ...
 
 
 class WebhookRows(Protocol):

@@ -16,12 +16,13 @@ from typing import Any
 import orjson
 
 from clickhouse.catalog import CatalogStore, RowVersions, first_writer_rank
+from clickhouse.corrections import CorrectionStore
+from clickhouse.queries import usage_source
 from clickhouse.repo import Repo
 from clickhouse.store import Store
-from clickhouse.usage import run_usage
+from clickhouse.usage import Repair, run_usage
 from schemas.billing import (
     AuditRecord,
-    Correction,
     CreditNote,
     Delivery,
     DeliveryAttempt,
@@ -33,7 +34,6 @@ from schemas.billing import (
 from schemas.meters import Meter
 from schemas.tenants import Tenant
 from schemas.usage import UsageQuery, UsageRow
-from tally.errors import NotFound
 
 DEDUP = {"insert_deduplicate": 1}
 
@@ -63,12 +63,19 @@ def token_of(*parts: str) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
-class ClickHouseBilling(CatalogStore):
-    """The ClickHouse adapter behind ``billing`` (catalog rows come from ``CatalogStore``)."""
+class ClickHouseBilling(CorrectionStore, CatalogStore):
+    """The ClickHouse adapter behind ``billing`` (catalog rows come from ``CatalogStore``,
+    correction rows from ``CorrectionStore``)."""
 
     def __init__(self, store: Store, repo: Repo | None = None) -> None:
         super().__init__(store, RowVersions())
         self.repo = repo or Repo(store)
+        self.window_repair: Repair | None = None
+
+    def set_window_repair(self, repair: Repair | None) -> None:
+        """The recomputation of corrected minute windows (``billing.corrections``) that usage
+        reads use when an override is out of date (``clickhouse.usage.run_usage``)."""
+        self.window_repair = repair
 
     # --- tenants and meters -------------------------------------------------------------------
 
@@ -87,22 +94,23 @@ class ClickHouseBilling(CatalogStore):
     # --- usage --------------------------------------------------------------------------------
 
     def usage(self, q: UsageQuery) -> list[UsageRow]:
-        return run_usage(self.store, q)
+        return run_usage(self.store, q, self.window_repair)
 
     def event_counts(
         self,
         tenant_id: str,
-        meter_id: str,
+        meter: Meter,
         start: datetime,
         end: datetime,
         customers: Sequence[str] | None,
         group_by: str | None,
     ) -> dict[tuple[str, str], int]:
-        """Matched events per (customer, group value) in ``[start, end)`` (corrections added)."""
+        """Counted events per (customer, group value) in ``[start, end)``, from the same rows as
+        usage queries (stream + visible backfill run, corrections applied)."""
         group_expr = "group_values[{dim:String}]" if group_by else "''"
         params: dict[str, Any] = {
             "tenant": tenant_id,
-            "meter": meter_id,
+            "meter": meter.id,
             "start": start,
             "end": end,
             "dim": group_by or "",
@@ -111,18 +119,15 @@ class ClickHouseBilling(CatalogStore):
         if customers is not None:
             cust = " AND customer IN {custs:Array(String)}"
             params["custs"] = list(customers)
-        out: dict[tuple[str, str], int] = {}
-        for table in ("usage_minute", "usage_corrections FINAL"):
-            rows = self.store.query_rows(
-                f"SELECT customer, {group_expr} AS g, sum(events) FROM {self.db}.{table} "
-                "WHERE tenant_id = {tenant:String} AND meter_id = {meter:String} "
-                "AND window_start >= {start:DateTime64(3, 'UTC')} "
-                f"AND window_start < {{end:DateTime64(3, 'UTC')}}{cust} GROUP BY customer, g",
-                params,
-            )
-            for c, g, n in rows:
-                out[(str(c), str(g))] = out.get((str(c), str(g)), 0) + int(n)
-        return out
+        rows = self.store.query_rows(
+            f"SELECT customer, {group_expr} AS g, sum(events) "
+            f"FROM {usage_source(self.db, meter.aggregation)} "
+            "WHERE tenant_id = {tenant:String} AND meter_id = {meter:String} "
+            "AND window_start >= {start:DateTime64(3, 'UTC')} "
+            f"AND window_start < {{end:DateTime64(3, 'UTC')}}{cust} GROUP BY customer, g",
+            params,
+        )
+        return {(str(c), str(g)): int(n) for c, g, n in rows}
 
     # --- invoices -----------------------------------------------------------------------------
 
@@ -419,80 +424,6 @@ class ClickHouseBilling(CatalogStore):
             )
             for t, i, at, a, who, d in rows
         ]
-
-    # --- events and corrections ---------------------------------------------------------------
-
-    def get_event(self, tenant_id: str, event_id: str) -> dict[str, Any]:
-        rows = self.store.query_rows(
-            f"SELECT event_type, customer, time, properties, ingested_at FROM {self.db}.events "
-            "FINAL WHERE tenant_id = {tenant:String} AND event_id = {id:String}",
-            {"tenant": tenant_id, "id": event_id},
-        )
-        if not rows:
-            raise NotFound(
-                f"event {event_id!r} not found",
-                details=[{"field": "event_id", "message": "unknown"}],
-            )
-        t, c, time, props, ingested = rows[0]
-        return {
-            "id": event_id,
-            "type": str(t),
-            "customer": str(c),
-            "time": _utc(time),
-            "properties": orjson.loads(props),
-            "ingested_at": _utc(ingested),
-        }
-
-    def corrections(self, tenant_id: str, event_id: str | None = None) -> list[Correction]:
-        params: dict[str, Any] = {"tenant": tenant_id}
-        extra = ""
-        if event_id is not None:
-            extra = " AND event_id = {id:String}"
-            params["id"] = event_id
-        rows = self.store.query_rows(
-            f"SELECT doc FROM {self.db}.event_corrections FINAL WHERE tenant_id = {{tenant:String}}"
-            f"{extra} ORDER BY created_at, correction_id",
-            params,
-        )
-        return [Correction.model_validate_json(r[0]) for r in rows]
-
-    def insert_correction(
-        self, tenant_id: str, correction: Correction, deltas: Sequence[tuple[Any, ...]]
-    ) -> None:
-        """The usage deltas first (keyed by correction id, so a retry collapses), then the
-        correction record (the commit point: a correction without its record is re-applied by
-        a retry of the same id, whose delta rows replace the first ones)."""
-        if deltas:
-            self.store.insert(
-                "usage_corrections",
-                [(tenant_id, *d) for d in deltas],
-                [
-                    "tenant_id",
-                    "meter_id",
-                    "customer",
-                    "window_start",
-                    "group_key",
-                    "correction_id",
-                    "group_values",
-                    "events",
-                    "value_sum",
-                ],
-            )
-        self.store.insert(
-            "event_corrections",
-            [
-                (
-                    tenant_id,
-                    correction.event_id,
-                    correction.id,
-                    correction.action.value,
-                    correction.model_dump_json(),
-                    correction.created_at,
-                )
-            ],
-            ["tenant_id", "event_id", "correction_id", "action", "doc", "created_at"],
-            settings={**DEDUP, "insert_deduplication_token": token_of(tenant_id, correction.id)},
-        )
 
     # --- webhooks -----------------------------------------------------------------------------
 

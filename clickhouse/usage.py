@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from clickhouse.queries import corrections_sql, usage_sql
+from clickhouse.queries import ADDITIVE, stale_overrides_sql, usage_sql
 from clickhouse.store import Store
+from schemas.meters import Meter
 from schemas.usage import UsageQuery, UsageRow
+
+log = logging.getLogger(__name__)
 
 
 def _decimal(value: Any) -> Decimal | None:
@@ -25,36 +30,38 @@ def _utc(seconds: int) -> datetime:
     return datetime.fromtimestamp(int(seconds), UTC)
 
 
-def run_usage(store: Store, q: UsageQuery) -> list[UsageRow]:
+# (tenant id, meter, [(customer, minute window start)]) -> recompute those windows' overrides
+Repair = Callable[[str, Meter, list[tuple[str, datetime]]], None]
+
+
+def run_usage(store: Store, q: UsageQuery, repair: Repair | None = None) -> list[UsageRow]:
     """Execute ``q``: rows ordered by window start, then customer, then the dimensions.
 
-    Event corrections (``usage_corrections``, signed deltas of count/sum meters) are read by a
-    separate query and added to the matching rows (``_with_corrections``)."""
+    Event corrections are part of the query (``clickhouse.queries.usage_source``). For
+    min/max/unique_count/latest meters, minute windows whose override is missing or out of date
+    (``stale_overrides_sql``: a crash after the correction, or late events since) are first
+    recomputed by ``repair`` (``billing.corrections.Corrections.repair``, which has the worker's
+    matching rules); without ``repair`` they are used as they are, with a warning."""
+    if q.meter.aggregation not in ADDITIVE:
+        stale = [
+            (str(c), _utc_dt(w))
+            for c, w in store.query_rows(*stale_overrides_sql(q, store.database))
+        ]
+        if stale:
+            if repair is not None:
+                repair(q.tenant_id, q.meter, stale)
+            else:
+                log.warning(
+                    "meter %s: %d corrected minute window(s) need recomputing; no repair given",
+                    q.meter.slug,
+                    len(stale),
+                )
     sql, params = usage_sql(q, store.database)
-    rows = store.query_rows(sql, params)
-    corr = corrections_sql(q, store.database)
-    if corr is not None:
-        rows = _with_corrections(rows, store.query_rows(*corr))
-    return _to_usage_rows(q, rows)
+    return _to_usage_rows(q, store.query_rows(sql, params))
 
 
-def _with_corrections(rows: list[tuple], deltas: list[tuple]) -> list[tuple]:
-    """Add each delta row's value (last column) to the row with the same key (all the other
-    columns); a delta without a row becomes a row. Order is kept (new keys sorted after)."""
-    if not deltas:
-        return rows
-    index = {tuple(r[:-1]): i for i, r in enumerate(rows)}
-    out = [list(r) for r in rows]
-    extra: list[list[Any]] = []
-    for d in deltas:
-        i = index.get(tuple(d[:-1]))
-        if i is None:
-            extra.append(list(d))
-        else:
-            base = _decimal(out[i][-1]) or Decimal(0)
-            out[i][-1] = base + (_decimal(d[-1]) or Decimal(0))
-    merged = [tuple(r) for r in out] + [tuple(r) for r in sorted(extra, key=lambda r: r[:-1])]
-    return merged
+def _utc_dt(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _to_usage_rows(q: UsageQuery, rows: list[tuple]) -> list[UsageRow]:

@@ -22,23 +22,62 @@ VISIBLE_RUN = (
     "(SELECT concat('b:', argMax(run_id, (finished_at, run_id))) FROM tally.backfill_runs"
     " WHERE tenant_id = {tenant:String} AND meter_id = {meter:String} AND state = 'complete')"
 )
+VISIBLE_SEQ = (
+    "(SELECT argMax(corrections_seq, (finished_at, run_id)) FROM tally.backfill_runs"
+    " WHERE tenant_id = {tenant:String} AND meter_id = {meter:String} AND state = 'complete')"
+)
 COLUMNS = (
+    "tenant_id, meter_id, customer, window_start, group_key, group_values,"
+    " toInt64(events) AS events, toInt64(value_count) AS value_count, value_sum,"
+    " CAST(value_min AS Nullable(Decimal(38, 9))) AS value_min,"
+    " CAST(value_max AS Nullable(Decimal(38, 9))) AS value_max,"
+    " CAST(uniq_values AS Array(String)) AS uniq_values,"
+    " CAST(latest AS Tuple(Int64, String, Decimal(38, 9))) AS latest"
+)
+DELTAS = (
     "tenant_id, meter_id, customer, window_start, group_key, group_values, events, value_count,"
-    " value_sum, value_min, value_max, uniq_values, latest"
+    " value_sum, CAST(NULL AS Nullable(Decimal(38, 9))) AS value_min,"
+    " CAST(NULL AS Nullable(Decimal(38, 9))) AS value_max, CAST([] AS Array(String)) AS uniq_values,"
+    " CAST((0, '', 0) AS Tuple(Int64, String, Decimal(38, 9))) AS latest"
 )
+KEY = "tenant_id = {tenant:String} AND meter_id = {meter:String}"
+# count/sum/avg: the stream's rows, the meter's latest complete backfill run, and the effect rows
+# of corrections (side 's'; side 'b' only above the corrections the visible run applied itself)
 SOURCE = (
-    f"(SELECT {COLUMNS} FROM tally.usage_minute"
-    " WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}"
+    f"(SELECT {COLUMNS} FROM tally.usage_minute WHERE {KEY}"
     f" AND origin IN ('s', {VISIBLE_RUN})"
-    f" UNION ALL SELECT {COLUMNS} FROM tally.usage_backfill"
-    " WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}"
-    f" AND origin = {VISIBLE_RUN})"
+    f" UNION ALL SELECT {COLUMNS} FROM tally.usage_backfill WHERE {KEY}"
+    f" AND origin = {VISIBLE_RUN}"
+    f" UNION ALL SELECT {DELTAS} FROM tally.corrections FINAL WHERE {KEY}"
+    f" AND (side = 's' OR (side = 'b' AND {VISIBLE_RUN} != 'b:' AND seq > {VISIBLE_SEQ})))"
 )
-WHERE = (
-    f" FROM {SOURCE} WHERE tenant_id = {{tenant:String}} AND meter_id = {{meter:String}}"
+# min/max/unique_count/latest: windows with an override are read from usage_overrides instead
+MASK_S = (
+    f"(SELECT customer, window_start, group_key FROM tally.usage_overrides WHERE {KEY}"
+    " AND side = 's')"
+)
+MASK_B = (
+    f"(SELECT customer, window_start, group_key FROM tally.usage_overrides WHERE {KEY}"
+    f" AND side = 'b' AND seq > {VISIBLE_SEQ})"
+)
+OVERRIDDEN_SOURCE = (
+    f"(SELECT {COLUMNS} FROM tally.usage_minute WHERE {KEY}"
+    f" AND origin IN ('s', {VISIBLE_RUN}) AND NOT ((origin = 's'"
+    f" AND (customer, window_start, group_key) IN {MASK_S}) OR (origin != 's'"
+    f" AND (customer, window_start, group_key) IN {MASK_B}))"
+    f" UNION ALL SELECT {COLUMNS} FROM tally.usage_backfill WHERE {KEY}"
+    f" AND origin = {VISIBLE_RUN} AND (customer, window_start, group_key) NOT IN {MASK_B}"
+    f" UNION ALL SELECT {COLUMNS} FROM tally.usage_overrides FINAL WHERE {KEY}"
+    f" AND (side = 's' OR (side = 'b' AND {VISIBLE_RUN} != 'b:' AND seq > {VISIBLE_SEQ})))"
+)
+RANGE = (
+    " WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}"
     " AND window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC')"
     " AND window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')"
 )
+WHERE = f" FROM {SOURCE}" + RANGE
+OVERRIDDEN_WHERE = f" FROM {OVERRIDDEN_SOURCE}" + RANGE
+ADDITIVE = {Aggregation.COUNT, Aggregation.SUM, Aggregation.AVG}
 BASE_PARAMS = {"tenant": "t1", "meter": "mid", "from_ms": FROM_MS, "to_ms": TO_MS}
 
 
@@ -79,7 +118,11 @@ EXPECTED_VALUE = {
 @pytest.mark.parametrize("aggregation", list(Aggregation))
 def test_each_aggregation_whole_range(aggregation: Aggregation) -> None:
     sql, params = usage_sql(query(meter=meter(aggregation)), "tally")
-    assert sql == f"SELECT {EXPECTED_VALUE[aggregation]} AS value" + WHERE + " GROUP BY tenant_id"
+    if aggregation in ADDITIVE:
+        tail = WHERE + " GROUP BY tenant_id"
+    else:  # a group whose every window lost its events to corrections has no row
+        tail = OVERRIDDEN_WHERE + " GROUP BY tenant_id HAVING sum(events) > 0"
+    assert sql == f"SELECT {EXPECTED_VALUE[aggregation]} AS value" + tail
     assert params == BASE_PARAMS
     assert VALUE_SQL[aggregation] == EXPECTED_VALUE[aggregation]
 
@@ -260,9 +303,10 @@ def test_sql_shape_invariants(
 ) -> None:
     q = query(meter=meter(aggregation), group_by=dims, window=window)
     sql, params = usage_sql(q, "tally")
-    # always scoped to the tenant and meter, and only ever reads the pre-aggregates
+    # always scoped to the tenant and meter, and only ever reads the pre-aggregates (with the
+    # corrections' effect rows or recomputed windows), never the ledger
     assert "WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}" in sql
-    assert " FROM tally.usage_minute " in sql and "events " not in sql.replace("sum(events)", "")
+    assert " FROM tally.usage_minute " in sql and "tally.events" not in sql
     assert params["tenant"] == "t1" and params["meter"] == "mid"
     # every {name:Type} placeholder has a parameter and vice versa
     import re
@@ -272,4 +316,5 @@ def test_sql_shape_invariants(
     n_keys = (window is not None) + len(dict.fromkeys(dims))
     assert sql.count(" AS d") == len([d for d in dict.fromkeys(dims) if d != "customer"])
     if n_keys:
-        assert sql.endswith(" ORDER BY " + sql.split(" GROUP BY ")[1].split(" ORDER BY ")[0])
+        group = sql.split(" GROUP BY ")[-1].split(" ORDER BY ")[0].split(" HAVING ")[0]
+        assert sql.endswith(" ORDER BY " + group)
