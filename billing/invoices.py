@@ -124,6 +124,7 @@ class _Context:
     history: dict[str, list[Invoice]]  # subscription -> its non-void invoices (by period)
     credit_notes: dict[str, list[CreditNote]]  # invoice id -> credit notes
     others: list[Invoice] = field(default_factory=list)
+    by_id: dict[str, Invoice] = field(default_factory=dict)  # every loaded invoice, void too
 
 
 class Invoicing:
@@ -282,7 +283,41 @@ class Invoicing:
             tenant_name = self.rows.get_tenant(tenant_id).name
         except NotFound:
             tenant_name = tenant_id
-        return _Context(tenant_name, plans, customers, dict(discounts), dict(history), dict(notes))
+        return _Context(
+            tenant_name,
+            plans,
+            customers,
+            dict(discounts),
+            dict(history),
+            dict(notes),
+            by_id={i.id: i for i in invoices},
+        )
+
+    def _billed_elsewhere(
+        self, tenant_id: str, ctx: _Context, sub: Subscription, p: _Pending
+    ) -> list[tuple[str | None, InvoiceLine]]:
+        """For a replacement: the late-usage adjustments of its period (lines naming an invoice
+        it replaces, directly or through a chain of replacements) already on other finalized
+        invoices. The replacement re-rates the period in full and nets these out."""
+        chain: set[str] = set()
+        nxt = p.replaces
+        while nxt and nxt not in chain:
+            chain.add(nxt)
+            prev = ctx.by_id.get(nxt)
+            if prev is None:
+                found = self.rows.invoices(tenant_id, ids=[nxt])
+                prev = found[0] if found else None
+            nxt = prev.replaces if prev is not None else None
+        out: list[tuple[str | None, InvoiceLine]] = []
+        for other in ctx.history.get(sub.id, []):
+            if other.status is not InvoiceStatus.FINALIZED or other.id in chain:
+                continue
+            if other.id == p.invoice_id:
+                continue
+            for ln in other.lines:
+                if ln.adjusts in chain and ln.key and ln.kind == LineKind.ADJUSTMENT.value:
+                    out.append((other.number, ln))
+        return out
 
     def _priors(
         self, ctx: _Context, sub: Subscription, before: datetime, exclude: set[str], now: datetime
@@ -387,6 +422,9 @@ class Invoicing:
                         priors=priors if i == 0 else [],
                         run_id=run_id,
                         replaces=p.replaces,
+                        billed_elsewhere=(
+                            self._billed_elsewhere(tenant_id, ctx, sub, p) if p.replaces else ()
+                        ),
                     )
                 )
             groups.append(group)
