@@ -32,6 +32,7 @@ def build_services(settings: Any, store: Any, repo: Any = None) -> BillingServic
     invoicing = Invoicing(
         rows, catalog, InvoicingConfig.from_settings(settings), webhooks.emit_many
     )
+    webhooks.sources.append(invoicing)  # what the dispatcher's reconciliation checks
     from api.matching import WorkerMatching
 
     corrections = Corrections(rows, WorkerMatching())

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
+from billing.lease import LeaseRows
 from schemas.billing import (
     AuditRecord,
     Correction,
@@ -104,6 +105,12 @@ class InvoiceRows(Protocol):
     ) -> None: ...
 
     def invoice_run_ids(self, tenant_id: str, ids: Iterable[str]) -> dict[str, str]: ...
+
+    def invoice_heads(
+        self, tenant_id: str, since: datetime
+    ) -> list[tuple[str, str, str, datetime, datetime | None, datetime | None]]: ...
+
+    def credit_note_heads(self, tenant_id: str, since: datetime) -> list[tuple[str, datetime]]: ...
 
     def number_state(
         self, tenant_id: str, kind: str, document_ids: Sequence[str]
@@ -204,8 +211,12 @@ class WebhookRows(Protocol):
 
     def threshold_tenants(self) -> list[str]: ...
 
+    def endpoint_tenants(self) -> list[str]: ...
 
-class BillingStore(CatalogRows, UsageSource, InvoiceRows, CorrectionRows, WebhookRows, Protocol):
+
+class BillingStore(
+    CatalogRows, UsageSource, InvoiceRows, CorrectionRows, WebhookRows, LeaseRows, Protocol
+):
     """Everything billing reads and writes."""
 
 

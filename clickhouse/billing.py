@@ -31,8 +31,10 @@ from schemas.billing import (
     Threshold,
     WebhookEndpoint,
 )
+from schemas.leases import LeaseRow
 from schemas.meters import Meter
 from schemas.tenants import Tenant
+from schemas.timeutil import from_epoch_ms
 from schemas.usage import UsageQuery, UsageRow
 
 DEDUP = {"insert_deduplicate": 1}
@@ -56,6 +58,10 @@ INVOICE_COLUMNS = [
 
 def _utc(dt: datetime) -> datetime:
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def _iso(text: str) -> datetime | None:
+    return _utc(datetime.fromisoformat(text)) if text else None
 
 
 def token_of(*parts: str) -> str:
@@ -221,6 +227,29 @@ class ClickHouseBilling(CorrectionStore, CatalogStore):
             token = token_of(tenant_id, "create", *sorted(i.id for i in invoices))
             settings = {**DEDUP, "insert_deduplication_token": token}
         self.store.insert("invoices", rows, INVOICE_COLUMNS, settings=settings)
+
+    def invoice_heads(
+        self, tenant_id: str, since: datetime
+    ) -> list[tuple[str, str, str, datetime, datetime | None, datetime | None]]:
+        """``(invoice_id, status, number, created_at, finalized_at, voided_at)`` of the invoices
+        changed since ``since`` (without parsing their documents)."""
+        rows = self.store.query_rows(
+            f"SELECT invoice_id, status, number, created_at, JSONExtractString(doc, 'finalized_at'), "
+            f"JSONExtractString(doc, 'voided_at') FROM {self.db}.invoices FINAL "
+            "WHERE tenant_id = {tenant:String} AND updated_at >= {since:DateTime64(3, 'UTC')} "
+            "ORDER BY invoice_id",
+            {"tenant": tenant_id, "since": since},
+        )
+        return [(str(i), str(st), str(n), _utc(c), _iso(f), _iso(v)) for i, st, n, c, f, v in rows]
+
+    def credit_note_heads(self, tenant_id: str, since: datetime) -> list[tuple[str, datetime]]:
+        rows = self.store.query_rows(
+            f"SELECT credit_note_id, created_at FROM {self.db}.credit_notes FINAL "
+            "WHERE tenant_id = {tenant:String} AND created_at >= {since:DateTime64(3, 'UTC')} "
+            "ORDER BY credit_note_id",
+            {"tenant": tenant_id, "since": since},
+        )
+        return [(str(i), _utc(c)) for i, c in rows]
 
     # --- number claims ------------------------------------------------------------------------
 
@@ -425,6 +454,55 @@ class ClickHouseBilling(CorrectionStore, CatalogStore):
             for t, i, at, a, who, d in rows
         ]
 
+    # --- leases -------------------------------------------------------------------------------
+
+    def _lease_rows(self, where: str, params: dict[str, Any]) -> list[LeaseRow]:
+        rows = self.store.query_rows(
+            "SELECT tenant_id, name, seq, owner, toUnixTimestamp64Milli(acquired_at), "
+            f"toUnixTimestamp64Milli(expires_at) FROM {self.db}.leases FINAL "
+            f"WHERE tenant_id = {{tenant:String}} AND name = {{name:String}}{where} "
+            "ORDER BY seq DESC LIMIT 1",
+            params,
+        )
+        return [
+            LeaseRow(str(t), str(n), int(s), str(o), int(a), int(e)) for t, n, s, o, a, e in rows
+        ]
+
+    def lease_head(self, tenant_id: str, name: str) -> LeaseRow | None:
+        found = self._lease_rows("", {"tenant": tenant_id, "name": name})
+        return found[0] if found else None
+
+    def lease_at(self, tenant_id: str, name: str, seq: int) -> LeaseRow | None:
+        found = self._lease_rows(
+            " AND seq = {seq:UInt64}", {"tenant": tenant_id, "name": name, "seq": seq}
+        )
+        return found[0] if found else None
+
+    def _insert_lease(self, row: LeaseRow, version: int, settings: dict[str, Any]) -> None:
+        self.store.insert(
+            "leases",
+            [
+                (
+                    row.tenant_id,
+                    row.name,
+                    row.seq,
+                    row.owner,
+                    from_epoch_ms(row.acquired_ms),
+                    from_epoch_ms(max(0, row.expires_ms)),
+                    version,
+                )
+            ],
+            ["tenant_id", "name", "seq", "owner", "acquired_at", "expires_at", "version"],
+            settings=settings,
+        )
+
+    def acquire_lease(self, row: LeaseRow) -> None:
+        token = token_of("lease", row.tenant_id, row.name, str(row.seq))
+        self._insert_lease(row, 1, {**DEDUP, "insert_deduplication_token": token})
+
+    def renew_lease(self, row: LeaseRow, version: int) -> None:
+        self._insert_lease(row, version, {"insert_deduplicate": 0})
+
     # --- webhooks -----------------------------------------------------------------------------
 
     def endpoints(self, tenant_id: str) -> list[tuple[WebhookEndpoint, int]]:
@@ -608,6 +686,13 @@ class ClickHouseBilling(CorrectionStore, CatalogStore):
                 "version",
             ],
         )
+
+    def endpoint_tenants(self) -> list[str]:
+        """Tenants with webhook endpoints (the dispatcher's reconciliation: a scheduling read)."""
+        rows = self.store.query_rows(
+            f"SELECT DISTINCT tenant_id FROM {self.db}.webhook_endpoints ORDER BY tenant_id"
+        )
+        return [str(r[0]) for r in rows]
 
     def threshold_tenants(self) -> list[str]:
         """Tenants that have thresholds (the threshold task's scheduling read)."""
