@@ -41,7 +41,7 @@ from billing.compose import (
     to_invoice_line,
 )
 from billing.lease import Lease
-from billing.pool import compose_groups
+from billing.pool import compose_groups, gc_paused
 from billing.ports import BillingStore
 from billing.usage import counted_meters, fetch_usage
 from rating.adjustments import RATED_KINDS, Billed
@@ -537,7 +537,8 @@ class Invoicing:
                 )
             lease.keep_renewed()
             try:
-                return self._run(tenant_id, as_of, now, actor, step)
+                with gc_paused():
+                    return self._run(tenant_id, as_of, now, actor, step)
             finally:
                 lease.release()
 
@@ -564,7 +565,8 @@ class Invoicing:
         created: list[str] = []
         finalized: list[str] = []
         credit_ids: list[str] = []
-        late_subs = [s for s in subs if s.id not in {w[0].id for w in work}]
+        with_work = {w[0].id for w in work}
+        late_subs = [s for s in subs if s.id not in with_work]
         if work or late_subs:
             ctx = self._context(tenant_id, subs, as_of)
             groups = self._build(tenant_id, ctx, work, now, run_id) if work else []

@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from billing.lease import LeaseRows
+from clickhouse.usage import UsageValue
 from schemas.billing import (
     AuditRecord,
     Correction,
@@ -26,7 +27,7 @@ from schemas.catalog import Customer, PlanVersion, Subscription
 from schemas.corrections import Effect, LedgerEvent, Markers, Override
 from schemas.meters import Meter
 from schemas.tenants import Tenant
-from schemas.usage import UsageQuery, UsageRow
+from schemas.usage import UsageQuery
 
 Window = tuple[str, datetime]  # (customer, minute window start)
 # (tenant, meter, windows) -> recompute the corrected windows (clickhouse.usage.Repair)
@@ -71,7 +72,7 @@ class CatalogRows(Protocol):
 
 
 class UsageSource(Protocol):
-    def usage(self, q: UsageQuery) -> list[UsageRow]: ...
+    def usage(self, q: UsageQuery) -> list[UsageValue]: ...
 
     def set_window_repair(self, repair: WindowRepair | None) -> None: ...
 

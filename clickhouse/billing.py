@@ -20,7 +20,7 @@ from clickhouse.corrections import CorrectionStore
 from clickhouse.queries import usage_source
 from clickhouse.repo import Repo
 from clickhouse.store import Store
-from clickhouse.usage import Repair, run_usage
+from clickhouse.usage import Repair, UsageValue, usage_values
 from schemas.billing import (
     AuditRecord,
     CreditNote,
@@ -35,7 +35,7 @@ from schemas.leases import LeaseRow
 from schemas.meters import Meter
 from schemas.tenants import Tenant
 from schemas.timeutil import from_epoch_ms
-from schemas.usage import UsageQuery, UsageRow
+from schemas.usage import UsageQuery
 
 DEDUP = {"insert_deduplicate": 1}
 
@@ -99,8 +99,8 @@ class ClickHouseBilling(CorrectionStore, CatalogStore):
 
     # --- usage --------------------------------------------------------------------------------
 
-    def usage(self, q: UsageQuery) -> list[UsageRow]:
-        return run_usage(self.store, q, self.window_repair)
+    def usage(self, q: UsageQuery) -> list[UsageValue]:
+        return usage_values(self.store, q, self.window_repair)
 
     def event_counts(
         self,

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from clickhouse.queries import ADDITIVE, stale_overrides_sql, usage_sql
 from clickhouse.store import Store
@@ -34,8 +34,9 @@ def _utc(seconds: int) -> datetime:
 Repair = Callable[[str, Meter, list[tuple[str, datetime]]], None]
 
 
-def run_usage(store: Store, q: UsageQuery, repair: Repair | None = None) -> list[UsageRow]:
-    """Execute ``q``: rows ordered by window start, then customer, then the dimensions.
+def usage_values(store: Store, q: UsageQuery, repair: Repair | None = None) -> list[UsageValue]:
+    """Execute ``q``: rows ordered by window start, then customer, then the dimensions, as
+    plain tuples (an invoice run reads tens of thousands; ``run_usage`` gives models).
 
     Event corrections are part of the query (``clickhouse.queries.usage_source``). For
     min/max/unique_count/latest meters, minute windows whose override is missing or out of date
@@ -57,16 +58,31 @@ def run_usage(store: Store, q: UsageQuery, repair: Repair | None = None) -> list
                     len(stale),
                 )
     sql, params = usage_sql(q, store.database)
-    return _to_usage_rows(q, store.query_rows(sql, params))
+    return _to_values(q, store.query_rows(sql, params))
+
+
+def run_usage(store: Store, q: UsageQuery, repair: Repair | None = None) -> list[UsageRow]:
+    """``usage_values`` as ``UsageRow`` models (the usage API)."""
+    return [UsageRow(**v._asdict()) for v in usage_values(store, q, repair)]
 
 
 def _utc_dt(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _to_usage_rows(q: UsageQuery, rows: list[tuple]) -> list[UsageRow]:
+class UsageValue(NamedTuple):
+    """One row of a usage query (the fields of ``schemas.usage.UsageRow``)."""
+
+    window_start: datetime
+    window_end: datetime
+    customer: str | None
+    group_by: dict[str, str]
+    value: Decimal | None
+
+
+def _to_values(q: UsageQuery, rows: list[tuple]) -> list[UsageValue]:
     dims = q.dimensions
-    out: list[UsageRow] = []
+    out: list[UsageValue] = []
     for row in rows:
         i = 0
         if q.window is not None:
@@ -79,13 +95,5 @@ def _to_usage_rows(q: UsageQuery, rows: list[tuple]) -> list[UsageRow]:
             customer = row[i]
             i += 1
         group = {name: row[i + k] for k, name in enumerate(dims)}
-        out.append(
-            UsageRow(
-                window_start=start,
-                window_end=end,
-                customer=customer,
-                group_by=group,
-                value=_decimal(row[i + len(dims)]),
-            )
-        )
+        out.append(UsageValue(start, end, customer, group, _decimal(row[i + len(dims)])))
     return out
