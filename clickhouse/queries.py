@@ -95,7 +95,9 @@ def visible_run_sql(database: str) -> tuple[str, str]:
     return backfill_origin_sql(database), backfill_seq_sql(database)
 
 
-def usage_source(database: str, aggregation: Aggregation = Aggregation.SUM) -> str:
+def usage_source(
+    database: str, aggregation: Aggregation = Aggregation.SUM, *, overrides: bool = True
+) -> str:
     """The rows a usage query of the meter ``{meter:String}`` reads (columns of
     ``_SOURCE_COLUMNS``): the stream's (origin 's') plus those of the meter's latest complete
     backfill run (legacy runs of older versions live in ``usage_minute`` under their ``b:``
@@ -107,9 +109,18 @@ def usage_source(database: str, aggregation: Aggregation = Aggregation.SUM) -> s
     - min, max, unique_count, latest: a minute window (customer, minute, group) with an
       override is read from ``usage_overrides`` instead of its pre-aggregated rows (side 's':
       always; side 'b': if the override is newer than the visible run's corrections).
+      ``overrides=False``: the pre-aggregates alone (the query found no corrected window in
+      its range: ``override_state_sql``), without the cost of the masks.
     """
     db = check_identifier(database)
     visible, vseq = visible_run_sql(db)
+    if aggregation not in ADDITIVE and not overrides:
+        return (
+            f"(SELECT {_SOURCE_COLUMNS} FROM {db}.usage_minute WHERE {_KEY} "
+            f"AND origin IN ('s', {visible}) "
+            f"UNION ALL SELECT {_SOURCE_COLUMNS} FROM {db}.usage_backfill WHERE {_KEY} "
+            f"AND origin = {visible})"
+        )
     if aggregation in ADDITIVE:
         return (
             f"(SELECT {_SOURCE_COLUMNS} FROM {db}.usage_minute WHERE {_KEY} "
@@ -135,8 +146,10 @@ def usage_source(database: str, aggregation: Aggregation = Aggregation.SUM) -> s
     )
 
 
-def usage_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, Any]]:
-    """The SQL and parameters answering ``q`` from ``usage_source``."""
+def usage_sql(
+    q: UsageQuery, database: str, *, overrides: bool = True
+) -> tuple[str, dict[str, Any]]:
+    """The SQL and parameters answering ``q`` from ``usage_source`` (``overrides``: see there)."""
     db = check_identifier(database)
     params: dict[str, Any] = {
         "tenant": q.tenant_id,
@@ -185,7 +198,9 @@ def usage_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, Any]]:
     # Without any key, group by the (filtered, constant) tenant: no rows when there is no data.
     group = keys or ["tenant_id"]
     sql = (
-        "SELECT " + ", ".join(select) + f" FROM {usage_source(db, q.meter.aggregation)}"
+        "SELECT "
+        + ", ".join(select)
+        + f" FROM {usage_source(db, q.meter.aggregation, overrides=overrides)}"
         " WHERE " + " AND ".join(where) + " GROUP BY " + ", ".join(group)
     )
     if q.meter.aggregation not in ADDITIVE:
@@ -196,12 +211,14 @@ def usage_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, Any]]:
     return sql, params
 
 
-def stale_overrides_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, Any]]:
-    """``(customer, window_start)`` of the minute windows in ``q``'s range (and customers) that
-    corrections made dirty (min/max/unique_count/latest meters) and whose override is missing
-    or out of date: older than the window's newest correction, or (side 's') computed when the
-    stream had pre-aggregated a different number of the key's events (late events arrived
-    since). Side 'b' keys matter only above the visible run's own corrections."""
+def override_state_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, Any]]:
+    """For min/max/unique_count/latest meters, ONE row: ``(dirty, stale)``. ``dirty``: how many
+    minute-window keys in ``q``'s range (and customers) corrections changed (0: the query can
+    read the pre-aggregates alone); ``stale``: ``[(customer, window_start)]`` of the windows
+    whose override is missing or out of date: older than the key's newest correction, or (side
+    's') computed when the stream had pre-aggregated a different number of the key's events
+    (late events arrived since). Side 'b' keys matter only above the visible run's own
+    corrections."""
     db = check_identifier(database)
     visible, vseq = visible_run_sql(db)
     params: dict[str, Any] = {
@@ -216,8 +233,8 @@ def stale_overrides_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, An
     )
     customers = _customer_filter(q, params)
     where = f"{_KEY} AND {rng}{customers}"
-    sql = (
-        "SELECT DISTINCT d.customer, d.window_start FROM "
+    stale = (
+        "SELECT DISTINCT d.customer AS c, d.window_start AS w FROM "
         f"(SELECT customer, window_start, group_key, side, max(seq) AS dseq FROM {db}.corrections "
         f"WHERE {where} GROUP BY customer, window_start, group_key, side) AS d "
         "LEFT JOIN (SELECT customer, window_start, group_key, side, seq AS oseq, base_events "
@@ -226,12 +243,15 @@ def stale_overrides_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, An
         "LEFT JOIN (SELECT customer, window_start, group_key, "
         "CAST('s' AS LowCardinality(String)) AS side, sum(events) AS n "
         f"FROM {db}.usage_minute WHERE {where} AND origin = 's' AND (customer, window_start) IN "
-        f"(SELECT customer, window_start FROM {db}.corrections WHERE {where}) "
+        f"(SELECT customer, window_start FROM {db}.corrections WHERE {where} AND side = 's') "
         "GROUP BY customer, window_start, group_key) AS p "
         "USING (customer, window_start, group_key, side) "
         "WHERE (d.side = 's' AND (o.oseq < d.dseq OR o.base_events != p.n)) "
-        f"OR (d.side = 'b' AND {visible} != 'b:' AND d.dseq > {vseq} AND o.oseq < d.dseq) "
-        "ORDER BY d.customer, d.window_start"
+        f"OR (d.side = 'b' AND {visible} != 'b:' AND d.dseq > {vseq} AND o.oseq < d.dseq)"
+    )
+    sql = (
+        f"SELECT (SELECT count() FROM {db}.corrections WHERE {where}) AS dirty, "
+        f"if(dirty = 0, [], (SELECT groupArray((c, w)) FROM ({stale}))) AS stale"
     )
     return sql, params
 
