@@ -96,7 +96,11 @@ def visible_run_sql(database: str) -> tuple[str, str]:
 
 
 def usage_source(
-    database: str, aggregation: Aggregation = Aggregation.SUM, *, overrides: bool = True
+    database: str,
+    aggregation: Aggregation = Aggregation.SUM,
+    *,
+    overrides: bool = True,
+    narrow: str = "",
 ) -> str:
     """The rows a usage query of the meter ``{meter:String}`` reads (columns of
     ``_SOURCE_COLUMNS``): the stream's (origin 's') plus those of the meter's latest complete
@@ -110,7 +114,8 @@ def usage_source(
       override is read from ``usage_overrides`` instead of its pre-aggregated rows (side 's':
       always; side 'b': if the override is newer than the visible run's corrections).
       ``overrides=False``: the pre-aggregates alone (the query found no corrected window in
-      its range: ``override_state_sql``), without the cost of the masks.
+      its range: ``dirty_count_sql``), without the cost of the masks. ``narrow``: conditions
+      (`` AND ...`` on window_start/customer) of the query, which keep the masks small.
     """
     db = check_identifier(database)
     visible, vseq = visible_run_sql(db)
@@ -130,17 +135,30 @@ def usage_source(
             f"UNION ALL SELECT {_DELTA_COLUMNS} FROM {db}.corrections FINAL WHERE {_KEY} "
             f"AND (side = 's' OR (side = 'b' AND {visible} != 'b:' AND seq > {vseq})))"
         )
-    mask_s = f"(SELECT customer, window_start, group_key FROM {db}.usage_overrides WHERE {_KEY} AND side = 's')"
+    # Rows of customers without any recomputed window are read as they are; only the rows of
+    # the others are checked against the masks (the (customer, minute, group) tuple test is
+    # the expensive part, and the primary key confines it to those customers' granules).
+    okey = _KEY + narrow
+    overridden = f"(SELECT DISTINCT customer FROM {db}.usage_overrides WHERE {okey})"
+    mask_s = (
+        f"(SELECT customer, window_start, group_key FROM {db}.usage_overrides WHERE {okey} "
+        "AND side = 's')"
+    )
     mask_b = (
-        f"(SELECT customer, window_start, group_key FROM {db}.usage_overrides WHERE {_KEY} "
+        f"(SELECT customer, window_start, group_key FROM {db}.usage_overrides WHERE {okey} "
         f"AND side = 'b' AND seq > {vseq})"
     )
     return (
         f"(SELECT {_SOURCE_COLUMNS} FROM {db}.usage_minute WHERE {_KEY} "
-        f"AND origin IN ('s', {visible}) AND NOT ((origin = 's' AND {_WINDOW_KEY} IN {mask_s}) "
+        f"AND origin IN ('s', {visible}) AND customer NOT IN {overridden} "
+        f"UNION ALL SELECT {_SOURCE_COLUMNS} FROM {db}.usage_backfill WHERE {_KEY} "
+        f"AND origin = {visible} AND customer NOT IN {overridden} "
+        f"UNION ALL SELECT {_SOURCE_COLUMNS} FROM {db}.usage_minute WHERE {_KEY} "
+        f"AND origin IN ('s', {visible}) AND customer IN {overridden} "
+        f"AND NOT ((origin = 's' AND {_WINDOW_KEY} IN {mask_s}) "
         f"OR (origin != 's' AND {_WINDOW_KEY} IN {mask_b})) "
         f"UNION ALL SELECT {_SOURCE_COLUMNS} FROM {db}.usage_backfill WHERE {_KEY} "
-        f"AND origin = {visible} AND {_WINDOW_KEY} NOT IN {mask_b} "
+        f"AND origin = {visible} AND customer IN {overridden} AND {_WINDOW_KEY} NOT IN {mask_b} "
         f"UNION ALL SELECT {_SOURCE_COLUMNS} FROM {db}.usage_overrides FINAL WHERE {_KEY} "
         f"AND (side = 's' OR (side = 'b' AND {visible} != 'b:' AND seq > {vseq})))"
     )
@@ -197,10 +215,14 @@ def usage_sql(
 
     # Without any key, group by the (filtered, constant) tenant: no rows when there is no data.
     group = keys or ["tenant_id"]
+    narrow = " AND " + " AND ".join(where[2:4])
+    if q.customers:
+        narrow += " AND customer IN {customers:Array(String)}"
+    source = usage_source(db, q.meter.aggregation, overrides=overrides, narrow=narrow)
     sql = (
         "SELECT "
         + ", ".join(select)
-        + f" FROM {usage_source(db, q.meter.aggregation, overrides=overrides)}"
+        + f" FROM {source}"
         " WHERE " + " AND ".join(where) + " GROUP BY " + ", ".join(group)
     )
     if q.meter.aggregation not in ADDITIVE:
@@ -211,16 +233,7 @@ def usage_sql(
     return sql, params
 
 
-def override_state_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, Any]]:
-    """For min/max/unique_count/latest meters, ONE row: ``(dirty, stale)``. ``dirty``: how many
-    minute-window keys in ``q``'s range (and customers) corrections changed (0: the query can
-    read the pre-aggregates alone); ``stale``: ``[(customer, window_start)]`` of the windows
-    whose override is missing or out of date: older than the key's newest correction, or (side
-    's') computed when the stream had pre-aggregated a different number of the key's events
-    (late events arrived since). Side 'b' keys matter only above the visible run's own
-    corrections."""
-    db = check_identifier(database)
-    visible, vseq = visible_run_sql(db)
+def _state_where(q: UsageQuery) -> tuple[str, dict[str, Any]]:
     params: dict[str, Any] = {
         "tenant": q.tenant_id,
         "meter": q.meter.id,
@@ -231,10 +244,28 @@ def override_state_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, Any
         "window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC') "
         "AND window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')"
     )
-    customers = _customer_filter(q, params)
-    where = f"{_KEY} AND {rng}{customers}"
-    stale = (
-        "SELECT DISTINCT d.customer AS c, d.window_start AS w FROM "
+    return f"{_KEY} AND {rng}{_customer_filter(q, params)}", params
+
+
+def dirty_count_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, Any]]:
+    """How many effect rows of corrections fall in ``q``'s range (and customers): 0 means a
+    min/max/unique_count/latest query can read the pre-aggregates alone."""
+    db = check_identifier(database)
+    where, params = _state_where(q)
+    return f"SELECT count() FROM {db}.corrections WHERE {where}", params
+
+
+def stale_overrides_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, Any]]:
+    """``(customer, window_start)`` of the minute windows in ``q``'s range (and customers) that
+    corrections made dirty (min/max/unique_count/latest meters) and whose override is missing
+    or out of date: older than the key's newest correction, or (side 's') computed when the
+    stream had pre-aggregated a different number of the key's events (late events arrived
+    since). Side 'b' keys matter only above the visible run's own corrections."""
+    db = check_identifier(database)
+    visible, vseq = visible_run_sql(db)
+    where, params = _state_where(q)
+    sql = (
+        "SELECT DISTINCT d.customer, d.window_start FROM "
         f"(SELECT customer, window_start, group_key, side, max(seq) AS dseq FROM {db}.corrections "
         f"WHERE {where} GROUP BY customer, window_start, group_key, side) AS d "
         "LEFT JOIN (SELECT customer, window_start, group_key, side, seq AS oseq, base_events "
@@ -247,11 +278,8 @@ def override_state_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, Any
         "GROUP BY customer, window_start, group_key) AS p "
         "USING (customer, window_start, group_key, side) "
         "WHERE (d.side = 's' AND (o.oseq < d.dseq OR o.base_events != p.n)) "
-        f"OR (d.side = 'b' AND {visible} != 'b:' AND d.dseq > {vseq} AND o.oseq < d.dseq)"
-    )
-    sql = (
-        f"SELECT (SELECT count() FROM {db}.corrections WHERE {where}) AS dirty, "
-        f"if(dirty = 0, [], (SELECT groupArray((c, w)) FROM ({stale}))) AS stale"
+        f"OR (d.side = 'b' AND {visible} != 'b:' AND d.dseq > {vseq} AND o.oseq < d.dseq) "
+        "ORDER BY d.customer, d.window_start"
     )
     return sql, params
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
 
-from clickhouse.queries import override_state_sql, usage_sql
+from clickhouse.queries import dirty_count_sql, stale_overrides_sql, usage_sql
 from clickhouse.store import Store
 from schemas.corrections import ADDITIVE
 from schemas.meters import Meter
@@ -41,18 +41,21 @@ def usage_values(store: Store, q: UsageQuery, repair: Repair | None = None) -> l
 
     Event corrections are part of the query (``clickhouse.queries.usage_source``). For
     min/max/unique_count/latest meters, minute windows whose override is missing or out of date
-    (``override_state_sql``: a crash after the correction, or late events since) are first
+    (``stale_overrides_sql``, after ``dirty_count_sql`` found corrected windows in range: a crash after the correction, or late events since) are first
     recomputed by ``repair`` (``billing.corrections.Corrections.repair``, which has the worker's
     matching rules); without ``repair`` they are used as they are, with a warning."""
     overrides = True
     if q.meter.aggregation not in ADDITIVE:
-        ((dirty, stale_pairs),) = store.query_rows(*override_state_sql(q, store.database))
+        ((dirty,),) = store.query_rows(*dirty_count_sql(q, store.database))
         overrides = int(dirty) > 0
-        stale = [(str(c), _utc_dt(w)) for c, w in stale_pairs]
-        if stale:
-            if repair is not None:
+        if overrides:
+            stale = [
+                (str(c), _utc_dt(w))
+                for c, w in store.query_rows(*stale_overrides_sql(q, store.database))
+            ]
+            if stale and repair is not None:
                 repair(q.tenant_id, q.meter, stale)
-            else:
+            elif stale:
                 log.warning(
                     "meter %s: %d corrected minute window(s) need recomputing; no repair given",
                     q.meter.slug,

@@ -52,23 +52,41 @@ SOURCE = (
     f" AND (side = 's' OR (side = 'b' AND {VISIBLE_RUN} != 'b:' AND seq > {VISIBLE_SEQ})))"
 )
 # min/max/unique_count/latest: windows with an override are read from usage_overrides instead
+# (the recomputed windows are looked up in the query's range only)
+NARROW = (
+    " AND window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC')"
+    " AND window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')"
+)
 MASK_S = (
-    f"(SELECT customer, window_start, group_key FROM tally.usage_overrides WHERE {KEY}"
+    f"(SELECT customer, window_start, group_key FROM tally.usage_overrides WHERE {KEY}{NARROW}"
     " AND side = 's')"
 )
 MASK_B = (
-    f"(SELECT customer, window_start, group_key FROM tally.usage_overrides WHERE {KEY}"
+    f"(SELECT customer, window_start, group_key FROM tally.usage_overrides WHERE {KEY}{NARROW}"
     f" AND side = 'b' AND seq > {VISIBLE_SEQ})"
 )
+OVERRIDDEN = f"(SELECT DISTINCT customer FROM tally.usage_overrides WHERE {KEY}{NARROW})"
 OVERRIDDEN_SOURCE = (
     f"(SELECT {COLUMNS} FROM tally.usage_minute WHERE {KEY}"
-    f" AND origin IN ('s', {VISIBLE_RUN}) AND NOT ((origin = 's'"
+    f" AND origin IN ('s', {VISIBLE_RUN}) AND customer NOT IN {OVERRIDDEN}"
+    f" UNION ALL SELECT {COLUMNS} FROM tally.usage_backfill WHERE {KEY}"
+    f" AND origin = {VISIBLE_RUN} AND customer NOT IN {OVERRIDDEN}"
+    f" UNION ALL SELECT {COLUMNS} FROM tally.usage_minute WHERE {KEY}"
+    f" AND origin IN ('s', {VISIBLE_RUN}) AND customer IN {OVERRIDDEN} AND NOT ((origin = 's'"
     f" AND (customer, window_start, group_key) IN {MASK_S}) OR (origin != 's'"
     f" AND (customer, window_start, group_key) IN {MASK_B}))"
     f" UNION ALL SELECT {COLUMNS} FROM tally.usage_backfill WHERE {KEY}"
-    f" AND origin = {VISIBLE_RUN} AND (customer, window_start, group_key) NOT IN {MASK_B}"
+    f" AND origin = {VISIBLE_RUN} AND customer IN {OVERRIDDEN}"
+    f" AND (customer, window_start, group_key) NOT IN {MASK_B}"
     f" UNION ALL SELECT {COLUMNS} FROM tally.usage_overrides FINAL WHERE {KEY}"
     f" AND (side = 's' OR (side = 'b' AND {VISIBLE_RUN} != 'b:' AND seq > {VISIBLE_SEQ})))"
+)
+# ... and without any corrected window in range: the pre-aggregates alone
+PLAIN_SOURCE = (
+    f"(SELECT {COLUMNS} FROM tally.usage_minute WHERE {KEY}"
+    f" AND origin IN ('s', {VISIBLE_RUN})"
+    f" UNION ALL SELECT {COLUMNS} FROM tally.usage_backfill WHERE {KEY}"
+    f" AND origin = {VISIBLE_RUN})"
 )
 RANGE = (
     " WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}"
@@ -123,6 +141,15 @@ def test_each_aggregation_whole_range(aggregation: Aggregation) -> None:
     else:  # a group whose every window lost its events to corrections has no row
         tail = OVERRIDDEN_WHERE + " GROUP BY tenant_id HAVING sum(events) > 0"
     assert sql == f"SELECT {EXPECTED_VALUE[aggregation]} AS value" + tail
+    plain, _ = usage_sql(query(meter=meter(aggregation)), "tally", overrides=False)
+    if aggregation not in ADDITIVE:
+        assert plain == (
+            f"SELECT {EXPECTED_VALUE[aggregation]} AS value FROM {PLAIN_SOURCE}"
+            + RANGE
+            + " GROUP BY tenant_id HAVING sum(events) > 0"
+        )
+    else:
+        assert plain == sql  # count/sum/avg: the deltas are always part of the source
     assert params == BASE_PARAMS
     assert VALUE_SQL[aggregation] == EXPECTED_VALUE[aggregation]
 
