@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from clickhouse.backfill import backfill_origin_sql  # noqa: E402
 from clickhouse.corrections import CORRECTION_COLUMNS, OVERRIDE_COLUMNS, override_version  # noqa: E402
-from clickhouse.queries import usage_sql, usage_source  # noqa: E402
+from clickhouse.queries import usage_source, usage_sql  # noqa: E402
 from clickhouse.sink import USAGE_COLUMNS  # noqa: E402
 from clickhouse.store import Store  # noqa: E402
 from clickhouse.usage import run_usage  # noqa: E402
@@ -75,9 +75,10 @@ def old_source(db: str) -> str:
 def old_queries(q: UsageQuery, db: str) -> list[tuple[str, dict[str, Any]]]:
     """Issue 10: the pre-aggregate query and, for count/sum, the same query over the separate
     ``usage_corrections`` deltas (whose values ``run_usage`` then added in Python)."""
-    sql, params = usage_sql(q, db)
-    sql = sql.replace(usage_source(db, q.meter.aggregation), old_source(db))
-    sql = sql.replace(" HAVING sum(events) > 0", "")
+    sql, params = usage_sql(q, db, overrides=False)
+    new_source = usage_source(db, q.meter.aggregation, overrides=False)
+    assert new_source in sql
+    sql = sql.replace(new_source, old_source(db)).replace(" HAVING sum(events) > 0", "")
     out = [(sql, params)]
     if q.meter.aggregation in (Aggregation.COUNT, Aggregation.SUM):
         out.append((sql.replace(old_source(db), f"{db}.usage_corrections FINAL"), params))
@@ -242,6 +243,7 @@ def seed_corrections(store: Store, count_m: Meter, max_m: Meter, n: int, first_s
         )
         old.append((TENANT, count_m.id, customer, window, "", cid, {}, -1, Decimal(0)))
     if corr:
+        db = store.database
         store.insert("corrections", corr, CORRECTION_COLUMNS)
         store.insert("usage_overrides", over, OVERRIDE_COLUMNS)
         store.insert(
@@ -289,6 +291,7 @@ def main() -> None:
     store.migrate()
     count_m, max_m = meter("calls", Aggregation.COUNT), meter("peak", Aggregation.MAX)
     seed_s = seed_usage(store, [count_m, max_m], customers, per)
+    store.command(f"OPTIMIZE TABLE {store.database}.usage_minute FINAL")  # steady state: merged
     print(f"seeded {2 * customers * per} usage rows in {seed_s:.1f}s", flush=True)
     db = store.database
     results = []

@@ -72,11 +72,8 @@ WINDOW_SQL: dict[WindowSize, tuple[str, str]] = {
 
 _SOURCE_COLUMNS = (
     "tenant_id, meter_id, customer, window_start, group_key, group_values, "
-    "toInt64(events) AS events, toInt64(value_count) AS value_count, value_sum, "
-    "CAST(value_min AS Nullable(Decimal(38, 9))) AS value_min, "
-    "CAST(value_max AS Nullable(Decimal(38, 9))) AS value_max, "
-    "CAST(uniq_values AS Array(String)) AS uniq_values, "
-    "CAST(latest AS Tuple(Int64, String, Decimal(38, 9))) AS latest"
+    "toInt64(events) AS events, toInt64(value_count) AS value_count, value_sum, value_min, "
+    "value_max, uniq_values, latest"
 )
 # Effect rows of corrections (signed deltas), in the columns of _SOURCE_COLUMNS.
 _DELTA_COLUMNS = (
