@@ -12,6 +12,10 @@ Measured (median and p95 of 30 runs after a warm-up), two query shapes:
 - ``month_by_customer``: the month's total per customer (1,000 rows out, every row read);
 - ``one_customer_daily``: one customer, daily windows.
 
+Also the correction itself (``Corrections.correct``, a void) with 2M events in the tenant's
+ledger: for a count meter (its effect rows) and for a max meter (plus the recomputation of the
+event's minute window from the ledger).
+
 ``before``: the SQL of issue 10 (pre-aggregates only, plus for count/sum a second query of the
 separate ``usage_corrections`` deltas, as ``run_usage`` ran it); ``after``: ``run_usage`` now
 (corrections inside the statement; for min/max/unique_count/latest the stale check first).
@@ -263,6 +267,74 @@ def seed_corrections(store: Store, count_m: Meter, max_m: Meter, n: int, first_s
         )
 
 
+def correction_latency(store: Store, events: int) -> dict[str, Any]:
+    """The correction use-case itself on a tenant with ``events`` events in the ledger: a void
+    of a count-meter event (effect rows only) and of a max-meter event (plus the recomputation
+    of its minute window from the ledger)."""
+    import orjson
+
+    from api.billing_state import build_services
+    from clickhouse.repo import Repo
+    from clickhouse.sink import EVENTS_COLUMNS
+    from schemas.billing import CorrectionIn
+    from schemas.meters import MeterSpec
+    from tally.settings import Settings
+
+    repo = Repo(store)
+    tenant, _ = repo.create_tenant("ledger")
+    tid = tenant.tenant_id
+    for slug, etype, agg in (("n", "e_count", "count"), ("top", "e_max", "max")):
+        spec = {"slug": slug, "event_type": etype, "aggregation": agg}
+        if agg == "max":
+            spec["value_property"] = "$.v"
+        repo.create_meter(tid, MeterSpec.model_validate(spec))
+    rnd = random.Random(5)
+    now = datetime.now(UTC)
+    minutes = 30 * 24 * 60
+    cols: dict[str, list[Any]] = {c: [] for c in EVENTS_COLUMNS}
+    ids: dict[str, list[str]] = {"e_count": [], "e_max": []}
+    for i in range(events):
+        etype = "e_count" if i % 2 else "e_max"
+        eid = f"{rnd.getrandbits(64):016x}"
+        if i % 1000 < 2:
+            ids[etype].append(eid)
+        row = (
+            tid,
+            eid,
+            etype,
+            f"c{rnd.randrange(1000):04d}",
+            START + timedelta(minutes=rnd.randrange(minutes), milliseconds=i % 1000),
+            orjson.dumps({"v": rnd.randint(1, 999)}).decode(),
+            now,
+            "tally.events",
+            i % 4,
+            i,
+            0,
+        )
+        for name, value in zip(EVENTS_COLUMNS, row, strict=True):
+            cols[name].append(value)
+        if len(cols["tenant_id"]) >= 500_000 or i == events - 1:
+            store.insert(
+                "events", [cols[n] for n in EVENTS_COLUMNS], EVENTS_COLUMNS, column_oriented=True
+            )
+            cols = {c: [] for c in EVENTS_COLUMNS}
+    store.command(f"OPTIMIZE TABLE {store.database}.events FINAL")
+    svc = build_services(Settings.model_validate({"billing_tasks": False}), store, repo)
+    out: dict[str, Any] = {"ledger_events": events}
+    for etype in ("e_count", "e_max"):
+        samples = []
+        for eid in ids[etype][:20]:
+            t0 = time.perf_counter()
+            svc.corrections.correct(tid, eid, CorrectionIn(action="void", reason="bench"))
+            samples.append((time.perf_counter() - t0) * 1000)
+        samples.sort()
+        out["void_" + ("count" if etype == "e_count" else "max") + "_meter"] = {
+            "median_ms": round(statistics.median(samples), 1),
+            "p95_ms": round(samples[int(len(samples) * 0.95) - 1], 1),
+        }
+    return out
+
+
 def timed(fn: Any) -> dict[str, float]:
     fn()
     samples = []
@@ -328,6 +400,8 @@ def main() -> None:
                 }
                 print(json.dumps(r), flush=True)
                 results.append(r)
+    latency = correction_latency(store, 200_000 if args.quick else 2_000_000)
+    print(json.dumps(latency), flush=True)
     store.close()
     doc = {
         "benchmark": "corrections_query",
@@ -340,6 +414,7 @@ def main() -> None:
         "usage_rows": 2 * customers * per,
         "customers": customers,
         "results": results,
+        "corrections": latency,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")

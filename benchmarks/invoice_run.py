@@ -203,6 +203,7 @@ def run_once(customers: int, workers: int) -> dict:
     t0 = time.perf_counter()
     out = inv.run(tid, AS_OF, actor="bench", progress=progress)
     run_s = time.perf_counter() - t0
+    progress("done", 0, 0)
     t1 = time.perf_counter()
     again = inv.run(tid, AS_OF, actor="bench")
     rerun_s = time.perf_counter() - t1
@@ -240,7 +241,11 @@ def main() -> None:
     doc = {
         "benchmark": "invoice_run",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_1m_at_end": round(os.getloadavg()[0], 1),
+        },
         "goal": "10k customers x 5 metered charges <= 60 s",
         "results": results,
     }

@@ -528,7 +528,9 @@ class Invoicing:
             # run waits for the first and then finds its invoices existing, so `created` lists
             # an invoice in exactly one run's answer.
             lease = Lease(self.rows, tenant_id, RUN_LEASE, self.config.run_lease_s)
-            if not lease.wait(self.config.run_wait_s):
+            if not lease.hold():
+                step("waiting for another run", 0, 0)
+            if not lease.held and not lease.wait(self.config.run_wait_s):
                 holder = lease.holder()
                 raise Conflict(
                     f"another invoice run of this tenant is in progress (holder "
@@ -546,6 +548,7 @@ class Invoicing:
         self, tenant_id: str, as_of: datetime, now: datetime, actor: str, step: Progress
     ) -> RunOut:
         run_id = "run_" + uuid.uuid4().hex[:16]
+        step("list", 0, 0)
         self._repair_credit_notes(tenant_id)
         subs = [advance(s, as_of) for s in self.rows.subscriptions(tenant_id)]
         have = {(sub_id, start) for _, sub_id, start, _, _ in self.rows.invoice_keys(tenant_id)}
