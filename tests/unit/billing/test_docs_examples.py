@@ -155,7 +155,9 @@ def test_correction_examples(ex: dict[str, Any]) -> None:
         {**ex["meter"], "id": "m1", "tenant_id": "t", "event_type": "up", "created_at": P0}
     )
     events = [
-        LedgerEvent(eid, "up", "c", epoch_ms(datetime.fromisoformat(at)), {"gb": gb}, "tally.events", 0, 5)
+        LedgerEvent(
+            eid, "up", "c", epoch_ms(datetime.fromisoformat(at)), {"gb": gb}, "tally.events", 0, 5
+        )
         for eid, at, gb in ex["events"]
     ]
     fixes: dict[str, Any] = {}
