@@ -217,9 +217,7 @@ def usage_sql(
         narrow += " AND customer IN {customers:Array(String)}"
     source = usage_source(db, q.meter.aggregation, overrides=overrides, narrow=narrow)
     sql = (
-        "SELECT "
-        + ", ".join(select)
-        + f" FROM {source}"
+        "SELECT " + ", ".join(select) + f" FROM {source}"
         " WHERE " + " AND ".join(where) + " GROUP BY " + ", ".join(group)
     )
     if q.meter.aggregation not in ADDITIVE:
