@@ -1,6 +1,8 @@
-"""Admin endpoints (``Authorization: Bearer <admin token>``): tenants and API keys.
+"""Admin endpoints (``Authorization: Bearer <admin token>``): tenants, their API keys and limits,
+and admin tokens.
 
-An API key is shown exactly once, in the answer that created it; only its hash is stored.
+A secret (API key or admin token) is shown exactly once, in the answer that created it; only its
+hash is stored. Key operations are those of ``/v1/api-keys`` (``api.keys``) for any tenant.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ from api.auth import require_admin
 from api.errors import json_response
 from api.ingest import read_body
 from api.ingest_parse import load_json
+from api.keys import create_key, get_key, list_keys, parse_body, revoke_key, rotate_key
+from api.limits import effective_limits
 from api.state import AppState, get_state
+from clickhouse.limits import LimitOverrides
+from schemas.credentials import AdminTokenIn, KeyIn, LimitsIn, RotateIn
 from schemas.timeutil import to_ms
-from tally.errors import NotFound, ValidationError
+from tally.errors import Conflict, NotFound, ValidationError
 
 router = APIRouter(dependencies=[Depends(require_admin)])
 
@@ -36,6 +42,13 @@ def tenant_json(t: Any) -> dict[str, Any]:
     if created is not None and not isinstance(created, str):
         body["created_at"] = to_ms(created).isoformat(timespec="milliseconds")
     return body
+
+
+async def _tenant(st: AppState, tenant_id: str) -> Any:
+    try:
+        return await st.run(st.repo.get_tenant, tenant_id)
+    except NotFound:
+        raise NotFound(f"tenant {tenant_id!r} not found", field="tenant_id") from None
 
 
 @router.post("/v1/admin/tenants", status_code=201, tags=["admin"])
@@ -59,19 +72,113 @@ async def list_tenants(st: AppState = Depends(get_state)) -> Response:
     return json_response(200, {"data": [tenant_json(t) for t in tenants]})
 
 
+# --- a tenant's API keys ----------------------------------------------------------------------
+
+
 @router.post("/v1/admin/tenants/{tenant_id}/keys", status_code=201, tags=["admin"])
-async def create_key(tenant_id: str, st: AppState = Depends(get_state)) -> Response:
-    try:
-        tenant = await st.run(st.repo.get_tenant, tenant_id)
-    except NotFound:
-        tenant = None
-    if tenant is None:
-        raise NotFound(
-            f"tenant {tenant_id!r} not found",
-            details=[{"field": "tenant_id", "message": "unknown tenant"}],
+async def create_key_admin(
+    tenant_id: str, request: Request, st: AppState = Depends(get_state)
+) -> Response:
+    """A new key for the tenant (body optional: ``{name, expires_at}``); secret in ``api_key``."""
+    await _tenant(st, tenant_id)
+    return await create_key(st, tenant_id, await parse_body(request, KeyIn, "key"))
+
+
+@router.get("/v1/admin/tenants/{tenant_id}/keys", tags=["admin"])
+async def list_keys_admin(tenant_id: str, st: AppState = Depends(get_state)) -> Response:
+    await _tenant(st, tenant_id)
+    return await list_keys(st, tenant_id)
+
+
+@router.get("/v1/admin/tenants/{tenant_id}/keys/{key_id}", tags=["admin"])
+async def get_key_admin(tenant_id: str, key_id: str, st: AppState = Depends(get_state)) -> Response:
+    return await get_key(st, tenant_id, key_id)
+
+
+@router.delete("/v1/admin/tenants/{tenant_id}/keys/{key_id}", tags=["admin"])
+async def revoke_key_admin(
+    tenant_id: str, key_id: str, st: AppState = Depends(get_state)
+) -> Response:
+    return await revoke_key(st, tenant_id, key_id)
+
+
+@router.post("/v1/admin/tenants/{tenant_id}/keys/{key_id}/rotate", status_code=201, tags=["admin"])
+async def rotate_key_admin(
+    tenant_id: str, key_id: str, request: Request, st: AppState = Depends(get_state)
+) -> Response:
+    body = await parse_body(request, RotateIn, "rotation")
+    return await rotate_key(st, tenant_id, key_id, body)
+
+
+# --- a tenant's limits ------------------------------------------------------------------------
+
+
+async def _limits_body(st: AppState, tenant_id: str) -> dict[str, Any]:
+    overrides: LimitOverrides = await st.run(st.limiter.repo.get, tenant_id)
+    eff = effective_limits(st.settings, overrides)
+    return {
+        "tenant_id": tenant_id,
+        "overrides": overrides.to_json(),
+        "effective": eff.to_json(),
+        "api_replicas": st.settings.api_replicas,
+    }
+
+
+@router.get("/v1/admin/tenants/{tenant_id}/limits", tags=["admin"])
+async def get_limits(tenant_id: str, st: AppState = Depends(get_state)) -> Response:
+    """The tenant's overrides (null = default) and the limits in effect (0 = unlimited)."""
+    await _tenant(st, tenant_id)
+    return json_response(200, await _limits_body(st, tenant_id))
+
+
+@router.put("/v1/admin/tenants/{tenant_id}/limits", tags=["admin"])
+async def put_limits(
+    tenant_id: str, request: Request, st: AppState = Depends(get_state)
+) -> Response:
+    """Replace the tenant's overrides: ``{requests_per_second, events_per_second,
+    max_batch_events, monthly_events}``, each null/absent (default), 0 (unlimited) or a limit.
+    Takes effect at once in this process, within ``limits_cache_ttl_s`` in the others."""
+    await _tenant(st, tenant_id)
+    body = await parse_body(request, LimitsIn, "limits")
+    overrides = LimitOverrides(**body.model_dump())
+    await st.run(st.limiter.repo.put, tenant_id, overrides)
+    st.limiter.invalidate(tenant_id)
+    return json_response(200, await _limits_body(st, tenant_id))
+
+
+# --- admin tokens -----------------------------------------------------------------------------
+
+
+@router.post("/v1/admin/tokens", status_code=201, tags=["admin"])
+async def create_admin_token(request: Request, st: AppState = Depends(get_state)) -> Response:
+    """A new admin token (body optional: ``{name}``); the secret is in ``admin_token``, once."""
+    body = await parse_body(request, AdminTokenIn, "admin token")
+    info, token = await st.run(st.repo.credentials.create_admin_token, body.name)
+    out = info.to_json()
+    out["admin_token"] = token
+    return json_response(201, out)
+
+
+@router.get("/v1/admin/tokens", tags=["admin"])
+async def list_admin_tokens(st: AppState = Depends(get_state)) -> Response:
+    tokens = await st.run(st.repo.credentials.list_admin_tokens)
+    return json_response(200, {"data": [t.to_json() for t in tokens]})
+
+
+@router.delete("/v1/admin/tokens/{token_id}", tags=["admin"])
+async def revoke_admin_token(token_id: str, st: AppState = Depends(get_state)) -> Response:
+    """Revoke an admin token (idempotent). The last active one cannot be revoked (409)."""
+    creds = st.repo.credentials
+    tokens = await st.run(creds.list_admin_tokens)
+    active = [t for t in tokens if t.revoked_at is None]
+    if [t.token_id for t in active] == [token_id]:
+        raise Conflict(
+            "this is the last active admin token; create another one before revoking it",
+            field="token_id",
         )
-    api_key = await st.run(st.repo.create_api_key, tenant_id)
-    return json_response(201, {"tenant_id": tenant_id, "api_key": api_key})
+    info = await st.run(creds.revoke_admin_token, token_id)
+    st.auth.forget(token_id=info.token_id)
+    return json_response(200, info.to_json())
 
 
 @router.post("/v1/admin/tenants/{tenant_id}/meters/{slug}/backfill", tags=["admin"])

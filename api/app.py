@@ -1,27 +1,44 @@
 """The FastAPI app factory. Every dependency is injected; nothing is read from the environment.
 
 ``create_app(settings, store, producer=..., progress_waiter=...)`` stores them on
-``app.state.tally`` (``api.state.AppState``). The lifespan loads ``settings.meters_file`` (if set)
-and registers a fixed ``settings.admin_token`` (if set); it closes nothing, because it created
-nothing: whoever made the store and the producer closes them.
+``app.state.tally`` (``api.state.AppState``). The lifespan loads ``settings.meters_file`` (if set),
+registers a fixed ``settings.admin_token`` (if set) and runs the counter flush task (key last-used
+times, monthly event counts; a final flush at shutdown); it closes nothing else, because it
+created nothing: whoever made the store and the producer closes them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 from fastapi import FastAPI
 
-from api import admin, catalog, health, ingest, invoices, meters, usage, webhooks
+from api import (
+    admin,
+    catalog,
+    health,
+    ingest,
+    invoices,
+    keys,
+    meters,
+    segment,
+    usage,
+    webhooks,
+)
 from api import errors as api_errors
-from api.auth import AuthCache
+from api.auth import Authenticator
+from api.limits import InflightMiddleware, TenantLimiter
 from api.meters_file import load_meters_file
 from api.producer import EventProducer
 from api.state import AppState, ProgressWaiter
+from clickhouse.limits import LimitsRepo
+from schemas.worker import WorkerStatus
 from tally.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,9 +58,12 @@ def create_app(
     repo: Any = None,
     store_concurrency: int | None = None,
     billing_tasks: bool | None = None,
+    worker_status: Callable[[], list[WorkerStatus]] | None = None,
 ) -> FastAPI:
     """Build the API. ``repo`` defaults to ``clickhouse.repo.Repo(store)``. ``billing_tasks``
-    (default ``settings.billing_tasks``) runs the webhook/threshold task while the app lives."""
+    (default ``settings.billing_tasks``) runs the webhook/threshold task while the app lives.
+    ``worker_status`` (blocking, called in a thread) gives /readyz the stream workers' statuses;
+    without it /readyz has no ``worker`` check."""
     if billing_tasks is None:
         billing_tasks = settings.billing_tasks
     if repo is None:
@@ -56,11 +76,13 @@ def create_app(
         repo=repo,
         producer=producer,
         progress_waiter=progress_waiter,
+        worker_status=worker_status,
         store_limiter=anyio.CapacityLimiter(
             store_concurrency or _default_store_concurrency(settings)
         ),
-        auth_cache=AuthCache(),
     )
+    state.auth = Authenticator(settings, state.metrics)
+    state.limiter = TenantLimiter(settings, LimitsRepo(store), state.metrics)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -78,9 +100,17 @@ def create_app(
             _app.state.billing = services
             tasks = services.webhooks
             tasks.start()
+        counters = asyncio.get_running_loop().create_task(state.maintain())
         try:
             yield
         finally:
+            counters.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await counters
+            try:
+                await state.flush_counters()
+            except Exception as exc:
+                log.warning("final counter flush failed: %s", exc)
             if tasks is not None:
                 tasks.stop()
 
@@ -92,8 +122,25 @@ def create_app(
     )
     app.state.tally = state
     api_errors.install(app)
+    app.add_middleware(
+        InflightMiddleware,
+        limit=settings.max_inflight_requests,
+        retry_after=settings.retry_after_s,
+        metrics=state.metrics,
+    )
     app.add_middleware(health.MetricsMiddleware, metrics=state.metrics)
-    for module in (ingest, meters, usage, admin, health, catalog, invoices, webhooks):
+    for module in (
+        ingest,
+        meters,
+        usage,
+        admin,
+        keys,
+        health,
+        catalog,
+        invoices,
+        webhooks,
+        segment,
+    ):
         app.include_router(module.router)
     app.include_router(invoices.admin_router)
     return app

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from api.auth import current_tenant
-from api.errors import describe, json_response, validation_details
+from api.errors import json_response
 from api.ingest import read_body
 from api.state import AppState, get_state
 from schemas.catalog import (
@@ -67,10 +67,7 @@ async def _body(request: Request, model: type[M], what: str) -> M:
     try:
         return model.model_validate(doc)
     except pydantic.ValidationError as exc:
-        from billing.validation import refine_fields
-
-        details = refine_fields(validation_details(list(exc.errors(include_url=False))))
-        raise ValidationError(f"invalid {what}: " + describe(details), details=details) from None
+        raise ValidationError.from_pydantic(exc, f"invalid {what}") from None
 
 
 def _ok(model: Any, status: int = 200) -> Response:

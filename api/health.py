@@ -1,23 +1,37 @@
-"""/metrics (Prometheus exposition), /healthz (process alive), /readyz (broker + store reachable).
+"""/metrics (Prometheus exposition), /healthz (process alive), /readyz (store, broker, worker).
 
-Unauthenticated. ``MetricsMiddleware`` counts requests by route *template* (never the raw path,
-which would explode label cardinality) and status.
+``/readyz`` answers ``{"status", "checks", "components"}``: ``checks`` maps each check (``store``,
+``broker`` when this process produces, ``worker`` when it knows the stream workers) to ``"ok"`` or
+the reason it is not; ``components`` holds the details (the workers' partitions, last commit,
+failing since, last error). 200 when every check is ok, else 503 with ``Retry-After``. The worker
+check is red when no worker is running, or one cannot commit for longer than
+``worker_max_failing_s`` (embedded: the worker in this process; scale-out: the heartbeats the
+workers write to the store, ``streams.status``).
+
+/healthz and /readyz are unauthenticated. /metrics is open unless ``settings.metrics_token`` is
+set, then it needs ``Authorization: Bearer <metrics token>`` (401 otherwise). Metrics never carry
+secrets: labels are route templates, methods, statuses and limit names (no tenant ids, no keys).
+``MetricsMiddleware`` counts requests by route *template* (never the raw path, which would
+explode label cardinality) and status.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import json_response
+from api.errors import error_body, json_response
 from api.state import AppState, Metrics, get_state
+from streams.status import evaluate, stale_after_s
+from tally.errors import AuthenticationError, detail
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -26,7 +40,18 @@ READY_TIMEOUT_S = 3.0
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics(st: AppState = Depends(get_state)) -> Response:
+async def metrics(request: Request, st: AppState = Depends(get_state)) -> Response:
+    expected = st.settings.metrics_token
+    if expected:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), expected.encode()
+        ):
+            raise AuthenticationError(
+                "/metrics needs 'Authorization: Bearer <metrics token>' (TALLY_METRICS_TOKEN)",
+                field="authorization",
+            )
     return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -46,6 +71,7 @@ def _store_ping(store: Any) -> bool:
 @router.get("/readyz", tags=["health"])
 async def readyz(st: AppState = Depends(get_state)) -> Response:
     checks: dict[str, str] = {}
+    components: dict[str, Any] = {}
 
     async def check(name: str, fn: Any, *args: Any) -> None:
         try:
@@ -54,18 +80,47 @@ async def readyz(st: AppState = Depends(get_state)) -> Response:
         except Exception as exc:
             log.warning("readiness check %s failed: %s", name, exc)
             checks[name] = f"unreachable: {type(exc).__name__}"
+        components[name] = {"reachable": checks[name] == "ok"}
+
+    async def worker_check(fn: Any) -> None:
+        settings = st.settings
+        try:
+            statuses = await asyncio.wait_for(asyncio.to_thread(fn), READY_TIMEOUT_S + 1)
+        except Exception as exc:
+            log.warning("readiness check worker failed: %s", exc)
+            checks["worker"] = f"unknown: cannot read the worker status ({type(exc).__name__})"
+            components["worker"] = {"workers": []}
+            return
+        result = evaluate(
+            statuses,
+            time.time_ns() // 1_000_000,
+            max_failing_s=settings.worker_max_failing_s,
+            stale_s=stale_after_s(settings.worker_heartbeat_s),
+        )
+        checks["worker"] = result.summary
+        components["worker"] = result.info
 
     tasks = [check("store", _store_ping, st.store)]
     if st.producer is not None:
         tasks.append(check("broker", st.producer.ping, READY_TIMEOUT_S))
+    if st.worker_status is not None:
+        tasks.append(worker_check(st.worker_status))
     await asyncio.gather(*tasks)
+    checks = {k: checks[k] for k in ("store", "broker", "worker") if k in checks}
     ready = all(v == "ok" for v in checks.values())
     if ready:
-        return json_response(200, {"status": "ready", "checks": checks})
+        return json_response(200, {"status": "ready", "checks": checks, "components": components})
     bad = ", ".join(f"{k} {v}" for k, v in checks.items() if v != "ok")
+    details = [detail(k, v) for k, v in checks.items() if v != "ok"]
     return json_response(
         503,
-        {"error": "unavailable", "message": f"not ready: {bad}", "checks": checks},
+        {
+            # the one error shape, plus the readiness diagnostics
+            **error_body("unavailable", f"not ready: {bad}", details),
+            "status": "not_ready",
+            "checks": checks,
+            "components": components,
+        },
         {"Retry-After": str(st.settings.retry_after_s)},
     )
 

@@ -12,7 +12,11 @@ Answers:
 - some invalid: 200 ``{"accepted": n, "rejected": [{index, field, message}, ...]}``
   (the valid ones are accepted); ``?atomic=true``: 400 and nothing is accepted
 - all invalid: 400 with ``details`` = the list
-- too many events / bytes: 413; broker down: 503 + Retry-After (nothing counts; retry)
+- too many events / bytes: 413 (also the tenant's ``max_batch_events``); broker down: 503 +
+  Retry-After (nothing counts; retry)
+- a tenant limit (``requests_per_second``, ``events_per_second``, ``monthly_events``): 429 +
+  Retry-After naming it; too much in flight in this process: 503 ``overloaded`` (``api.limits``);
+  nothing of a refused request was produced
 - ``wait=stored`` timeout: 503 + Retry-After; the events ARE in the broker and will be stored,
   retrying is safe because ingest is idempotent by event id.
 """
@@ -39,8 +43,14 @@ from api.ingest_parse import (
     parse_native,
 )
 from api.state import AppState, get_state
-from schemas.envelope import group_rows
-from tally.errors import BrokerUnavailable, PayloadTooLarge, Unavailable, ValidationError
+from schemas.envelope import Row, group_rows
+from tally.errors import (
+    BrokerUnavailable,
+    PayloadTooLarge,
+    Unavailable,
+    ValidationError,
+    detail,
+)
 from tally.settings import WaitMode
 
 router = APIRouter()
@@ -153,19 +163,48 @@ async def _ingest(request: Request, tenant_id: str, st: AppState, api: str) -> R
         metrics.events.labels(api, "rejected").inc(res.total)
         prefix = "atomic request rejected: " if atomic and res.rows else ""
         raise ValidationError(prefix + _summary(res), details=res.errors)
+    await deliver(st, tenant_id, res.rows, now_ms, wait, api)
+    if res.errors:
+        metrics.events.labels(api, "rejected").inc(len(res.rejected_indexes))
+    if not res.errors:
+        if api == "cloudevents":
+            return Response(status_code=204)
+        return json_response(202, {"accepted": len(res.rows), "rejected": []})
+    body: dict[str, Any] = {"accepted": len(res.rows), "rejected": res.errors}
+    return json_response(200, body)
+
+
+async def deliver(
+    st: AppState, tenant_id: str, rows: list[Row], now_ms: int, wait: WaitMode, api: str
+) -> None:
+    """Make validated ``rows`` durable: the one way events enter Tally (every ingest flavour).
+
+    Groups the rows into envelopes per partition, produces them (acks=all) and, with
+    ``wait=stored``, waits until the worker stored them. Returns only when that is done; raises
+    ``Unavailable`` (503 + Retry-After) otherwise -- retrying is then safe because ingest is
+    idempotent by event id. Counts the rows as accepted under the ``api`` label.
+    """
+    s = st.settings
+    metrics = st.metrics
     producer = st.producer
     if producer is None:
         raise BrokerUnavailable("ingest is not configured on this server (no producer)")
-    envelopes = group_rows(tenant_id, now_ms, res.rows, producer.partitions, s.envelope_max_events)
+    # the tenant's batch size, monthly quota and event rate, this process's in-flight events
+    # (413 / 429 / 503 naming the limit; nothing is produced then)
+    reservation = await st.limiter.admit_events(st, tenant_id, len(rows))
     try:
-        positions = await producer.produce(envelopes, key=tenant_id)
-    except Unavailable:
-        metrics.produce_failures.inc()
-        raise
+        envelopes = group_rows(tenant_id, now_ms, rows, producer.partitions, s.envelope_max_events)
+        try:
+            positions = await producer.produce(envelopes, key=tenant_id)
+        except Unavailable:
+            metrics.produce_failures.inc()
+            raise
+        st.limiter.commit(reservation, len(rows))
+    finally:
+        st.limiter.release(reservation)
     metrics.envelopes.inc(len(envelopes))
-    metrics.events.labels(api, "accepted").inc(len(res.rows))
-    if res.errors:
-        metrics.events.labels(api, "rejected").inc(len(res.rejected_indexes))
+    del envelopes
+    metrics.events.labels(api, "accepted").inc(len(rows))
     if wait == WaitMode.STORED:
         assert st.progress_waiter is not None
         targets: dict[int, int] = {}
@@ -176,18 +215,14 @@ async def _ingest(request: Request, tenant_id: str, st: AppState, api: str) -> R
         if not stored:
             metrics.wait_stored_timeouts.inc()
             raise Unavailable(
-                f"the {len(res.rows)} events were accepted by the broker but not stored within "
+                f"the {len(rows)} events were accepted by the broker but not stored within "
                 f"{s.wait_stored_timeout_s:g}s; they will be stored. Retrying is safe: ingest is "
                 "idempotent by event id",
                 retry_after=s.retry_after_s,
-                details={"accepted_by_broker": len(res.rows), "stored": False},
+                details=[
+                    detail("wait", f"{len(rows)} events accepted by the broker, not stored yet")
+                ],
             )
-    if not res.errors:
-        if api == "cloudevents":
-            return Response(status_code=204)
-        return json_response(202, {"accepted": len(res.rows), "rejected": []})
-    body: dict[str, Any] = {"accepted": len(res.rows), "rejected": res.errors}
-    return json_response(200, body)
 
 
 @router.post("/v1/events", status_code=202, tags=["ingest"])

@@ -196,24 +196,23 @@ def _time(
             f"time must be an RFC 3339 string or integer epoch milliseconds, got {_json_type(v)}",
         )
         return None
-    if ms < now_ms - limits.max_lateness_ms:
-        _err(
-            errors,
-            index,
-            "time",
-            f"time {_iso(ms)} is older than the lateness bound "
-            f"({_span(limits.max_lateness_ms)} before now); the event is not accepted",
-        )
-        return None
-    if ms > now_ms + limits.max_future_ms:
-        _err(
-            errors,
-            index,
-            "time",
-            f"time {_iso(ms)} is more than {_span(limits.max_future_ms)} in the future",
-        )
+    problem = time_bounds_problem(ms, now_ms, limits, "time")
+    if problem is not None:
+        _err(errors, index, "time", problem)
         return None
     return ms
+
+
+def time_bounds_problem(ms: int, now_ms: int, limits: Limits, name: str) -> str | None:
+    """Why event time ``ms`` (field ``name``) is outside the lateness bounds, or None."""
+    if ms < now_ms - limits.max_lateness_ms:
+        return (
+            f"{name} {_iso(ms)} is older than the lateness bound "
+            f"({_span(limits.max_lateness_ms)} before now); the event is not accepted"
+        )
+    if ms > now_ms + limits.max_future_ms:
+        return f"{name} {_iso(ms)} is more than {_span(limits.max_future_ms)} in the future"
+    return None
 
 
 def _iso(ms: int) -> str:

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from api.auth import current_tenant, require_admin
 from api.billing_state import actor_of, billing
 from api.catalog import _body, _ok
-from api.errors import describe, json_response, validation_details
+from api.errors import json_response
 from api.ingest import read_body
 from api.state import AppState, get_state
 from billing import reconcile, render
@@ -31,7 +31,7 @@ from schemas.billing import (
     VoidIn,
 )
 from schemas.catalog import _time
-from tally.errors import ValidationError
+from tally.errors import ValidationError, summarize
 
 router = APIRouter()
 admin_router = APIRouter(dependencies=[Depends(require_admin)])
@@ -71,8 +71,7 @@ async def _optional_body(request: Request, model: type[Any], what: str) -> Any:
     try:
         return model.model_validate(doc)
     except pydantic.ValidationError as exc:
-        details = validation_details(list(exc.errors(include_url=False)))
-        raise ValidationError(f"invalid {what}: " + describe(details), details=details) from None
+        raise ValidationError.from_pydantic(exc, f"invalid {what}") from None
 
 
 # --- runs -------------------------------------------------------------------------------------
@@ -374,8 +373,8 @@ async def reconciliation(
                 }
             )
         except pydantic.ValidationError as exc:
-            details = validation_details(list(exc.errors(include_url=False)))
-            raise ValidationError(describe(details), details=details) from None
+            err = ValidationError.from_pydantic(exc, "invalid request")
+            raise ValidationError(summarize(err.details), details=err.details) from None
         lines = reconcile.parse_csv(raw.decode("utf-8-sig", errors="replace"))
     else:
         req = await _body(request, ReconciliationIn, "reconciliation")

@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from api.auth import current_tenant
-from api.errors import describe, json_response, validation_details
+from api.errors import json_response
 from api.ingest import read_body
 from api.ingest_parse import load_json
 from api.state import AppState, get_state
@@ -51,8 +51,7 @@ def parse_meter_spec(raw: bytes) -> MeterSpec:
     try:
         return MeterSpec.model_validate(doc)
     except pydantic.ValidationError as exc:
-        details = validation_details(list(exc.errors(include_url=False)))
-        raise ValidationError("invalid meter: " + describe(details), details=details) from None
+        raise ValidationError.from_pydantic(exc, "invalid meter") from None
 
 
 def _iso(dt: Any) -> str:

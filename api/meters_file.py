@@ -75,12 +75,8 @@ def parse_meters_file(text: str, source: str = "meters file") -> dict[str, list[
             try:
                 spec = MeterSpec.model_validate(m)
             except pydantic.ValidationError as exc:
-                problems = "; ".join(
-                    f"{'.'.join(str(p) for p in e['loc']) or 'meter'}: {e['msg']}"
-                    for e in exc.errors(include_url=False)
-                )
-                raise ValidationError(
-                    f"{source}: tenant {tenant_id} meter #{i}: {problems}"
+                raise ValidationError.from_pydantic(
+                    exc, f"{source}: tenant {tenant_id} meter #{i}", prefix=f"meters.{i}"
                 ) from None
             if spec.slug in seen:
                 raise ValidationError(f"{source}: tenant {tenant_id}: duplicate slug {spec.slug!r}")

@@ -6,8 +6,10 @@ on the caller's loop through ``loop.call_soon_threadsafe``. ``produce`` returns 
 envelope's report arrived; any delivery error or the timeout raises ``BrokerUnavailable``
 (503 + Retry-After at the HTTP layer) -- nothing of the request may then be reported as accepted.
 
-A fatal client error (e.g. the idempotent producer lost its sequence state) makes the producer
-replace its librdkafka client; requests in flight on the old one fail with 503 and are retried
+A fatal client error (e.g. the idempotent producer lost its sequence state), or a delivery
+report saying the broker no longer accepts the client's producer id/epoch (after the broker was
+frozen past the message timeout, Tansu answers ProducerFenced to every later produce), makes the
+producer replace its librdkafka client; requests in flight on the old one fail with 503 and are retried
 by clients (ingest is idempotent by event id).
 """
 
@@ -27,6 +29,19 @@ from schemas.envelope import OutgoingEnvelope
 from tally.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
+
+# Delivery errors after which this client's idempotence state is dead: only a new client (a new
+# producer id) can produce again.
+_RESET_CODES = frozenset(
+    {
+        KafkaError.PRODUCER_FENCED,
+        KafkaError._FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.INVALID_PRODUCER_ID_MAPPING,
+    }
+)
 
 
 class EventProducer:
@@ -129,7 +144,9 @@ class EventProducer:
         err: KafkaError | None,
         msg: Message,
     ) -> None:
-        if err is not None and err.fatal():
+        if err is not None and (err.fatal() or err.code() in _RESET_CODES):
+            if not self._needs_reset:
+                log.warning("producer: %s; the client will be replaced", err.str())
             self._needs_reset = True
         try:
             loop.call_soon_threadsafe(self._deliver, fut, err, msg)

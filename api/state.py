@@ -6,6 +6,7 @@ No module-level globals: two apps in one process (tests) share nothing.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -18,8 +19,10 @@ from tally.settings import Settings
 
 if TYPE_CHECKING:
     from api.producer import EventProducer
+    from schemas.worker import WorkerStatus
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class ProgressWaiter(Protocol):
@@ -60,9 +63,40 @@ class Metrics:
             "Ingest requests answered 503 because the broker did not acknowledge",
             registry=self.registry,
         )
+        self.auth_failures = Counter(
+            "tally_auth_failures",
+            "Failed authentications by reason (invalid, limited, lookup_budget)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.auth_lookups = Counter(
+            "tally_auth_store_lookups",
+            "Credential lookups that went to the store (k = API key, a = admin token)",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "tally_rate_limited",
+            "Requests refused by a limit (429/413/503), by limit name",
+            ["limit"],
+            registry=self.registry,
+        )
         self.wait_stored_timeouts = Counter(
             "tally_ingest_wait_stored_timeouts",
             "wait=stored requests answered 503 because the worker had not stored them in time",
+            registry=self.registry,
+        )
+        self.segment_ignored = Counter(
+            "tally_segment_messages_ignored",
+            "Segment messages accepted and ignored (identify, page, screen, group, alias) by type",
+            ["type"],
+            registry=self.registry,
+        )
+        self.segment_webhook_refused = Counter(
+            "tally_segment_webhook_refused",
+            "Segment webhook requests answered 401, by reason (missing or bad signature, "
+            "webhook not enabled)",
+            ["reason"],
             registry=self.registry,
         )
 
@@ -74,14 +108,38 @@ class AppState:
     repo: Any
     producer: EventProducer | None
     progress_waiter: ProgressWaiter | None
+    # the stream worker(s) to judge in /readyz: the in-process worker, or heartbeats (blocking)
+    worker_status: Callable[[], list[WorkerStatus]] | None = None
     metrics: Metrics = field(default_factory=Metrics)
     store_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
-    auth_cache: Any = None  # api.auth.AuthCache, set by create_app
+    auth: Any = None  # api.auth.Authenticator, set by create_app
+    limiter: Any = None  # api.limits.TenantLimiter, set by create_app
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking store call in a worker thread (bounded by ``store_limiter``)."""
         call = functools.partial(fn, *args, **kwargs) if kwargs else functools.partial(fn, *args)
         return await anyio.to_thread.run_sync(call, limiter=self.store_limiter)
+
+    async def flush_counters(self) -> None:
+        """Write the batched key last-used times and monthly event counts (one insert each)."""
+        uses = self.auth.take_last_used()
+        if uses:
+            try:
+                await self.run(self.repo.credentials.record_last_used, uses)
+            except Exception as exc:
+                for k, ms in uses.items():  # keep them for the next round
+                    self.auth.last_used[k] = max(ms, self.auth.last_used.get(k, 0))
+                log.warning("writing key last-used times failed (kept, retried): %s", exc)
+        await self.limiter.flush(self)
+
+    async def maintain(self) -> None:
+        """Background task of the app: ``flush_counters`` every ``counters_flush_s``."""
+        while True:
+            await anyio.sleep(self.settings.counters_flush_s)
+            try:
+                await self.flush_counters()
+            except Exception:
+                log.exception("counter flush failed")
 
 
 def get_state(request: Request) -> AppState:

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from clickhouse.backfill import backfill_origin_sql  # noqa: E402
 from clickhouse.corrections import CORRECTION_COLUMNS, OVERRIDE_COLUMNS, override_version  # noqa: E402
 from clickhouse.queries import usage_source, usage_sql  # noqa: E402
-from clickhouse.sink import USAGE_COLUMNS  # noqa: E402
+from clickhouse.sink import USAGE_COLUMNS, unique_insert_settings  # noqa: E402
 from clickhouse.store import Store  # noqa: E402
 from clickhouse.usage import run_usage  # noqa: E402
 from schemas.meters import Aggregation, Meter  # noqa: E402
@@ -137,6 +137,7 @@ def seed_usage(store: Store, meters: list[Meter], customers: int, per: int) -> f
                     "usage_minute",
                     [cols[n] for n in USAGE_COLUMNS],
                     USAGE_COLUMNS,
+                    unique_insert_settings(),
                     column_oriented=True,
                 )
                 cols = {c: [] for c in USAGE_COLUMNS}

@@ -93,7 +93,13 @@ def main() -> None:
     print(json.dumps(result), flush=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="tally-bench-"))
-    proc, url = start_embedded(tmp / "data", tmp / "tally.log")
+    # measure the system, not the default per-tenant limits (docs/operations.md)
+    proc, url = start_embedded(
+        tmp / "data",
+        tmp / "tally.log",
+        TALLY_TENANT_EVENTS_PER_S="0",
+        TALLY_TENANT_REQUESTS_PER_S="0",
+    )
     try:
         key = create_tenant(url, "bench")
         hdr = {"Authorization": f"Bearer {key}", "content-type": "application/json"}

@@ -20,7 +20,6 @@ from typing import Any
 from billing.audit import record
 from billing.ports import BillingStore
 from billing.usage import counted_meters, fetch_usage
-from billing.validation import pydantic_details
 from rating.invoice import assemble_upcoming_invoice, preview_plan_lines, totals, usage_keys
 from rating.lines import rate_charge_lines
 from rating.subscriptions import (
@@ -47,7 +46,7 @@ from schemas.catalog import (
 )
 from schemas.pricing import PlanSpec, parse_price
 from schemas.timeutil import to_ms, utc_now
-from tally.errors import Conflict, NotFound, ValidationError
+from tally.errors import Conflict, NotFound, ValidationError, detail, pydantic_details, summarize
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +57,7 @@ def _now(now: datetime | None) -> datetime:
 
 def _invalid(exc: Any, prefix: str = "") -> ValidationError:
     details = pydantic_details(exc, prefix)
-    return ValidationError(
-        "; ".join(f"{d['field']}: {d['message']}" for d in details), details=details
-    )
+    return ValidationError(summarize(details), details=details)
 
 
 class Catalog:
@@ -109,7 +106,7 @@ class Catalog:
         if stored != plan:
             raise Conflict(
                 f"plan {plan.code} v{plan.version} was published concurrently; retry",
-                details={"field": "code"},
+                field="code",
             )
         record(
             self.rows,
@@ -131,7 +128,7 @@ class Catalog:
                 raise Conflict(
                     f"plan {spec.code!r} already exists; publish a new version with "
                     f"POST /v1/plans/{spec.code}/versions",
-                    details={"field": "code"},
+                    field="code",
                 )
             self._check_meters(tenant_id, spec)
             plan = PlanVersion(**spec.model_dump(), version=1, created_at=_now(now))
@@ -167,13 +164,13 @@ class Catalog:
         found = self.rows.plans(tenant_id, code=code, version=version)
         if not found:
             what = f"plan {code!r}" + (f" version {version}" if version is not None else "")
-            raise NotFound(f"{what} not found", details={"field": "version" if version else "code"})
+            raise NotFound(f"{what} not found", field="version" if version else "code")
         return found[-1]
 
     def list_versions(self, tenant_id: str, code: str) -> list[PlanVersion]:
         found = self.rows.plans(tenant_id, code=code)
         if not found:
-            raise NotFound(f"plan {code!r} not found", details={"field": "code"})
+            raise NotFound(f"plan {code!r} not found", field="code")
         return found
 
     def list_plans(self, tenant_id: str) -> list[PlanVersion]:
@@ -195,9 +192,7 @@ class Catalog:
         missing = wanted - set(found)
         if missing:
             code, version = sorted(missing)[0]
-            raise NotFound(
-                f"plan {code!r} version {version} not found", details={"field": "plan_code"}
-            )
+            raise NotFound(f"plan {code!r} version {version} not found", field="plan_code")
         return found
 
     # --- customers ----------------------------------------------------------------------------
@@ -209,7 +204,7 @@ class Catalog:
             if self.rows.customers(tenant_id, data.external_id):
                 raise Conflict(
                     f"customer {data.external_id!r} already exists",
-                    details={"field": "external_id"},
+                    field="external_id",
                 )
             at = _now(now)
             customer = Customer(**data.model_dump(), created_at=at, updated_at=at)
@@ -219,7 +214,7 @@ class Catalog:
     def get_customer(self, tenant_id: str, external_id: str) -> Customer:
         found = self.rows.customers(tenant_id, external_id)
         if not found:
-            raise NotFound(f"customer {external_id!r} not found", details={"field": "customer_id"})
+            raise NotFound(f"customer {external_id!r} not found", field="customer_id")
         return found[0]
 
     def list_customers(self, tenant_id: str, limit: int = 100, offset: int = 0) -> list[Customer]:
@@ -239,10 +234,10 @@ class Catalog:
             current = self.get_customer(tenant_id, external_id)
             changes = patch.model_dump(exclude_unset=True)
             if "currency" in changes and changes["currency"] is None:
-                raise ValidationError("currency must not be null", details={"field": "currency"})
+                raise ValidationError("currency must not be null", field="currency")
             for field in ("name", "timezone", "tax_rates", "metadata", "tax_inclusive"):
                 if field in changes and changes[field] is None:
-                    raise ValidationError(f"{field} must not be null", details={"field": field})
+                    raise ValidationError(f"{field} must not be null", field=field)
             new_currency = changes.get("currency")
             if new_currency is not None and new_currency != current.currency:
                 subs = self.list_subscriptions(tenant_id, external_id)
@@ -250,7 +245,7 @@ class Catalog:
                     raise Conflict(
                         f"customer {external_id!r} has subscriptions billed in "
                         f"{current.currency}; its currency cannot change",
-                        details={"field": "currency"},
+                        field="currency",
                     )
             at = _now(now)
             updated = current.model_copy(
@@ -265,7 +260,7 @@ class Catalog:
     def get_subscription(self, tenant_id: str, sub_id: str) -> Subscription:
         found = self.rows.subscriptions(tenant_id, sub_id=sub_id)
         if not found:
-            raise NotFound(f"subscription {sub_id!r} not found", details={"field": "id"})
+            raise NotFound(f"subscription {sub_id!r} not found", field="id")
         return found[0]
 
     def list_subscriptions(
@@ -286,7 +281,7 @@ class Catalog:
         if stored.revision != before.revision:
             raise Conflict(
                 f"subscription {before.id} was changed concurrently; retry",
-                details={"field": "id"},
+                field="id",
             )
         if after == before:
             return after
@@ -328,13 +323,13 @@ class Catalog:
                 plan = self.get_plan(tenant_id, req.plan_code, req.plan_version)
             except NotFound as exc:
                 field = "plan_version" if req.plan_version is not None else "plan_code"
-                raise NotFound(exc.message, details={"field": field}) from None
+                raise NotFound(exc.message, field=field) from None
             for other in self.list_subscriptions(tenant_id, req.customer_id):
                 if advance(other, at).status is not SubscriptionStatus.CANCELED:
                     raise Conflict(
                         f"customer {req.customer_id!r} already has subscription {other.id} "
                         f"({other.status.value}); change its plan or cancel it first",
-                        details={"field": "customer_id", "subscription_id": other.id},
+                        details=[detail("customer_id", f"already has subscription {other.id}")],
                     )
             sub = new_subscription("sub_" + uuid.uuid4().hex, req, customer, plan, at)
             self.rows.write_subscription(tenant_id, sub)
@@ -394,7 +389,7 @@ class Catalog:
                 new = self.get_plan(tenant_id, req.plan_code, req.version)
             except NotFound as exc:
                 field = "version" if req.version is not None else "plan_code"
-                raise NotFound(exc.message, details={"field": field}) from None
+                raise NotFound(exc.message, field=field) from None
             updated = change_plan(current, old, new, at, req.timing)
             return self._save(tenant_id, stored, updated, "change_plan", actor)
 
@@ -405,9 +400,7 @@ class Catalog:
         else the most recently canceled one (its last period)."""
         subs = [advance(s, now) for s in self.list_subscriptions(tenant_id, customer_id)]
         if not subs:
-            raise NotFound(
-                f"customer {customer_id!r} has no subscription", details={"field": "customer_id"}
-            )
+            raise NotFound(f"customer {customer_id!r} has no subscription", field="customer_id")
         live = [s for s in subs if s.status is not SubscriptionStatus.CANCELED]
         if live:
             return live[-1]
@@ -445,20 +438,18 @@ class Catalog:
                 if len(req.usage) > 1:
                     raise ValidationError(
                         "a price is rated against one quantity: give quantity or one usage entry",
-                        details={"field": "usage"},
+                        field="usage",
                     )
                 given = next(iter(req.usage.values()), Decimal(0))
                 if not isinstance(given, Decimal):
                     raise ValidationError(
                         "a price is rated against one number, not per group",
-                        details={"field": "usage"},
+                        field="usage",
                     )
                 quantity = given
             currency = req.currency or price.currency
             if currency is None:
-                raise ValidationError(
-                    "give currency (or set it on the price)", details={"field": "currency"}
-                )
+                raise ValidationError("give currency (or set it on the price)", field="currency")
             lines = rate_charge_lines(price, quantity, currency)
             currency = lines[0].currency
         else:
@@ -470,11 +461,11 @@ class Catalog:
                     plan = self.get_plan(tenant_id, req.plan_code, req.plan_version)
                 except NotFound as exc:
                     field = "plan_version" if req.plan_version is not None else "plan_code"
-                    raise NotFound(exc.message, details={"field": field}) from None
+                    raise NotFound(exc.message, field=field) from None
             if req.currency is not None and req.currency != plan.currency:
                 raise ValidationError(
                     f"currency {req.currency} does not match the plan's {plan.currency}",
-                    details={"field": "currency"},
+                    field="currency",
                 )
             currency = plan.currency
             lines = preview_plan_lines(plan, req.usage)

@@ -2,7 +2,9 @@
 
 API keys look like ``tly_<tenant_id>_<secret>``: ``tenant_id`` is 12 lowercase base32 characters
 (never ``_``), ``secret`` is ``secrets.token_urlsafe(32)`` (may contain ``_`` and ``-``). Only
-``sha256(key)`` (hex) and a short prefix are stored. Admin tokens are stored the same way.
+``sha256(key)`` (hex) and a short prefix are stored. Admin tokens are stored the same way. Keys and
+tokens are managed by ``clickhouse.credentials.Credentials`` (``Repo.credentials``); the key
+methods here are the short forms the rest of the code uses. Nothing here caches lookups.
 
 Rows are never updated in place: a change is a new row with a higher ``version`` (epoch ms, made
 strictly increasing within the process), and readers take the newest row per key with ``FINAL``.
@@ -13,17 +15,23 @@ older live row can never shine through a newer deletion.
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 import secrets
 import threading
-import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
+from clickhouse.credentials import (
+    KEY_PREFIX,
+    TENANT_ID_LEN,
+    Credentials,
+    hash_secret,
+    is_tenant_id,
+    tenant_of_key,
+)
 from clickhouse.store import Store
 from schemas.meters import Meter, MeterSpec, MeterStatus
 from schemas.tenants import Tenant
@@ -32,38 +40,11 @@ from tally.errors import Conflict, NotFound, ValidationError
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "tly_"
-TENANT_ID_LEN = 12
-_KEY_PREFIX_STORED = len(KEY_PREFIX) + TENANT_ID_LEN + 1 + 4  # 'tly_' + tenant + '_' + 4 chars
-_MAX_KEY_LEN = 256
-AUTH_CACHE_TTL_S = 5.0
-_AUTH_CACHE_MAX = 10_000
-_BASE32 = frozenset("abcdefghijklmnopqrstuvwxyz234567")
+__all__ = ["KEY_PREFIX", "Repo", "hash_secret", "is_tenant_id", "new_tenant_id", "tenant_of_key"]
 
 
 def new_tenant_id() -> str:
     return base64.b32encode(secrets.token_bytes(10)).decode("ascii").lower()[:TENANT_ID_LEN]
-
-
-def is_tenant_id(value: str) -> bool:
-    return len(value) == TENANT_ID_LEN and all(c in _BASE32 for c in value)
-
-
-def hash_secret(value: str) -> str:
-    return hashlib.sha256(value.encode("utf-8")).hexdigest()
-
-
-def tenant_of_key(api_key: str) -> str | None:
-    """The tenant id embedded in an API key, or None if the key is malformed."""
-    if not isinstance(api_key, str) or len(api_key) > _MAX_KEY_LEN:
-        return None
-    if not api_key.startswith(KEY_PREFIX):
-        return None
-    tenant_id = api_key[len(KEY_PREFIX) : len(KEY_PREFIX) + TENANT_ID_LEN]
-    rest = api_key[len(KEY_PREFIX) + TENANT_ID_LEN :]
-    if not is_tenant_id(tenant_id) or len(rest) < 2 or rest[0] != "_":
-        return None
-    return tenant_id
 
 
 def _aware(dt: datetime) -> datetime:
@@ -96,17 +77,14 @@ class Repo:
         self.store = store
         self.db = store.database
         self._versions = _Versions()
-        self._auth_cache: dict[str, tuple[str, float]] = {}
-        self._auth_lock = threading.Lock()
+        self.credentials = Credentials(store)
 
     # --- tenants ------------------------------------------------------------------------------
 
     def create_tenant(self, name: str) -> tuple[Tenant, str]:
         """Create a tenant and its first API key; the plaintext key is returned only here."""
         if not isinstance(name, str) or not name.strip() or len(name) > 256:
-            raise ValidationError(
-                "tenant name must be 1..256 characters", details={"field": "name"}
-            )
+            raise ValidationError("tenant name must be 1..256 characters", field="name")
         now = utc_now()
         tenant = Tenant(tenant_id=new_tenant_id(), name=name.strip(), created_at=now)
         self.store.insert(
@@ -114,7 +92,8 @@ class Repo:
             [(tenant.tenant_id, tenant.name, now, self._versions.next(now))],
             ["tenant_id", "name", "created_at", "version"],
         )
-        return tenant, self.create_api_key(tenant.tenant_id)
+        _info, key = self.credentials.create_api_key(tenant.tenant_id, "default")
+        return tenant, key
 
     def get_tenant(self, tenant_id: str) -> Tenant:
         rows = self.store.query_rows(
@@ -123,7 +102,7 @@ class Repo:
             {"tenant": tenant_id},
         )
         if not rows:
-            raise NotFound(f"tenant '{tenant_id}' not found", details={"field": "tenant_id"})
+            raise NotFound(f"tenant '{tenant_id}' not found", field="tenant_id")
         t, name, created = rows[0]
         return Tenant(tenant_id=t, name=name, created_at=_aware(created))
 
@@ -134,95 +113,29 @@ class Repo:
         )
         return [Tenant(tenant_id=t, name=n, created_at=_aware(c)) for t, n, c in rows]
 
-    # --- API keys -----------------------------------------------------------------------------
+    # --- API keys and admin tokens (clickhouse.credentials) ----------------------------------
 
-    def create_api_key(self, tenant_id: str) -> str:
+    def create_api_key(
+        self, tenant_id: str, name: str | None = None, expires_at: datetime | None = None
+    ) -> str:
+        """A new key of an existing tenant; returns the plaintext (shown once)."""
         self.get_tenant(tenant_id)
-        key = f"{KEY_PREFIX}{tenant_id}_{secrets.token_urlsafe(32)}"
-        now = utc_now()
-        self.store.insert(
-            "api_keys",
-            [
-                (
-                    tenant_id,
-                    hash_secret(key),
-                    key[:_KEY_PREFIX_STORED],
-                    now,
-                    0,
-                    self._versions.next(now),
-                )
-            ],
-            ["tenant_id", "key_hash", "key_prefix", "created_at", "revoked", "version"],
-        )
+        _info, key = self.credentials.create_api_key(tenant_id, name, expires_at)
         return key
 
     def authenticate(self, api_key: str) -> str | None:
-        """The tenant id of a valid, unrevoked key, else None. Hits are cached for 5 s."""
-        tenant_id = tenant_of_key(api_key)
-        if tenant_id is None:
-            return None
-        digest = hash_secret(api_key)
-        now = time.monotonic()
-        with self._auth_lock:
-            hit = self._auth_cache.get(digest)
-            if hit is not None and hit[1] > now:
-                return hit[0]
-        rows = self.store.query_rows(
-            "SELECT tenant_id FROM ("
-            f"SELECT tenant_id, revoked FROM {self.db}.api_keys FINAL "
-            "WHERE tenant_id = {tenant:String} AND key_hash = {hash:String}"
-            ") WHERE revoked = 0",
-            {"tenant": tenant_id, "hash": digest},
-        )
-        if not rows:
-            return None
-        with self._auth_lock:
-            if len(self._auth_cache) >= _AUTH_CACHE_MAX:
-                self._auth_cache = {k: v for k, v in self._auth_cache.items() if v[1] > now}
-                if len(self._auth_cache) >= _AUTH_CACHE_MAX:
-                    self._auth_cache.clear()
-            self._auth_cache[digest] = (tenant_id, now + AUTH_CACHE_TTL_S)
-        return tenant_id
-
-    # --- admin tokens -------------------------------------------------------------------------
-
-    def _admin_hashes(self) -> set[str]:
-        rows = self.store.query_rows(f"SELECT token_hash FROM {self.db}.admin_tokens FINAL")
-        return {r[0] for r in rows}
-
-    def _store_admin(self, token: str) -> None:
-        self.store.insert(
-            "admin_tokens", [(hash_secret(token), utc_now())], ["token_hash", "created_at"]
-        )
+        """The tenant id of a valid (unrevoked, unexpired) key, else None. Not cached."""
+        match = self.credentials.lookup_api_key(api_key)
+        return match.tenant_id if match is not None else None
 
     def ensure_admin_token(self, fixed: str | None = None) -> str | None:
-        """Make sure an admin token exists; return the plaintext of a token stored now, else None.
-
-        - ``fixed`` given and not stored yet: store it (even if other tokens exist), return it.
-        - no token stored at all and no ``fixed``: generate one, store it, return it (once).
-        - otherwise: None.
-        """
-        existing = self._admin_hashes()
-        if fixed:
-            if hash_secret(fixed) in existing:
-                return None
-            self._store_admin(fixed)
-            return fixed
-        if existing:
-            return None
-        token = f"tla_{secrets.token_urlsafe(32)}"
-        self._store_admin(token)
-        log.info("generated a new admin token")
+        token = self.credentials.ensure_admin_token(fixed)
+        if token is not None and not fixed:
+            log.info("generated a new admin token")
         return token
 
     def check_admin_token(self, token: str) -> bool:
-        if not isinstance(token, str) or not token or len(token) > _MAX_KEY_LEN:
-            return False
-        rows = self.store.query_rows(
-            f"SELECT count() FROM {self.db}.admin_tokens WHERE token_hash = {{hash:String}}",
-            {"hash": hash_secret(token)},
-        )
-        return bool(rows and rows[0][0])
+        return self.credentials.lookup_admin_token(token) is not None
 
     # --- meters -------------------------------------------------------------------------------
 
@@ -299,7 +212,7 @@ class Repo:
         """
         self.get_tenant(tenant_id)
         if self.find_meter(tenant_id, spec.slug) is not None:
-            raise Conflict(f"meter '{spec.slug}' already exists", details={"field": "slug"})
+            raise Conflict(f"meter '{spec.slug}' already exists", field="slug")
         meter = self._meter(
             tenant_id,
             spec.slug,
@@ -348,7 +261,7 @@ class Repo:
             {"tenant": tenant_id, "slug": slug},
         )
         if not found:
-            raise NotFound(f"meter '{slug}' not found", details={"field": "slug"})
+            raise NotFound(f"meter '{slug}' not found", field="slug")
         return found[0]
 
     def delete_meter(self, tenant_id: str, slug: str) -> None:

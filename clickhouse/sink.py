@@ -18,17 +18,27 @@ usage row (``USAGE_COLUMNS``)::
      latest: (time_ms: int, event_id: str, value: Decimal)  -- (0, '', Decimal(0)) if none,
      source_offset: int)
 
-Commit (one flush): 1) INSERT the events rows into ``events`` (idempotent: a replay writes the
-same rows, which ``ReplacingMergeTree`` collapses); 2) ONE INSERT into ``usage_minute`` of the
-usage rows plus one progress row per partition (``tenant_id=''``, ``meter_id='~progress'``,
-``customer=<topic>``, ``group_key=<partition>``, ``source_offset=<offset>``). ``usage_minute`` has
-no ``PARTITION BY`` and the insert settings squash all blocks into one, so the insert is one part:
-atomic. That insert is the commit point of the batch.
+Commit of one link (docs/architecture.md, "The worker's commit protocol"): 1) ``insert_events``:
+INSERT the kept events into ``events`` (idempotent: a replay writes the same rows, which
+``ReplacingMergeTree`` collapses); 2) ``commit_link``: ONE INSERT into ``usage_minute`` of the
+link's usage rows plus its partition's progress row (``tenant_id=''``, ``meter_id='~progress'``,
+``customer=<topic>``, ``group_key=<partition>``, ``source_offset=<last offset>``), with
+``insert_deduplication_token = chain_token(topic, partition, first)``. ``usage_minute`` has no
+``PARTITION BY`` and the insert settings squash all blocks into one, so the insert is one part
+and one block: atomic, and deduplicated as a whole (``non_replicated_deduplication_window``,
+migration 020). That insert is the commit point of the link. ``read_chain`` reads progress and
+partition claims (fencing) in one query, and is how the worker learns whose link landed: the
+insert's answer does not say whether it was deduplicated.
+
+Every other insert into ``usage_minute`` (backfill, tools) goes through ``unique_insert_settings``:
+a fresh token, so that the table's deduplication never drops rows that merely look like earlier
+ones (without a token, ClickHouse would deduplicate identical blocks by their hash).
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -38,6 +48,8 @@ from clickhouse.activation import ActivationRows
 from clickhouse.repo import Repo
 from clickhouse.store import Store
 from schemas.meters import Meter
+from schemas.timeutil import from_epoch_ms
+from schemas.worker import ChainState, Claim, WorkerStatus, chain_token
 from tally.errors import ValidationError
 
 log = logging.getLogger(__name__)
@@ -84,6 +96,33 @@ ONE_PART_SETTINGS: dict[str, Any] = {
     "max_insert_block_size": 1 << 40,
     "async_insert": 0,
 }
+HEARTBEAT_COLUMNS = [
+    "worker_id",
+    "topic",
+    "beat_at",
+    "started_at",
+    "state",
+    "last_commit_at",
+    "failing_since",
+    "last_error",
+    "partitions",
+]
+
+
+def link_insert_settings(topic: str, partition: int, first: int) -> dict[str, Any]:
+    """Settings of a link's commit insert: one part, deduplicated by the link's chain token."""
+    return {**ONE_PART_SETTINGS, "insert_deduplication_token": chain_token(topic, partition, first)}
+
+
+def unique_insert_settings() -> dict[str, Any]:
+    """Settings of any other ``usage_minute`` insert: one part, never deduplicated (a fresh
+    token: the table's deduplication log would otherwise drop a block identical to a recent
+    one)."""
+    return {**ONE_PART_SETTINGS, "insert_deduplication_token": f"once/{uuid.uuid4().hex}"}
+
+
+def _dt(ms: int | None) -> datetime | None:
+    return None if ms is None else from_epoch_ms(ms)
 
 
 def progress_row(topic: str, partition: int, offset: int) -> tuple:
@@ -108,7 +147,7 @@ def progress_row(topic: str, partition: int, offset: int) -> tuple:
 
 def _ms(value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValidationError("epoch milliseconds must be an int", details={"field": "ms"})
+        raise ValidationError("epoch milliseconds must be an int", field="ms")
     return value
 
 
@@ -120,6 +159,114 @@ class ClickHouseSink(ActivationRows):
         self.db = store.database
         self._repo = Repo(store)
 
+    # --- the worker's commit protocol (streams.sink.Sink) ----------------------------------
+    def insert_events(self, events_rows: list[tuple]) -> None:
+        if events_rows:
+            self.store.insert("events", events_rows, EVENTS_COLUMNS)
+
+    def commit_link(
+        self,
+        topic: str,
+        partition: int,
+        first: int,
+        last: int,
+        usage_rows: list[tuple],
+    ) -> None:
+        if last < first:
+            raise ValidationError(
+                f"a link must cover at least one offset (got {first}..{last})",
+                details=[{"field": "last", "message": "must be >= first"}],
+            )
+        rows = list(usage_rows)
+        rows.append(progress_row(topic, partition, last))
+        self.store.insert(
+            "usage_minute",
+            rows,
+            USAGE_COLUMNS,
+            settings=link_insert_settings(topic, partition, first),
+        )
+
+    def read_chain(self, topic: str, partitions: list[int]) -> ChainState:
+        parts = sorted({int(p) for p in partitions})
+        rows = self.store.query_rows(
+            "SELECT 'p', toInt32(group_key), max(source_offset), '' "
+            f"FROM {self.db}.usage_minute "
+            "WHERE tenant_id = '' AND meter_id = {meter:String} AND customer = {topic:String} "
+            "AND has({keys:Array(String)}, group_key) GROUP BY group_key "
+            "UNION ALL "
+            "SELECT 'c', partition, toInt64(max(epoch)), argMax(owner, (epoch, owner)) "
+            f"FROM {self.db}.worker_claims "
+            "WHERE topic = {topic:String} AND has({parts:Array(Int32)}, partition) "
+            "GROUP BY partition",
+            {
+                "meter": PROGRESS_METER,
+                "topic": topic,
+                "keys": [str(p) for p in parts],
+                "parts": parts,
+            },
+        )
+        progress: dict[int, int] = {}
+        claims: dict[int, Claim] = {}
+        for kind, part, value, owner in rows:
+            if kind == "p":
+                progress[int(part)] = int(value)
+            else:
+                claims[int(part)] = Claim(int(value), str(owner))
+        return ChainState(progress, claims)
+
+    def write_claim(self, topic: str, partition: int, epoch: int, owner: str) -> None:
+        self.store.insert(
+            "worker_claims",
+            [(topic, partition, epoch, owner, from_epoch_ms(epoch))],
+            ["topic", "partition", "epoch", "owner", "claimed_at"],
+        )
+
+    def write_heartbeat(self, status: WorkerStatus) -> None:
+        self.store.insert(
+            "worker_heartbeats",
+            [
+                (
+                    status.worker_id,
+                    status.topic,
+                    from_epoch_ms(status.beat_ms),
+                    from_epoch_ms(status.started_ms),
+                    status.state,
+                    _dt(status.last_commit_ms),
+                    _dt(status.failing_since_ms),
+                    status.last_error[:1000],
+                    list(status.partitions),
+                )
+            ],
+            HEARTBEAT_COLUMNS,
+        )
+
+    def heartbeats(self, topic: str, since_ms: int) -> list[WorkerStatus]:
+        """The newest heartbeat of every worker of ``topic`` that beat at or after ``since_ms``."""
+        rows = self.store.query_rows(
+            "SELECT worker_id, topic, toUnixTimestamp64Milli(beat_at), "
+            "toUnixTimestamp64Milli(started_at), state, toUnixTimestamp64Milli(last_commit_at), "
+            "toUnixTimestamp64Milli(failing_since), last_error, partitions "
+            f"FROM {self.db}.worker_heartbeats FINAL "
+            "WHERE topic = {topic:String} "
+            "AND beat_at >= fromUnixTimestamp64Milli({since:Int64}, 'UTC') "
+            "ORDER BY worker_id",
+            {"topic": topic, "since": _ms(since_ms)},
+        )
+        return [
+            WorkerStatus(
+                worker_id=w,
+                topic=t,
+                state=str(state),
+                beat_ms=int(beat),
+                started_ms=int(started),
+                last_commit_ms=None if commit is None else int(commit),
+                failing_since_ms=None if failing is None else int(failing),
+                last_error=err,
+                partitions=tuple(int(p) for p in parts),
+            )
+            for w, t, beat, started, state, commit, failing, err, parts in rows
+        ]
+
     def commit(
         self,
         topic: str,
@@ -127,12 +274,15 @@ class ClickHouseSink(ActivationRows):
         usage_rows: list[tuple],
         progress: dict[int, int],
     ) -> None:
-        if events_rows:
-            self.store.insert("events", events_rows, EVENTS_COLUMNS)
+        """Write rows outside the worker's chain (tests, tools): the events, then the usage rows
+        and progress rows in one insert that is never deduplicated. Not the worker's commit."""
+        self.insert_events(events_rows)
         rows = list(usage_rows)
         rows.extend(progress_row(topic, p, o) for p, o in sorted(progress.items()))
         if rows:
-            self.store.insert("usage_minute", rows, USAGE_COLUMNS, settings=ONE_PART_SETTINGS)
+            self.store.insert(
+                "usage_minute", rows, USAGE_COLUMNS, settings=unique_insert_settings()
+            )
 
     def progress(self, topic: str) -> dict[int, int]:
         rows = self.store.query_rows(

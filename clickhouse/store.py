@@ -47,7 +47,7 @@ def check_identifier(name: str, field: str = "database") -> str:
     """Return ``name`` if it is a plain SQL identifier, else raise ValidationError naming ``field``."""
     if not isinstance(name, str) or not IDENTIFIER.match(name) or len(name) > 128:
         raise ValidationError(
-            f"{field} must match {IDENTIFIER.pattern} (got {name!r})", details={"field": field}
+            f"{field} must match {IDENTIFIER.pattern} (got {name!r})", field=field
         )
     return name
 
@@ -80,14 +80,14 @@ def _connect(url: str) -> Any:
         if not path.startswith("/"):
             raise ValidationError(
                 f"clickhouse_url: chDB needs an absolute directory (chdb:///abs/dir), got {url!r}",
-                details={"field": "clickhouse_url"},
+                field="clickhouse_url",
             )
         return clickhouse_connect.get_client(dsn=f"chdb://{path}")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationError(
             "clickhouse_url must be chdb:///abs/dir or http(s)://[user:pass@]host[:port]",
-            details={"field": "clickhouse_url"},
+            field="clickhouse_url",
         )
     # The database is created by Store.open and always named in SQL; drop any path from the URL
     # so that connecting does not fail before the database exists.

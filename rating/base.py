@@ -24,13 +24,13 @@ def check_quantity(quantity: Any, field: str = "quantity") -> Decimal:
     """Quantities are non-negative finite Decimals (ints accepted); anything else is refused."""
     if isinstance(quantity, bool) or not isinstance(quantity, Decimal | int):
         raise ValidationError(
-            f"{field} must be a Decimal, got {type(quantity).__name__}", details={"field": field}
+            f"{field} must be a Decimal, got {type(quantity).__name__}", field=field
         )
     q = Decimal(quantity)
     if not q.is_finite():
-        raise ValidationError(f"{field} must be finite", details={"field": field})
+        raise ValidationError(f"{field} must be finite", field=field)
     if q < 0:
-        raise ValidationError(f"{field} must be >= 0, got {q}", details={"field": field})
+        raise ValidationError(f"{field} must be >= 0, got {q}", field=field)
     return q
 
 

@@ -65,19 +65,17 @@ def rate_model(
         if events_total != q:
             raise ValidationError(
                 f"quantity {q} is not the sum of event_amounts ({events_total})",
-                details={"field": "quantity"},
+                field="quantity",
             )
         if event_count is not None and event_count != len(event_amounts):
             raise ValidationError(
                 "event_count does not match the number of event_amounts",
-                details={"field": "event_count"},
+                field="event_count",
             )
         return rate_percentage(price, event_amounts)
     fn = _MODELS.get(type(price))
     if fn is None:
-        raise ValidationError(
-            f"unknown price model {type(price).__name__}", details={"field": "model"}
-        )
+        raise ValidationError(f"unknown price model {type(price).__name__}", field="model")
     return fn(price, q)
 
 

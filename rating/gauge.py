@@ -33,13 +33,9 @@ def time_weighted_sum(
     cursor = period.start
     for i, (at, delta) in enumerate(events):
         if at.tzinfo is None or at.utcoffset() is None:
-            raise ValidationError(
-                "event time must be timezone-aware", details={"field": f"deltas[{i}]"}
-            )
+            raise ValidationError("event time must be timezone-aware", field=f"deltas.{i}")
         if isinstance(delta, bool | float) or not isinstance(delta, Decimal | int):
-            raise ValidationError(
-                "delta must be a Decimal or int", details={"field": f"deltas[{i}]"}
-            )
+            raise ValidationError("delta must be a Decimal or int", field=f"deltas.{i}")
         if at >= period.end:
             break
         if at > cursor:

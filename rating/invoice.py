@@ -346,7 +346,7 @@ def totals(
         if line.currency != currency:
             raise ValidationError(
                 f"line {i} is in {line.currency}, the invoice in {currency}",
-                details={"field": "currency"},
+                field="currency",
             )
     result = invoice_totals(lines, dict(tax_rates), currency)
     taxes = tax_breakdown(lines, tax_rates, currency)
@@ -405,7 +405,7 @@ def preview_plan_lines(plan: PlanSpec, usage: PreviewUsage) -> list[LineItem]:
         if meter not in used:
             raise ValidationError(
                 f"usage.{meter}: no charge of plan {plan.code} uses meter {meter!r}",
-                details={"field": f"usage.{meter}"},
+                field=f"usage.{meter}",
             )
     lines: list[LineItem] = []
     for charge in plan.charges:
@@ -429,7 +429,7 @@ def preview_plan_lines(plan: PlanSpec, usage: PreviewUsage) -> list[LineItem]:
                 raise ValidationError(
                     f"usage.{charge.meter_slug}: charge {charge.key} is not priced per group; "
                     "give this meter one quantity",
-                    details={"field": f"usage.{charge.meter_slug}"},
+                    field=f"usage.{charge.meter_slug}",
                 )
             amounts = [UsageAmount(q, {charge.group_by: g}) for g, q in given.items()]
         elif charge.group_by is not None:

@@ -46,14 +46,10 @@ def resolve_currency(price: PriceSpec | None, currency: str | None) -> str:
         code = currency.strip().upper()
         exponent(code)  # validates
         if own is not None and own != code:
-            raise ValidationError(
-                f"price currency {own} does not match {code}", details={"field": "currency"}
-            )
+            raise ValidationError(f"price currency {own} does not match {code}", field="currency")
         return code
     if own is None:
-        raise ValidationError(
-            "no currency: pass one or set it on the price", details={"field": "currency"}
-        )
+        raise ValidationError("no currency: pass one or set it on the price", field="currency")
     return own
 
 
@@ -248,14 +244,14 @@ def invoice_totals(
         raise ValidationError(
             "invoice lines must share exactly one currency"
             + (f" (got {sorted(codes)})" if codes else "; pass currency for an empty invoice"),
-            details={"field": "currency"},
+            field="currency",
         )
     code = codes.pop()
     places = CURRENCY_EXPONENTS[code]
     rates = list(tax_rates.values()) if isinstance(tax_rates, Mapping) else list(tax_rates or [])
     for r in rates:
         if not isinstance(r, Decimal) or not r.is_finite() or r < 0:
-            raise ValidationError("tax rates must be Decimals >= 0", details={"field": "tax_rates"})
+            raise ValidationError("tax rates must be Decimals >= 0", field="tax_rates")
     zero = Decimal(0).scaleb(-places)
     with exact():
         subtotal = sum((line.amount for line in lines), zero)

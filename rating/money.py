@@ -33,7 +33,7 @@ def exact() -> Iterator[decimal.Context]:
         except decimal.Inexact as exc:
             raise ValidationError(
                 "amount exceeds the exact precision of the rating engine",
-                details={"field": "quantity"},
+                field="quantity",
             ) from exc
 
 
@@ -44,7 +44,7 @@ def exponent(currency: str) -> int:
     except (KeyError, AttributeError):
         raise ValidationError(
             f"unknown currency {currency!r} (not an active ISO 4217 code)",
-            details={"field": "currency"},
+            field="currency",
         ) from None
 
 

@@ -38,7 +38,7 @@ def rate_percentage(spec: PercentagePrice, amounts: Sequence[Decimal]) -> Rating
         free_used = ZERO
         clamped = ZERO  # sum of per-event min/max adjustments
         for i, raw in enumerate(amounts):
-            a = check_quantity(raw, f"event_amounts[{i}]")
+            a = check_quantity(raw, f"event_amounts.{i}")
             gross += a
             free = min(a, free_left)
             free_left -= free
@@ -94,15 +94,15 @@ def rate_percentage_total(
         raise ValidationError(
             "a percentage price with min_per_event/max_per_event needs the individual event "
             "amounts",
-            details={"field": "event_amounts"},
+            field="event_amounts",
         )
     if spec.fixed_amount and event_count is None:
         raise ValidationError(
             "a percentage price with fixed_amount needs event_count",
-            details={"field": "event_count"},
+            field="event_count",
         )
     if event_count is not None and (isinstance(event_count, bool) or event_count < 0):
-        raise ValidationError("event_count must be >= 0", details={"field": "event_count"})
+        raise ValidationError("event_count must be >= 0", field="event_count")
     with exact():
         gross = check_quantity(total_amount)
         free = min(gross, spec.free_units)

@@ -33,9 +33,9 @@ class Period:
         for name in ("start", "end"):
             value = getattr(self, name)
             if value.tzinfo is None or value.utcoffset() is None:
-                raise ValidationError(f"{name} must be timezone-aware", details={"field": name})
+                raise ValidationError(f"{name} must be timezone-aware", field=name)
         if self.end <= self.start:
-            raise ValidationError("period end must be after its start", details={"field": "end"})
+            raise ValidationError("period end must be after its start", field="end")
 
     @property
     def duration(self) -> timedelta:
@@ -50,12 +50,12 @@ def zone(tz: str) -> ZoneInfo:
     try:
         return ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError, TypeError):
-        raise ValidationError(f"unknown time zone {tz!r}", details={"field": "tz"}) from None
+        raise ValidationError(f"unknown time zone {tz!r}", field="tz") from None
 
 
 def _aware(value: datetime, field: str) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
-        raise ValidationError(f"{field} must be timezone-aware", details={"field": field})
+        raise ValidationError(f"{field} must be timezone-aware", field=field)
     return value
 
 
@@ -82,14 +82,14 @@ def _enums(interval: Interval | str, alignment: Alignment | str) -> tuple[int, A
     except ValueError:
         raise ValidationError(
             f"interval must be month, quarter or year, got {interval!r}",
-            details={"field": "interval"},
+            field="interval",
         ) from None
     try:
         return months, Alignment(alignment)
     except ValueError:
         raise ValidationError(
             f"alignment must be calendar or anniversary, got {alignment!r}",
-            details={"field": "alignment"},
+            field="alignment",
         ) from None
 
 
@@ -97,7 +97,7 @@ def _anchor_for(anchor: date | datetime | None, alignment: Alignment, zi: ZoneIn
     if alignment is Alignment.CALENDAR:
         return datetime(2000, 1, 1)  # noqa: DTZ001 - a naive local wall-clock time by design
     if anchor is None:
-        raise ValidationError("anniversary alignment needs an anchor", details={"field": "anchor"})
+        raise ValidationError("anniversary alignment needs an anchor", field="anchor")
     return _local_anchor(anchor, zi)
 
 

@@ -28,9 +28,9 @@ def proration_factor(period: Period, used_from: datetime, used_to: datetime) -> 
     """Share of ``period`` covered by ``[used_from, used_to)`` (clipped to the period)."""
     for name, value in (("used_from", used_from), ("used_to", used_to)):
         if value.tzinfo is None or value.utcoffset() is None:
-            raise ValidationError(f"{name} must be timezone-aware", details={"field": name})
+            raise ValidationError(f"{name} must be timezone-aware", field=name)
     if used_to < used_from:
-        raise ValidationError("used_to must not be before used_from", details={"field": "used_to"})
+        raise ValidationError("used_to must not be before used_from", field="used_to")
     lo = max(used_from, period.start)
     hi = min(used_to, period.end)
     if hi <= lo:
@@ -110,9 +110,7 @@ def upgrade_proration(
     fixed charge for the same span. Usage charges (with a meter) are skipped: they are rated in
     arrears on their own. Quantities default to 1 per charge key."""
     if not period.contains(at):
-        raise ValidationError(
-            "the change time must fall inside the period", details={"field": "at"}
-        )
+        raise ValidationError("the change time must fall inside the period", field="at")
     lines: list[LineItem] = []
     for charges, quantities, credit in (
         (old_charges, old_quantities or {}, True),

@@ -38,7 +38,7 @@ from schemas.catalog import (
 )
 from schemas.pricing import Alignment
 from schemas.timeutil import to_ms
-from tally.errors import Conflict, ValidationError
+from tally.errors import Conflict, ValidationError, detail
 
 S = SubscriptionStatus
 
@@ -75,13 +75,13 @@ _MS = timedelta(milliseconds=1)
 def _conflict(sub: Subscription, action: str, reason: str) -> Conflict:
     return Conflict(
         f"cannot {action} subscription {sub.id}: {reason}",
-        details={"field": "action", "action": action, "status": sub.status, "reason": reason},
+        details=[detail("action", f"cannot {action} a {sub.status} subscription: {reason}")],
     )
 
 
 def _aware(value: datetime, field: str) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
-        raise ValidationError(f"{field} must be timezone-aware", details={"field": field})
+        raise ValidationError(f"{field} must be timezone-aware", field=field)
     return to_ms(value)
 
 
@@ -107,12 +107,12 @@ def new_subscription(
         raise ValidationError(
             f"plan {plan.code} v{plan.version} is priced in {plan.currency} but customer "
             f"{customer.external_id} is billed in {customer.currency}",
-            details={"field": "plan_code"},
+            field="plan_code",
         )
     start = to_ms(req.start_at) if req.start_at is not None else now
     trial_end = to_ms(req.trial_end) if req.trial_end is not None else None
     if trial_end is not None and trial_end <= start:
-        raise ValidationError("trial_end must be after start_at", details={"field": "trial_end"})
+        raise ValidationError("trial_end must be after start_at", field="trial_end")
     anchor = start
     if req.alignment is Alignment.ANNIVERSARY and customer.billing_anchor is not None:
         anchor = to_ms(customer.billing_anchor)
@@ -250,7 +250,9 @@ def check_transition(status: SubscriptionStatus, action: Action) -> Subscription
     if not isinstance(target, SubscriptionStatus):
         raise Conflict(
             f"cannot {action.value} a {status.value} subscription: {target}",
-            details={"field": "action", "action": action, "status": status, "reason": target},
+            details=[
+                detail("action", f"cannot {action.value} a {status.value} subscription: {target}")
+            ],
         )
     return target
 
@@ -270,9 +272,7 @@ def apply_action(
     now = _aware(now, "now")
     sub = advance(sub, now)
     if at is ActionTiming.PERIOD_END and action is not Action.CANCEL:
-        raise ValidationError(
-            "at: 'period_end' is only allowed with action 'cancel'", details={"field": "at"}
-        )
+        raise ValidationError("at: 'period_end' is only allowed with action 'cancel'", field="at")
     target = TRANSITIONS[(sub.status, action)]
     if not isinstance(target, SubscriptionStatus):
         raise _conflict(sub, action.value, target)
@@ -349,13 +349,13 @@ def change_plan(
         raise ValidationError(
             f"plan {new.code} v{new.version} is priced in {new.currency}, the subscription "
             f"in {sub.currency}",
-            details={"field": "plan_code"},
+            field="plan_code",
         )
     if new.interval != sub.interval:
         raise ValidationError(
             f"plan {new.code} v{new.version} bills every {new.interval.value}, the "
             f"subscription every {sub.interval.value}; a plan change keeps the interval",
-            details={"field": "plan_code"},
+            field="plan_code",
         )
     if timing is None:
         timing = ChangeTiming.IMMEDIATE if is_upgrade(old, new) else ChangeTiming.PERIOD_END

@@ -43,13 +43,11 @@ def document_totals(
         if line.currency != currency:
             raise ValidationError(
                 f"line {i} is in {line.currency}, the document in {currency}",
-                details={"field": "currency"},
+                field="currency",
             )
     for name, r in tax_rates.items():
         if not isinstance(r, Decimal) or not r.is_finite() or r < 0:
-            raise ValidationError(
-                f"tax rate {name} must be a Decimal >= 0", details={"field": "tax_rates"}
-            )
+            raise ValidationError(f"tax rate {name} must be a Decimal >= 0", field="tax_rates")
     zero = Decimal(0).scaleb(-places)
     denominator = Fraction(100) + (
         sum((Fraction(r) for r in tax_rates.values()), Fraction(0)) if inclusive else 0

@@ -8,6 +8,7 @@ flush and commits → the broker stops → exit 0.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -15,6 +16,8 @@ import signal
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic import SecretStr
 
 from tally.errors import TallyError
 from tally.settings import Settings
@@ -43,17 +46,25 @@ class Core:
         return cls(store=store, repo=Repo(store))
 
 
-def _build_app(settings: Settings, core: Core, producer: Any, waiter: Any) -> Any:
+def _build_app(
+    settings: Settings, core: Core, producer: Any, waiter: Any, worker_status: Any
+) -> Any:
     from api.app import create_app
 
-    return create_app(settings, core.store, producer=producer, progress_waiter=waiter)
+    return create_app(
+        settings,
+        core.store,
+        producer=producer,
+        progress_waiter=waiter,
+        worker_status=worker_status,
+    )
 
 
 def _note_signal(signum: int, _frame: Any) -> None:
     log.info("received signal %s, shutting down", signum)
 
 
-def _serve(app: Any, settings: Settings, on_started: Any = None) -> None:
+def _serve(app: Any, settings: Settings, on_started: Any = None, on_server: Any = None) -> None:
     import uvicorn
 
     config = uvicorn.Config(
@@ -65,6 +76,8 @@ def _serve(app: Any, settings: Settings, on_started: Any = None) -> None:
         timeout_graceful_shutdown=int(settings.wait_stored_timeout_s) + 5,
     )
     server = uvicorn.Server(config)
+    if on_server is not None:
+        on_server(server)
     # uvicorn re-raises the signal that stopped it to the handler that was installed before it
     # started; make that one harmless so the caller's graceful shutdown (drain, flush) runs.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -85,44 +98,92 @@ def _serve(app: Any, settings: Settings, on_started: Any = None) -> None:
     server.run()
 
 
+def embedded_secrets_key(settings: Settings, data_dir: Any) -> str:
+    """``secrets_key`` if set, else the key in ``<data_dir>/secrets.key`` (created once, 0600)."""
+    given = settings.secrets_key.get_secret_value()
+    if given:
+        return given
+    from api.secretbox import generate_key
+
+    path = data_dir / "secrets.key"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return str(path.read_text().strip())
+    with os.fdopen(fd, "w") as f:
+        f.write(generate_key() + "\n")
+    log.info("created the secrets key %s (keep it with the data directory)", path)
+    return str(path.read_text().strip())
+
+
 def run_embedded(settings: Settings) -> None:
-    """`tally run`: broker child + chDB + worker thread + HTTP API, one process."""
-    from api.producer import EventProducer
-    from api.topics import create_topic
+    """`tally run`: broker child + chDB + worker thread + HTTP API, one process.
+
+    The broker child is supervised (``runtime.supervisor``): if it dies, it is restarted on a new
+    topic generation; if it cannot be, the server stops and this raises ``TallyError`` (exit 1).
+    """
     from clickhouse.sink import ClickHouseSink
-    from runtime.broker import BrokerProcess
-    from schemas.topics import generation_topic
+    from runtime.supervisor import BrokerSupervisor, EmbeddedPipeline
     from streams.progress import ProgressBoard
-    from streams.worker import WorkerRunner
 
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    broker = BrokerProcess(log_file=data_dir / "broker.log").start()
-    # The embedded broker keeps messages in memory only: every start is a new log, so it gets a
-    # new topic generation (worker progress is kept per topic in ClickHouse).
-    topic = generation_topic(settings.events_topic, int(time.time() * 1000))
+    base_topic = settings.events_topic
     settings = settings.model_copy(
         update={
-            "kafka_bootstrap": broker.bootstrap,
-            "events_topic": topic,
             # Decided before kafka_bootstrap is filled in: embedded answers after storage.
             "ingest_wait": settings.effective_ingest_wait,
+            "secrets_key": SecretStr(embedded_secrets_key(settings, data_dir)),
         }
     )
-    producer = worker = None
+    pipeline: EmbeddedPipeline | None = None
+    supervisor: BrokerSupervisor | None = None
+    server_ref: list[Any] = []
     try:
-        create_topic(broker.bootstrap, topic, settings.events_partitions)
-        core = Core.open(settings.model_copy(update={"kafka_bootstrap": ""}))
+        # The embedded broker keeps messages in memory only: every start is a new log, so it
+        # gets a new topic generation (worker progress is kept per topic in ClickHouse).
+        core = Core.open(settings)
         token = core.repo.ensure_admin_token(settings.admin_token or None)
         board = ProgressBoard()
-        worker = WorkerRunner(
-            settings, ClickHouseSink(core.store), board, dedupe_dir=data_dir / "dedupe"
+        pipeline = EmbeddedPipeline(
+            settings, data_dir, ClickHouseSink(core.store), board, base_topic
         )
-        worker.start()
-        producer = EventProducer(broker.bootstrap, topic, timeout_s=settings.produce_timeout_s)
-        app = _build_app(settings, core, producer, board)
+        gen = pipeline.start()
+        settings = pipeline.settings_for(gen.broker.bootstrap, gen.topic)
+        # the worker of the current generation (it changes when the broker is restarted)
+        app = _build_app(
+            settings,
+            core,
+            gen.producer,
+            board,
+            lambda: [pipeline.current.worker.status()] if pipeline and pipeline.current else [],
+        )
+
+        def swap_producer(producer: Any) -> None:
+            app.state.tally.producer = producer
+
+        def fatal(_message: str) -> None:
+            if server_ref:
+                server_ref[0].should_exit = True
+
+        main_loop: list[asyncio.AbstractEventLoop] = []
+
+        def spawn_on_main_thread(fn: Any) -> Any:
+            # PR_SET_PDEATHSIG follows the spawning thread: spawn from the main thread (its
+            # event loop), which lives as long as the process (runtime.supervisor).
+            if not main_loop:
+                raise TallyError("the HTTP server is not running; cannot restart the broker")
+
+            async def call() -> Any:
+                return fn()
+
+            return asyncio.run_coroutine_threadsafe(call(), main_loop[0]).result(timeout=60)
+
+        pipeline.spawner = spawn_on_main_thread  # type: ignore[method-assign]
+        supervisor = BrokerSupervisor(pipeline, swap_producer, fatal).start()
 
         def started(port: int) -> None:
+            main_loop.append(asyncio.get_running_loop())
             url = f"http://{settings.api_host}:{port}"
             (data_dir / RUN_FILE).write_text(json.dumps({"url": url, "pid": os.getpid()}))
             print(f"Tally is running at {url}  (data: {data_dir})", flush=True)
@@ -130,16 +191,17 @@ def run_embedded(settings: Settings) -> None:
                 print(f"Admin token (shown once, keep it): {token}", flush=True)
             print("Create a tenant: tally tenant create NAME   Stop: Ctrl-C", flush=True)
 
-        _serve(app, settings, started)
+        _serve(app, settings, started, server_ref.append)
     finally:
         log.info("shutting down")
-        if producer is not None:
-            producer.close()
-        if worker is not None:
-            worker.stop()
-        broker.stop()
+        if supervisor is not None:
+            supervisor.stop()
+        if pipeline is not None:
+            pipeline.stop()
         (data_dir / RUN_FILE).unlink(missing_ok=True)
         log.info("stopped")
+    if supervisor is not None and supervisor.fatal is not None:
+        raise TallyError(supervisor.fatal)
 
 
 def _require_external(settings: Settings) -> None:
@@ -160,6 +222,7 @@ def run_api(settings: Settings) -> None:
     from api.topics import create_topic
     from clickhouse.sink import ClickHouseSink
     from streams.progress import StoreProgressWaiter
+    from streams.status import stale_after_s
 
     _require_external(settings)
     core = Core.open(settings)
@@ -170,9 +233,16 @@ def run_api(settings: Settings) -> None:
     producer = EventProducer(
         settings.kafka_bootstrap, settings.events_topic, timeout_s=settings.produce_timeout_s
     )
-    waiter = StoreProgressWaiter(ClickHouseSink(core.store))
+    sink = ClickHouseSink(core.store)
+    waiter = StoreProgressWaiter(sink)
+    stale_s = stale_after_s(settings.worker_heartbeat_s)
+
+    def heartbeats() -> list[Any]:
+        # the workers are other processes: judge them by the heartbeats they write
+        return sink.heartbeats(settings.events_topic, int((time.time() - stale_s) * 1000))
+
     try:
-        _serve(_build_app(settings, core, producer, waiter), settings)
+        _serve(_build_app(settings, core, producer, waiter, heartbeats), settings)
     finally:
         producer.close()
 
@@ -185,9 +255,13 @@ def run_worker(settings: Settings) -> None:
     _require_external(settings)
     core = Core.open(settings)
     create_topic(settings.kafka_bootstrap, settings.events_topic, settings.events_partitions)
-    WorkerRunner(
+    runner = WorkerRunner(
         settings, ClickHouseSink(core.store), None, dedupe_dir=settings.data_dir / "dedupe"
-    ).run_forever()
+    )
+    if runner.run_forever() != 0:
+        err = runner.error
+        detail = f"{type(err).__name__}: {err}" if err is not None else "unknown error"
+        raise TallyError(f"the stream worker stopped on an error: {detail}")
 
 
 def running_server(settings: Settings) -> str | None:

@@ -29,3 +29,23 @@ class Event(BaseModel):
     @classmethod
     def _time(cls, v: object) -> datetime:
         return parse_time(v)
+
+
+class EventError(BaseModel):
+    """One problem with one event of an ingest request (``index`` = its position)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    field: str
+    message: str
+
+
+class IngestResult(BaseModel):
+    """The answer of ``POST /v1/events``: how many events were accepted (durable, or stored with
+    ``wait=stored``) and what was wrong with each rejected one."""
+
+    model_config = ConfigDict(frozen=True)
+
+    accepted: int = 0
+    rejected: list[EventError] = Field(default_factory=list)

@@ -41,7 +41,7 @@ def _zones() -> frozenset[str]:
 
 
 def _bad(field: str, message: str) -> ValidationError:
-    return ValidationError(f"{field}: {message}", details={"field": field})
+    return ValidationError(f"{field}: {message}", field=field)
 
 
 def _instant(field: str, value: datetime) -> datetime:
@@ -142,3 +142,19 @@ class UsageRow(BaseModel):
     customer: str | None = None
     group_by: dict[str, str] = Field(default_factory=dict)
     value: Decimal | None = None
+
+
+class UsageResult(BaseModel):
+    """The answer of ``GET /v1/meters/{slug}/usage``."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    meter: str
+    aggregation: str
+    from_: datetime = Field(
+        validation_alias=AliasChoices("from_", "from"), serialization_alias="from"
+    )
+    to: datetime
+    window: WindowSize | None = None
+    tz: str = "UTC"
+    data: list[UsageRow] = Field(default_factory=list)

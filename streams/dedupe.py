@@ -9,7 +9,7 @@ horizon, with its ``ingested_ms``, and one watermark per topic: the last offset 
 whose events are all recorded. Memory stays bounded as ids grow because the ids live on disk.
 
 The index is never the truth: ``rebuild`` brings it in line with the store's progress ``M`` on
-partition assignment (re-reading ids with ``W < source_offset <= M`` from the store, or starting
+partition assignment and when the worker resyncs to another writer's link (re-reading ids with ``W < source_offset <= M`` from the store, or starting
 over when the store is behind the index, e.g. after a store reset).
 """
 

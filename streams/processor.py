@@ -1,21 +1,31 @@
-"""One flush of the worker: dedupe -> events rows -> minute aggregates -> sink.commit -> index.
+"""One flush of the worker, as per-partition links: dedupe -> rows -> chained, token-deduplicated
+commits -> verification -> index. Pure apart from the dedupe index and the sink (no Kafka here).
 
-Pure apart from the dedupe index and the sink it is given (no Kafka here). See
-docs/architecture.md, "The worker's commit order", for why this order is exactly-once:
+docs/architecture.md, "The worker's commit protocol", explains why this is exactly-once. In short:
 
-1. dedupe each event against the events kept earlier in the batch and the partition's index;
-   the first copy by (offset, index in envelope) wins;
-2-3. ``sink.commit``: the events rows, then usage deltas + one progress row per partition in one
-   insert (the commit point). Progress covers every offset of the batch, also poison messages and
-   envelopes whose events were all duplicates;
-4. the kept ids go into the index with the partition's new watermark;
-5. the caller acks the returned offsets.
-
-A failed commit leaves the batch intact: the caller retries the same batch (never drops it).
+- Messages are buffered per partition. ``seal()`` turns a partition's buffer into a *link*
+  ``[first, last]`` with ``first`` = the chain end the worker knows + 1 (the store progress read
+  at assignment, then the end of each verified link). A sealed link is retried unchanged (same
+  range, same rows, same token) until it is resolved; newer messages wait behind it.
+- ``prepare()`` computes a link's rows once: dedupe against the events kept earlier in the link
+  and the partition's index (the first copy by (offset, index in envelope) wins), the ledger
+  rows, and the minute windows of that partition only.
+- ``flush_batch()`` is one attempt at the store: (0) read progress + claims (one query): links
+  already covered are resolved without writing, a fenced partition is dropped; (a) INSERT the
+  kept events (idempotent); (b) meter activations (reserved slot); (c) per link ONE insert of its
+  usage rows + progress row with the token ``chain_token(topic, p, first)``; (d) read progress +
+  claims again and judge each link: ``M == last`` stored; ``M >= first`` another writer's link
+  covers ``[first, M]`` -> resync; anything else (or a failed read) is *unknown*: retry the same
+  link later. A failed or unanswered read is never taken as "not landed". Then the kept ids of
+  stored links go into the index, and resynced partitions' indexes are rebuilt up to ``M``.
+- ``apply()`` (the caller's thread) moves the chain ends and returns what to ack: a stored link's
+  messages, a resynced partition's messages up to ``M`` (the rest goes back to the buffer for a
+  new link from ``M + 1``, recomputed). Fenced partitions are dropped without ack.
 
 Control messages (``schemas.control``) travel in the same partitions: an ``activate_meter`` marker
-starts its meter in its partition (``streams.activation``); the flush that holds a meter's first
-marker in a partition writes its activation row just before ``sink.commit``.
+starts its meter in its partition (``streams.activation``); a link holding a meter's first marker
+in a partition writes its activation row at step (b), before its usage commit. A resync reloads
+the partition's activations from the store up to ``M`` (markers in another writer's link).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import orjson
@@ -33,11 +44,12 @@ from schemas.control import Control, ControlError, decode_control, is_control
 from schemas.envelope import Envelope, EnvelopeError, decode
 from schemas.meters import Meter
 from schemas.timeutil import from_epoch_ms
+from schemas.worker import Claim
 from streams.activation import Activations
 from streams.aggregation import WindowTable
 from streams.dedupe import DedupeIndex, rebuild
 from streams.matching import MeterIndex, ValueProblem
-from streams.sink import Sink
+from streams.sink import Sink, chain_token
 
 log = logging.getLogger(__name__)
 
@@ -107,61 +119,86 @@ class MeterCache:
         return self.index
 
 
+def _mono() -> float:
+    return time.monotonic()
+
+
+class Verdict(Enum):
+    STORED = "stored"  # the store's chain ends exactly where this link ends
+    RESYNC = "resync"  # another link covers [first, M]: adopt M, redo the rest
+    FENCED = "fenced"  # a newer claim of another owner: stop committing the partition
+    UNKNOWN = "unknown"  # could not tell (store error, failed read): retry the same link
+
+
 @dataclass(slots=True)
 class Entry:
     partition: int
     offset: int
     envelope: Envelope | None  # None: poison or control message
+    handle: Any = None  # what the caller acks once the entry is stored (a Faust event)
     control: Control | None = None  # an activation marker (streams.activation)
 
 
 @dataclass
-class Batch:
-    """Messages buffered for one flush, in arrival order (offset order per partition)."""
+class Link:
+    """A sealed piece of one partition's chain: offsets ``[first, last]``, retried unchanged."""
 
-    entries: list[Entry] = field(default_factory=list)
-    events: int = 0
-    last_offsets: dict[int, int] = field(default_factory=dict)
+    partition: int
+    first: int
+    last: int
+    entries: list[Entry]
+    generation: int
+    token: str
+    prepared: bool = False
+    events_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    usage_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    kept_keys: list[tuple[str, str, int]] = field(default_factory=list)
+    activation_rows: list[tuple[str, str, str, int, int]] = field(default_factory=list)
+    events_in: int = 0
+    duplicates: int = 0
+    value_errors: int = 0
+    attempts: int = 0
+    first_attempt: float | None = None  # monotonic seconds of the first insert attempt
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def append(self, entry: Entry) -> None:
-        self.entries.append(entry)
-        if entry.envelope is not None:
-            self.events += len(entry.envelope.events)
-        self.last_offsets[entry.partition] = max(
-            entry.offset, self.last_offsets.get(entry.partition, -1)
-        )
-
-    def extend(self, other: Batch) -> None:
-        for e in other.entries:
-            self.append(e)
-
-    def without_partitions(self, partitions: set[int]) -> Batch:
-        out = Batch()
-        for e in self.entries:
-            if e.partition not in partitions:
-                out.append(e)
-        return out
+    @property
+    def events(self) -> int:
+        return sum(len(e.envelope.events) for e in self.entries if e.envelope is not None)
 
 
 @dataclass
-class FlushResult:
-    progress: dict[int, int]
-    events_in: int
-    duplicates: int
-    stored: int
-    usage_rows: int
+class Outcome:
+    """What one attempt found out, per partition: (verdict, store progress M)."""
+
+    verdicts: dict[int, tuple[Verdict, int]] = field(default_factory=dict)
+    error: BaseException | None = None
+    inserts: int = 0  # commit inserts sent (landed or not)
+
+
+@dataclass
+class Applied:
+    acks: list[Entry] = field(default_factory=list)
+    stored: dict[int, int] = field(default_factory=dict)  # partition -> new chain end
+    resynced: dict[int, int] = field(default_factory=dict)
+    fenced: list[int] = field(default_factory=list)
+    unresolved: list[int] = field(default_factory=list)
+
+    @property
+    def progress(self) -> dict[int, int]:
+        return {**self.resynced, **self.stored}
+
+
+class LinkUnresolved(Exception):
+    """A commit attempt ended without knowing whether a link is stored; retry the same link."""
 
 
 class BatchProcessor:
-    """Per-partition buffers of decoded envelopes and the flush of them.
+    """Per-partition buffers, sealed links and the commit protocol over them.
 
-    ``assign(p, M)`` must be called (with the store's progress) before messages of partition
-    ``p`` are added; messages with offset <= the partition's high mark are skipped.
-    Not thread-safe by itself: the worker adds on its event loop and flushes a ``take()``-n batch
-    in one executor thread, never two flushes at once.
+    ``assign(p, M, epoch)`` must be called (with the store's progress and the claim the worker
+    wrote) before messages of ``p`` are added; messages with offset <= the highest offset seen
+    are skipped. Not thread-safe by itself: the worker calls ``add``/``seal``/``apply``/``assign``/
+    ``revoke`` on its event loop and ``prepare``/``flush_batch`` in ONE executor thread, never two
+    attempts at once.
     """
 
     def __init__(
@@ -173,6 +210,9 @@ class BatchProcessor:
         meters: MeterCache | None = None,
         clock_ms: Callable[[], int] = _now_ms,
         horizon_ms: int = 35 * 86_400_000,
+        owner: str = "",
+        link_max_age_s: float = 300.0,
+        monotonic: Callable[[], float] = _mono,
     ) -> None:
         self.horizon_ms = horizon_ms
         self.topic = topic
@@ -180,28 +220,65 @@ class BatchProcessor:
         self.index_for = index_for
         self.meters = meters if meters is not None else MeterCache(sink.all_meters, clock_ms)
         self.clock_ms = clock_ms
-        self._high: dict[int, int] = {}
-        self.current = Batch()
+        self.owner = owner  # '' = no claims: fencing by claims off (the tokens still hold)
+        self.link_max_age_s = link_max_age_s
+        self.monotonic = monotonic
+        self._high: dict[int, int] = {}  # highest offset taken (buffered, sealed or stored)
+        self._chain: dict[int, int] = {}  # end of the store's chain as this worker knows it
+        self._epoch: dict[int, int] = {}  # epoch of this worker's claim
+        self._gen: dict[int, int] = {}  # bumped at every assign/revoke: stale results are ignored
+        self._buffer: dict[int, list[Entry]] = {}
+        self._sealed: dict[int, Link] = {}
+        self._buffered_events = 0  # events in _buffer (kept in step: read per message)
+        self._next_gen = 0
         self.activations = Activations(topic)
 
     # --- assignment -----------------------------------------------------------------------
-    def assign(self, partition: int, store_progress: int) -> None:
+    def assign(self, partition: int, store_progress: int, epoch: int = 0) -> None:
+        self._next_gen += 1
+        self._gen[partition] = self._next_gen
         self._high[partition] = store_progress
-        self.activations.assign(partition, store_progress)  # loaded by the next flush
+        self._chain[partition] = store_progress
+        self._epoch[partition] = epoch
+        self.activations.assign(partition, store_progress)  # loaded by the next prepare
+        self._drop_buffer(partition)
+        self._sealed.pop(partition, None)
 
-    def revoke(self, partition: int) -> None:
-        """Forget a partition: its unflushed messages are dropped (not acked)."""
+    @staticmethod
+    def _events_of(entries: list[Entry]) -> int:
+        return sum(len(e.envelope.events) for e in entries if e.envelope is not None)
+
+    def _drop_buffer(self, partition: int) -> list[Entry]:
+        entries = self._buffer.pop(partition, [])
+        self._buffered_events -= self._events_of(entries)
+        return entries
+
+    def revoke(self, partition: int) -> list[Entry]:
+        """Forget a partition: its buffered and sealed messages are dropped (not acked) and
+        returned; a result of an attempt still in flight for it will be ignored."""
+        self._next_gen += 1
+        self._gen.pop(partition, None)
         self._high.pop(partition, None)
+        self._chain.pop(partition, None)
+        self._epoch.pop(partition, None)
         self.activations.revoke(partition)
-        if partition in self.current.last_offsets:
-            self.current = self.current.without_partitions({partition})
+        dropped = self._drop_buffer(partition)
+        link = self._sealed.pop(partition, None)
+        return (link.entries if link is not None else []) + dropped
 
     def assigned(self, partition: int) -> bool:
-        return partition in self._high
+        return partition in self._gen
+
+    @property
+    def partitions(self) -> list[int]:
+        return sorted(self._gen)
+
+    def chain_end(self, partition: int) -> int:
+        return self._chain[partition]
 
     # --- buffering ------------------------------------------------------------------------
-    def add(self, partition: int, offset: int, payload: bytes | None) -> bool:
-        """Buffer one message. False if it is already stored/buffered (skip it, ack it)."""
+    def add(self, partition: int, offset: int, payload: bytes | None, handle: Any = None) -> bool:
+        """Buffer one message. False if it is already stored/taken (skip it, ack it)."""
         high = self._high.get(partition)
         if high is None:
             raise ValueError(f"partition {partition} of {self.topic} is not assigned")
@@ -221,106 +298,103 @@ class BatchProcessor:
         except (EnvelopeError, ControlError) as exc:
             POISON.inc()
             log.warning("poison message %s[%d]@%d skipped: %s", self.topic, partition, offset, exc)
-        self.current.append(Entry(partition, offset, env, control))
+        self._buffer.setdefault(partition, []).append(
+            Entry(partition, offset, env, handle, control)
+        )
+        if env is not None:
+            self._buffered_events += len(env.events)
         return True
 
     @property
     def buffered_events(self) -> int:
-        return self.current.events
+        """Events buffered and not sealed yet (the back-pressure measure)."""
+        return sum(len(e.envelope.events) for b in self._buffer.values() for e in b if e.envelope)
 
     @property
     def buffered_messages(self) -> int:
-        return len(self.current)
+        return sum(len(b) for b in self._buffer.values())
 
-    def take(self) -> Batch:
-        batch, self.current = self.current, Batch()
-        return batch
+    @property
+    def held_messages(self) -> int:
+        """Messages taken and not stored yet (buffered + sealed)."""
+        return self.buffered_messages + sum(len(k.entries) for k in self._sealed.values())
 
-    def flush(self) -> dict[int, int]:
-        """Flush everything buffered. On failure the batch stays buffered (nothing lost)."""
-        batch = self.take()
-        try:
-            return self.flush_batch(batch).progress
-        except Exception:
-            if self.landed(batch):
-                return dict(batch.last_offsets)
-            batch.extend(self.current)
-            self.current = batch
-            raise
+    @property
+    def held_events(self) -> int:
+        return self.buffered_events + sum(k.events for k in self._sealed.values())
 
-    def landed(self, batch: Batch) -> bool:
-        """After a commit raised: did it land anyway? (the usage + progress insert is atomic)
+    # --- links ----------------------------------------------------------------------------
+    def seal(self) -> list[Link]:
+        """Seal the buffer of every partition that has no sealed link into a new link."""
+        new: list[Link] = []
+        for p in sorted(self._buffer):
+            entries = self._buffer[p]
+            if not entries or p in self._sealed:
+                continue
+            self._drop_buffer(p)
+            first = self._chain[p] + 1
+            last = max(e.offset for e in entries)
+            link = Link(p, first, last, entries, self._gen[p], chain_token(self.topic, p, first))
+            self._sealed[p] = link
+            new.append(link)
+        return new
 
-        If the store's progress covers every partition of the batch, the batch is done: the
-        dedupe indexes are rebuilt from the store and the caller must NOT insert it again.
-        """
-        progress = self.sink.progress(self.topic)
-        if not batch.last_offsets or not all(
-            progress.get(p, -1) >= off for p, off in batch.last_offsets.items()
-        ):
-            return False
-        now = self.clock_ms()
-        for p in batch.last_offsets:
-            rebuild(self.index_for(p), self.sink, self.topic, p, progress[p], now, self.horizon_ms)
-            if p in self._high:
-                self._high[p] = max(self._high[p], progress[p])
-        log.warning("a failed flush had landed in the store; not inserting it again")
-        return True
+    def links(self) -> list[Link]:
+        """The sealed links, by partition."""
+        return [self._sealed[p] for p in sorted(self._sealed)]
 
-    # --- the flush ------------------------------------------------------------------------
-    def flush_batch(self, batch: Batch) -> FlushResult:
-        if not batch.entries:
-            return FlushResult({}, 0, 0, 0, 0)
-        started = time.perf_counter()
-        topic = self.topic
+    def prepare(self, links: list[Link]) -> None:
+        """Compute the rows of links not prepared yet (once: a sealed link never changes)."""
+        todo = [k for k in links if not k.prepared]
+        if not todo:
+            return
         markers = sorted(
-            (e.partition, e.offset, e.control) for e in batch.entries if e.control is not None
+            (e.partition, e.offset, e.control)
+            for k in todo
+            for e in k.entries
+            if e.control is not None
         )
         meter_index = self.meters.ensure([c.meter for _p, _o, c in markers])
-        activation_rows = self._activate(markers)
-        acts = self.activations
+        rows = self._activate(markers)
+        for link in todo:
+            link.activation_rows = [r for r in rows if r[3] == link.partition]
+            self._prepare_link(link, meter_index)
 
-        # 1. dedupe: first copy by (offset, index) wins, within the batch and against the index
-        by_partition: dict[int, list[Entry]] = {}
-        for e in batch.entries:
-            by_partition.setdefault(e.partition, []).append(e)
-        kept: list[tuple[int, Envelope, int, int, Any]] = []  # (partition, envelope, offset, i, ev)
-        kept_keys: dict[int, list[tuple[str, str, int]]] = {}
-        events_in = 0
-        duplicates = 0
-        for p, entries in by_partition.items():
-            entries.sort(key=lambda e: e.offset)
-            first: dict[tuple[str, str], tuple[int, Envelope, int, int, Any]] = {}
-            for e in entries:
-                env = e.envelope
-                if env is None:
-                    continue
-                tenant = env.tenant_id
-                for i, ev in enumerate(env.events):
-                    events_in += 1
-                    k = (tenant, ev.id)
-                    if k in first:
-                        duplicates += 1
-                    else:
-                        first[k] = (p, env, e.offset, i, ev)
-            seen = self.index_for(p).contains_many(first.keys()) if first else set()
-            duplicates += len(seen)
-            keys_p: list[tuple[str, str, int]] = []
-            for k, item in first.items():
-                if k in seen:
-                    continue
-                kept.append(item)
-                keys_p.append((k[0], k[1], item[1].ingested_at_ms))
-            kept_keys[p] = keys_p
+    def _prepare_link(self, link: Link, meter_index: MeterIndex) -> None:
+        topic = self.topic
+        p = link.partition
+        entries = sorted(link.entries, key=lambda e: e.offset)
+        # 1. dedupe: first copy by (offset, index) wins, within the link and against the index
+        first: dict[tuple[str, str], tuple[Envelope, int, int, Any]] = {}
+        events_in = duplicates = 0
+        for e in entries:
+            env = e.envelope
+            if env is None:
+                continue
+            tenant = env.tenant_id
+            for i, ev in enumerate(env.events):
+                events_in += 1
+                k = (tenant, ev.id)
+                if k in first:
+                    duplicates += 1
+                else:
+                    first[k] = (env, e.offset, i, ev)
+        seen = self.index_for(p).contains_many(first.keys()) if first else set()
+        duplicates += len(seen)
 
-        # 2. rows: ledger + minute windows
+        # 2. rows: ledger + minute windows of this partition
         events_rows: list[tuple[Any, ...]] = []
+        kept_keys: list[tuple[str, str, int]] = []
         windows = WindowTable()
         value_errors = 0
         dumps = orjson.dumps
         ingested_dt: dict[int, Any] = {}
-        for p, env, offset, i, ev in kept:
+        acts = self.activations
+        for k, (env, offset, i, ev) in first.items():
+            if k in seen:
+                continue
             p_ing = env.ingested_at_ms
+            kept_keys.append((k[0], k[1], p_ing))
             ing = ingested_dt.get(p_ing)
             if ing is None:
                 ing = ingested_dt[p_ing] = from_epoch_ms(p_ing)
@@ -350,27 +424,13 @@ class BatchProcessor:
                     continue
                 if c is not None:
                     windows.add(env.tenant_id, ev.customer, ev.time_ms, ev.id, c)
-        usage_rows = windows.rows()
-        progress = dict(batch.last_offsets)
-
-        # 3. the commit point (activation rows first: idempotent, like the events rows)
-        if activation_rows:
-            self.sink.record_activations(activation_rows)
-        self.sink.commit(topic, events_rows, usage_rows, progress)
-
-        # 4. record the kept ids (an id is "seen" only now, after the commit)
-        for p, last in progress.items():
-            self.index_for(p).add_many(kept_keys.get(p, ()), last)
-            if p in self._high and self._high[p] < last:
-                self._high[p] = last
-
-        EVENTS_IN.inc(events_in)
-        DUPLICATES.inc(duplicates)
-        EVENTS_STORED.inc(len(events_rows))
-        if value_errors:
-            METER_VALUE_ERRORS.inc(value_errors)
-        FLUSH_SECONDS.observe(time.perf_counter() - started)
-        return FlushResult(progress, events_in, duplicates, len(events_rows), len(usage_rows))
+        link.events_rows = events_rows
+        link.usage_rows = windows.rows()
+        link.kept_keys = kept_keys
+        link.events_in = events_in
+        link.duplicates = duplicates
+        link.value_errors = value_errors
+        link.prepared = True
 
     def _activate(
         self, markers: list[tuple[int, int, Control]]
@@ -398,3 +458,187 @@ class BatchProcessor:
         if rows:
             MARKERS.inc(len(rows))
         return rows
+
+    # --- one attempt at the store (executor thread) ---------------------------------------
+    def _judge(self, link: Link, m: int, claim: Claim | None) -> Verdict | None:
+        """The verdict the store's state gives a link, or None: nothing covers it yet."""
+        if self.owner and claim is not None and claim.owner != self.owner:
+            return Verdict.FENCED
+        if m == link.last:
+            return Verdict.STORED
+        if m >= link.first:
+            return Verdict.RESYNC
+        return None
+
+    def flush_batch(self, links: list[Link]) -> Outcome:
+        """One attempt to commit ``links`` (prepared) and find out what the store holds.
+
+        Never raises for store errors: they are reported in ``Outcome.error`` with the links
+        left UNKNOWN (retry them unchanged).
+        """
+        out = Outcome()
+        if not links:
+            return out
+        started = time.perf_counter()
+        parts = [k.partition for k in links]
+        verdicts = out.verdicts
+        # (0) what does the store hold already? (claims: is this worker still the owner?)
+        try:
+            before = self.sink.read_chain(self.topic, parts)
+        except Exception as exc:
+            out.error = exc
+            for k in links:
+                verdicts[k.partition] = (Verdict.UNKNOWN, -1)
+            return out
+        now = self.monotonic()
+        todo: list[Link] = []
+        for k in links:
+            m = before.progress.get(k.partition, -1)
+            v = self._judge(k, m, before.claims.get(k.partition))
+            if v is not None:
+                verdicts[k.partition] = (v, m)
+            elif k.first_attempt is not None and now - k.first_attempt > self.link_max_age_s:
+                # too old to send again: start over from what the store holds now (a fresh read)
+                log.warning(
+                    "link %s..%d sealed %.0f s ago is abandoned; redoing from store progress %d",
+                    k.token,
+                    k.last,
+                    now - k.first_attempt,
+                    m,
+                )
+                verdicts[k.partition] = (Verdict.RESYNC, m)
+            elif m < k.first - 1:
+                log.error(
+                    "store progress of %s[%d] is %d, behind the chain end %d this worker "
+                    "verified: not committing until it is consistent",
+                    self.topic,
+                    k.partition,
+                    m,
+                    k.first - 1,
+                )
+                verdicts[k.partition] = (Verdict.UNKNOWN, m)
+            else:
+                todo.append(k)
+
+        if todo:
+            try:
+                # (a) the ledger rows of every link (idempotent: replays collapse)
+                events_rows = [r for k in todo for r in k.events_rows]
+                self.sink.insert_events(events_rows)
+                # (b) meter activation rows (idempotent, like the events rows)
+                activation_rows = [r for k in todo for r in k.activation_rows]
+                if activation_rows:
+                    self.sink.record_activations(activation_rows)
+                # (c) the commit points: one token-deduplicated insert per link
+                for k in todo:
+                    k.attempts += 1
+                    if k.first_attempt is None:
+                        k.first_attempt = self.monotonic()
+                    out.inserts += 1
+                    self.sink.commit_link(self.topic, k.partition, k.first, k.last, k.usage_rows)
+            except Exception as exc:
+                out.error = exc
+            # (d) whose link landed? (a failed read is never "not landed": it is unknown)
+            try:
+                after = self.sink.read_chain(self.topic, [k.partition for k in todo])
+            except Exception as exc:
+                out.error = out.error or exc
+                for k in todo:
+                    verdicts[k.partition] = (Verdict.UNKNOWN, -1)
+            else:
+                for k in todo:
+                    m = after.progress.get(k.partition, -1)
+                    v = self._judge(k, m, after.claims.get(k.partition))
+                    verdicts[k.partition] = (v or Verdict.UNKNOWN, m)
+
+        # 4. the index follows the store: kept ids of stored links, rebuilds of resynced ones
+        for k in links:
+            v, m = verdicts[k.partition]
+            try:
+                if v is Verdict.STORED:
+                    self.index_for(k.partition).add_many(k.kept_keys, k.last)
+                elif v is Verdict.RESYNC:
+                    rebuild(
+                        self.index_for(k.partition),
+                        self.sink,
+                        self.topic,
+                        k.partition,
+                        m,
+                        self.clock_ms(),
+                        self.horizon_ms,
+                    )
+            except Exception as exc:
+                log.warning("dedupe index of %s[%d] not updated: %r", self.topic, k.partition, exc)
+                out.error = out.error or exc
+                verdicts[k.partition] = (Verdict.UNKNOWN, m)
+        FLUSH_SECONDS.observe(time.perf_counter() - started)
+        return out
+
+    # --- results (caller's thread) --------------------------------------------------------
+    def apply(self, out: Outcome, links: list[Link]) -> Applied:
+        """Move chain ends and buffers by the verdicts; return the entries to ack."""
+        res = Applied()
+        for k in links:
+            p = k.partition
+            if self._gen.get(p) != k.generation or self._sealed.get(p) is not k:
+                continue  # revoked (or reassigned) meanwhile: not ours to settle
+            v, m = out.verdicts.get(p, (Verdict.UNKNOWN, -1))
+            if v is Verdict.UNKNOWN:
+                res.unresolved.append(p)
+                continue
+            if v is Verdict.FENCED:
+                self.revoke(p)
+                res.fenced.append(p)
+                continue
+            del self._sealed[p]
+            if v is Verdict.STORED:
+                self._chain[p] = k.last
+                res.acks.extend(k.entries)
+                res.stored[p] = k.last
+                EVENTS_IN.inc(k.events_in)
+                DUPLICATES.inc(k.duplicates)
+                EVENTS_STORED.inc(len(k.events_rows))
+                if k.value_errors:
+                    METER_VALUE_ERRORS.inc(k.value_errors)
+                continue
+            # RESYNC: the store's chain ends at m; offsets <= m are stored (by someone)
+            self._chain[p] = m
+            self.activations.assign(p, m)  # markers in the other link: reload from the store
+            self._high[p] = max(self._high[p], m)
+            rest = k.entries + self._drop_buffer(p)
+            res.acks.extend(e for e in rest if e.offset <= m)
+            keep = [e for e in rest if e.offset > m]
+            if keep:
+                self._buffer[p] = keep
+                self._buffered_events += self._events_of(keep)
+            res.resynced[p] = m
+            log.warning(
+                "%s[%d]: the store's chain ends at %d, not at %d (link %s): resynced, %d "
+                "messages to commit again",
+                self.topic,
+                p,
+                m,
+                k.last,
+                k.token,
+                len(keep),
+            )
+        return res
+
+    # --- synchronous use (tests, tools) ---------------------------------------------------
+    def flush(self) -> dict[int, int]:
+        """Commit everything held, link by link, until done; raise if a link stays unresolved
+        (it stays sealed: call again to retry it). Returns the new chain ends."""
+        done: dict[int, int] = {}
+        while True:
+            self.seal()
+            links = self.links()
+            if not links:
+                return done
+            self.prepare(links)
+            out = self.flush_batch(links)
+            applied = self.apply(out, links)
+            done.update(applied.progress)
+            if applied.unresolved:
+                if out.error is not None:
+                    raise out.error
+                raise LinkUnresolved(f"links of partitions {applied.unresolved} are unresolved")

@@ -1,4 +1,11 @@
-"""The flush protocol between the worker and the store (implemented by clickhouse.sink).
+"""The commit protocol between the worker and the store (implemented by clickhouse.sink).
+
+The worker commits per Kafka partition, as a chain of *links*: a link covers offsets
+``[first, last]`` of one partition, where ``first`` is one past the end of the chain the worker
+knows. Its commit is ONE insert into ``usage_minute`` of the link's usage rows plus the
+partition's progress row (``source_offset = last``), with the insert deduplication token
+``chain_token(topic, partition, first)``. Two writers that extend the chain from the same point
+use the same token, and the store keeps exactly one of their links (docs/architecture.md).
 
 Row formats (positional tuples, in column order of the tables):
 
@@ -25,19 +32,40 @@ from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 from schemas.meters import Meter
+from schemas.worker import ChainState, WorkerStatus, chain_token
+
+__all__ = ["Sink", "chain_token"]
 
 
 @runtime_checkable
 class Sink(Protocol):
-    def commit(
+    def insert_events(self, events_rows: list[tuple]) -> None:
+        """INSERT ledger rows (idempotent: a replay writes identical rows, collapsed by key)."""
+        ...
+
+    def commit_link(
         self,
         topic: str,
-        events_rows: list[tuple],
+        partition: int,
+        first: int,
+        last: int,
         usage_rows: list[tuple],
-        progress: dict[int, int],
     ) -> None:
-        """Store one flush: INSERT the events, then the usage rows + progress rows in ONE insert
-        (the commit point). Raise on failure; the caller retries the same batch."""
+        """The commit point of one link: ONE insert (atomic) of ``usage_rows`` plus the progress
+        row ``(topic, partition, last)``, with the token ``chain_token(topic, partition, first)``.
+        Raises on failure; the insert may have landed anyway (answer lost) or land later."""
+        ...
+
+    def read_chain(self, topic: str, partitions: list[int]) -> ChainState:
+        """Progress and newest claim of ``partitions``, in one read."""
+        ...
+
+    def write_claim(self, topic: str, partition: int, epoch: int, owner: str) -> None:
+        """Record that ``owner`` owns the partition from ``epoch`` (wall ms) on."""
+        ...
+
+    def write_heartbeat(self, status: WorkerStatus) -> None:
+        """Record the worker's status (read by scale-out API processes for /readyz)."""
         ...
 
     def progress(self, topic: str) -> dict[int, int]:

@@ -1,16 +1,25 @@
-"""The Faust worker: one agent on the events topic, flushing to the store exactly once.
+"""The Faust worker: one agent on the events topic, committing to the store exactly once.
 
-Commit order (docs/architecture.md): messages are read with manual acks (``stream.noack()``) and
-buffered; a flush (every ``flush_interval_s``, or at ``flush_max_events``) runs the
-``BatchProcessor`` in a dedicated executor thread (dedupe -> events -> usage + progress insert ->
-dedupe index) and only then acks the messages, so Kafka never runs ahead of ClickHouse. A failing
-sink is retried with backoff while the batch is held; the agent stops pulling once the next buffer
-is full (back-pressure), nothing is dropped. Before retrying, the store's progress is re-read: if
-the failed commit actually landed (the insert is atomic), the batch is done, not inserted twice.
+Commit protocol (docs/architecture.md, "The worker's commit protocol"): messages are read with
+manual acks (``stream.noack()``) and buffered per partition. Every ``flush_interval_s`` (or at
+``flush_max_events``) the flusher seals each partition's buffer into a *link* ``[first, last]``
+chained to the end of the store's chain, and makes one attempt in a dedicated executor thread
+(``BatchProcessor.flush_batch``: read progress + claims -> events -> one token-deduplicated usage
++ progress insert per link -> read progress + claims again). Only a link the store is verified
+to hold is acked, so Kafka never runs ahead of ClickHouse. An unresolved link is retried
+UNCHANGED (same offsets, rows and token) with capped exponential backoff; the agent stops
+pulling once the next buffer is full (back-pressure: paused, bounded memory, nothing dropped),
+while the event loop stays free for the group's heartbeats and rebalances.
 
-On assignment the partition's store progress ``M`` is read, the local dedupe index is brought up to
-``M`` and every message with offset <= M is skipped. On revocation buffered messages are flushed
-first. No Faust tables, windows or exactly_once (DESIGN §3).
+On assignment the worker writes a claim (epoch, owner) for each partition, reads the store's
+progress ``M``, brings the local dedupe index up to ``M`` and skips every message with offset
+<= M; a failing set-up backs off and retries. On revocation it makes one quick hand-over flush
+when the store is healthy, then gives up the links of revoked partitions without acking them
+(the new owner re-reads them from Kafka; the chain tokens make a link still in flight harmless).
+A partition whose newest claim belongs to another owner is fenced: dropped, never committed.
+
+The worker's status (``WorkerStatus``: state, last commit, failing since, last error, partitions)
+is available in-process and written every ``worker_heartbeat_s`` to ``worker_heartbeats``.
 
 ``WorkerRunner`` runs the app on its own event loop, in the foreground (``tally worker``) or in a
 background thread (embedded ``tally run``). Faust's ``Worker`` is not used: it wants the main
@@ -22,21 +31,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 import faust
-from faust.types import EventT, StreamT
+from faust.types import StreamT
 
+from schemas.worker import WorkerStatus
 from streams.dedupe import DedupeIndex, rebuild
-from streams.processor import Batch, BatchProcessor
+from streams.processor import Applied, BatchProcessor, Entry
 from streams.progress import ProgressBoard
 from streams.sink import Sink
+from tally.errors import TallyError
 from tally.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,11 +62,21 @@ BACKOFF_MAX_S = 5.0
 
 
 def _backoff(attempt: int) -> float:
-    return float(min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** min(attempt, 10)))
+    return float(min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** min(max(attempt - 1, 0), 10)))
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def new_worker_id() -> str:
+    """A worker instance id: host, pid and a random part (a restarted worker is a new owner)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
 
 
 class StreamWorker:
@@ -65,6 +89,9 @@ class StreamWorker:
         sink: Sink,
         board: ProgressBoard | None,
         dedupe_dir: Path,
+        *,
+        worker_id: str | None = None,
+        fencing: bool = True,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -72,25 +99,43 @@ class StreamWorker:
         self.sink = sink
         self.board = board
         self.dedupe_dir = dedupe_dir
+        self.worker_id = worker_id or new_worker_id()
         self.horizon_ms = int(settings.dedupe_horizon.total_seconds() * 1000)
         self.max_events = settings.flush_max_events
         self.interval_s = settings.flush_interval_s
         self.indexes: dict[int, DedupeIndex] = {}
         self.processor = BatchProcessor(
-            self.topic, sink, self._index_for, horizon_ms=self.horizon_ms
+            self.topic,
+            sink,
+            self._index_for,
+            horizon_ms=self.horizon_ms,
+            owner=self.worker_id if fencing else "",
+            link_max_age_s=settings.link_max_age_s,
         )
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="tally-flush")
+        self._hb_executor = ThreadPoolExecutor(1, thread_name_prefix="tally-heartbeat")
         self.stream: StreamT | None = None
-        self.pending: list[EventT] = []  # Faust events of processor.current, to ack after flush
         self.stopping = False
         self.assigned = asyncio.Event()
+        self._kick = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._init_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._flush_task: asyncio.Task[None] | None = None
-        self.commits = 0
-        self._bg: set[asyncio.Task[None]] = set()
+        self._hb_task: asyncio.Task[None] | None = None
+        self.fenced: set[int] = set()  # dropped for a newer claim; re-taken only when assigned
         self.dropped_on_stop = 0
-        self.last_purge_ms = 0
+        self.last_purge_ms = _now_ms()
+        # status
+        self.state = "starting"
+        self.started_ms = _now_ms()
+        self.last_commit_ms: int | None = None
+        self.failing_since_ms: int | None = None
+        self.last_error = ""
+        self.commits = 0  # links stored (or adopted from another writer)
+        self.fenced_total = 0
+        self.revoked_dropped = 0  # messages given up at revocation (not acked)
+        self.attempt_failures = 0  # attempts that met a store error (resolved or not)
 
     # --- helpers ----------------------------------------------------------------------------
     def _index_for(self, partition: int) -> DedupeIndex:
@@ -108,55 +153,138 @@ class StreamWorker:
         except Exception:
             return set()
 
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker task failed: %r", task.exception())
+
+    def _failed(self, what: str, exc: BaseException | None) -> None:
+        self.attempt_failures += 1
+        if self.failing_since_ms is None:
+            self.failing_since_ms = _now_ms()
+        if exc is not None:
+            self.last_error = f"{what}: {_describe(exc)}"
+
+    def _succeeded(self) -> None:
+        if self.failing_since_ms is not None:
+            log.info(
+                "store commits go through again after %.1f s",
+                (_now_ms() - self.failing_since_ms) / 1000,
+            )
+        self.failing_since_ms = None
+
+    def status(self) -> WorkerStatus:
+        return WorkerStatus(
+            worker_id=self.worker_id,
+            topic=self.topic,
+            state=self.state,
+            beat_ms=_now_ms(),
+            started_ms=self.started_ms,
+            last_commit_ms=self.last_commit_ms,
+            failing_since_ms=self.failing_since_ms,
+            last_error=self.last_error,
+            partitions=tuple(self.processor.partitions),
+        )
+
     # --- assignment -------------------------------------------------------------------------
+    def _init_io(self, todo: list[int]) -> dict[int, tuple[int, int]]:
+        """Executor: claim the partitions, read their progress, rebuild their dedupe indexes."""
+        state = self.sink.read_chain(self.topic, todo)
+        epochs: dict[int, int] = {}
+        for p in todo:
+            newest = state.claims.get(p)
+            epochs[p] = max(_now_ms(), newest.epoch + 1 if newest is not None else 0)
+            self.sink.write_claim(self.topic, p, epochs[p], self.worker_id)
+        state = self.sink.read_chain(self.topic, todo)
+        out: dict[int, tuple[int, int]] = {}
+        for p in todo:
+            m = state.progress.get(p, -1)
+            rebuild(self._index_for(p), self.sink, self.topic, p, m, _now_ms(), self.horizon_ms)
+            out[p] = (m, epochs[p])
+        return out
+
     async def init_partitions(self, partitions: set[int]) -> None:
-        """Read the store's progress, rebuild the dedupe index and start skipping <= M."""
+        """Claim, read the store's progress, rebuild the dedupe index, start skipping <= M.
+        Retries with backoff while the partitions are still assigned by the group."""
         async with self._init_lock:
-            todo = sorted(p for p in partitions if not self.processor.assigned(p))
             attempt = 0
-            while todo and not self.stopping:
+            while not self.stopping:
+                owned = self._consumer_partitions()
+                todo = sorted(
+                    p
+                    for p in partitions
+                    if not self.processor.assigned(p) and p in owned and p not in self.fenced
+                )
+                if not todo:
+                    return
                 try:
-                    progress = await self._run(self.sink.progress, self.topic)
-                    for p in todo:
-                        m = progress.get(p, -1)
-                        await self._run(
-                            rebuild,
-                            self._index_for(p),
-                            self.sink,
-                            self.topic,
-                            p,
-                            m,
-                            _now_ms(),
-                            self.horizon_ms,
-                        )
-                        self.processor.assign(p, m)
-                        if self.board is not None and m >= 0:
-                            self.board.notify(self.topic, p, m)
-                        log.info("partition %s[%d] ready, store progress %d", self.topic, p, m)
-                    break
-                except Exception:
+                    ready = await self._run(self._init_io, todo)
+                except Exception as exc:
                     attempt += 1
-                    log.exception("partition init of %s failed; retrying", todo)
+                    self._failed(f"set-up of partitions {todo}", exc)
+                    log.warning(
+                        "set-up of partitions %s failed (attempt %d): %s",
+                        todo,
+                        attempt,
+                        _describe(exc),
+                    )
                     await asyncio.sleep(_backoff(attempt))
-                    todo = [p for p in todo if p in self._consumer_partitions()]
+                    continue
+                owned = self._consumer_partitions()
+                for p, (m, epoch) in ready.items():
+                    if p not in owned or self.processor.assigned(p):
+                        continue  # revoked meanwhile
+                    self.processor.assign(p, m, epoch)
+                    if self.board is not None and m >= 0:
+                        self.board.notify(self.topic, p, m)
+                    log.info("partition %s[%d] ready, store progress %d", self.topic, p, m)
+                if not self.processor.links():
+                    self._succeeded()
+                return
+
+    async def _init_assigned(self, parts: set[int]) -> None:
+        try:
+            await self.init_partitions(parts)
+        finally:
+            if self.processor.partitions or not parts:
+                self.assigned.set()
+                if self.state == "starting":
+                    self.state = "running"
 
     async def on_partitions_assigned(self, sender: Any, assigned: set[Any], **kw: Any) -> None:
         parts = {tp.partition for tp in assigned if tp.topic == self.topic}
-        await self.init_partitions(parts)
-        self.assigned.set()
+        self.fenced -= parts  # a fresh assignment by the group: claim them again
+        # never block the rebalance on the store: set-up runs in the background
+        self._spawn(self._init_assigned(parts))
 
     async def on_partitions_revoked(self, sender: Any, revoked: set[Any], **kw: Any) -> None:
         parts = {tp.partition for tp in revoked if tp.topic == self.topic}
         if not parts:
             return
-        deadline = time.monotonic() + self.settings.broker_session_timeout_s * 0.8
-        try:
-            await self.flush(deadline=deadline)
-        except FlushAbandoned:
-            log.warning("revoked partitions %s: buffered messages left for the next owner", parts)
+        if (
+            not self.stopping
+            and self.failing_since_ms is None
+            and not self._flush_lock.locked()
+            and self.processor.held_messages
+        ):
+            # hand-over: store what is buffered if the store answers quickly; never wait long
+            timeout = min(5.0, self.settings.broker_session_timeout_s * 0.4)
+            try:
+                await asyncio.wait_for(self.flush(), timeout)
+            except (TimeoutError, Exception) as exc:
+                log.info("hand-over flush of revoked partitions did not finish: %r", exc)
+        dropped = 0
         for p in parts:
-            self.processor.revoke(p)
-        self.pending = [e for e in self.pending if e.message.partition not in parts]
+            dropped += len(self.processor.revoke(p))
+        self.revoked_dropped += dropped
+        if dropped:
+            log.info("revoked %s: %d messages left to the next owner (not acked)", parts, dropped)
         with contextlib.suppress(Exception):
             await self.app.consumer.commit()
 
@@ -170,99 +298,107 @@ class StreamWorker:
             if self.stopping:
                 continue  # not acked: redelivered to the next run
             if not self.processor.assigned(p):
-                if p not in self._consumer_partitions():
-                    continue  # stale message of a revoked partition
+                if p in self.fenced or p not in self._consumer_partitions():
+                    continue  # stale message of a revoked or fenced partition
                 await self.init_partitions({p})
                 if not self.processor.assigned(p):
                     continue
             try:
-                accepted = self.processor.add(p, msg.offset, event.value)
+                accepted = self.processor.add(p, msg.offset, event.value, event)
             except Exception:
                 log.exception("cannot buffer %s[%d]@%d", self.topic, p, msg.offset)
                 continue
-            if accepted:
-                self.pending.append(event)
-            else:
+            if not accepted:
                 await stream.ack(event)
             if self.processor.buffered_events >= self.max_events:
-                if self._flush_lock.locked():
-                    # back-pressure: a flush is running (or retrying) and the next batch is
-                    # full: stop pulling until the store has caught up
-                    await self.flush()
-                else:  # flush in the background and keep reading meanwhile
-                    task = asyncio.get_running_loop().create_task(self.flush())
-                    self._bg.add(task)
-                    task.add_done_callback(self._bg_done)
+                self._kick.set()
+                # back-pressure: stop pulling until the flusher has taken the buffer
+                while self.processor.buffered_events >= self.max_events and not self.stopping:
+                    await asyncio.sleep(0.05)
 
     # --- flushing ---------------------------------------------------------------------------
-    def _bg_done(self, task: asyncio.Task[None]) -> None:
-        self._bg.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background flush failed: %r", task.exception())
-
     async def flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
+        attempt = 0
+        while not self.stopping:
+            if attempt:
+                await asyncio.sleep(_backoff(attempt))
+            else:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._kick.wait(), self.interval_s)
+            self._kick.clear()
             if self.stopping:
                 return
             try:
-                if self.processor.buffered_messages:
-                    await self.flush()
-                await self._maybe_purge()
+                ok = await self.flush()
             except asyncio.CancelledError:
                 raise
+            except Exception as exc:
+                log.exception("flush error")
+                self._failed("flush", exc)
+                ok = False
+            attempt = 0 if ok else attempt + 1
+            try:
+                await self._maybe_purge()
             except Exception:
-                log.exception("flush loop error")
+                log.exception("dedupe index purge failed")
 
-    async def flush(self, *, deadline: float | None = None) -> None:
-        """Flush what is buffered; retry until stored (or ``deadline``: FlushAbandoned)."""
+    async def flush(self) -> bool:
+        """One round: seal buffers into links, one attempt at the store, settle the verdicts.
+        True when nothing is left unresolved."""
         async with self._flush_lock:
-            batch = self.processor.take()
-            events, self.pending = self.pending, []
-            if not batch.entries:
-                for ev in events:
-                    await self._ack(ev)
-                return
-            attempt = 0
-            while True:
-                owned = {p for p in batch.last_offsets if self.processor.assigned(p)}
-                if owned != set(batch.last_offsets):
-                    gone = set(batch.last_offsets) - owned
-                    batch = batch.without_partitions(gone)
-                    events = [e for e in events if e.message.partition not in gone]
-                    if not batch.entries:
-                        return
-                try:
-                    await self._run(self.processor.flush_batch, batch)
-                    break
-                except Exception as exc:
-                    attempt += 1
-                    log.error(
-                        "flush of %d messages failed (attempt %d): %r", len(batch), attempt, exc
-                    )
-                    if await self._landed(batch):
-                        break
-                    if deadline is not None and time.monotonic() >= deadline:
-                        # put it back in front of what was buffered since; not acked
-                        batch.extend(self.processor.current)
-                        self.processor.current = batch
-                        self.pending = events + self.pending
-                        raise FlushAbandoned from exc
-                    await asyncio.sleep(_backoff(attempt))
-            self.commits += 1
-            for ev in events:
-                await self._ack(ev)
+            self.processor.seal()
+            links = self.processor.links()
+            if not links:
+                return True
+            try:
+                await self._run(self.processor.prepare, links)
+            except Exception as exc:
+                self._failed("preparing a commit", exc)
+                log.warning("preparing links failed: %s", _describe(exc))
+                return False
+            out = await self._run(self.processor.flush_batch, links)
+            applied = self.processor.apply(out, links)
+            await self._settle(applied)
+            if applied.unresolved:
+                self._failed("commit", out.error)
+                log.warning(
+                    "commit of partitions %s unresolved (attempt %d): %s",
+                    applied.unresolved,
+                    max((k.attempts for k in links), default=0),
+                    _describe(out.error) if out.error else "store progress not there yet",
+                )
+                return False
+            if out.error is not None:  # e.g. an answer lost, then verified: resolved all the same
+                self.attempt_failures += 1
+                self.last_error = f"commit (resolved): {_describe(out.error)}"
+                log.info("commit resolved by reading the store after: %s", _describe(out.error))
+            self._succeeded()
+            return True
+
+    async def _settle(self, applied: Applied) -> None:
+        for e in applied.acks:
+            await self._ack(e)
+        done = applied.progress
+        if done:
+            self.commits += len(done)
+            self.last_commit_ms = _now_ms()
             if self.board is not None:
-                for p, off in batch.last_offsets.items():
+                for p, off in done.items():
                     self.board.notify(self.topic, p, off)
+        if applied.fenced:
+            self.fenced.update(applied.fenced)
+            self.fenced_total += len(applied.fenced)
+            log.error(
+                "partitions %s of %s are fenced: another worker claimed them; this worker "
+                "stops committing them (its buffered messages are not acked)",
+                applied.fenced,
+                self.topic,
+            )
 
-    async def _landed(self, batch: Batch) -> bool:
-        try:
-            return await self._run(self.processor.landed, batch)
-        except Exception:
-            return False
-
-    async def _ack(self, event: EventT) -> None:
+    async def _ack(self, entry: Entry) -> None:
+        event = entry.handle
+        if event is None:
+            return
         if self.stream is not None:
             await self.stream.ack(event)
         else:  # pragma: no cover - events only come from the stream
@@ -278,41 +414,66 @@ class StreamWorker:
             if n:
                 log.info("dedupe index %s: purged %d ids older than the horizon", idx.path, n)
 
+    # --- heartbeats -------------------------------------------------------------------------
+    async def _beat(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._hb_executor, self.sink.write_heartbeat, self.status())
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except (TimeoutError, Exception) as exc:
+            log.debug("heartbeat not written: %r", exc)
+
+    async def heartbeat_loop(self) -> None:
+        every = self.settings.worker_heartbeat_s
+        while not self.stopping:
+            await self._beat(every * 2)
+            await asyncio.sleep(every)
+
     # --- lifecycle --------------------------------------------------------------------------
     def start_flush_loop(self) -> None:
         self._flush_task = asyncio.get_running_loop().create_task(self.flush_loop())
+        self._hb_task = asyncio.get_running_loop().create_task(self.heartbeat_loop())
 
     async def shutdown(self, *, flush: bool = True, timeout: float = 30.0) -> None:
         """Stop consuming, final flush + offset commit (unless ``flush=False``), stop the app."""
         self.stopping = True
+        deadline = time.monotonic() + timeout
         with contextlib.suppress(Exception):
             self.app.consumer.pause_partitions(self.app.consumer.assignment())
-        if self._flush_task is not None:
-            self._flush_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._flush_task
-        if self._bg:
-            await asyncio.gather(*self._bg, return_exceptions=True)
+        for task in (self._flush_task, self._hb_task, *self._tasks):
+            if task is not None:
+                task.cancel()
+        for task in (self._flush_task, self._hb_task, *list(self._tasks)):
+            if task is not None:
+                with contextlib.suppress(BaseException):
+                    await task
         if flush:
-            try:
-                await self.flush(deadline=time.monotonic() + timeout)
-            except FlushAbandoned:
-                log.error("final flush failed; the buffered messages will be replayed")
+            attempt = 0
+            while self.processor.held_messages and time.monotonic() < deadline:
+                if not await self.flush():
+                    attempt += 1
+                    await asyncio.sleep(
+                        min(_backoff(attempt), max(0.0, deadline - time.monotonic()))
+                    )
+            if self.processor.held_messages:
+                log.error(
+                    "final flush did not finish: %d messages will be replayed by the next owner",
+                    self.processor.held_messages,
+                )
             with contextlib.suppress(Exception):
-                await self.app.consumer.commit()
+                # bounded: with a dead broker (embedded supervision) these never return
+                await asyncio.wait_for(self.app.consumer.commit(), timeout)
         else:
-            self.dropped_on_stop = self.processor.take().__len__()
-            self.pending = []
+            self.dropped_on_stop = self.processor.held_messages
+        self.state = "stopped"
+        await self._beat(5.0)
         with contextlib.suppress(Exception):
-            await self.app.stop()
+            await asyncio.wait_for(self.app.stop(), timeout)
         self.executor.shutdown(wait=True)
+        self._hb_executor.shutdown(wait=False)
         for idx in self.indexes.values():
             idx.close()
         self.indexes.clear()
-
-
-class FlushAbandoned(Exception):
-    """A flush could not be stored before its deadline (the batch was kept, not acked)."""
 
 
 def build_app(
@@ -322,6 +483,8 @@ def build_app(
     *,
     dedupe_dir: Path,
     broker: str | None = None,
+    worker_id: str | None = None,
+    fencing: bool = True,
 ) -> faust.App:
     """The Faust app (``app.tally_worker`` is its StreamWorker). Build it on the loop it runs on."""
     bootstrap = broker or settings.kafka_bootstrap
@@ -345,7 +508,9 @@ def build_app(
         datadir=str(faust_dir),
         topic_allow_declare=False,
     )
-    worker = StreamWorker(app, settings, sink, board, dedupe_dir)
+    worker = StreamWorker(
+        app, settings, sink, board, dedupe_dir, worker_id=worker_id, fencing=fencing
+    )
     topic = app.topic(
         settings.events_topic, value_type=bytes, value_serializer="raw", key_serializer="raw"
     )
@@ -356,9 +521,16 @@ def build_app(
     return app
 
 
+class WorkerStartError(TallyError):
+    """The stream worker failed to start or did not get ready partitions in time."""
+
+    status = 503
+    code = "worker_unavailable"
+
+
 class WorkerRunner:
     """Run the worker on its own event loop: ``run_forever()`` (foreground) or ``start()``/``stop()``
-    (background thread, embedded mode)."""
+    (background thread, embedded mode). ``status()`` is safe to call from any thread."""
 
     def __init__(
         self,
@@ -368,12 +540,17 @@ class WorkerRunner:
         *,
         dedupe_dir: Path,
         broker: str | None = None,
+        worker_id: str | None = None,
+        fencing: bool = True,
     ) -> None:
         self.settings = settings
         self.sink = sink
         self.board = board
         self.dedupe_dir = Path(dedupe_dir)
         self.broker = broker
+        self.worker_id = worker_id or new_worker_id()
+        self.fencing = fencing
+        self.started_ms = _now_ms()
         self.app: faust.App | None = None
         self.worker: StreamWorker | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -389,7 +566,13 @@ class WorkerRunner:
     async def _main(self) -> None:
         self._stop_req = asyncio.Event()
         app = self.app = build_app(
-            self.settings, self.sink, self.board, dedupe_dir=self.dedupe_dir, broker=self.broker
+            self.settings,
+            self.sink,
+            self.board,
+            dedupe_dir=self.dedupe_dir,
+            broker=self.broker,
+            worker_id=self.worker_id,
+            fencing=self.fencing,
         )
         worker = self.worker = app.tally_worker  # type: ignore[attr-defined]
         try:
@@ -406,6 +589,10 @@ class WorkerRunner:
             if app.crash_reason is not None and self.error is None:
                 self.error = app.crash_reason
             await worker.shutdown(flush=self._stop_flush, timeout=self._stop_timeout)
+        except BaseException as exc:
+            if self.error is None:  # visible to start() before it wakes up
+                self.error = exc
+            raise
         finally:
             self._ready.set()
 
@@ -455,6 +642,22 @@ class WorkerRunner:
             raise self.error
         return ok and self.worker is not None and self.worker.assigned.is_set()
 
+    def start_or_fail(self, timeout: float) -> None:
+        """``start``, raising ``WorkerStartError`` (with the cause) instead of returning False."""
+        try:
+            ok = self.start(timeout)
+        except Exception as exc:
+            self._done.wait(30.0)  # let the worker thread finish its clean-up
+            raise WorkerStartError(f"the stream worker failed to start: {_describe(exc)}") from exc
+        if not ok:
+            st = self.status()
+            cause = f" (last error: {st.last_error})" if st.last_error else ""
+            self.stop(timeout=5.0, flush=False)
+            raise WorkerStartError(
+                f"the stream worker had no ready partitions after {timeout:.0f} s{cause}; "
+                "check the broker (TALLY_KAFKA_BOOTSTRAP) and the store"
+            )
+
     def stop(self, timeout: float = 30.0, *, flush: bool = True) -> None:
         """Graceful stop: stop consuming, final flush + offset commit, leave the group.
 
@@ -473,3 +676,33 @@ class WorkerRunner:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def status(self) -> WorkerStatus:
+        """The worker's status; ``stopped`` once its thread has ended (or before it started
+        when it failed)."""
+        worker = self.worker
+        if worker is not None:
+            st = worker.status()
+        else:
+            st = WorkerStatus(
+                worker_id=self.worker_id,
+                topic=self.settings.events_topic,
+                state="starting",
+                beat_ms=_now_ms(),
+                started_ms=self.started_ms,
+            )
+        ended = self._done.is_set() or (self._thread is not None and not self._thread.is_alive())
+        if ended and st.state != "stopped":
+            err = st.last_error or (_describe(self.error) if self.error is not None else "")
+            st = WorkerStatus(
+                worker_id=st.worker_id,
+                topic=st.topic,
+                state="stopped",
+                beat_ms=st.beat_ms,
+                started_ms=st.started_ms,
+                last_commit_ms=st.last_commit_ms,
+                failing_since_ms=st.failing_since_ms,
+                last_error=err,
+                partitions=(),
+            )
+        return st

@@ -10,7 +10,7 @@ from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -42,6 +42,57 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)
     admin_token: str = Field("", description="Fixed admin token; empty = generate on first start")
+    metrics_token: str = Field("", description="Bearer token /metrics requires; empty = open")
+    max_inflight_requests: int = Field(
+        256, ge=1, description="Requests served at once by one API process; beyond: 503"
+    )
+    max_inflight_events: int = Field(
+        200_000, ge=1, description="Ingest events in flight in one API process; beyond: 503"
+    )
+
+    # --- credentials (docs/operations.md) ----------------------------------------------------
+    auth_positive_ttl_s: float = Field(
+        5.0, gt=0, le=300, description="A valid key is re-checked after this long: revocation bound"
+    )
+    auth_negative_ttl_s: float = Field(
+        60.0, gt=0, le=3600, description="An unknown/revoked key is remembered this long"
+    )
+    auth_cache_max_entries: int = Field(10_000, ge=16, description="Per cache (valid, invalid)")
+    auth_failure_burst: int = Field(
+        20, ge=1, description="Failed authentications one client address may make at once"
+    )
+    auth_failures_per_s: float = Field(
+        1.0, gt=0, description="... then this many per second; beyond: 429"
+    )
+    auth_lookups_per_s: float = Field(
+        20.0, gt=0, description="Store lookups of never-seen credentials per API process"
+    )
+    counters_flush_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Key last-used times and quota counts are written this often",
+    )
+
+    # --- per-tenant limits (defaults; overrides per tenant through the admin API) ------------
+    tenant_requests_per_s: float = Field(1000.0, ge=0, description="0 = unlimited")
+    tenant_events_per_s: float = Field(50_000.0, ge=0, description="0 = unlimited")
+    tenant_max_batch_events: int = Field(
+        0, ge=0, description="0 = only each ingest flavour's own request limits"
+    )
+    tenant_monthly_events: int = Field(
+        0, ge=0, description="Accepted events per UTC month; 0 = unlimited"
+    )
+    rate_limit_burst_s: float = Field(
+        1.0, gt=0, le=60, description="Bucket size in seconds of rate"
+    )
+    limits_cache_ttl_s: float = Field(5.0, gt=0, le=300, description="Per-tenant limits re-read")
+    api_replicas: int = Field(
+        1, ge=1, description="API processes sharing the limits: each enforces limit / replicas"
+    )
+    quota_retry_after_max_s: int = Field(
+        300, ge=1, description="Retry-After cap of a used-up quota"
+    )
 
     # --- ingest ------------------------------------------------------------------------------
     max_events_per_request: int = Field(1000, ge=1)
@@ -56,11 +107,33 @@ class Settings(BaseSettings):
     produce_timeout_s: float = Field(10.0, gt=0)
     retry_after_s: int = Field(5, ge=1)
 
+    # --- embedded broker supervision (tally run) ---------------------------------------------
+    broker_max_restarts: int = Field(
+        5, ge=0, description="Restarts of a dead embedded broker per broker_restart_window_s"
+    )
+    broker_restart_window_s: float = Field(600.0, gt=0)
+
     # --- worker ------------------------------------------------------------------------------
     dedupe_horizon: timedelta = Field(timedelta(days=35))
     flush_interval_s: float = Field(0.5, gt=0, le=1.0)
     flush_max_events: int = Field(50_000, ge=1)
     meters_file: Path | None = None
+    worker_start_timeout_s: float = Field(
+        60.0, gt=0, description="A worker that has no ready partitions by then fails to start"
+    )
+    worker_heartbeat_s: float = Field(
+        5.0, gt=0, description="How often a worker writes its status to worker_heartbeats"
+    )
+    worker_max_failing_s: float = Field(
+        10.0, gt=0, description="/readyz is red when the worker cannot commit for longer"
+    )
+    link_max_age_s: float = Field(
+        300.0,
+        gt=0,
+        le=1800,
+        description="A commit retried this long is redone from a fresh read of the store "
+        "(keep far below the time usage_minute's deduplication window lasts)",
+    )
 
     # --- invoicing (docs/invoicing.md) ---------------------------------------------------------
     invoice_grace: timedelta = Field(
@@ -116,6 +189,18 @@ class Settings(BaseSettings):
     backfill_wait_s: float = Field(
         60.0, gt=0, description="How long a run waits for the worker to pass the meter's markers"
     )
+
+    # --- secrets at rest ---------------------------------------------------------------------
+    secrets_key: SecretStr = Field(
+        SecretStr(""),
+        description="Fernet key(s) sealing stored secrets (Segment webhook secrets), comma-"
+        "separated: the first seals, all open (key rotation). Embedded mode: generated once in "
+        "<data_dir>/secrets.key when empty. Scale-out: set the same value on every API replica",
+    )
+
+    # --- client commands (tally events send, tally doctor) ----------------------------------
+    url: str = Field("", description="URL of a running Tally server, e.g. http://127.0.0.1:8000")
+    api_key: SecretStr = Field(SecretStr(""), description="Tenant API key for client commands")
 
     # --- logging -----------------------------------------------------------------------------
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")

@@ -24,7 +24,18 @@ ALLOWED: dict[str, set[str]] = {
     "clickhouse": {"schemas", "tally"},
     "billing": {"rating", "schemas", "tally", "clickhouse"},
     "api": {"schemas", "tally", "rating", "streams", "clickhouse", "billing"},
-    "runtime": {"schemas", "tally", "rating", "streams", "clickhouse", "billing", "api"},
+    "runtime": {
+        "schemas",
+        "tally",
+        "rating",
+        "streams",
+        "clickhouse",
+        "billing",
+        "api",
+        "tally_client",
+    },
+    # The Python SDK: shares the wire models, never the server's internals.
+    "tally_client": {"schemas"},
 }
 FIRST_PARTY = set(ALLOWED)
 

@@ -287,7 +287,8 @@ async def test_wait_stored(
         r = await c.post("/v1/events?wait=stored", json=events(8), headers=h)
         body = assert_error(r, 503, "accepted by the broker", "Retrying is safe", "idempotent")
         assert r.headers["retry-after"] == "3"
-        assert body["details"]["accepted_by_broker"] == 8
+        assert body["details"][0]["field"] == "wait"
+        assert "8 events accepted by the broker" in body["details"][0]["message"]
 
         async def worker() -> None:  # what the streams worker does after each commit
             while True:
@@ -381,7 +382,11 @@ async def test_unexpected_exception_is_generic_500(
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         r = await c.get("/boom")
     assert r.status_code == 500
-    assert r.json() == {"error": "internal_error", "message": "internal server error (logged)"}
+    assert r.json() == {
+        "error": "internal_error",
+        "message": "internal server error (logged)",
+        "details": [],
+    }
     assert "secret" not in r.text
 
 

@@ -119,6 +119,39 @@ def test_sdk_errors_are_raised(server: ServerThread, tenant: tuple[str, str]) ->
     assert "lateness" in ei.value.response.text()
 
 
+def test_sdk_backs_off_on_429_and_raises_it_clearly(
+    server: ServerThread, tenant: tuple[str, str], store: Any, broker: Any, topic: str
+) -> None:
+    """A rate-limited tenant (1 request per 10 s): the SDK's retry policy honours Retry-After and
+    gets through; with retries off it raises HttpResponseError(429) whose body names the limit."""
+    from clickhouse.limits import LimitOverrides, LimitsRepo
+
+    tenant_id, key = tenant
+    LimitsRepo(store).put(tenant_id, LimitOverrides(requests_per_second=0.1))
+    client = Client(endpoint=server.url, token=key)
+    for i in range(2):  # back to back: the 2nd is refused once, retried after Retry-After
+        client.events.ingest_event(
+            Event(id=f"rl-{i}", source="s", specversion="1.0", type="t", subject="c")
+        )
+    no_retry = Client(endpoint=server.url, token=key, retry_total=0)
+    with pytest.raises(HttpResponseError) as ei:  # the bucket is empty again: refused
+        no_retry.events.ingest_event(
+            Event(id="nr", source="s", specversion="1.0", type="t", subject="c")
+        )
+    assert ei.value.status_code == 429
+    assert int(ei.value.response.headers["Retry-After"]) >= 1
+    assert ei.value.response.json()["details"][0]["field"] == "requests_per_second"
+    metrics = httpx.get(server.url + "/metrics").text
+    line = next(
+        ln
+        for ln in metrics.splitlines()
+        if ln.startswith('tally_rate_limited_total{limit="requests_per_second"}')
+    )
+    assert float(line.split()[-1]) >= 2  # the SDK's retried refusal and the last one
+    got = consume_all(broker.bootstrap, topic, 2)
+    assert sorted(e.id for *_, env in got for e in env.events) == ["rl-0", "rl-1"]
+
+
 def test_sdk_meters_and_query(
     server: ServerThread, tenant: tuple[str, str], repo: Any, store: Any
 ) -> None:

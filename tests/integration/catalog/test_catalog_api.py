@@ -318,7 +318,8 @@ async def test_subscription_lifecycle_over_http(client: httpx.AsyncClient, tenan
     act = f"/v1/subscriptions/{sid}/actions"
     r = await post(client, tenant, act, {"action": "pause"}, status=409)
     assert r["error"] == "conflict" and "activate it first" in r["message"]
-    assert r["details"]["reason"].startswith("a trialing subscription cannot be paused")
+    assert r["details"][0]["field"] == "action"
+    assert "a trialing subscription cannot be paused" in r["details"][0]["message"]
     assert (await post(client, tenant, act, {"action": "activate"}, status=200))[
         "status"
     ] == "active"
@@ -345,7 +346,7 @@ async def test_subscription_lifecycle_over_http(client: httpx.AsyncClient, tenan
         {"customer_id": "life", "plan_code": "cheap"},
         status=409,
     )
-    assert r["details"]["field"] == "customer_id"
+    assert r["details"][0]["field"] == "customer_id"
     done = await post(client, tenant, act, {"action": "cancel"}, status=200)
     assert done["status"] == "canceled" and done["pending_change"] is None
     assert [h["status"] for h in done["history"]] == [
@@ -379,7 +380,7 @@ async def test_customers_crud(client: httpx.AsyncClient, tenant: Tenant) -> None
     c = await post(client, tenant, "/v1/customers", body)
     assert c["currency"] == "EUR" and c["timezone"] == "Europe/Paris" and c["revision"] == 1
     r = await post(client, tenant, "/v1/customers", body, status=409)
-    assert r["details"]["field"] == "external_id"
+    assert r["details"][0]["field"] == "external_id"
     r = await client.patch(
         "/v1/customers/crm-42", json={"name": "42 Ltd", "tax_rates": {}}, headers=tenant.headers
     )
@@ -394,7 +395,7 @@ async def test_customers_crud(client: httpx.AsyncClient, tenant: Tenant) -> None
     await post(client, tenant, "/v1/plans", {**plan_body("eu", "9.00", "0.01"), "currency": "EUR"})
     await post(client, tenant, "/v1/subscriptions", {"customer_id": "crm-42", "plan_code": "eu"})
     r = await client.patch("/v1/customers/crm-42", json={"currency": "USD"}, headers=tenant.headers)
-    assert r.status_code == 409 and r.json()["details"]["field"] == "currency"
+    assert r.status_code == 409 and r.json()["details"][0]["field"] == "currency"
 
 
 async def test_tenant_isolation(client: httpx.AsyncClient, tenant: Tenant, other: Tenant) -> None:
@@ -588,7 +589,7 @@ async def test_bad_input_is_4xx_naming_the_field(
     assert r.status_code == status, r.text
     data = r.json()
     details = data["details"]
-    fields = [d["field"] for d in details] if isinstance(details, list) else [details["field"]]
+    fields = [d["field"] for d in details]
     assert any(f == field or f.startswith(field) for f in fields), (fields, data["message"])
     assert field.split(".")[0] in data["message"] or status == 404
 
@@ -620,7 +621,7 @@ async def test_bad_requests_other_shapes(client: httpx.AsyncClient, tenant: Tena
     r = await client.post("/v1/plans", json=GROWTH, headers=h)
     assert r.status_code == 201
     r = await client.post("/v1/plans", json=GROWTH, headers=h)
-    assert r.status_code == 409 and r.json()["details"]["field"] == "code"
+    assert r.status_code == 409 and r.json()["details"][0]["field"] == "code"
     r = await client.get("/v1/customers/nobody/upcoming-invoice", headers=h)
     assert r.status_code == 404
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -76,7 +75,7 @@ def test_driver_errors_become_store_unavailable(store: Store) -> None:
 def test_bad_identifiers_and_urls_are_validation_errors(chdb_dir: Path) -> None:
     with pytest.raises(ValidationError) as ei:
         Store.open(f"chdb://{chdb_dir}", "x; DROP DATABASE y")
-    assert ei.value.details == {"field": "database"}
+    assert [d["field"] for d in ei.value.details] == ["database"]
     with pytest.raises(ValidationError):
         Store.open("chdb://relative/dir", "tally")
     with pytest.raises(ValidationError):
@@ -131,15 +130,13 @@ def test_keys_of_one_tenant_never_authenticate_as_another(store: Store) -> None:
     assert repo.authenticate(forged) is None
 
 
-def test_authenticate_caches_hits_only(store: Store) -> None:
+def test_authenticate_is_not_cached_in_the_store_layer(store: Store) -> None:
+    """Caching (with bounded TTLs) is the API's job; the repo always answers from the store."""
     repo = Repo(store)
     t, key = repo.create_tenant("C")
     assert repo.authenticate(key) == t.tenant_id
     store.command(f"TRUNCATE TABLE {store.database}.api_keys")
-    assert repo.authenticate(key) == t.tenant_id  # cached
-    assert Repo(store).authenticate(key) is None  # a fresh repo has no cache
-    repo._auth_cache = {k: (v[0], time.monotonic() - 1) for k, v in repo._auth_cache.items()}
-    assert repo.authenticate(key) is None  # expired
+    assert repo.authenticate(key) is None
 
 
 def test_admin_token(store: Store) -> None:

@@ -1,5 +1,5 @@
 """The worker end to end: real Tansu broker, real chDB, real ClickHouseSink. Exactly-once counts
-under duplicates, late events, restarts, crashes between flushes and ambiguous store failures."""
+under duplicates, late events, restarts, crashes between flushes and store failures."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from tests.integration.streams.helpers import (
     wait_stored,
     worker_settings,
 )
+from tests.support.faulty_store import FaultyStore
 
 
 @pytest.fixture
@@ -105,61 +106,21 @@ def test_stop_without_final_flush_loses_and_doubles_nothing(
     check(store, truth, meters)
 
 
-class FlakySink:
-    """The real ClickHouseSink, with injected failures: before the commit (nothing stored) and
-    after it (stored, but the caller sees an error)."""
-
-    def __init__(self, inner: ClickHouseSink, plan: list[str]) -> None:
-        self.inner = inner
-        self.plan = list(plan)
-        self.failures = 0
-
-    def commit(self, topic: str, events_rows: list, usage_rows: list, progress: dict) -> None:  # type: ignore[type-arg]
-        step = self.plan.pop(0) if self.plan else "ok"
-        if step == "before":
-            self.failures += 1
-            raise ConnectionError("injected: store down")
-        if step == "events-only":
-            self.failures += 1
-            self.inner.store.insert(
-                "events", events_rows, __import__("clickhouse.sink").sink.EVENTS_COLUMNS
-            )
-            raise ConnectionError("injected: crash between events and usage insert")
-        self.inner.commit(topic, events_rows, usage_rows, progress)
-        if step == "after":
-            self.failures += 1
-            raise TimeoutError("injected: answer lost after commit")
-
-    def progress(self, topic: str) -> dict[int, int]:
-        return self.inner.progress(topic)
-
-    def progress_all(self) -> dict[str, dict[int, int]]:
-        return self.inner.progress_all()
-
-    def seen_ids(self, *a: Any) -> Any:
-        return self.inner.seen_ids(*a)
-
-    def all_meters(self) -> Any:
-        return self.inner.all_meters()
-
-    def record_activations(self, rows: list) -> None:  # type: ignore[type-arg]
-        self.inner.record_activations(rows)
-
-    def activations(self, topic: str, partition: int, upto_offset: int) -> dict[str, int]:
-        return self.inner.activations(topic, partition, upto_offset)
-
-
 def test_store_failures_are_retried_exactly_once(setup, broker, topic, store, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A mix of store failures before and after the inserts of later flushes (the per-step
+    faults are in test_commit_faults.py)."""
     settings, sink, truth, meters, src = setup
-    flaky = FlakySink(
-        sink, ["ok", "before", "after", "events-only", "ok", "after", "before", "before"]
-    )
+    faulty = FaultyStore(store)
+    faulty.arm("insert", table="usage_minute", skip=1)
+    faulty.arm("insert", mode="after", table="usage_minute", skip=2)
+    faulty.arm("insert", table="events", skip=3)
+    faulty.arm("insert", mode="after", table="usage_minute", skip=5, times=2)
     produce(broker.bootstrap, topic, truth, src.batch(1_000))
-    with Worker(settings, flaky, tmp_path / "dedupe"):
+    with Worker(settings, ClickHouseSink(faulty), tmp_path / "dedupe"):
         for _ in range(4):
             produce(broker.bootstrap, topic, truth, src.batch(500, dup_rate=0.4))
         wait_stored(sink, topic, truth.last_offsets)
-    assert flaky.failures >= 4
+    assert sum(f.hits for f in faulty.faults) >= 4
     check(store, truth, meters)
 
 
@@ -178,3 +139,22 @@ def test_rebalance_between_two_workers(setup, broker, topic, store, tmp_path) ->
         w2.stop()
         w1.stop()
     check(store, truth, meters)
+
+
+def test_start_without_ready_partitions_fails_with_a_clear_error(
+    setup, store, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """`tally run` must not serve an API whose events are never stored: a worker that gets no
+    ready partitions in time (here: no broker listens at the address) raises WorkerStartError,
+    and its status says stopped."""
+    from runtime.broker import free_port
+    from streams.worker import WorkerStartError
+
+    settings, sink, *_ = setup
+    settings = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_port()}"})
+    runner = WorkerRunner(settings, sink, dedupe_dir=tmp_path / "dedupe")
+    with pytest.raises(WorkerStartError, match="the stream worker") as exc:
+        runner.start_or_fail(5.0)
+    assert "KafkaConnectionError" in exc.value.message or "no ready partitions" in exc.value.message
+    assert not runner.running
+    assert runner.status().state == "stopped"

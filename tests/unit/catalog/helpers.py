@@ -87,7 +87,4 @@ def subscribe(
 
 
 def error_field(exc: Any) -> str:
-    d = exc.details
-    if isinstance(d, list):
-        return ",".join(x["field"] for x in d)
-    return str(d["field"])
+    return ",".join(x["field"] for x in exc.details)

@@ -51,7 +51,7 @@ def test_percentage_dispatch_checks_inputs() -> None:
     assert rate(spec, D(30), event_count=2).amount == D(5)
     with pytest.raises(ValidationError) as err:
         rate(spec, D(31), event_amounts=[D(10), D(20)])
-    assert err.value.details == {"field": "quantity"}
+    assert [d["field"] for d in err.value.details] == ["quantity"]
     with pytest.raises(ValidationError):
         rate(spec, D(30), event_amounts=[D(10), D(20)], event_count=3)
 

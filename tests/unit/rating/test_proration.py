@@ -38,7 +38,7 @@ def test_prorate_by_the_second() -> None:
 def test_inverted_range_is_refused() -> None:
     with pytest.raises(ValidationError) as err:
         proration_factor(JUNE, JUNE.end, JUNE.start)
-    assert err.value.details == {"field": "used_to"}
+    assert [d["field"] for d in err.value.details] == ["used_to"]
 
 
 def test_prorated_seat_line() -> None:

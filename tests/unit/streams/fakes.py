@@ -2,27 +2,114 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from schemas.meters import Meter
 from schemas.timeutil import epoch_ms
+from schemas.worker import ChainState, Claim, WorkerStatus, chain_token
 
 
 class MemorySink:
+    """The store of the commit protocol in memory, with the deduplication by chain token that
+    ClickHouse gives ``usage_minute`` and fault knobs:
+
+    - ``fail_next``: the next N link commits raise before storing anything;
+    - ``fail_after_next``: the next N link commits store, then raise (answer lost);
+    - ``late_next``: the next N link commits raise a timeout and land only when
+      ``land_late()`` is called (an insert that lands after its client gave up);
+    - ``fail_reads``: the next N ``read_chain`` calls raise;
+    - ``fail_events_next``: the next N events inserts raise;
+    - ``other_writer(...)``: another worker's link lands (same token rule).
+    """
+
     def __init__(self, meters: list[Meter] | None = None) -> None:
         self.meters = list(meters or [])
         self.events: dict[tuple[str, str], tuple[Any, ...]] = {}
         self.usage: list[tuple[Any, ...]] = []
         self._progress: dict[str, dict[int, int]] = {}
-        self.commits = 0
-        self.fail_next = 0  # raise before storing
-        self.fail_after_next = 0  # store, then raise (an ambiguous failure)
+        self.tokens: set[str] = set()
+        self.claims: dict[tuple[str, int], Claim] = {}
+        self.heartbeats: list[WorkerStatus] = []
+        self.commits = 0  # links stored
+        self.deduplicated = 0  # link commits that were no-ops (token already stored)
+        self.link_calls = 0
+        self.fail_next = 0
+        self.fail_after_next = 0
+        self.late_next = 0
+        self.fail_reads = 0
+        self.fail_events_next = 0
+        self.late: list[Callable[[], None]] = []
         self.meter_loads = 0
         self.fail_meter_loads = 0
         self.fail_activations_next = 0
         self.activation_rows: list[tuple[str, str, str, int, int]] = []
+
+    # --- the protocol ---------------------------------------------------------------------
+    def insert_events(self, events_rows: list[tuple[Any, ...]]) -> None:
+        if self.fail_events_next:
+            self.fail_events_next -= 1
+            raise ConnectionError("store down (events)")
+        for r in events_rows:
+            self.events[(r[0], r[1])] = r
+
+    def _land(self, topic: str, p: int, first: int, last: int, rows: list[tuple[Any, ...]]) -> None:
+        token = chain_token(topic, p, first)
+        if token in self.tokens:
+            self.deduplicated += 1
+            return
+        self.tokens.add(token)
+        self.usage.extend(rows)
+        cur = self._progress.setdefault(topic, {})
+        cur[p] = max(cur.get(p, -1), last)
+        self.commits += 1
+
+    def commit_link(
+        self, topic: str, partition: int, first: int, last: int, usage_rows: list[tuple[Any, ...]]
+    ) -> None:
+        self.link_calls += 1
+        if self.fail_next:
+            self.fail_next -= 1
+            raise ConnectionError("store down")
+        rows = list(usage_rows)
+        if self.late_next:
+            self.late_next -= 1
+            self.late.append(lambda: self._land(topic, partition, first, last, rows))
+            raise TimeoutError("no answer in time (the insert is still running)")
+        self._land(topic, partition, first, last, rows)
+        if self.fail_after_next:
+            self.fail_after_next -= 1
+            raise TimeoutError("answer lost")
+
+    def land_late(self) -> None:
+        late, self.late = self.late, []
+        for fn in late:
+            fn()
+
+    def other_writer(
+        self, topic: str, partition: int, first: int, last: int, usage_rows: list[tuple[Any, ...]]
+    ) -> None:
+        """Another worker's link (e.g. a zombie's, or the new owner's) lands."""
+        self._land(topic, partition, first, last, list(usage_rows))
+
+    def read_chain(self, topic: str, partitions: list[int]) -> ChainState:
+        if self.fail_reads:
+            self.fail_reads -= 1
+            raise ConnectionError("store down (read)")
+        cur = self._progress.get(topic, {})
+        return ChainState(
+            {p: cur[p] for p in partitions if p in cur},
+            {p: self.claims[(topic, p)] for p in partitions if (topic, p) in self.claims},
+        )
+
+    def write_claim(self, topic: str, partition: int, epoch: int, owner: str) -> None:
+        old = self.claims.get((topic, partition))
+        if old is None or (epoch, owner) > (old.epoch, old.owner):
+            self.claims[(topic, partition)] = Claim(epoch, owner)
+
+    def write_heartbeat(self, status: WorkerStatus) -> None:
+        self.heartbeats.append(status)
 
     def commit(
         self,
@@ -31,19 +118,12 @@ class MemorySink:
         usage_rows: list[tuple[Any, ...]],
         progress: dict[int, int],
     ) -> None:
-        if self.fail_next:
-            self.fail_next -= 1
-            raise ConnectionError("store down")
-        for r in events_rows:
-            self.events[(r[0], r[1])] = r
+        """Rows written outside the chain (test set-up), like ClickHouseSink.commit."""
+        self.insert_events(events_rows)
         self.usage.extend(usage_rows)
         cur = self._progress.setdefault(topic, {})
         for p, off in progress.items():
             cur[p] = max(cur.get(p, -1), off)
-        self.commits += 1
-        if self.fail_after_next:
-            self.fail_after_next -= 1
-            raise TimeoutError("answer lost")
 
     def progress(self, topic: str) -> dict[int, int]:
         return dict(self._progress.get(topic, {}))

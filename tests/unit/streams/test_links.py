@@ -1,0 +1,464 @@
+"""The link / verification / resync state machine of the commit protocol, against the in-memory
+store of tests/unit/streams/fakes.py (which deduplicates link commits by chain token, like
+ClickHouse with non_replicated_deduplication_window). No broker, no ClickHouse."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from schemas.worker import chain_token
+from streams.dedupe import DedupeIndex, rebuild
+from streams.processor import BatchProcessor, Verdict
+from tests.unit.streams.fakes import MemorySink, meter
+from tests.unit.streams.test_processor import T0, TOPIC, Clock, payload, usage_total
+
+
+class Mono:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(
+    tmp: Path,
+    sink: MemorySink | None = None,
+    owner: str = "me",
+    parts: int = 2,
+    mono: Mono | None = None,
+) -> tuple[BatchProcessor, MemorySink]:
+    sink = sink or MemorySink([meter(aggregation="sum", value_property="$.v")])
+    indexes: dict[int, DedupeIndex] = {}
+
+    def index_for(p: int) -> DedupeIndex:
+        if p not in indexes:
+            indexes[p] = DedupeIndex.open(tmp, TOPIC, p)
+        return indexes[p]
+
+    proc = BatchProcessor(
+        TOPIC,
+        sink,
+        index_for,
+        clock_ms=Clock(),
+        owner=owner,
+        link_max_age_s=60.0,
+        monotonic=mono or Mono(),
+    )
+    for p in range(parts):
+        if owner:
+            sink.write_claim(TOPIC, p, 10, owner)
+        proc.assign(p, sink.progress(TOPIC).get(p, -1), 10)
+    return proc, sink
+
+
+def msg(eid: str, v: int = 1) -> bytes:
+    return payload([(eid, T0, {"v": v})])
+
+
+def attempt(proc: BatchProcessor) -> tuple[Any, Any]:
+    proc.seal()
+    links = proc.links()
+    proc.prepare(links)
+    out = proc.flush_batch(links)
+    applied = proc.apply(out, links)
+    # the running count of buffered events stays in step with the buffers
+    real = sum(len(e.envelope.events) for b in proc._buffer.values() for e in b if e.envelope)
+    assert proc.buffered_events == real
+    return out, applied
+
+
+# --- the token ---------------------------------------------------------------------------------
+
+
+def test_chain_token_names_topic_partition_and_first_offset() -> None:
+    assert chain_token("tally.events", 3, 0) == "tally.events/3/0"
+    assert (
+        chain_token("tally.events.g1700000000000", 0, 12345)
+        == "tally.events.g1700000000000/0/12345"
+    )
+    assert chain_token("a", 1, 2) != chain_token("a", 12, 2)  # no ambiguity between fields
+    with pytest.raises(ValueError, match="partition"):
+        chain_token("t", -1, 0)
+    with pytest.raises(ValueError, match="first"):
+        chain_token("t", 0, -1)
+
+
+def test_links_chain_from_the_known_chain_end(tmp_path: Path) -> None:
+    proc, _ = make(tmp_path)
+    proc.add(0, 0, msg("a"))
+    proc.add(0, 1, msg("b"))
+    proc.add(1, 4, msg("c"))  # a partition whose first message is offset 4
+    links = proc.seal()
+    assert [(k.partition, k.first, k.last, k.token) for k in links] == [
+        (0, 0, 1, f"{TOPIC}/0/0"),
+        (1, 0, 4, f"{TOPIC}/1/0"),
+    ]
+    proc.prepare(links)
+    out = proc.flush_batch(links)
+    assert out.verdicts == {0: (Verdict.STORED, 1), 1: (Verdict.STORED, 4)}
+    applied = proc.apply(out, links)
+    assert [e.offset for e in applied.acks] == [0, 1, 4]
+    proc.add(0, 2, msg("d"))
+    (nxt,) = proc.seal()
+    assert (nxt.first, nxt.last, nxt.token) == (2, 2, f"{TOPIC}/0/2")
+
+
+def test_windows_are_per_partition(tmp_path: Path) -> None:
+    proc, sink = make(tmp_path)
+    proc.add(0, 0, msg("a", 2))
+    proc.add(1, 0, msg("b", 3))  # same tenant, customer, minute: one window, two links
+    proc.flush()
+    usage = [r for r in sink.usage if r[1] == "id-m"]
+    assert len(usage) == 2  # not merged across partitions; queries sum them
+    assert usage_total(sink)["sum"] == Decimal(5)
+
+
+# --- faults at each step -----------------------------------------------------------------------
+
+
+def test_insert_fails_before_landing_retry_same_link(tmp_path: Path) -> None:
+    proc, sink = make(tmp_path)
+    proc.add(0, 0, msg("a"))
+    sink.fail_next = 1
+    out, applied = attempt(proc)
+    assert out.verdicts[0] == (Verdict.UNKNOWN, -1) and applied.unresolved == [0]
+    assert not applied.acks and proc.held_messages == 1
+    proc.add(0, 1, msg("b"))  # arrives while the link is sealed: waits behind it
+    (link,) = proc.links()
+    assert (link.first, link.last) == (0, 0)
+    out, applied = attempt(proc)
+    assert applied.stored == {0: 0}
+    assert proc.flush() == {0: 1}
+    assert usage_total(sink)["events"] == 2 and sink.commits == 2
+
+
+def test_answer_lost_is_verified_stored_without_second_insert(tmp_path: Path) -> None:
+    proc, sink = make(tmp_path)
+    proc.add(0, 0, msg("a"))
+    sink.fail_after_next = 1
+    out, applied = attempt(proc)
+    assert isinstance(out.error, TimeoutError)
+    assert applied.stored == {0: 0} and [e.offset for e in applied.acks] == [0]
+    assert sink.link_calls == 1 and usage_total(sink)["events"] == 1
+
+
+def test_answer_lost_and_next_check_failing_ends_exact(tmp_path: Path) -> None:
+    """The issue's case 1: the insert lands, its answer is lost AND the check read fails."""
+    proc, sink = make(tmp_path)
+    proc.add(0, 0, msg("a", 7))
+    sink.fail_after_next = 1
+    proc.seal()
+    links = proc.links()
+    proc.prepare(links)
+    # make the verification read (the 2nd read of the attempt) fail
+    real = sink.read_chain
+    calls = {"n": 0}
+
+    def flaky(topic: str, parts: list[int]) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ConnectionError("check failed")
+        return real(topic, parts)
+
+    sink.read_chain = flaky  # type: ignore[method-assign]
+    out = proc.flush_batch(links)
+    applied = proc.apply(out, links)
+    assert out.verdicts[0][0] is Verdict.UNKNOWN  # never "not landed"
+    assert applied.unresolved == [0] and not applied.acks
+    # retry: the pre-read sees the chain at the link's end: stored, nothing inserted again
+    out, applied = attempt(proc)
+    assert applied.stored == {0: 0}
+    assert sink.link_calls == 1
+    assert usage_total(sink) == {"events": 1, "sum": Decimal(7), "windows": 1}
+
+
+def test_answer_lost_and_every_read_failing_then_retry_insert_is_a_no_op(tmp_path: Path) -> None:
+    proc, sink = make(tmp_path)
+    proc.add(0, 0, msg("a", 7))
+    proc.seal()
+    links = proc.links()
+    proc.prepare(links)
+    sink.fail_after_next = 1
+    real = sink.read_chain
+    calls = {"n": 0}
+
+    def flaky(topic: str, parts: list[int]) -> Any:
+        calls["n"] += 1
+        if calls["n"] in (2, 3):  # the check, then the next attempt's pre-read
+            raise ConnectionError("store flapping")
+        return real(topic, parts)
+
+    sink.read_chain = flaky  # type: ignore[method-assign]
+    for _ in range(2):
+        out = proc.flush_batch(links)
+        assert proc.apply(out, links).unresolved == [0]
+    out = proc.flush_batch(links)
+    assert proc.apply(out, links).stored == {0: 0}
+    assert usage_total(sink)["events"] == 1
+
+
+def test_insert_landing_after_the_client_timeout(tmp_path: Path) -> None:
+    proc, sink = make(tmp_path)
+    proc.add(0, 0, msg("a", 5))
+    proc.add(0, 1, msg("b", 6))
+    sink.late_next = 1
+    _, applied = attempt(proc)
+    assert applied.unresolved == [0]  # not landed yet: unknown
+    # the retry lands first; the late insert (same token) then lands as a no-op
+    _, applied = attempt(proc)
+    assert applied.stored == {0: 1}
+    sink.land_late()
+    assert sink.deduplicated == 1
+    assert usage_total(sink)["events"] == 2
+
+
+def test_late_insert_landing_before_the_retry(tmp_path: Path) -> None:
+    proc, sink = make(tmp_path)
+    proc.add(0, 0, msg("a", 5))
+    sink.late_next = 1
+    attempt(proc)
+    proc.add(0, 1, msg("b", 6))
+    sink.land_late()  # lands while the worker backs off
+    _, applied = attempt(proc)
+    assert applied.stored == {0: 0} and sink.link_calls == 1  # seen by the pre-read
+    proc.flush()
+    assert usage_total(sink)["events"] == 2
+
+
+def test_events_insert_failing_retries_the_link(tmp_path: Path) -> None:
+    proc, sink = make(tmp_path)
+    proc.add(0, 0, msg("a"))
+    sink.fail_events_next = 1
+    _, applied = attempt(proc)
+    assert applied.unresolved == [0] and sink.link_calls == 0
+    assert proc.flush() == {0: 0}
+    assert usage_total(sink)["events"] == 1
+
+
+def test_index_rebuild_failing_during_resync_is_retried(tmp_path: Path) -> None:
+    proc, sink = make(tmp_path)
+    proc.add(0, 0, msg("a"))
+    proc.add(0, 1, msg("b"))
+    sink.other_writer(TOPIC, 0, 0, 0, [])  # someone stored [0, 0]
+    sink.insert_events([])
+    real = sink.seen_ids
+
+    def broken(*a: Any) -> Any:
+        raise ConnectionError("rebuild read failed")
+
+    sink.seen_ids = broken  # type: ignore[method-assign]
+    _, applied = attempt(proc)
+    assert applied.unresolved == [0] and not applied.acks
+    sink.seen_ids = real  # type: ignore[method-assign]
+    _, applied = attempt(proc)
+    assert applied.resynced == {0: 0}
+
+
+# --- another writer: resync --------------------------------------------------------------------
+
+
+def test_other_writer_covering_part_of_the_link_resyncs(tmp_path: Path) -> None:
+    """A zombie (or the new owner) extended the chain from the same point, to offset 1."""
+    proc, sink = make(tmp_path)
+    for off, eid in enumerate("abcd"):
+        proc.add(0, off, msg(eid, off + 1))
+    # the other writer's link [0, 1]: its events and usage (the same values: a=1, b=2)
+    other, _ = make(tmp_path / "other", sink=sink, owner="")
+    other.add(0, 0, msg("a", 1))
+    other.add(0, 1, msg("b", 2))
+    other.flush()
+    _, applied = attempt(proc)
+    assert applied.resynced == {0: 1}
+    assert [e.offset for e in applied.acks] == [0, 1]
+    (link,) = proc.seal()  # the rest, recomputed from M + 1
+    assert (link.first, link.last) == (2, 3)
+    proc.flush()
+    assert usage_total(sink) == {"events": 4, "sum": Decimal(10), "windows": 1}
+
+
+def test_other_writer_beyond_the_link_acks_everything(tmp_path: Path) -> None:
+    proc, sink = make(tmp_path)
+    proc.add(0, 0, msg("a", 1))
+    other, _ = make(tmp_path / "other", sink=sink, owner="")
+    for off, eid in enumerate("abc"):
+        other.add(0, off, msg(eid, off + 1))
+    other.flush()
+    _, applied = attempt(proc)
+    assert applied.resynced == {0: 2} and [e.offset for e in applied.acks] == [0]
+    assert not proc.add(0, 1, msg("b", 2))  # redelivered, already stored: skipped
+    assert not proc.add(0, 2, msg("c", 3))
+    assert proc.add(0, 3, msg("d", 4))
+    assert proc.flush() == {0: 3}
+    assert usage_total(sink) == {"events": 4, "sum": Decimal(10), "windows": 1}
+    return
+    assert usage_total(sink) == {"events": 3, "sum": Decimal(6), "windows": 1}
+
+
+def test_same_point_same_token_only_one_link_is_stored(tmp_path: Path) -> None:
+    proc, sink = make(tmp_path)
+    proc.add(0, 0, msg("a", 1))
+    proc.add(0, 1, msg("b", 2))
+    proc.add(0, 2, msg("c", 3))
+    proc.seal()
+    links = proc.links()
+    proc.prepare(links)
+    # the other writer's link [0, 1] lands between our pre-read and our insert
+    real = sink.commit_link
+
+    def racing(*a: Any) -> None:
+        sink.other_writer(TOPIC, 0, 0, 1, [("t1", "id-m", "c1", None, "", "s", {}, 2)])
+        real(*a)  # same token: a no-op
+
+    sink.commit_link = racing  # type: ignore[method-assign]
+    out = proc.flush_batch(links)
+    assert out.verdicts[0] == (Verdict.RESYNC, 1)
+    assert sink.deduplicated == 1 and sink.commits == 1
+
+
+def test_fenced_partition_is_dropped_without_ack(tmp_path: Path) -> None:
+    proc, sink = make(tmp_path)
+    proc.add(0, 0, msg("a"))
+    proc.add(1, 0, msg("b"))
+    sink.write_claim(TOPIC, 1, 20, "new-owner")
+    _, applied = attempt(proc)
+    assert applied.fenced == [1] and applied.stored == {0: 0}
+    assert [e.partition for e in applied.acks] == [0]
+    assert not proc.assigned(1)
+    assert sink.progress(TOPIC) == {0: 0}  # nothing of partition 1 committed
+
+
+def test_without_owner_claims_are_ignored(tmp_path: Path) -> None:
+    proc, sink = make(tmp_path, owner="")
+    sink.write_claim(TOPIC, 0, 20, "someone")
+    proc.add(0, 0, msg("a"))
+    assert proc.flush() == {0: 0}
+
+
+def test_revoked_partition_result_is_ignored(tmp_path: Path) -> None:
+    proc, sink = make(tmp_path)
+    proc.add(0, 0, msg("a"))
+    proc.seal()
+    links = proc.links()
+    proc.prepare(links)
+    out = proc.flush_batch(links)  # in flight while the partition is revoked and re-assigned
+    dropped = proc.revoke(0)
+    assert [e.offset for e in dropped] == [0]
+    proc.assign(0, -1, 11)
+    applied = proc.apply(out, links)
+    assert not applied.acks and not applied.stored
+    # the new owner (here: the same worker, assigned with the stale progress -1) reads it again:
+    # its link starts at 0, the same token as the landed one, so the pre-read already shows the
+    # chain at its end: stored, nothing inserted twice
+    proc.add(0, 0, msg("a"))
+    assert proc.flush() == {0: 0}
+    assert usage_total(sink)["events"] == 1 and sink.link_calls == 1
+
+
+def test_link_too_old_is_redone_from_a_fresh_read(tmp_path: Path) -> None:
+    mono = Mono()
+    proc, sink = make(tmp_path, mono=mono)
+    proc.add(0, 0, msg("a", 1))
+    sink.fail_next = 1
+    _, applied = attempt(proc)
+    assert applied.unresolved == [0]
+    proc.add(0, 1, msg("b", 2))
+    mono.t += 61  # older than link_max_age_s
+    out, applied = attempt(proc)
+    assert out.verdicts[0] == (Verdict.RESYNC, -1) and sink.link_calls == 1
+    (link,) = proc.seal()  # one new link with everything held, from a fresh read
+    assert (link.first, link.last) == (0, 1)
+    proc.flush()
+    assert usage_total(sink) == {"events": 2, "sum": Decimal(3), "windows": 1}
+
+
+def test_store_behind_the_verified_chain_is_not_written(tmp_path: Path) -> None:
+    proc, sink = make(tmp_path)
+    proc.add(0, 0, msg("a"))
+    proc.flush()
+    sink._progress.clear()  # the store lost data (reset)
+    proc.add(0, 1, msg("b"))
+    _, applied = attempt(proc)
+    assert applied.unresolved == [0] and sink.link_calls == 1
+
+
+# --- the invariant -----------------------------------------------------------------------------
+
+step_st = st.tuples(
+    st.integers(0, 2),  # partition
+    st.lists(st.tuples(st.integers(0, 20), st.integers(1, 9)), min_size=1, max_size=4),
+    st.sampled_from(
+        ["none", "none", "before", "after", "late", "read", "read2", "events", "other", "land"]
+    ),
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(step_st, max_size=30))
+def test_exactly_once_under_every_fault(tmp_path_factory, steps) -> None:  # type: ignore[no-untyped-def]
+    """Random messages, attempts and faults (insert fails, answer lost, lands late, reads fail,
+    another writer extends the chain from the same point): every id counts exactly once."""
+    tmp = tmp_path_factory.mktemp("links")
+    proc, sink = make(tmp, parts=3)
+    other, _ = make(tmp / "other", sink=sink, owner="", parts=3)
+    offsets = dict.fromkeys(range(3), -1)
+    log: dict[int, list[tuple[int, bytes]]] = {p: [] for p in range(3)}
+    truth: dict[str, int] = {}
+    for p, evs, fault in steps:
+        offsets[p] += 1
+        evs = [(f"p{p}-{i}", v) for i, v in evs]
+        for eid, v in evs:
+            truth.setdefault(eid, v)
+        body = payload([(eid, T0, {"v": v}) for eid, v in evs])
+        log[p].append((offsets[p], body))
+        proc.add(p, offsets[p], body)
+        if fault == "before":
+            sink.fail_next = 1
+        elif fault == "after":
+            sink.fail_after_next = 1
+        elif fault == "late":
+            sink.late_next = 1
+        elif fault == "read":
+            sink.fail_reads = 1
+        elif fault == "read2":
+            sink.fail_reads = 2
+        elif fault == "events":
+            sink.fail_events_next = 1
+        elif fault == "land":
+            sink.land_late()
+        elif fault == "other":
+            # another writer reads the store and extends the chain with what Kafka holds
+            m = sink.progress(TOPIC).get(p, -1)
+            if other.assigned(p):
+                other.revoke(p)
+            # a new owner: dedupe index brought up to the store's progress, then assigned
+            rebuild(other.index_for(p), sink, TOPIC, p, m, Clock()(), other.horizon_ms)
+            other.assign(p, m)
+            for off, b in log[p]:
+                other.add(p, off, b)
+            sink.fail_next = sink.fail_after_next = sink.late_next = 0
+            sink.fail_reads = sink.fail_events_next = 0
+            other.flush()
+            continue
+        attempt(proc)
+    sink.fail_next = sink.fail_after_next = sink.late_next = 0
+    sink.fail_reads = sink.fail_events_next = 0
+    sink.land_late()
+    proc.flush()
+    sink.land_late()
+    assert proc.held_messages == 0 and proc.buffered_events == 0
+    assert {p: o for p, o in offsets.items() if o >= 0} == {
+        p: sink.progress(TOPIC).get(p, -1) for p, o in offsets.items() if o >= 0
+    }
+    tot = usage_total(sink)
+    assert tot["events"] == len(truth)
+    assert tot["sum"] == sum(truth.values())
+    assert set(sink.events) == {("t1", eid) for eid in truth}
