@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from api.auth import current_tenant
+from api.billing_state import billing
 from api.errors import json_response
 from api.ingest import read_body
 from api.ingest_parse import load_json
@@ -51,7 +52,12 @@ async def _meter(st: AppState, tenant_id: str, slug: str) -> Meter:
 
 
 async def _run(
-    st: AppState, tenant_id: str, meter: Meter, p: UsageParams, api: str = "native"
+    request: Request,
+    st: AppState,
+    tenant_id: str,
+    meter: Meter,
+    p: UsageParams,
+    api: str = "native",
 ) -> list[Any]:
     q = UsageQuery.model_validate(
         {
@@ -67,8 +73,10 @@ async def _run(
             "by_customer": p.by_customer,
         }
     )
+    # corrected min/max/unique_count/latest windows are recomputed first when out of date
+    repair = billing(request, st).corrections.repair
     started = time.perf_counter()
-    rows: list[Any] = await st.run(run_usage, st.store, q)
+    rows: list[Any] = await st.run(run_usage, st.store, q, repair)
     st.metrics.usage_query.labels(api).observe(time.perf_counter() - started)
     return rows
 
@@ -84,7 +92,7 @@ async def usage(
     query = request.query_params.multi_items()
     p = native_params(query, meter.group_by, utc_now())
     csv = wants_csv(request.headers.get("accept"), request.query_params.get("format"))
-    rows = native_rows(await _run(st, tenant_id, meter, p), p.by_customer)
+    rows = native_rows(await _run(request, st, tenant_id, meter, p), p.by_customer)
     if csv:
         return Response(native_csv(rows, p.group_by, p.by_customer), media_type=CSV)
     return json_response(
@@ -102,11 +110,12 @@ async def usage(
 
 
 async def _om_query(
-    st: AppState, tenant_id: str, slug: str, fields: dict[str, Any], accept: str | None
+    request: Request, st: AppState, tenant_id: str, slug: str, fields: dict[str, Any]
 ) -> Response:
+    accept = request.headers.get("accept")
     meter = await _meter(st, tenant_id, slug)
     p = openmeter_params(fields, meter.group_by, utc_now())
-    result = await _run(st, tenant_id, meter, p, "openmeter")
+    result = await _run(request, st, tenant_id, meter, p, "openmeter")
     if wants_csv(accept, None):
         rows = openmeter_rows(result, p.by_customer, exact=True)
         return Response(openmeter_csv(rows, p.group_by, p.by_customer), media_type=CSV)
@@ -125,7 +134,7 @@ async def om_query_get(
     st: AppState = Depends(get_state),
 ) -> Response:
     fields = openmeter_query_fields(request.query_params.multi_items())
-    return await _om_query(st, tenant_id, slug, fields, request.headers.get("accept"))
+    return await _om_query(request, st, tenant_id, slug, fields)
 
 
 @router.post("/api/v1/meters/{slug}/query", tags=["openmeter"])
@@ -137,4 +146,4 @@ async def om_query_post(
 ) -> Response:
     raw = await read_body(request, 64 * 1024)
     fields = openmeter_body_fields(load_json(raw)) if raw.strip() else {}
-    return await _om_query(st, tenant_id, slug, fields, request.headers.get("accept"))
+    return await _om_query(request, st, tenant_id, slug, fields)

@@ -155,6 +155,12 @@ class Settings(BaseSettings):
         timedelta(days=120),
         description="How far back finalized periods are re-rated for late usage",
     )
+    invoice_run_lease_s: float = Field(
+        60.0, gt=0, description="Lease of a tenant's invoice run (renewed while it runs)"
+    )
+    invoice_run_wait_s: float = Field(
+        600.0, ge=0, description="How long a run waits for another run of the tenant (then 409)"
+    )
     invoice_number_prefix: str = Field("INV", pattern=r"^[A-Z0-9][A-Z0-9-]{0,15}$")
     credit_note_number_prefix: str = Field("CN", pattern=r"^[A-Z0-9][A-Z0-9-]{0,15}$")
     billing_tasks: bool = Field(
@@ -170,6 +176,15 @@ class Settings(BaseSettings):
     webhook_backoff_max_s: float = Field(3600.0, gt=0)
     webhook_timeout_s: float = Field(10.0, gt=0)
     webhook_poll_interval_s: float = Field(0.5, gt=0)
+    webhook_lease_s: float = Field(
+        30.0, gt=0, description="Lease of the one webhook dispatcher among the API replicas"
+    )
+    webhook_reconcile_interval_s: float = Field(
+        60.0, gt=0, description="How often the dispatcher queues notifications a crash lost"
+    )
+    webhook_reconcile_lookback: timedelta = Field(
+        timedelta(days=3), description="How far back the first reconciliation after a start looks"
+    )
     threshold_check_interval_s: float = Field(60.0, gt=0)
     # --- backfill ----------------------------------------------------------------------------
     backfill_chunk_events: int = Field(50_000, ge=1, description="Events per stored chunk")
@@ -248,6 +263,11 @@ class Settings(BaseSettings):
         if self.dedupe_horizon < self.max_lateness:
             raise ValueError(
                 "dedupe_horizon must be >= max_lateness, otherwise a late retry could be counted twice"
+            )
+        if self.webhook_lease_s < self.webhook_timeout_s + 10:
+            raise ValueError(
+                "webhook_lease_s must be >= webhook_timeout_s + 10: the dispatcher starts an "
+                "attempt only while its lease covers the attempt's timeout and its bookkeeping"
             )
         return self
 
