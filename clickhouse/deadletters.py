@@ -58,13 +58,17 @@ class DeadLetterRecord:
     produced_at_ms: int
     redrives: int
     last_redriven_at: datetime | None
+    payload_excerpt: bytes = b""  # the first EXCERPT_BYTES bytes of the payload
     payload: bytes | None = None  # only when asked for
 
+
+EXCERPT_BYTES = 200  # bytes of the payload a listed dead letter shows
 
 _FIELDS = (
     "d.tenant_id, d.dead_letter_id, d.reason, d.message, d.source_topic, d.source_partition, "
     "d.source_offset, d.source_index, d.event_id, d.meter_id, d.payload_bytes, "
-    "d.payload_truncated, d.produced_at_ms, ifNull(r.n, 0), r.last"
+    "d.payload_truncated, d.produced_at_ms, ifNull(r.n, 0), r.last, "
+    f"base64Encode(substring(d.payload, 1, {EXCERPT_BYTES}))"
 )
 
 
@@ -103,7 +107,8 @@ class DeadLetterRepo:
             produced_at_ms=int(r[12]),
             redrives=int(r[13]),
             last_redriven_at=last if int(r[13]) else None,
-            payload=base64.b64decode(r[15]) if len(r) > 15 else None,
+            payload_excerpt=base64.b64decode(r[15]),
+            payload=base64.b64decode(r[16]) if len(r) > 16 else None,
         )
 
     def list(

@@ -38,6 +38,8 @@ def parse_time(value: object) -> datetime:
     """RFC 3339 string (offset required) or integer epoch milliseconds -> aware UTC, ms precision."""
     if isinstance(value, bool):
         raise ValueError("time must be an RFC 3339 string or epoch milliseconds")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON 1700000000000.0 is an integer too
     if isinstance(value, int):
         if not EPOCH_MS_MIN <= value <= EPOCH_MS_MAX:
             raise ValueError("epoch milliseconds out of range")
