@@ -38,9 +38,10 @@ from api.auth import Authenticator
 from api.limits import InflightMiddleware, TenantLimiter
 from api.meters_file import load_meters_file
 from api.producer import EventProducer
-from api.state import AppState, ProgressWaiter
+from api.state import AppState, Metrics, ProgressWaiter
 from clickhouse.limits import LimitsRepo
 from schemas.worker import WorkerStatus
+from streams.lag import LagReport
 from tally.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,15 @@ def create_app(
     store_concurrency: int | None = None,
     billing_tasks: bool | None = None,
     worker_status: Callable[[], list[WorkerStatus]] | None = None,
+    lag_source: Callable[[], LagReport | None] | None = None,
+    metrics: Metrics | None = None,
 ) -> FastAPI:
     """Build the API. ``repo`` defaults to ``clickhouse.repo.Repo(store)``. ``billing_tasks``
     (default ``settings.billing_tasks``) runs the webhook/threshold task while the app lives.
     ``worker_status`` (blocking, called in a thread) gives /readyz the stream workers' statuses;
-    without it /readyz has no ``worker`` check."""
+    without it /readyz has no ``worker`` check. ``lag_source`` (blocking) gives it the lag and
+    freshness measurement (``lag`` and ``freshness`` checks). ``metrics``: on the process
+    registry (entry points); default: a registry of this app's own."""
     if billing_tasks is None:
         billing_tasks = settings.billing_tasks
     if repo is None:
@@ -79,6 +84,8 @@ def create_app(
         producer=producer,
         progress_waiter=progress_waiter,
         worker_status=worker_status,
+        lag_source=lag_source,
+        metrics=metrics if metrics is not None else Metrics(settings=settings),
         store_limiter=anyio.CapacityLimiter(
             store_concurrency or _default_store_concurrency(settings)
         ),
@@ -130,7 +137,9 @@ def create_app(
         retry_after=settings.retry_after_s,
         metrics=state.metrics,
     )
-    app.add_middleware(health.MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(
+        health.MetricsMiddleware, metrics=state.metrics, access_log=settings.access_log
+    )
     for module in (
         ingest,
         meters,

@@ -38,6 +38,7 @@ from fastapi import Depends, Request
 from api.ratelimit import Hit, KeyedBuckets, TokenBucket, TTLCache, retry_after_s
 from api.state import AppState, get_state
 from clickhouse.credentials import KeyMatch, tenant_of_key
+from tally import log as tally_log
 from tally.errors import AuthenticationError, RateLimited
 from tally.settings import Settings
 
@@ -214,6 +215,7 @@ async def key_match(st: AppState, token: str, address: str) -> KeyMatch:
         "k", token, address, lookup, "invalid API key (unknown, revoked or expired)"
     )
     auth.touch(match)
+    tally_log.note_tenant(str(match.tenant_id))
     await st.limiter.charge_request(st, match.tenant_id)
     return match
 

@@ -32,9 +32,11 @@ def build_services(settings: Any, store: Any, repo: Any = None) -> BillingServic
     invoicing = Invoicing(
         rows, catalog, InvoicingConfig.from_settings(settings), webhooks.emit_many
     )
-    from api.matching import contributions
+    webhooks.sources.append(invoicing)  # what the dispatcher's reconciliation checks
+    from api.matching import WorkerMatching
 
-    corrections = Corrections(rows, contributions)
+    corrections = Corrections(rows, WorkerMatching())
+    rows.set_window_repair(corrections.repair)
     return BillingServices(rows, catalog, invoicing, webhooks, corrections)
 
 

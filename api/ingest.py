@@ -44,10 +44,11 @@ from api.ingest_parse import (
     parse_native,
 )
 from api.openapi import BOOL_PARAM, RFC3339_STORE, doc, query, ref, setting
-from api.state import AppState, get_state
+from api.state import AppState, Metrics, get_state
 from schemas.envelope import STORE_MS_MAX, STORE_MS_MIN, Row, group_rows
 from schemas.events import ID_MAX
 from schemas.jsonschema import JSON_OBJECT, component
+from tally import log as tally_log
 from tally.errors import (
     BrokerUnavailable,
     PayloadTooLarge,
@@ -171,6 +172,44 @@ def nesting_problem() -> str:
     return f"properties are nested more than {MAX_NESTING} levels deep"
 
 
+# reasons of tally_ingest_rejected_events_total: the field at fault (a bounded set), else "other"
+REJECT_REASONS = frozenset(
+    {
+        "event", "message", "id", "type", "customer", "time", "properties", "source",
+        "specversion", "subject", "data", "messageId", "userId", "anonymousId", "timestamp",
+    }
+)  # fmt: skip
+
+
+def count_rejected(
+    metrics: Metrics, source: str, errors: list[dict[str, Any]], atomic_valid: int = 0
+) -> None:
+    """Count rejected events by reason: each event once, under its first error's field
+    (``unknown_field`` for a field the format does not have; ``other`` for anything else), and
+    ``atomic`` for valid events rejected with their request."""
+    reasons: dict[int, str] = {}
+    for e in errors:
+        idx = e.get("index")
+        if not isinstance(idx, int) or idx in reasons:
+            continue
+        name = str(e.get("field", ""))
+        if str(e.get("message", "")).startswith("unknown field"):
+            reasons[idx] = "unknown_field"
+        else:
+            reasons[idx] = name if name in REJECT_REASONS else "other"
+    counts: dict[str, int] = {}
+    for r in reasons.values():
+        counts[r] = counts.get(r, 0) + 1
+    if atomic_valid:
+        counts["atomic"] = atomic_valid
+    for reason, n in counts.items():
+        metrics.rejected.labels(source, reason).inc(n)
+    total = sum(counts.values())
+    if total:
+        metrics.events.labels(source, "rejected").inc(total)
+    tally_log.note(rejected=total)
+
+
 def _summary(res: ParseResult, limit: int = 5) -> str:
     bad = len(res.rejected_indexes)
     parts = [f"[{e['index']}] {e['field']}: {e['message']}" for e in res.errors[:limit]]
@@ -189,15 +228,15 @@ async def _ingest(request: Request, tenant_id: str, st: AppState, api: str) -> R
     else:
         single, batch = cloudevents_shape(content_type)
     raw = await read_body(request, s.max_request_bytes)
+    st.metrics.ingest_bytes.labels(api).inc(len(raw))
     items = as_items(load_json(raw), single=single, batch=batch)
     limits = limits_of(st)
     check_count(len(items), limits)
     now_ms = time.time_ns() // 1_000_000
     parse = parse_native if api == "native" else parse_cloudevents
     res = parse(items, now_ms, limits)
-    metrics = st.metrics
     if res.errors and (atomic or not res.rows):
-        metrics.events.labels(api, "rejected").inc(res.total)
+        count_rejected(st.metrics, api, res.errors, atomic_valid=len(res.rows))
         prefix = "atomic request rejected: " if atomic and res.rows else ""
         raise ValidationError(prefix + _summary(res), details=res.errors)
     try:
@@ -212,12 +251,12 @@ async def _ingest(request: Request, tenant_id: str, st: AppState, api: str) -> R
         res.rows = [r for i, r in enumerate(res.rows) if i not in drop]
         res.indexes = [x for i, x in enumerate(res.indexes) if i not in drop]
         if atomic or not res.rows:
-            metrics.events.labels(api, "rejected").inc(res.total)
+            count_rejected(st.metrics, api, res.errors, atomic_valid=len(res.rows))
             prefix = "atomic request rejected: " if atomic and res.rows else ""
             raise ValidationError(prefix + _summary(res), details=res.errors) from None
         await deliver(st, tenant_id, res.rows, now_ms, wait, api)
     if res.errors:
-        metrics.events.labels(api, "rejected").inc(len(res.rejected_indexes))
+        count_rejected(st.metrics, api, res.errors)
     if not res.errors:
         if api == "cloudevents":
             return Response(status_code=204)
@@ -234,7 +273,9 @@ async def deliver(
     Groups the rows into envelopes per partition, produces them (acks=all) and, with
     ``wait=stored``, waits until the worker stored them. Returns only when that is done; raises
     ``Unavailable`` (503 + Retry-After) otherwise -- retrying is then safe because ingest is
-    idempotent by event id. Counts the rows as accepted under the ``api`` label.
+    idempotent by event id. Counts the rows under the ``api`` source label: ``accepted`` (the
+    first row of each id in the request) and ``duplicate_in_request`` (later rows with an id seen
+    earlier in the request; they are produced too and the worker keeps the first copy).
     """
     s = st.settings
     metrics = st.metrics
@@ -251,17 +292,28 @@ async def deliver(
             )
         except orjson.JSONEncodeError:
             raise UnencodableEvents(unencodable_positions(rows)) from None
+        metrics.producer_queue.inc(len(rows))
+        started = time.perf_counter()
         try:
             positions = await producer.produce(envelopes, key=tenant_id)
         except Unavailable:
             metrics.produce_failures.inc()
+            metrics.broker_errors.inc()
             raise
+        finally:
+            metrics.producer_queue.dec(len(rows))
         st.limiter.commit(reservation, len(rows))
     finally:
         st.limiter.release(reservation)
+    metrics.producer_delivery.observe(time.perf_counter() - started)
     metrics.envelopes.inc(len(envelopes))
     del envelopes
-    metrics.events.labels(api, "accepted").inc(len(rows))
+    unique = len({r[0] for r in rows})
+    metrics.events.labels(api, "accepted").inc(unique)
+    if unique != len(rows):
+        metrics.events.labels(api, "duplicate_in_request").inc(len(rows) - unique)
+    metrics.tenant_events.inc(tenant_id, unique)
+    tally_log.note(events=len(rows), accepted=unique)
     if wait == WaitMode.STORED:
         assert st.progress_waiter is not None
         targets: dict[int, int] = {}

@@ -42,6 +42,7 @@ from api.auth import client_address, current_tenant, tenant_of_api_key
 from api.errors import json_response
 from api.ingest import (
     UnencodableEvents,
+    count_rejected,
     deliver,
     limits_of,
     nesting_problem,
@@ -74,6 +75,7 @@ from schemas.segment import (
     WebhookSecretOut,
 )
 from schemas.timeutil import utc_now
+from tally import log as tally_log
 from tally.errors import (
     AuthenticationError,
     PayloadTooLarge,
@@ -263,6 +265,7 @@ async def _read(request: Request, limit: int, what: str) -> bytes:
         raw = await read_body(request, limit)
     except PayloadTooLarge:
         raise _too_large(what, limit) from None
+    get_state(request).metrics.ingest_bytes.labels("segment").inc(len(raw))
     if encoding == "identity":
         return raw
     inflater = zlib.decompressobj(wbits=31)
@@ -336,7 +339,7 @@ async def _store(
     wait = parse_wait(request.query_params.get("wait"), st)
     metrics = st.metrics
     if res.errors and not res.rows and not res.ignored:
-        metrics.events.labels(api, "rejected").inc(res.rejected)
+        count_rejected(metrics, api, res.errors)
         raise ValidationError(summary(res), details=res.errors)
     if res.rows:
         try:
@@ -351,14 +354,14 @@ async def _store(
             res.rows = [r for i, r in enumerate(res.rows) if i not in drop]
             res.indexes = [x for i, x in enumerate(res.indexes) if i not in drop]
             if not res.rows and not res.ignored:
-                metrics.events.labels(api, "rejected").inc(res.rejected)
+                count_rejected(metrics, api, res.errors)
                 raise ValidationError(summary(res), details=res.errors) from None
             if res.rows:
                 await deliver(st, tenant_id, res.rows, now_ms, wait, api)
     for kind, n in res.ignored.items():
         metrics.segment_ignored.labels(kind).inc(n)
     if res.errors:
-        metrics.events.labels(api, "rejected").inc(res.rejected)
+        count_rejected(metrics, api, res.errors)
     answer = SegmentAnswer(accepted=len(res.rows), ignored=res.n_ignored, rejected=res.errors)
     return json_response(200, answer.model_dump(mode="json"))
 
@@ -544,6 +547,7 @@ async def segment_webhook(
         raise _refuse(
             st, "bad_signature", "X-Signature does not match the body under the shared secret"
         )
+    tally_log.note_tenant(tenant_id)
     doc = load_json(raw)
     if not isinstance(doc, dict):
         raise ValidationError(

@@ -13,13 +13,15 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
 from fastapi import Request
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tally.metrics import TopTenantCounter, parse_allow_list, process_registry
 from tally.settings import Settings
 
 if TYPE_CHECKING:
     from api.producer import EventProducer
     from schemas.worker import WorkerStatus
+    from streams.lag import LagReport
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -29,11 +31,18 @@ class ProgressWaiter(Protocol):
     async def wait_for(self, topic: str, offsets: dict[int, int], timeout: float) -> bool: ...
 
 
-class Metrics:
-    """Prometheus metrics on a registry of their own (one per app)."""
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+
+class Metrics:
+    """The API's Prometheus metrics, on the process registry the entry point passes (the worker's
+    ``streams.metrics.WorkerMetrics`` share it in embedded mode), or on a new one (tests: two apps
+    in one process share nothing). Names are a contract: docs/deploy.md lists them."""
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, settings: Settings | None = None
+    ) -> None:
+        self.registry = registry if registry is not None else process_registry()
         self.http_requests = Counter(
             "tally_http_requests",
             "HTTP requests by route template, method and status",
@@ -45,12 +54,60 @@ class Metrics:
             "HTTP request latency by route template",
             ["route"],
             registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            buckets=LATENCY_BUCKETS,
         )
         self.events = Counter(
             "tally_ingest_events",
-            "Ingested events by API flavour and outcome (accepted/rejected)",
-            ["api", "outcome"],
+            "Ingested events by source (native, cloudevents, segment) and outcome (accepted; "
+            "duplicate_in_request: valid, same id as an earlier event of the request; rejected)",
+            ["source", "outcome"],
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "tally_ingest_rejected_events",
+            "Events rejected at ingest by source and reason (the field at fault, or 'atomic': "
+            "valid events of a request rejected whole)",
+            ["source", "reason"],
+            registry=self.registry,
+        )
+        self.ingest_bytes = Counter(
+            "tally_ingest_bytes",
+            "Bytes of ingest request bodies read, by source",
+            ["source"],
+            registry=self.registry,
+        )
+        self.producer_queue = Gauge(
+            "tally_producer_queue_events",
+            "Events handed to the producer and not yet acknowledged by the broker",
+            registry=self.registry,
+        )
+        self.producer_delivery = Histogram(
+            "tally_producer_delivery_seconds",
+            "Time from handing a request's envelopes to the producer to the broker's last ack",
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.broker_errors = Counter(
+            "tally_broker_errors",
+            "Produce calls the broker did not acknowledge (delivery error, timeout, full queue)",
+            registry=self.registry,
+        )
+        self.usage_query = Histogram(
+            "tally_usage_query_duration_seconds",
+            "Usage query time in the store by API (native, openmeter)",
+            ["api"],
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        top_n = settings.metrics_tenant_top_n if settings is not None else 10
+        allow = parse_allow_list(settings.metrics_tenants) if settings is not None else ()
+        self.tenant_events = TopTenantCounter(
+            "tally_tenant_events",
+            "Events accepted per tenant: the busiest metrics_tenant_top_n tenants (or the "
+            "metrics_tenants allow-list), the rest as tenant='other'",
+            "tenant",
+            top_n=top_n,
+            allow=allow,
             registry=self.registry,
         )
         self.envelopes = Counter(
@@ -110,6 +167,10 @@ class AppState:
     progress_waiter: ProgressWaiter | None
     # the stream worker(s) to judge in /readyz: the in-process worker, or heartbeats (blocking)
     worker_status: Callable[[], list[WorkerStatus]] | None = None
+    # the lag/freshness measurement for /readyz (blocking): the worker's own, or a probe
+    lag_source: Callable[[], LagReport | None] | None = None
+    # broker reachability for /readyz when this process has no producer (blocking, timeout s)
+    broker_ping: Callable[[float], bool] | None = None
     metrics: Metrics = field(default_factory=Metrics)
     store_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
     auth: Any = None  # api.auth.Authenticator, set by create_app

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -12,6 +13,7 @@ from starlette.responses import Response
 
 from api import answers as A
 from api.auth import current_tenant
+from api.billing_state import billing
 from api.errors import json_response
 from api.ingest import read_body
 from api.ingest_parse import load_json
@@ -178,7 +180,14 @@ async def _meter(st: AppState, tenant_id: str, slug: str) -> Meter:
     return meter
 
 
-async def _run(st: AppState, tenant_id: str, meter: Meter, p: UsageParams) -> list[Any]:
+async def _run(
+    request: Request,
+    st: AppState,
+    tenant_id: str,
+    meter: Meter,
+    p: UsageParams,
+    api: str = "native",
+) -> list[Any]:
     q = UsageQuery.model_validate(
         {
             "tenant_id": tenant_id,
@@ -193,7 +202,11 @@ async def _run(st: AppState, tenant_id: str, meter: Meter, p: UsageParams) -> li
             "by_customer": p.by_customer,
         }
     )
-    rows: list[Any] = await st.run(run_usage, st.store, q)
+    # corrected min/max/unique_count/latest windows are recomputed first when out of date
+    repair = billing(request, st).corrections.repair
+    started = time.perf_counter()
+    rows: list[Any] = await st.run(run_usage, st.store, q, repair)
+    st.metrics.usage_query.labels(api).observe(time.perf_counter() - started)
     return rows
 
 
@@ -210,7 +223,7 @@ async def usage(
     query = request.query_params.multi_items()
     p = native_params(query, meter.group_by, utc_now())
     csv = wants_csv(request.headers.get("accept"), request.query_params.get("format"))
-    rows = native_rows(await _run(st, tenant_id, meter, p), p.by_customer)
+    rows = native_rows(await _run(request, st, tenant_id, meter, p), p.by_customer)
     if csv:
         return Response(native_csv(rows, p.group_by, p.by_customer), media_type=CSV)
     return json_response(
@@ -228,16 +241,17 @@ async def usage(
 
 
 async def _om_query(
+    request: Request,
     st: AppState,
     tenant_id: str,
     slug: str,
     fields: dict[str, Any],
-    accept: str | None,
     max_values: int = MAX_VALUES,
 ) -> Response:
+    accept = request.headers.get("accept")
     meter = await _meter(st, tenant_id, slug)
     p = openmeter_params(fields, meter.group_by, utc_now(), max_values)
-    result = await _run(st, tenant_id, meter, p)
+    result = await _run(request, st, tenant_id, meter, p, "openmeter")
     if wants_csv(accept, None):
         rows = openmeter_rows(result, p.by_customer, exact=True)
         return Response(openmeter_csv(rows, p.group_by, p.by_customer), media_type=CSV)
@@ -258,9 +272,7 @@ async def om_query_get(
     st: AppState = Depends(get_state),
 ) -> Response:
     fields = openmeter_query_fields(request.query_params.multi_items())
-    return await _om_query(
-        st, tenant_id, slug, fields, request.headers.get("accept"), MAX_QUERY_VALUES
-    )
+    return await _om_query(request, st, tenant_id, slug, fields, MAX_QUERY_VALUES)
 
 
 @router.post(
@@ -276,4 +288,4 @@ async def om_query_post(
 ) -> Response:
     raw = await read_body(request, 64 * 1024)
     fields = openmeter_body_fields(load_json(raw)) if raw.strip() else {}
-    return await _om_query(st, tenant_id, slug, fields, request.headers.get("accept"))
+    return await _om_query(request, st, tenant_id, slug, fields)

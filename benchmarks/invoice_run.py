@@ -24,6 +24,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -153,7 +154,7 @@ def seed(store: Store, customers: int) -> tuple[str, float]:
             "version",
         ],
     )
-    usage = []
+    usage: list[Any] = []
     for n in range(customers):
         ext = f"cust-{n:06d}"
         for m in meters:
@@ -191,7 +192,7 @@ def run_once(customers: int, workers: int) -> dict:
     rows = open_billing_store(store)
     inv = Invoicing(rows, Catalog(rows), InvoicingConfig(workers=workers))
     stages: dict[str, float] = {}
-    last = [time.perf_counter(), ""]
+    last: list[Any] = [time.perf_counter(), ""]
 
     def progress(stage: str, done: int, total: int) -> None:
         now = time.perf_counter()
@@ -203,6 +204,7 @@ def run_once(customers: int, workers: int) -> dict:
     t0 = time.perf_counter()
     out = inv.run(tid, AS_OF, actor="bench", progress=progress)
     run_s = time.perf_counter() - t0
+    progress("done", 0, 0)
     t1 = time.perf_counter()
     again = inv.run(tid, AS_OF, actor="bench")
     rerun_s = time.perf_counter() - t1
@@ -240,7 +242,11 @@ def main() -> None:
     doc = {
         "benchmark": "invoice_run",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_1m_at_end": round(os.getloadavg()[0], 1),
+        },
         "goal": "10k customers x 5 metered charges <= 60 s",
         "results": results,
     }

@@ -17,6 +17,7 @@ from decimal import Decimal
 from rating.adjustments import Billed, key_of, late_adjustments
 from rating.discounts import DiscountSpec, discount_lines
 from rating.invoice import PlanLookup, UsageData, fixed_lines, usage_keys, usage_lines
+from rating.lines import make_line
 from rating.periods import Period
 from rating.tax import document_totals
 from schemas.billing import (
@@ -28,7 +29,7 @@ from schemas.billing import (
     UsageSnapshot,
 )
 from schemas.catalog import Customer, Subscription, TaxAmount
-from schemas.pricing import FlatPrice, LineItem, PerUnitPrice
+from schemas.pricing import BreakdownPart, FlatPrice, LineItem, LineKind, PerUnitPrice
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class ComposeInput:
     priors: Sequence[PriorPeriod] = ()
     run_id: str | None = None
     replaces: str | None = None
+    # A replacement (after a void): the adjustments already billed for its period on other,
+    # finalized invoices (``(document number, line)``): netted out, so the period is billed once.
+    billed_elsewhere: Sequence[tuple[str | None, InvoiceLine]] = ()
 
 
 @dataclass
@@ -159,10 +163,37 @@ def prior_adjustments(
     return late_adjustments(rerated, prior.billed, sub.currency, period_label(prior.period))
 
 
+def netting_lines(
+    billed_elsewhere: Sequence[tuple[str | None, InvoiceLine]], currency: str
+) -> list[tuple[LineItem, str | None, str | None]]:
+    """A replacement invoice re-rates its period in full; what other finalized invoices already
+    billed for that period (late-usage adjustment lines naming the voided invoice) is taken off
+    again, one line each (``(line, key, adjusts)``; not discounted, taxed like the original)."""
+    out: list[tuple[LineItem, str | None, str | None]] = []
+    for number, ln in billed_elsewhere:
+        where = f"on {number}" if number else "on another invoice"
+        line = make_line(
+            LineKind.ADJUSTMENT,
+            -ln.amount,
+            currency,
+            quantity=-ln.quantity,
+            breakdown=[BreakdownPart(label=f"already billed {where}", amount=-ln.amount)],
+            description=f"Already billed {where}: {ln.description}",
+            charge_key=ln.charge_key,
+            meter_slug=ln.meter_slug,
+            group=ln.group,
+            period_start=ln.period_start,
+            period_end=ln.period_end,
+        )
+        out.append((line, ln.key, ln.adjusts))
+    return out
+
+
 def compose_invoice(inp: ComposeInput) -> ComposeResult:
     sub, period, currency = inp.sub, inp.period, inp.sub.currency
     base = [*fixed_lines(sub, inp.plans, period), *usage_lines(sub, inp.plans, period, inp.usage)]
     tagged: list[tuple[LineItem, str | None, str | None]] = [(ln, key_of(ln), None) for ln in base]
+    tagged.extend(netting_lines(inp.billed_elsewhere, currency))
     credits: list[tuple[str, list[tuple[str, LineItem]]]] = []
     for prior in inp.priors:
         adj = prior_adjustments(sub, inp.plans, prior)

@@ -40,7 +40,8 @@ from billing.compose import (
     prior_adjustments,
     to_invoice_line,
 )
-from billing.pool import compose_groups
+from billing.lease import Lease
+from billing.pool import compose_groups, gc_paused
 from billing.ports import BillingStore
 from billing.usage import counted_meters, fetch_usage
 from rating.adjustments import RATED_KINDS, Billed
@@ -74,10 +75,12 @@ log = logging.getLogger(__name__)
 
 INVOICE = "invoice"
 CREDIT_NOTE = "credit_note"
+RUN_LEASE = "invoice-run"
 WRITE_CHUNK = 2000
 
-# (tenant, event type, [(object id, data)]) -> queues the webhook events (billing.webhooks)
-Notify = Callable[[str, str, Sequence[tuple[str, dict[str, Any]]]], Any]
+# (tenant, event type, [(object id, data, when it happened)]) -> queues the webhook events
+# (billing.webhooks.Webhooks.emit_many)
+Notify = Callable[[str, str, Sequence[tuple[str, dict[str, Any], datetime]]], Any]
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
@@ -89,10 +92,14 @@ class InvoicingConfig:
     lookback: timedelta = timedelta(days=120)
     invoice_prefix: str = "INV"
     credit_prefix: str = "CN"
+    run_lease_s: float = 60.0
+    run_wait_s: float = 600.0
 
     @classmethod
     def from_settings(cls, settings: Any) -> InvoicingConfig:
         return cls(
+            run_lease_s=settings.invoice_run_lease_s,
+            run_wait_s=settings.invoice_run_wait_s,
             grace=settings.invoice_grace,
             auto_finalize=settings.invoice_auto_finalize,
             workers=settings.invoice_run_workers,
@@ -125,6 +132,7 @@ class _Context:
     history: dict[str, list[Invoice]]  # subscription -> its non-void invoices (by period)
     credit_notes: dict[str, list[CreditNote]]  # invoice id -> credit notes
     others: list[Invoice] = field(default_factory=list)
+    by_id: dict[str, Invoice] = field(default_factory=dict)  # every loaded invoice, void too
 
 
 class Invoicing:
@@ -146,12 +154,25 @@ class Invoicing:
         with self._locks_guard:
             return self._locks[tenant_id]
 
-    def _emit(self, tenant_id: str, event_type: str, object_id: str, data: dict[str, Any]) -> None:
-        self._emit_many(tenant_id, event_type, [(object_id, data)])
+    def _emit(
+        self,
+        tenant_id: str,
+        event_type: str,
+        object_id: str,
+        data: dict[str, Any],
+        at: datetime,
+    ) -> None:
+        self._emit_many(tenant_id, event_type, [(object_id, data, at)])
 
     def _emit_many(
-        self, tenant_id: str, event_type: str, items: Sequence[tuple[str, dict[str, Any]]]
+        self,
+        tenant_id: str,
+        event_type: str,
+        items: Sequence[tuple[str, dict[str, Any], datetime]],
     ) -> None:
+        """Queue notifications after the operation's commit point. A crash (or a store error)
+        before they are queued loses nothing: the dispatcher's reconciliation
+        (``notification_events``) queues whatever a committed change is missing."""
         if self.notify is None or not items:
             return
         try:
@@ -252,6 +273,60 @@ class Invoicing:
         )
 
     # =========================================================================================
+    # Notifications a crash lost (billing.webhooks reconciles with these)
+    # =========================================================================================
+
+    def notification_events(
+        self, tenant_id: str, since: datetime
+    ) -> list[tuple[str, str, datetime]]:
+        """``(event type, object id, when it happened)`` of every notification that invoices and
+        credit notes changed since ``since`` imply. A finalization whose claim is stored but
+        whose invoice row is still a draft (a crash between the two) counts as finalized (and
+        the row is repaired)."""
+        out: list[tuple[str, str, datetime]] = []
+        drafts: list[str] = []
+        for inv_id, status, number, created, finalized_at, voided_at in self.rows.invoice_heads(
+            tenant_id, since
+        ):
+            out.append(("invoice.created", inv_id, created))
+            if number:
+                out.append(("invoice.finalized", inv_id, finalized_at or created))
+            elif status == InvoiceStatus.DRAFT.value:
+                drafts.append(inv_id)
+            if status == InvoiceStatus.VOID.value:
+                out.append(("invoice.voided", inv_id, voided_at or created))
+        if drafts:
+            for doc_id, (_, doc) in self.rows.claims(tenant_id, INVOICE, drafts).items():
+                inv = Invoice.model_validate_json(doc)
+                out.append(("invoice.finalized", doc_id, inv.finalized_at or inv.updated_at))
+        for note_id, created in self.rows.credit_note_heads(tenant_id, since):
+            out.append(("credit_note.created", note_id, created))
+        return out
+
+    def notification_data(
+        self, tenant_id: str, wanted: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], dict[str, Any]]:
+        """The ``data`` of the given notifications (``(event type, object id)``)."""
+        inv_ids = sorted({oid for t, oid in wanted if t.startswith("invoice.")})
+        note_ids = sorted({oid for t, oid in wanted if t == "credit_note.created"})
+        invoices: dict[str, Invoice] = {}
+        if inv_ids:
+            found = self._repair(tenant_id, self.rows.invoices(tenant_id, ids=inv_ids))
+            invoices = {i.id: i for i in found}
+        notes = {}
+        if note_ids:
+            self._repair_credit_notes(tenant_id)
+            notes = {n.id: n for n in self.rows.credit_notes(tenant_id, ids=note_ids)}
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for t, oid in wanted:
+            if t == "credit_note.created":
+                if oid in notes:
+                    out[(t, oid)] = note_data(notes[oid])
+            elif oid in invoices:
+                out[(t, oid)] = event_data(invoices[oid], t)
+        return out
+
+    # =========================================================================================
     # Composition (shared by run, refresh, finalize, void+replace)
     # =========================================================================================
 
@@ -286,7 +361,41 @@ class Invoicing:
             tenant_name = self.rows.get_tenant(tenant_id).name
         except NotFound:
             tenant_name = tenant_id
-        return _Context(tenant_name, plans, customers, dict(discounts), dict(history), dict(notes))
+        return _Context(
+            tenant_name,
+            plans,
+            customers,
+            dict(discounts),
+            dict(history),
+            dict(notes),
+            by_id={i.id: i for i in invoices},
+        )
+
+    def _billed_elsewhere(
+        self, tenant_id: str, ctx: _Context, sub: Subscription, p: _Pending
+    ) -> list[tuple[str | None, InvoiceLine]]:
+        """For a replacement: the late-usage adjustments of its period (lines naming an invoice
+        it replaces, directly or through a chain of replacements) already on other finalized
+        invoices. The replacement re-rates the period in full and nets these out."""
+        chain: set[str] = set()
+        nxt = p.replaces
+        while nxt and nxt not in chain:
+            chain.add(nxt)
+            prev = ctx.by_id.get(nxt)
+            if prev is None:
+                found = self.rows.invoices(tenant_id, ids=[nxt])
+                prev = found[0] if found else None
+            nxt = prev.replaces if prev is not None else None
+        out: list[tuple[str | None, InvoiceLine]] = []
+        for other in ctx.history.get(sub.id, []):
+            if other.status is not InvoiceStatus.FINALIZED or other.id in chain:
+                continue
+            if other.id == p.invoice_id:
+                continue
+            for ln in other.lines:
+                if ln.adjusts in chain and ln.key and ln.kind == LineKind.ADJUSTMENT.value:
+                    out.append((other.number, ln))
+        return out
 
     def _priors(
         self, ctx: _Context, sub: Subscription, before: datetime, exclude: set[str], now: datetime
@@ -391,6 +500,9 @@ class Invoicing:
                         priors=priors if i == 0 else [],
                         run_id=run_id,
                         replaces=p.replaces,
+                        billed_elsewhere=(
+                            self._billed_elsewhere(tenant_id, ctx, sub, p) if p.replaces else ()
+                        ),
                     )
                 )
             groups.append(group)
@@ -416,71 +528,98 @@ class Invoicing:
             )
         step = progress or (lambda _s, _d, _t: None)
         with self._lock(tenant_id):
-            run_id = "run_" + uuid.uuid4().hex[:16]
-            self._repair_credit_notes(tenant_id)
-            subs = [advance(s, as_of) for s in self.rows.subscriptions(tenant_id)]
-            have = {(sub_id, start) for _, sub_id, start, _, _ in self.rows.invoice_keys(tenant_id)}
-            work: list[tuple[Subscription, list[_Pending]]] = []
-            existing = 0
-            for sub in subs:
-                pend = []
-                for period in lifecycle.closed_periods(sub, as_of, self.config.grace):
-                    if (sub.id, period.start) in have:
-                        existing += 1
-                        continue
-                    pend.append(_Pending(period, lifecycle.invoice_id(tenant_id, sub.id, period)))
-                if pend:
-                    work.append((sub, pend))
-            total = sum(len(p) for _, p in work)
-            step("plan", 0, total)
-            created: list[str] = []
-            finalized: list[str] = []
-            credit_ids: list[str] = []
-            late_subs = [s for s in subs if s.id not in {w[0].id for w in work}]
-            if work or late_subs:
-                ctx = self._context(tenant_id, subs, as_of)
-                groups = self._build(tenant_id, ctx, work, now, run_id) if work else []
-                results = compose_groups(
-                    groups, self.config.workers, lambda d: step("rate", d, total)
+            # One run per tenant at a time across processes (API replicas, the CLI): a second
+            # run waits for the first and then finds its invoices existing, so `created` lists
+            # an invoice in exactly one run's answer.
+            lease = Lease(self.rows, tenant_id, RUN_LEASE, self.config.run_lease_s)
+            if not lease.hold():
+                step("waiting for another run", 0, 0)
+            if not lease.held and not lease.wait(self.config.run_wait_s):
+                holder = lease.holder()
+                raise Conflict(
+                    f"another invoice run of this tenant is in progress (holder "
+                    f"{holder.owner[:12] if holder else '?'}); retry when it has finished",
+                    details=[{"field": "as_of", "message": "a run is in progress"}],
                 )
-                invoices = [r.invoice for group in results for r in group]
-                for i in range(0, len(invoices), WRITE_CHUNK):
-                    self.rows.write_invoices(tenant_id, invoices[i : i + WRITE_CHUNK], create=True)
-                    step("write", min(i + WRITE_CHUNK, len(invoices)), total)
-                owners = self.rows.invoice_run_ids(tenant_id, [i.id for i in invoices])
-                mine = [i for i in invoices if owners.get(i.id) == run_id]
-                existing += len(invoices) - len(mine)
-                created = [i.id for i in mine]
-                credits = [c for group in results for r in group for c in r.credits]
-                credits += self._late_credits(tenant_id, ctx, late_subs, as_of, now)
-                for inv_id, adj in credits:
-                    note = self._automatic_credit_note(tenant_id, ctx, inv_id, adj, now)
-                    if note is not None:
-                        credit_ids.append(note.id)
-                self._audit_many(
-                    tenant_id,
-                    "created",
-                    actor,
-                    [
-                        (
-                            i.id,
-                            {"run_id": run_id, "total": str(i.total), "as_of": as_of.isoformat()},
-                        )
-                        for i in mine
-                    ],
-                    now,
-                )
-                self._emit_many(tenant_id, "invoice.created", [(i.id, _summary(i)) for i in mine])
-                if self.config.auto_finalize and mine:
-                    done = self._finalize_many(tenant_id, mine, actor, now)
-                    finalized = [i.id for i in done]
-            step("done", total, total)
-            return RunOut(
-                created=sorted(created),
-                existing=existing,
-                finalized=sorted(finalized),
-                credit_notes=credit_ids,
+            lease.keep_renewed()
+            try:
+                with gc_paused():
+                    return self._run(tenant_id, as_of, now, actor, step)
+            finally:
+                lease.release()
+
+    def _run(
+        self, tenant_id: str, as_of: datetime, now: datetime, actor: str, step: Progress
+    ) -> RunOut:
+        run_id = "run_" + uuid.uuid4().hex[:16]
+        step("list", 0, 0)
+        self._repair_credit_notes(tenant_id)
+        subs = [advance(s, as_of) for s in self.rows.subscriptions(tenant_id)]
+        have = {(sub_id, start) for _, sub_id, start, _, _ in self.rows.invoice_keys(tenant_id)}
+        work: list[tuple[Subscription, list[_Pending]]] = []
+        existing = 0
+        for sub in subs:
+            pend = []
+            for period in lifecycle.closed_periods(sub, as_of, self.config.grace):
+                if (sub.id, period.start) in have:
+                    existing += 1
+                    continue
+                pend.append(_Pending(period, lifecycle.invoice_id(tenant_id, sub.id, period)))
+            if pend:
+                work.append((sub, pend))
+        total = sum(len(p) for _, p in work)
+        step("plan", 0, total)
+        created: list[str] = []
+        finalized: list[str] = []
+        credit_ids: list[str] = []
+        with_work = {w[0].id for w in work}
+        late_subs = [s for s in subs if s.id not in with_work]
+        if work or late_subs:
+            ctx = self._context(tenant_id, subs, as_of)
+            groups = self._build(tenant_id, ctx, work, now, run_id) if work else []
+            results = compose_groups(groups, self.config.workers, lambda d: step("rate", d, total))
+            invoices = [r.invoice for group in results for r in group]
+            for i in range(0, len(invoices), WRITE_CHUNK):
+                self.rows.write_invoices(tenant_id, invoices[i : i + WRITE_CHUNK], create=True)
+                step("write", min(i + WRITE_CHUNK, len(invoices)), total)
+            owners = self.rows.invoice_run_ids(tenant_id, [i.id for i in invoices])
+            mine = [i for i in invoices if owners.get(i.id) == run_id]
+            existing += len(invoices) - len(mine)
+            created = [i.id for i in mine]
+            credits = [c for group in results for r in group for c in r.credits]
+            credits += self._late_credits(tenant_id, ctx, late_subs, as_of, now)
+            for inv_id, adj in credits:
+                note = self._automatic_credit_note(tenant_id, ctx, inv_id, adj, now)
+                if note is not None:
+                    credit_ids.append(note.id)
+            self._audit_many(
+                tenant_id,
+                "created",
+                actor,
+                [
+                    (
+                        i.id,
+                        {"run_id": run_id, "total": str(i.total), "as_of": as_of.isoformat()},
+                    )
+                    for i in mine
+                ],
+                now,
             )
+            self._emit_many(
+                tenant_id,
+                "invoice.created",
+                [(i.id, event_data(i, "invoice.created"), i.created_at) for i in mine],
+            )
+            if self.config.auto_finalize and mine:
+                done = self._finalize_many(tenant_id, mine, actor, now)
+                finalized = [i.id for i in done]
+        step("done", total, total)
+        return RunOut(
+            created=sorted(created),
+            existing=existing,
+            finalized=sorted(finalized),
+            credit_notes=credit_ids,
+        )
 
     def _late_credits(
         self,
@@ -584,7 +723,11 @@ class Invoicing:
             [(i.id, {"number": i.number, "total": str(i.total)}) for i in done],
             now,
         )
-        self._emit_many(tenant_id, "invoice.finalized", [(i.id, _summary(i)) for i in done])
+        self._emit_many(
+            tenant_id,
+            "invoice.finalized",
+            [(i.id, event_data(i, "invoice.finalized"), i.finalized_at or now) for i in done],
+        )
         return done
 
     # =========================================================================================
@@ -697,7 +840,9 @@ class Invoicing:
                 {"reason": req.reason, "replaced_by": voided.replaced_by},
                 at,
             )
-            self._emit(tenant_id, "invoice.voided", inv.id, _summary(voided))
+            self._emit(
+                tenant_id, "invoice.voided", inv.id, event_data(voided, "invoice.voided"), at
+            )
             if replacement is not None:
                 record(
                     self.rows,
@@ -709,7 +854,13 @@ class Invoicing:
                     {"replaces": inv.id, "total": str(replacement.total)},
                     at,
                 )
-                self._emit(tenant_id, "invoice.created", replacement.id, _summary(replacement))
+                self._emit(
+                    tenant_id,
+                    "invoice.created",
+                    replacement.id,
+                    event_data(replacement, "invoice.created"),
+                    replacement.created_at,
+                )
             return voided
 
     # =========================================================================================
@@ -785,20 +936,7 @@ class Invoicing:
             },
             now,
         )
-        self._emit(
-            tenant_id,
-            "credit_note.created",
-            note.id,
-            {
-                "id": note.id,
-                "number": note.number,
-                "invoice_id": inv.id,
-                "customer_id": note.customer_id,
-                "currency": note.currency,
-                "total": str(note.total),
-                "reason": reason,
-            },
-        )
+        self._emit(tenant_id, "credit_note.created", note.id, note_data(note), note.created_at)
         return note
 
     def _automatic_credit_note(
@@ -1084,17 +1222,39 @@ def _bind(fn: Callable[[Invoice, int], Invoice], inv: Invoice) -> Callable[[int]
     return doc
 
 
-def _summary(inv: Invoice) -> dict[str, Any]:
+_STATUS_OF_EVENT = {
+    "invoice.created": InvoiceStatus.DRAFT,
+    "invoice.finalized": InvoiceStatus.FINALIZED,
+    "invoice.voided": InvoiceStatus.VOID,
+}
+
+
+def event_data(inv: Invoice, event_type: str) -> dict[str, Any]:
+    """The ``data`` of an invoice notification: the invoice as the event left it (so that the
+    live notification and one queued later by the reconciliation say the same)."""
+    status = _STATUS_OF_EVENT[event_type]
     return {
         "id": inv.id,
-        "number": inv.number,
+        "number": None if status is InvoiceStatus.DRAFT else inv.number,
         "customer_id": inv.customer_id,
         "subscription_id": inv.subscription_id,
         "period_start": inv.period_start.isoformat(),
         "period_end": inv.period_end.isoformat(),
-        "status": inv.status.value,
+        "status": status.value,
         "currency": inv.currency,
         "total": str(inv.total),
+    }
+
+
+def note_data(note: CreditNote) -> dict[str, Any]:
+    return {
+        "id": note.id,
+        "number": note.number,
+        "invoice_id": note.invoice_id,
+        "customer_id": note.customer_id,
+        "currency": note.currency,
+        "total": str(note.total),
+        "reason": note.reason,
     }
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from functools import lru_cache
+from typing import Any
 
-from rating.periods import Period
-from rating.subscriptions import billing_period
+from rating.periods import Period, period_containing
 from schemas.billing import InvoiceStatus
 from schemas.catalog import Subscription
 from schemas.timeutil import epoch_ms
@@ -73,14 +74,22 @@ def format_number(prefix: str, seq: int) -> str:
     return f"{prefix}-{seq:06d}"
 
 
+@lru_cache(maxsize=65_536)
+def _period(anchor: Any, interval: Any, tz: str, alignment: Any, at: datetime) -> Period:
+    """``period_containing`` (pure) memoized: the subscriptions of a run share a few calendars,
+    so an invoice run computes each period once, not once per subscription."""
+    return period_containing(anchor, interval, at, tz, alignment)
+
+
 def closed_periods(sub: Subscription, as_of: datetime, grace: timedelta) -> Iterator[Period]:
     """The billing periods of ``sub`` that ended (plus ``grace``) by ``as_of`` and during which
     the subscription existed (started before the period end, not canceled before its start)."""
     if sub.canceled_at is not None and sub.canceled_at <= sub.start_at:
         return  # canceled before it started: never billed
-    period = billing_period(sub, sub.start_at)
+    cal = (sub.anchor, sub.interval, sub.timezone, sub.alignment)
+    period = _period(*cal, sub.start_at)
     while period.end + grace <= as_of:
         if sub.canceled_at is not None and sub.canceled_at <= period.start:
             return
         yield period
-        period = billing_period(sub, period.end)
+        period = _period(*cal, period.end)

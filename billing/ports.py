@@ -6,10 +6,12 @@ machines, numbering, what an invoice contains) stays in billing and rating.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
+from billing.lease import LeaseRows
+from clickhouse.usage import UsageValue
 from schemas.billing import (
     AuditRecord,
     Correction,
@@ -22,9 +24,14 @@ from schemas.billing import (
     WebhookEndpoint,
 )
 from schemas.catalog import Customer, PlanVersion, Subscription
+from schemas.corrections import Effect, LedgerEvent, Markers, Override
 from schemas.meters import Meter
 from schemas.tenants import Tenant
-from schemas.usage import UsageQuery, UsageRow
+from schemas.usage import UsageQuery
+
+Window = tuple[str, datetime]  # (customer, minute window start)
+# (tenant, meter, windows) -> recompute the corrected windows (clickhouse.usage.Repair)
+WindowRepair = Callable[[str, Meter, list[Window]], None]
 
 
 class CatalogRows(Protocol):
@@ -65,12 +72,14 @@ class CatalogRows(Protocol):
 
 
 class UsageSource(Protocol):
-    def usage(self, q: UsageQuery) -> list[UsageRow]: ...
+    def usage(self, q: UsageQuery) -> list[UsageValue]: ...
+
+    def set_window_repair(self, repair: WindowRepair | None) -> None: ...
 
     def event_counts(
         self,
         tenant_id: str,
-        meter_id: str,
+        meter: Meter,
         start: datetime,
         end: datetime,
         customers: Sequence[str] | None,
@@ -97,6 +106,12 @@ class InvoiceRows(Protocol):
     ) -> None: ...
 
     def invoice_run_ids(self, tenant_id: str, ids: Iterable[str]) -> dict[str, str]: ...
+
+    def invoice_heads(
+        self, tenant_id: str, since: datetime
+    ) -> list[tuple[str, str, str, datetime, datetime | None, datetime | None]]: ...
+
+    def credit_note_heads(self, tenant_id: str, since: datetime) -> list[tuple[str, datetime]]: ...
 
     def number_state(
         self, tenant_id: str, kind: str, document_ids: Sequence[str]
@@ -134,13 +149,37 @@ class InvoiceRows(Protocol):
 
 
 class CorrectionRows(Protocol):
-    def get_event(self, tenant_id: str, event_id: str) -> dict[str, Any]: ...
+    def get_event(self, tenant_id: str, event_id: str) -> LedgerEvent: ...
+
+    def ledger_window_events(
+        self, tenant_id: str, event_type: str, windows: Sequence[Window]
+    ) -> list[LedgerEvent]: ...
+
+    def activation_markers(
+        self, tenant_id: str, meter_ids: Sequence[str]
+    ) -> dict[str, Markers]: ...
+
+    def correction_top(self, tenant_id: str) -> int: ...
 
     def corrections(self, tenant_id: str, event_id: str | None = None) -> list[Correction]: ...
 
-    def insert_correction(
-        self, tenant_id: str, correction: Correction, deltas: Sequence[tuple[Any, ...]]
-    ) -> None: ...
+    def claim_correction(
+        self, tenant_id: str, correction: Correction, effects: Sequence[Effect]
+    ) -> str | None: ...
+
+    def latest_corrections(
+        self, tenant_id: str, event_ids: Sequence[str]
+    ) -> dict[str, dict[str, Any] | None]: ...
+
+    def dirty_keys(
+        self, tenant_id: str, meter_id: str, windows: Sequence[Window]
+    ) -> dict[Window, dict[tuple[str, str], dict[str, str]]]: ...
+
+    def stream_counts(
+        self, tenant_id: str, meter_id: str, windows: Sequence[Window]
+    ) -> dict[tuple[str, datetime, str], int]: ...
+
+    def write_overrides(self, tenant_id: str, overrides: Sequence[Override]) -> None: ...
 
 
 class WebhookRows(Protocol):
@@ -173,8 +212,12 @@ class WebhookRows(Protocol):
 
     def threshold_tenants(self) -> list[str]: ...
 
+    def endpoint_tenants(self) -> list[str]: ...
 
-class BillingStore(CatalogRows, UsageSource, InvoiceRows, CorrectionRows, WebhookRows, Protocol):
+
+class BillingStore(
+    CatalogRows, UsageSource, InvoiceRows, CorrectionRows, WebhookRows, LeaseRows, Protocol
+):
     """Everything billing reads and writes."""
 
 

@@ -88,7 +88,7 @@ def fetch_usage(
             counts = (
                 rows.event_counts(
                     tenant_id,
-                    meter.id,
+                    meter,
                     key.start,
                     key.end,
                     wanted if filtered else None,

@@ -17,6 +17,16 @@
 - **Thresholds** are evaluated here, in the API process (``check_thresholds``, every
   ``threshold_check_interval_s``), from the same usage queries as invoices: the stream worker
   stays a pure, fast aggregation loop.
+- **One dispatcher** among the API replicas: the background task sends, reconciles and checks
+  thresholds only while it holds the ``webhook-dispatcher`` lease (``billing.lease``: acquired
+  with the insert-deduplication CAS, renewed every ``webhook_lease_s / 4``), and starts an
+  attempt only while the lease covers the attempt's timeout plus its bookkeeping. So an attempt
+  is not sent twice under the same delivery id by two replicas (bound: docs/invoicing.md).
+- **Nothing lost on a crash**: notifications are queued after the change they announce is
+  committed; a crash (or a store error) in between is repaired by the reconciliation
+  (``reconcile``, every ``webhook_reconcile_interval_s``): every committed change of the
+  registered sources (``NotificationSource``: invoices and credit notes) since the last pass
+  whose deliveries are missing gets them, with the same deterministic ids and payload.
 """
 
 from __future__ import annotations
@@ -34,10 +44,11 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
+from billing.lease import Lease
 from billing.ports import BillingStore
 from billing.usage import fetch_usage
 from rating.invoice import UsageKey, floor_minute
@@ -64,6 +75,22 @@ ID_HEADER = "Tally-Webhook-Id"
 EVENT_HEADER = "Tally-Event-Type"
 
 Sender = Callable[[str, bytes, dict[str, str], float], int]  # url, body, headers, timeout -> status
+DISPATCHER_LEASE = "webhook-dispatcher"
+ATTEMPT_BOOKKEEPING_S = 5.0  # store writes after an attempt, within the lease
+RECONCILE_OVERLAP = timedelta(minutes=10)  # each pass looks this far before the previous one
+
+
+class NotificationSource(Protocol):
+    """Where the reconciliation learns which notifications committed changes imply
+    (``billing.invoices.Invoicing``)."""
+
+    def notification_events(
+        self, tenant_id: str, since: datetime
+    ) -> list[tuple[str, str, datetime]]: ...
+
+    def notification_data(
+        self, tenant_id: str, wanted: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], dict[str, Any]]: ...
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -135,6 +162,10 @@ class Webhooks:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_threshold_check = 0.0
+        self.lease = Lease(rows, "", DISPATCHER_LEASE, float(settings.webhook_lease_s))
+        self.sources: list[NotificationSource] = []
+        self._reconciled_at: datetime | None = None
+        self._last_reconcile = float("-inf")
 
     # --- secrets ------------------------------------------------------------------------------
 
@@ -194,39 +225,65 @@ class Webhooks:
     # --- events -------------------------------------------------------------------------------
 
     def emit(
-        self, tenant_id: str, event_type: str, object_id: str, data: dict[str, Any]
+        self,
+        tenant_id: str,
+        event_type: str,
+        object_id: str,
+        data: dict[str, Any],
+        at: datetime | None = None,
     ) -> list[str]:
         """Queue ``event_type`` about ``object_id`` for every subscribed endpoint."""
-        return self.emit_many(tenant_id, event_type, [(object_id, data)])
+        return self.emit_many(tenant_id, event_type, [(object_id, data, at or self.clock())])
+
+    def event_id(self, tenant_id: str, event_type: str, object_id: str) -> str:
+        return "evt_" + _hash(tenant_id, event_type, object_id)
+
+    def delivery_id(self, endpoint_id: str, event_id: str) -> str:
+        return "dlv_" + _hash(endpoint_id, event_id)
+
+    def _subscribed(
+        self, tenant_id: str, event_type: str, at: datetime, endpoints: list[WebhookEndpoint]
+    ) -> list[WebhookEndpoint]:
+        """Endpoints that get ``event_type`` happening at ``at``: enabled, subscribed, and
+        created by then (a new endpoint does not receive older events)."""
+        return [
+            ep
+            for ep in endpoints
+            if not ep.disabled and event_type in ep.events and ep.created_at <= at
+        ]
 
     def emit_many(
-        self, tenant_id: str, event_type: str, items: Sequence[tuple[str, dict[str, Any]]]
+        self,
+        tenant_id: str,
+        event_type: str,
+        items: Sequence[tuple[str, dict[str, Any], datetime] | tuple[str, dict[str, Any]]],
     ) -> list[str]:
-        """Queue one event per ``(object id, data)`` for every subscribed endpoint (once: event
-        and delivery ids are deterministic and existing deliveries are kept)."""
-        endpoints = [
-            ep
-            for ep, _ in self.rows.endpoints(tenant_id)
-            if not ep.disabled and event_type in ep.events
-        ]
+        """Queue one event per ``(object id, data, when it happened)`` for every subscribed
+        endpoint (once: event and delivery ids are deterministic and existing deliveries are
+        kept; the payload depends only on the event, so a reconciliation writes the same)."""
+        endpoints = [ep for ep, _ in self.rows.endpoints(tenant_id)]
         if not endpoints or not items:
             return []
-        events = [("evt_" + _hash(tenant_id, event_type, oid), data) for oid, data in items]
+        now = self.clock()
+        events = []
+        for item in items:
+            oid, data = item[0], item[1]
+            at = item[2] if len(item) > 2 else now
+            events.append((self.event_id(tenant_id, event_type, oid), data, at))
         have: set[str] = set()
         for i in range(0, len(events), 5000):
-            ids = [e for e, _ in events[i : i + 5000]]
+            ids = [e for e, _, _ in events[i : i + 5000]]
             have |= {d.id for d in self.rows.deliveries(tenant_id, event_ids=ids, limit=1 << 30)}
-        now = self.clock()
         new = []
-        for event_id, data in events:
+        for event_id, data, at in events:
             payload = {
                 "id": event_id,
                 "type": event_type,
-                "created_at": now.isoformat(),
+                "created_at": at.isoformat(),
                 "data": data,
             }
-            for ep in endpoints:
-                did = "dlv_" + _hash(ep.id, event_id)
+            for ep in self._subscribed(tenant_id, event_type, at, endpoints):
+                did = self.delivery_id(ep.id, event_id)
                 if did in have:
                     continue
                 new.append(
@@ -245,6 +302,57 @@ class Webhooks:
                 )
         self.rows.write_deliveries(tenant_id, new, create=True)
         return [d.id for d in new]
+
+    def reconcile(self, tenant_id: str, since: datetime) -> list[str]:
+        """Queue the deliveries that committed changes since ``since`` imply and that are
+        missing (a crash, or a store error, between a change and its notification)."""
+        endpoints = [ep for ep, _ in self.rows.endpoints(tenant_id) if not ep.disabled]
+        if not endpoints or not self.sources:
+            return []
+        queued: list[str] = []
+        for source in self.sources:
+            events = source.notification_events(tenant_id, since)
+            expected: dict[str, tuple[str, str, datetime]] = {}
+            for event_type, oid, at in events:
+                event_id = self.event_id(tenant_id, event_type, oid)
+                for ep in self._subscribed(tenant_id, event_type, at, endpoints):
+                    expected[self.delivery_id(ep.id, event_id)] = (event_type, oid, at)
+            if not expected:
+                continue
+            have: set[str] = set()
+            ids = sorted(expected)
+            for i in range(0, len(ids), 5000):
+                found = self.rows.deliveries(tenant_id, ids=ids[i : i + 5000], limit=1 << 30)
+                have |= {d.id for d in found}
+            missing = {expected[d] for d in ids if d not in have}
+            if not missing:
+                continue
+            data = source.notification_data(tenant_id, [(t, oid) for t, oid, _ in missing])
+            by_type: dict[str, list[tuple[str, dict[str, Any], datetime]]] = defaultdict(list)
+            for t, oid, at in sorted(missing):
+                if (t, oid) in data:
+                    by_type[t].append((oid, data[(t, oid)], at))
+            for t, items in sorted(by_type.items()):
+                queued += self.emit_many(tenant_id, t, items)
+            log.info(
+                "tenant %s: reconciliation queued %d lost notification(s)", tenant_id, len(queued)
+            )
+        return queued
+
+    def reconcile_all(self) -> int:
+        """One reconciliation pass over every tenant with endpoints: the changes since the
+        previous pass (minus an overlap), or since ``webhook_reconcile_lookback`` after a start."""
+        started = self.clock()
+        since = (
+            self._reconciled_at - RECONCILE_OVERLAP
+            if self._reconciled_at is not None
+            else started - self.settings.webhook_reconcile_lookback
+        )
+        n = 0
+        for tenant_id in self.rows.endpoint_tenants():
+            n += len(self.reconcile(tenant_id, since))
+        self._reconciled_at = started
+        return n
 
     def deliveries(self, tenant_id: str, endpoint_id: str | None = None) -> list[Delivery]:
         return self.rows.deliveries(tenant_id, endpoint_id=endpoint_id)
@@ -265,15 +373,28 @@ class Webhooks:
         return timedelta(seconds=min(s, self.settings.webhook_backoff_max_s))
 
     def dispatch_once(self, limit: int = 100) -> int:
-        """Send every due delivery once; returns how many were attempted."""
+        """Send every due delivery once, if this process is the dispatcher (holds the lease);
+        returns how many were attempted."""
+        if not self.lease.hold():
+            return 0
         now = self.clock()
         due = self.rows.due_deliveries(now, limit)
         endpoints: dict[str, dict[str, tuple[WebhookEndpoint, int]]] = {}
+        need = float(self.settings.webhook_timeout_s) + ATTEMPT_BOOKKEEPING_S
+        attempted = 0
         for tenant_id, d in due:
+            # Start an attempt only while the lease outlives it (its timeout and bookkeeping):
+            # a successor dispatcher reads the delivery's state after this one is done with it.
+            if self.lease.valid_for() < need and not (
+                self.lease.hold() and self.lease.valid_for() >= need
+            ):
+                log.warning("webhook dispatcher lost its lease; stopping this round")
+                break
             if tenant_id not in endpoints:
                 endpoints[tenant_id] = {ep.id: (ep, v) for ep, v in self.rows.endpoints(tenant_id)}
             self._attempt(tenant_id, d, endpoints[tenant_id].get(d.endpoint_id))
-        return len(due)
+            attempted += 1
+        return attempted
 
     def _attempt(
         self, tenant_id: str, d: Delivery, endpoint: tuple[WebhookEndpoint, int] | None
@@ -420,8 +541,14 @@ class Webhooks:
     # --- the background task ------------------------------------------------------------------
 
     def tick(self) -> None:
-        """One round of the background task: due deliveries, and thresholds when due."""
+        """One round of the background task, on the dispatcher only (the lease holder): due
+        deliveries, the reconciliation and thresholds when due."""
+        if not self.lease.hold():
+            return
         self.dispatch_once()
+        if time.monotonic() - self._last_reconcile >= self.settings.webhook_reconcile_interval_s:
+            self._last_reconcile = time.monotonic()
+            self.reconcile_all()
         if (
             time.monotonic() - self._last_threshold_check
             >= self.settings.threshold_check_interval_s
@@ -451,3 +578,4 @@ class Webhooks:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        self.lease.release()  # another replica takes over at once

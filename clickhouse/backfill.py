@@ -16,7 +16,11 @@ SQL builders are pure functions returning ``(sql, params)``; ``BackfillStore`` r
   insert came after 1000 other lock inserts), the row with the smallest (acquired_at, owner) is
   the holder, for every reader alike.
 - ``BACKFILL_ORIGIN_SQL``: the scalar subquery usage queries use to read only the meter's latest
-  complete run (``clickhouse.queries.usage_sql``).
+  complete run (``clickhouse.queries.usage_sql``); ``BACKFILL_SEQ_SQL``: the corrections that run
+  applied itself (its ``corrections_seq``), so that queries add only the later ones.
+- event corrections: the scan applies the corrections with ``1 <= seq <= corrections_seq`` of the
+  run (a voided event is scanned but not counted; an amended one is counted with its corrected
+  properties); later corrections reach the run through their effect rows (side 'b').
 """
 
 from __future__ import annotations
@@ -53,6 +57,12 @@ BACKFILL_ORIGIN_SQL = (
     "WHERE tenant_id = {{tenant:String}} AND meter_id = {{meter:String}} AND state = 'complete')"
 )
 
+# The corrections (seq) the meter's latest complete run applied in its own scan (0 without one).
+BACKFILL_SEQ_SQL = (
+    "(SELECT argMax(corrections_seq, (finished_at, run_id)) FROM {db}.backfill_runs "
+    "WHERE tenant_id = {{tenant:String}} AND meter_id = {{meter:String}} AND state = 'complete')"
+)
+
 RUN_COLUMNS = [
     "tenant_id",
     "meter_id",
@@ -72,13 +82,14 @@ RUN_COLUMNS = [
     "heartbeat_at",
     "finished_at",
     "version",
+    "corrections_seq",
 ]
 LOCK_COLUMNS = ["tenant_id", "meter_id", "seq", "run_id", "owner", "acquired_at"]
 _RUN_SELECT = (
     "tenant_id, meter_id, run_id, state, owner, boundary, chunk_events, events_total, "
     "events_scanned, events_matched, value_problems, windows, chunks, error, "
     "toUnixTimestamp64Milli(started_at), toUnixTimestamp64Milli(heartbeat_at), "
-    "toUnixTimestamp64Milli(finished_at), version"
+    "toUnixTimestamp64Milli(finished_at), version, corrections_seq"
 )
 _LOCK_SELECT = "tenant_id, meter_id, seq, run_id, owner, toUnixTimestamp64Milli(acquired_at)"
 
@@ -109,19 +120,34 @@ def boundary_sql(boundary: Boundary) -> tuple[str, dict[str, Any]]:
 
 
 def scan_sql(
-    database: str, tenant_id: str, event_type: str, boundary: Boundary, after: str, limit: int
+    database: str,
+    tenant_id: str,
+    event_type: str,
+    boundary: Boundary,
+    after: str,
+    limit: int,
+    corrections_seq: int = 0,
 ) -> tuple[str, dict[str, Any]]:
-    """Up to ``limit`` events after the keyset position ``after`` (event id; '' = start):
-    ``(event_id, customer, time_ms, properties_json)``."""
+    """Up to ``limit`` events after the keyset position ``after`` (event id; '' = start), with
+    the corrections ``1 <= seq <= corrections_seq`` applied: ``(event_id, customer, time_ms,
+    properties_json, action)`` where ``action`` is the event's latest applied correction
+    ('void': not counted; 'amend': ``properties_json`` are the amended properties; '': none)."""
     db = check_identifier(database)
     cond, params = boundary_sql(boundary)
-    params.update(tenant=tenant_id, type=event_type, after=after, limit=int(limit))
+    params.update(
+        tenant=tenant_id, type=event_type, after=after, limit=int(limit), cs=int(corrections_seq)
+    )
     sql = (
-        "SELECT event_id, customer, toUnixTimestamp64Milli(time), properties "
+        "SELECT e.event_id, e.customer, e.t, if(c.action = 'amend', c.props, e.properties), "
+        "c.action FROM (SELECT event_id, customer, toUnixTimestamp64Milli(time) AS t, properties "
         f"FROM {db}.events FINAL "
         "WHERE tenant_id = {tenant:String} AND event_id > {after:String} "
         f"AND event_type = {{type:String}} AND {cond} "
-        "ORDER BY event_id LIMIT 1 BY event_id LIMIT {limit:UInt64}"
+        "ORDER BY event_id LIMIT 1 BY event_id LIMIT {limit:UInt64}) AS e "
+        "LEFT JOIN (SELECT event_id, argMax(action, seq) AS action, argMax(properties, seq) AS props "
+        f"FROM {db}.corrections FINAL WHERE tenant_id = {{tenant:String}} AND meter_id = '' "
+        "AND seq >= 1 AND seq <= {cs:UInt64} AND event_id > {after:String} GROUP BY event_id) AS c "
+        "ON e.event_id = c.event_id ORDER BY e.event_id"
     )
     return sql, params
 
@@ -141,6 +167,10 @@ def count_sql(
 
 def backfill_origin_sql(database: str) -> str:
     return BACKFILL_ORIGIN_SQL.format(db=check_identifier(database))
+
+
+def backfill_seq_sql(database: str) -> str:
+    return BACKFILL_SEQ_SQL.format(db=check_identifier(database))
 
 
 def checkpoint_row(tenant_id: str, meter_id: str, run_id: str, cp: Checkpoint) -> tuple:
@@ -184,7 +214,7 @@ def _dt(ms: int) -> datetime:
 
 def _run(row: tuple, complete: bool = False) -> RunRecord:
     (t, m, r, state, owner, boundary, chunk_events, total, scanned, matched, problems) = row[:11]
-    windows, chunks, error, started, beat, finished, version = row[11:]
+    windows, chunks, error, started, beat, finished, version, corrections_seq = row[11:]
     return RunRecord(
         tenant_id=t,
         meter_id=m,
@@ -204,6 +234,7 @@ def _run(row: tuple, complete: bool = False) -> RunRecord:
         heartbeat_ms=int(beat),
         finished_ms=int(finished),
         version=int(version),
+        corrections_seq=int(corrections_seq),
     )
 
 
@@ -248,13 +279,31 @@ class BackfillStore:
         return int(rows[0][0]) if rows else 0
 
     def scan_events(
-        self, tenant_id: str, event_type: str, boundary: Boundary, after: str, limit: int
-    ) -> list[tuple[str, str, int, dict[str, Any]]]:
-        sql, params = scan_sql(self.db, tenant_id, event_type, boundary, after, limit)
+        self,
+        tenant_id: str,
+        event_type: str,
+        boundary: Boundary,
+        after: str,
+        limit: int,
+        corrections_seq: int = 0,
+    ) -> list[tuple[str, str, int, dict[str, Any] | None]]:
+        """``(event_id, customer, time_ms, properties)``; properties None = voided."""
+        sql, params = scan_sql(
+            self.db, tenant_id, event_type, boundary, after, limit, corrections_seq
+        )
         return [
-            (str(e), str(c), int(t), orjson.loads(p))
-            for e, c, t, p in self.store.query_rows(sql, params)
+            (str(e), str(c), int(t), None if a == "void" else orjson.loads(p))
+            for e, c, t, p, a in self.store.query_rows(sql, params)
         ]
+
+    def corrections_top(self, tenant_id: str) -> int:
+        """The newest correction seq of the tenant (0 without any)."""
+        rows = self.store.query_rows(
+            f"SELECT max(seq) FROM {self.db}.corrections WHERE tenant_id = {{tenant:String}} "
+            "AND meter_id = ''",
+            {"tenant": tenant_id},
+        )
+        return int(rows[0][0]) if rows and rows[0][0] is not None else 0
 
     # --- chunks ---------------------------------------------------------------------------------
     def write_chunk(
@@ -365,6 +414,7 @@ class BackfillStore:
                     _dt(r.heartbeat_ms),
                     _dt(r.finished_ms),
                     r.version,
+                    r.corrections_seq,
                 )
             ],
             RUN_COLUMNS,

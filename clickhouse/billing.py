@@ -16,12 +16,13 @@ from typing import Any
 import orjson
 
 from clickhouse.catalog import CatalogStore, RowVersions, first_writer_rank
+from clickhouse.corrections import CorrectionStore
+from clickhouse.queries import usage_source
 from clickhouse.repo import Repo
 from clickhouse.store import Store
-from clickhouse.usage import run_usage
+from clickhouse.usage import Repair, UsageValue, usage_values
 from schemas.billing import (
     AuditRecord,
-    Correction,
     CreditNote,
     Delivery,
     DeliveryAttempt,
@@ -30,10 +31,11 @@ from schemas.billing import (
     Threshold,
     WebhookEndpoint,
 )
+from schemas.leases import LeaseRow
 from schemas.meters import Meter
 from schemas.tenants import Tenant
-from schemas.usage import UsageQuery, UsageRow
-from tally.errors import NotFound
+from schemas.timeutil import from_epoch_ms
+from schemas.usage import UsageQuery
 
 DEDUP = {"insert_deduplicate": 1}
 
@@ -58,17 +60,28 @@ def _utc(dt: datetime) -> datetime:
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
+def _iso(text: str) -> datetime | None:
+    return _utc(datetime.fromisoformat(text)) if text else None
+
+
 def token_of(*parts: str) -> str:
     """A deduplication token for an insert (stable for the same logical write)."""
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
-class ClickHouseBilling(CatalogStore):
-    """The ClickHouse adapter behind ``billing`` (catalog rows come from ``CatalogStore``)."""
+class ClickHouseBilling(CorrectionStore, CatalogStore):
+    """The ClickHouse adapter behind ``billing`` (catalog rows come from ``CatalogStore``,
+    correction rows from ``CorrectionStore``)."""
 
     def __init__(self, store: Store, repo: Repo | None = None) -> None:
         super().__init__(store, RowVersions())
         self.repo = repo or Repo(store)
+        self.window_repair: Repair | None = None
+
+    def set_window_repair(self, repair: Repair | None) -> None:
+        """The recomputation of corrected minute windows (``billing.corrections``) that usage
+        reads use when an override is out of date (``clickhouse.usage.run_usage``)."""
+        self.window_repair = repair
 
     # --- tenants and meters -------------------------------------------------------------------
 
@@ -86,23 +99,24 @@ class ClickHouseBilling(CatalogStore):
 
     # --- usage --------------------------------------------------------------------------------
 
-    def usage(self, q: UsageQuery) -> list[UsageRow]:
-        return run_usage(self.store, q)
+    def usage(self, q: UsageQuery) -> list[UsageValue]:
+        return usage_values(self.store, q, self.window_repair)
 
     def event_counts(
         self,
         tenant_id: str,
-        meter_id: str,
+        meter: Meter,
         start: datetime,
         end: datetime,
         customers: Sequence[str] | None,
         group_by: str | None,
     ) -> dict[tuple[str, str], int]:
-        """Matched events per (customer, group value) in ``[start, end)`` (corrections added)."""
+        """Counted events per (customer, group value) in ``[start, end)``, from the same rows as
+        usage queries (stream + visible backfill run, corrections applied)."""
         group_expr = "group_values[{dim:String}]" if group_by else "''"
         params: dict[str, Any] = {
             "tenant": tenant_id,
-            "meter": meter_id,
+            "meter": meter.id,
             "start": start,
             "end": end,
             "dim": group_by or "",
@@ -111,18 +125,15 @@ class ClickHouseBilling(CatalogStore):
         if customers is not None:
             cust = " AND customer IN {custs:Array(String)}"
             params["custs"] = list(customers)
-        out: dict[tuple[str, str], int] = {}
-        for table in ("usage_minute", "usage_corrections FINAL"):
-            rows = self.store.query_rows(
-                f"SELECT customer, {group_expr} AS g, sum(events) FROM {self.db}.{table} "
-                "WHERE tenant_id = {tenant:String} AND meter_id = {meter:String} "
-                "AND window_start >= {start:DateTime64(3, 'UTC')} "
-                f"AND window_start < {{end:DateTime64(3, 'UTC')}}{cust} GROUP BY customer, g",
-                params,
-            )
-            for c, g, n in rows:
-                out[(str(c), str(g))] = out.get((str(c), str(g)), 0) + int(n)
-        return out
+        rows = self.store.query_rows(
+            f"SELECT customer, {group_expr} AS g, sum(events) "
+            f"FROM {usage_source(self.db, meter.aggregation)} "
+            "WHERE tenant_id = {tenant:String} AND meter_id = {meter:String} "
+            "AND window_start >= {start:DateTime64(3, 'UTC')} "
+            f"AND window_start < {{end:DateTime64(3, 'UTC')}}{cust} GROUP BY customer, g",
+            params,
+        )
+        return {(str(c), str(g)): int(n) for c, g, n in rows}
 
     # --- invoices -----------------------------------------------------------------------------
 
@@ -216,6 +227,29 @@ class ClickHouseBilling(CatalogStore):
             token = token_of(tenant_id, "create", *sorted(i.id for i in invoices))
             settings = {**DEDUP, "insert_deduplication_token": token}
         self.store.insert("invoices", rows, INVOICE_COLUMNS, settings=settings)
+
+    def invoice_heads(
+        self, tenant_id: str, since: datetime
+    ) -> list[tuple[str, str, str, datetime, datetime | None, datetime | None]]:
+        """``(invoice_id, status, number, created_at, finalized_at, voided_at)`` of the invoices
+        changed since ``since`` (without parsing their documents)."""
+        rows = self.store.query_rows(
+            f"SELECT invoice_id, status, number, created_at, JSONExtractString(doc, 'finalized_at'), "
+            f"JSONExtractString(doc, 'voided_at') FROM {self.db}.invoices FINAL "
+            "WHERE tenant_id = {tenant:String} AND updated_at >= {since:DateTime64(3, 'UTC')} "
+            "ORDER BY invoice_id",
+            {"tenant": tenant_id, "since": since},
+        )
+        return [(str(i), str(st), str(n), _utc(c), _iso(f), _iso(v)) for i, st, n, c, f, v in rows]
+
+    def credit_note_heads(self, tenant_id: str, since: datetime) -> list[tuple[str, datetime]]:
+        rows = self.store.query_rows(
+            f"SELECT credit_note_id, created_at FROM {self.db}.credit_notes FINAL "
+            "WHERE tenant_id = {tenant:String} AND created_at >= {since:DateTime64(3, 'UTC')} "
+            "ORDER BY credit_note_id",
+            {"tenant": tenant_id, "since": since},
+        )
+        return [(str(i), _utc(c)) for i, c in rows]
 
     # --- number claims ------------------------------------------------------------------------
 
@@ -420,79 +454,54 @@ class ClickHouseBilling(CatalogStore):
             for t, i, at, a, who, d in rows
         ]
 
-    # --- events and corrections ---------------------------------------------------------------
+    # --- leases -------------------------------------------------------------------------------
 
-    def get_event(self, tenant_id: str, event_id: str) -> dict[str, Any]:
+    def _lease_rows(self, where: str, params: dict[str, Any]) -> list[LeaseRow]:
         rows = self.store.query_rows(
-            f"SELECT event_type, customer, time, properties, ingested_at FROM {self.db}.events "
-            "FINAL WHERE tenant_id = {tenant:String} AND event_id = {id:String}",
-            {"tenant": tenant_id, "id": event_id},
-        )
-        if not rows:
-            raise NotFound(
-                f"event {event_id!r} not found",
-                details=[{"field": "event_id", "message": "unknown"}],
-            )
-        t, c, time, props, ingested = rows[0]
-        return {
-            "id": event_id,
-            "type": str(t),
-            "customer": str(c),
-            "time": _utc(time),
-            "properties": orjson.loads(props),
-            "ingested_at": _utc(ingested),
-        }
-
-    def corrections(self, tenant_id: str, event_id: str | None = None) -> list[Correction]:
-        params: dict[str, Any] = {"tenant": tenant_id}
-        extra = ""
-        if event_id is not None:
-            extra = " AND event_id = {id:String}"
-            params["id"] = event_id
-        rows = self.store.query_rows(
-            f"SELECT doc FROM {self.db}.event_corrections FINAL WHERE tenant_id = {{tenant:String}}"
-            f"{extra} ORDER BY created_at, correction_id",
+            "SELECT tenant_id, name, seq, owner, toUnixTimestamp64Milli(acquired_at), "
+            f"toUnixTimestamp64Milli(expires_at) FROM {self.db}.leases FINAL "
+            f"WHERE tenant_id = {{tenant:String}} AND name = {{name:String}}{where} "
+            "ORDER BY seq DESC LIMIT 1",
             params,
         )
-        return [Correction.model_validate_json(r[0]) for r in rows]
+        return [
+            LeaseRow(str(t), str(n), int(s), str(o), int(a), int(e)) for t, n, s, o, a, e in rows
+        ]
 
-    def insert_correction(
-        self, tenant_id: str, correction: Correction, deltas: Sequence[tuple[Any, ...]]
-    ) -> None:
-        """The usage deltas first (keyed by correction id, so a retry collapses), then the
-        correction record (the commit point: a correction without its record is re-applied by
-        a retry of the same id, whose delta rows replace the first ones)."""
-        if deltas:
-            self.store.insert(
-                "usage_corrections",
-                [(tenant_id, *d) for d in deltas],
-                [
-                    "tenant_id",
-                    "meter_id",
-                    "customer",
-                    "window_start",
-                    "group_key",
-                    "correction_id",
-                    "group_values",
-                    "events",
-                    "value_sum",
-                ],
-            )
+    def lease_head(self, tenant_id: str, name: str) -> LeaseRow | None:
+        found = self._lease_rows("", {"tenant": tenant_id, "name": name})
+        return found[0] if found else None
+
+    def lease_at(self, tenant_id: str, name: str, seq: int) -> LeaseRow | None:
+        found = self._lease_rows(
+            " AND seq = {seq:UInt64}", {"tenant": tenant_id, "name": name, "seq": seq}
+        )
+        return found[0] if found else None
+
+    def _insert_lease(self, row: LeaseRow, version: int, settings: dict[str, Any]) -> None:
         self.store.insert(
-            "event_corrections",
+            "leases",
             [
                 (
-                    tenant_id,
-                    correction.event_id,
-                    correction.id,
-                    correction.action.value,
-                    correction.model_dump_json(),
-                    correction.created_at,
+                    row.tenant_id,
+                    row.name,
+                    row.seq,
+                    row.owner,
+                    from_epoch_ms(row.acquired_ms),
+                    from_epoch_ms(max(0, row.expires_ms)),
+                    version,
                 )
             ],
-            ["tenant_id", "event_id", "correction_id", "action", "doc", "created_at"],
-            settings={**DEDUP, "insert_deduplication_token": token_of(tenant_id, correction.id)},
+            ["tenant_id", "name", "seq", "owner", "acquired_at", "expires_at", "version"],
+            settings=settings,
         )
+
+    def acquire_lease(self, row: LeaseRow) -> None:
+        token = token_of("lease", row.tenant_id, row.name, str(row.seq))
+        self._insert_lease(row, 1, {**DEDUP, "insert_deduplication_token": token})
+
+    def renew_lease(self, row: LeaseRow, version: int) -> None:
+        self._insert_lease(row, version, {"insert_deduplicate": 0})
 
     # --- webhooks -----------------------------------------------------------------------------
 
@@ -677,6 +686,13 @@ class ClickHouseBilling(CatalogStore):
                 "version",
             ],
         )
+
+    def endpoint_tenants(self) -> list[str]:
+        """Tenants with webhook endpoints (the dispatcher's reconciliation: a scheduling read)."""
+        rows = self.store.query_rows(
+            f"SELECT DISTINCT tenant_id FROM {self.db}.webhook_endpoints ORDER BY tenant_id"
+        )
+        return [str(r[0]) for r in rows]
 
     def threshold_tenants(self) -> list[str]:
         """Tenants that have thresholds (the threshold task's scheduling read)."""

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from clickhouse.backfill import backfill_origin_sql
+from clickhouse.backfill import backfill_origin_sql, backfill_seq_sql
 from clickhouse.store import check_identifier
+from schemas.corrections import ADDITIVE
 from schemas.meters import Aggregation
 from schemas.timeutil import epoch_ms
 from schemas.usage import CUSTOMER, UsageQuery, WindowSize
@@ -70,28 +71,100 @@ WINDOW_SQL: dict[WindowSize, tuple[str, str]] = {
 
 
 _SOURCE_COLUMNS = (
-    "tenant_id, meter_id, customer, window_start, group_key, group_values, events, value_count, "
-    "value_sum, value_min, value_max, uniq_values, latest"
+    "tenant_id, meter_id, customer, window_start, group_key, group_values, "
+    "toInt64(events) AS events, toInt64(value_count) AS value_count, value_sum, value_min, "
+    "value_max, uniq_values, latest"
 )
+# Effect rows of corrections (signed deltas), in the columns of _SOURCE_COLUMNS.
+_DELTA_COLUMNS = (
+    "tenant_id, meter_id, customer, window_start, group_key, group_values, events, value_count, "
+    "value_sum, CAST(NULL AS Nullable(Decimal(38, 9))) AS value_min, "
+    "CAST(NULL AS Nullable(Decimal(38, 9))) AS value_max, CAST([] AS Array(String)) AS uniq_values, "
+    "CAST((0, '', 0) AS Tuple(Int64, String, Decimal(38, 9))) AS latest"
+)
+_KEY = "tenant_id = {tenant:String} AND meter_id = {meter:String}"
+_WINDOW_KEY = "(customer, window_start, group_key)"
 
 
-def usage_source(database: str) -> str:
-    """The rows a usage query of the meter ``{meter:String}`` reads: the stream's plus those of
-    the meter's latest complete backfill run (legacy runs of older versions live in
-    ``usage_minute`` under their ``b:`` origin)."""
+def visible_run_sql(database: str) -> tuple[str, str]:
+    """(origin of the meter's latest complete backfill run ('b:' if none), the corrections that
+    run applied in its own scan): scalar subqueries on ``{tenant:String}``/``{meter:String}``."""
+    return backfill_origin_sql(database), backfill_seq_sql(database)
+
+
+def usage_source(
+    database: str,
+    aggregation: Aggregation = Aggregation.SUM,
+    *,
+    overrides: bool = True,
+    narrow: str = "",
+) -> str:
+    """The rows a usage query of the meter ``{meter:String}`` reads (columns of
+    ``_SOURCE_COLUMNS``): the stream's (origin 's') plus those of the meter's latest complete
+    backfill run (legacy runs of older versions live in ``usage_minute`` under their ``b:``
+    origin), with event corrections applied:
+
+    - count, sum, avg: plus the corrections' effect rows (signed deltas) of side 's', and of
+      side 'b' newer than the corrections the visible run applied itself (none without a run:
+      an event no run counted has nothing to take back);
+    - min, max, unique_count, latest: a minute window (customer, minute, group) with an
+      override is read from ``usage_overrides`` instead of its pre-aggregated rows (side 's':
+      always; side 'b': if the override is newer than the visible run's corrections).
+      ``overrides=False``: the pre-aggregates alone (the query found no corrected window in
+      its range: ``dirty_count_sql``), without the cost of the masks. ``narrow``: conditions
+      (`` AND ...`` on window_start/customer) of the query, which keep the masks small.
+    """
     db = check_identifier(database)
-    visible = backfill_origin_sql(db)
-    key = "tenant_id = {tenant:String} AND meter_id = {meter:String}"
+    visible, vseq = visible_run_sql(db)
+    if aggregation not in ADDITIVE and not overrides:
+        return (
+            f"(SELECT {_SOURCE_COLUMNS} FROM {db}.usage_minute WHERE {_KEY} "
+            f"AND origin IN ('s', {visible}) "
+            f"UNION ALL SELECT {_SOURCE_COLUMNS} FROM {db}.usage_backfill WHERE {_KEY} "
+            f"AND origin = {visible})"
+        )
+    if aggregation in ADDITIVE:
+        return (
+            f"(SELECT {_SOURCE_COLUMNS} FROM {db}.usage_minute WHERE {_KEY} "
+            f"AND origin IN ('s', {visible}) "
+            f"UNION ALL SELECT {_SOURCE_COLUMNS} FROM {db}.usage_backfill WHERE {_KEY} "
+            f"AND origin = {visible} "
+            f"UNION ALL SELECT {_DELTA_COLUMNS} FROM {db}.corrections FINAL WHERE {_KEY} "
+            f"AND (side = 's' OR (side = 'b' AND {visible} != 'b:' AND seq > {vseq})))"
+        )
+    # Rows of customers without any recomputed window are read as they are; only the rows of
+    # the others are checked against the masks (the (customer, minute, group) tuple test is
+    # the expensive part, and the primary key confines it to those customers' granules).
+    okey = _KEY + narrow
+    overridden = f"(SELECT DISTINCT customer FROM {db}.usage_overrides WHERE {okey})"
+    mask_s = (
+        f"(SELECT customer, window_start, group_key FROM {db}.usage_overrides WHERE {okey} "
+        "AND side = 's')"
+    )
+    mask_b = (
+        f"(SELECT customer, window_start, group_key FROM {db}.usage_overrides WHERE {okey} "
+        f"AND side = 'b' AND seq > {vseq})"
+    )
     return (
-        f"(SELECT {_SOURCE_COLUMNS} FROM {db}.usage_minute WHERE {key} "
-        f"AND origin IN ('s', {visible}) "
-        f"UNION ALL SELECT {_SOURCE_COLUMNS} FROM {db}.usage_backfill WHERE {key} "
-        f"AND origin = {visible})"
+        f"(SELECT {_SOURCE_COLUMNS} FROM {db}.usage_minute WHERE {_KEY} "
+        f"AND origin IN ('s', {visible}) AND customer NOT IN {overridden} "
+        f"UNION ALL SELECT {_SOURCE_COLUMNS} FROM {db}.usage_backfill WHERE {_KEY} "
+        f"AND origin = {visible} AND customer NOT IN {overridden} "
+        f"UNION ALL SELECT {_SOURCE_COLUMNS} FROM {db}.usage_minute WHERE {_KEY} "
+        f"AND origin IN ('s', {visible}) AND customer IN {overridden} "
+        f"AND NOT ((origin = 's' AND {_WINDOW_KEY} IN {mask_s}) "
+        f"OR (origin != 's' AND {_WINDOW_KEY} IN {mask_b})) "
+        f"UNION ALL SELECT {_SOURCE_COLUMNS} FROM {db}.usage_backfill WHERE {_KEY} "
+        f"AND origin = {visible} AND customer IN {overridden} AND {_WINDOW_KEY} NOT IN {mask_b} "
+        f"UNION ALL SELECT {_SOURCE_COLUMNS} FROM {db}.usage_overrides FINAL WHERE {_KEY} "
+        f"AND (side = 's' OR (side = 'b' AND {visible} != 'b:' AND seq > {vseq})))"
     )
 
 
-def usage_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, Any]]:
-    """The SQL and parameters answering ``q`` from ``usage_source``."""
+def usage_sql(
+    q: UsageQuery, database: str, *, overrides: bool = True
+) -> tuple[str, dict[str, Any]]:
+    """The SQL and parameters answering ``q`` from ``usage_source`` (``overrides``: see there)."""
     db = check_identifier(database)
     params: dict[str, Any] = {
         "tenant": q.tenant_id,
@@ -139,80 +212,80 @@ def usage_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, Any]]:
 
     # Without any key, group by the (filtered, constant) tenant: no rows when there is no data.
     group = keys or ["tenant_id"]
+    narrow = " AND " + " AND ".join(where[2:4])
+    if q.customers:
+        narrow += " AND customer IN {customers:Array(String)}"
+    source = usage_source(db, q.meter.aggregation, overrides=overrides, narrow=narrow)
     sql = (
-        "SELECT " + ", ".join(select) + f" FROM {usage_source(db)}"
+        "SELECT " + ", ".join(select) + f" FROM {source}"
         " WHERE " + " AND ".join(where) + " GROUP BY " + ", ".join(group)
     )
+    if q.meter.aggregation not in ADDITIVE:
+        # a group whose every window lost its events to corrections has no value (no row)
+        sql += " HAVING sum(events) > 0"
     if keys:
         sql += " ORDER BY " + ", ".join(keys)
     return sql, params
 
 
-# Aggregations whose value is a sum of per-event contributions: a correction (void or amend of
-# an event) is exact as a signed delta for these. Others (min, max, unique_count, latest, avg)
-# are not corrected by deltas; see docs/invoicing.md (corrections).
-CORRECTABLE: dict[Aggregation, str] = {
-    Aggregation.COUNT: "sum(events)",
-    Aggregation.SUM: "sum(value_sum)",
-}
-
-
-def corrections_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, Any]] | None:
-    """The signed correction deltas (``usage_corrections``) for ``q``, in the same result
-    columns as ``usage_sql(q)``, or None when the meter's aggregation is not correctable.
-    ``clickhouse.usage.run_usage`` adds them to the pre-aggregates' values: a separate query, so
-    the pre-aggregate SQL stays as it is."""
-    value = CORRECTABLE.get(q.meter.aggregation)
-    if value is None:
-        return None
-    db = check_identifier(database)
+def _state_where(q: UsageQuery) -> tuple[str, dict[str, Any]]:
     params: dict[str, Any] = {
         "tenant": q.tenant_id,
         "meter": q.meter.id,
         "from_ms": epoch_ms(q.from_),
         "to_ms": epoch_ms(q.to),
     }
-    select: list[str] = []
-    keys: list[str] = []
-    if q.window is not None:
-        start, end = WINDOW_SQL[q.window]
-        select += [
-            f"{start} AS bucket",
-            "toUnixTimestamp(bucket) AS window_start_s",
-            f"toUnixTimestamp({end}) AS window_end_s",
-        ]
-        keys.append("bucket")
-        if q.window is not WindowSize.MINUTE:
-            params["tz"] = q.tz
-    if q.per_customer:
-        select.append("customer")
-        keys.append("customer")
-    for i, name in enumerate(q.dimensions):
-        params[f"g{i}"] = name
-        select.append(f"group_values[{{g{i}:String}}] AS d{i}")
-        keys.append(f"d{i}")
-    select.append(f"{value} AS value")
-    where = [
-        "tenant_id = {tenant:String}",
-        "meter_id = {meter:String}",
-        "window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC')",
-        "window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')",
-    ]
-    if q.customers:
-        params["customers"] = list(q.customers)
-        where.append("customer IN {customers:Array(String)}")
-    for i, (name, values) in enumerate(sorted(q.filters.items())):
-        params[f"f{i}"] = list(values)
-        if name == CUSTOMER:
-            where.append(f"customer IN {{f{i}:Array(String)}}")
-        else:
-            params[f"fk{i}"] = name
-            where.append(f"group_values[{{fk{i}:String}}] IN {{f{i}:Array(String)}}")
-    group = keys or ["tenant_id"]
-    sql = (
-        "SELECT " + ", ".join(select) + f" FROM {db}.usage_corrections FINAL"
-        " WHERE " + " AND ".join(where) + " GROUP BY " + ", ".join(group)
+    rng = (
+        "window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC') "
+        "AND window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')"
     )
-    if keys:
-        sql += " ORDER BY " + ", ".join(keys)
+    return f"{_KEY} AND {rng}{_customer_filter(q, params)}", params
+
+
+def dirty_count_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, Any]]:
+    """How many effect rows of corrections fall in ``q``'s range (and customers): 0 means a
+    min/max/unique_count/latest query can read the pre-aggregates alone."""
+    db = check_identifier(database)
+    where, params = _state_where(q)
+    return f"SELECT count() FROM {db}.corrections WHERE {where}", params
+
+
+def stale_overrides_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, Any]]:
+    """``(customer, window_start)`` of the minute windows in ``q``'s range (and customers) that
+    corrections made dirty (min/max/unique_count/latest meters) and whose override is missing
+    or out of date: older than the key's newest correction, or (side 's') computed when the
+    stream had pre-aggregated a different number of the key's events (late events arrived
+    since). Side 'b' keys matter only above the visible run's own corrections."""
+    db = check_identifier(database)
+    visible, vseq = visible_run_sql(db)
+    where, params = _state_where(q)
+    sql = (
+        "SELECT DISTINCT d.customer, d.window_start FROM "
+        f"(SELECT customer, window_start, group_key, side, max(seq) AS dseq FROM {db}.corrections "
+        f"WHERE {where} GROUP BY customer, window_start, group_key, side) AS d "
+        "LEFT JOIN (SELECT customer, window_start, group_key, side, seq AS oseq, base_events "
+        f"FROM {db}.usage_overrides FINAL WHERE {where}) AS o "
+        "USING (customer, window_start, group_key, side) "
+        "LEFT JOIN (SELECT customer, window_start, group_key, "
+        "CAST('s' AS LowCardinality(String)) AS side, sum(events) AS n "
+        f"FROM {db}.usage_minute WHERE {where} AND origin = 's' AND (customer, window_start) IN "
+        f"(SELECT customer, window_start FROM {db}.corrections WHERE {where} AND side = 's') "
+        "GROUP BY customer, window_start, group_key) AS p "
+        "USING (customer, window_start, group_key, side) "
+        "WHERE (d.side = 's' AND (o.oseq < d.dseq OR o.base_events != p.n)) "
+        f"OR (d.side = 'b' AND {visible} != 'b:' AND d.dseq > {vseq} AND o.oseq < d.dseq) "
+        "ORDER BY d.customer, d.window_start"
+    )
     return sql, params
+
+
+def _customer_filter(q: UsageQuery, params: dict[str, Any]) -> str:
+    """`` AND customer IN ...`` for the customers ``q`` is restricted to ('' for all)."""
+    wanted: set[str] | None = set(q.customers) if q.customers else None
+    for name, values in q.filters.items():
+        if name == CUSTOMER:
+            wanted = set(values) if wanted is None else wanted & set(values)
+    if wanted is None:
+        return ""
+    params["stale_customers"] = sorted(wanted)
+    return " AND customer IN {stale_customers:Array(String)}"

@@ -204,6 +204,19 @@ class Store:
                 applied.append(path.name)
             return applied
 
+    def pending_migrations(self, directory: Path = MIGRATIONS_DIR) -> list[str]:
+        """Names of the migration files not recorded as applied (all of them on a new store)."""
+        try:
+            done = {
+                r[0] for r in self.query_rows(f"SELECT name FROM {self.database}.schema_migrations")
+            }
+        except StoreUnavailable as exc:
+            if "UNKNOWN_TABLE" in str(exc) or "doesn't exist" in str(exc):
+                done = set()
+            else:
+                raise
+        return [p.name for p in migration_files(directory) if p.name not in done]
+
 
 def open_store(settings: Settings) -> Store:
     """Open the store the settings point at: ``clickhouse_url``, or embedded chDB in ``chdb_dir``."""

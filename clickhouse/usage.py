@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
-from clickhouse.queries import corrections_sql, usage_sql
+from clickhouse.queries import dirty_count_sql, stale_overrides_sql, usage_sql
 from clickhouse.store import Store
+from schemas.corrections import ADDITIVE
+from schemas.meters import Meter
 from schemas.usage import UsageQuery, UsageRow
+
+log = logging.getLogger(__name__)
 
 
 def _decimal(value: Any) -> Decimal | None:
@@ -25,41 +31,62 @@ def _utc(seconds: int) -> datetime:
     return datetime.fromtimestamp(int(seconds), UTC)
 
 
-def run_usage(store: Store, q: UsageQuery) -> list[UsageRow]:
-    """Execute ``q``: rows ordered by window start, then customer, then the dimensions.
-
-    Event corrections (``usage_corrections``, signed deltas of count/sum meters) are read by a
-    separate query and added to the matching rows (``_with_corrections``)."""
-    sql, params = usage_sql(q, store.database)
-    rows = store.query_rows(sql, params)
-    corr = corrections_sql(q, store.database)
-    if corr is not None:
-        rows = _with_corrections(rows, store.query_rows(*corr))
-    return _to_usage_rows(q, rows)
+# (tenant id, meter, [(customer, minute window start)]) -> recompute those windows' overrides
+Repair = Callable[[str, Meter, list[tuple[str, datetime]]], None]
 
 
-def _with_corrections(rows: list[tuple], deltas: list[tuple]) -> list[tuple]:
-    """Add each delta row's value (last column) to the row with the same key (all the other
-    columns); a delta without a row becomes a row. Order is kept (new keys sorted after)."""
-    if not deltas:
-        return rows
-    index = {tuple(r[:-1]): i for i, r in enumerate(rows)}
-    out = [list(r) for r in rows]
-    extra: list[list[Any]] = []
-    for d in deltas:
-        i = index.get(tuple(d[:-1]))
-        if i is None:
-            extra.append(list(d))
-        else:
-            base = _decimal(out[i][-1]) or Decimal(0)
-            out[i][-1] = base + (_decimal(d[-1]) or Decimal(0))
-    merged = [tuple(r) for r in out] + [tuple(r) for r in sorted(extra, key=lambda r: r[:-1])]
-    return merged
+def usage_values(store: Store, q: UsageQuery, repair: Repair | None = None) -> list[UsageValue]:
+    """Execute ``q``: rows ordered by window start, then customer, then the dimensions, as
+    plain tuples (an invoice run reads tens of thousands; ``run_usage`` gives models).
+
+    Event corrections are part of the query (``clickhouse.queries.usage_source``). For
+    min/max/unique_count/latest meters, minute windows whose override is missing or out of date
+    (``stale_overrides_sql``, after ``dirty_count_sql`` found corrected windows in range: a crash after the correction, or late events since) are first
+    recomputed by ``repair`` (``billing.corrections.Corrections.repair``, which has the worker's
+    matching rules); without ``repair`` they are used as they are, with a warning."""
+    overrides = True
+    if q.meter.aggregation not in ADDITIVE:
+        ((dirty,),) = store.query_rows(*dirty_count_sql(q, store.database))
+        overrides = int(dirty) > 0
+        if overrides:
+            stale = [
+                (str(c), _utc_dt(w))
+                for c, w in store.query_rows(*stale_overrides_sql(q, store.database))
+            ]
+            if stale and repair is not None:
+                repair(q.tenant_id, q.meter, stale)
+            elif stale:
+                log.warning(
+                    "meter %s: %d corrected minute window(s) need recomputing; no repair given",
+                    q.meter.slug,
+                    len(stale),
+                )
+    sql, params = usage_sql(q, store.database, overrides=overrides)
+    return _to_values(q, store.query_rows(sql, params))
 
 
-def _to_usage_rows(q: UsageQuery, rows: list[tuple]) -> list[UsageRow]:
+def run_usage(store: Store, q: UsageQuery, repair: Repair | None = None) -> list[UsageRow]:
+    """``usage_values`` as ``UsageRow`` models (the usage API)."""
+    return [UsageRow(**v._asdict()) for v in usage_values(store, q, repair)]
+
+
+def _utc_dt(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class UsageValue(NamedTuple):
+    """One row of a usage query (the fields of ``schemas.usage.UsageRow``)."""
+
+    window_start: datetime
+    window_end: datetime
+    customer: str | None
+    group_by: dict[str, str]
+    value: Decimal | None
+
+
+def _to_values(q: UsageQuery, rows: list[tuple]) -> list[UsageValue]:
     dims = q.dimensions
-    out: list[UsageRow] = []
+    out: list[UsageValue] = []
     for row in rows:
         i = 0
         if q.window is not None:
@@ -72,13 +99,5 @@ def _to_usage_rows(q: UsageQuery, rows: list[tuple]) -> list[UsageRow]:
             customer = row[i]
             i += 1
         group = {name: row[i + k] for k, name in enumerate(dims)}
-        out.append(
-            UsageRow(
-                window_start=start,
-                window_end=end,
-                customer=customer,
-                group_by=group,
-                value=_decimal(row[i + len(dims)]),
-            )
-        )
+        out.append(UsageValue(start, end, customer, group, _decimal(row[i + len(dims)])))
     return out

@@ -43,7 +43,7 @@ def _settings(data_dir: Path | None = None, **overrides: object) -> Settings:
     except Exception as exc:  # pydantic ValidationError: name the setting
         typer.echo(f"invalid settings: {exc}", err=True)
         raise typer.Exit(2) from exc
-    logsetup.configure(settings.log_level)
+    logsetup.configure(settings.log_level, settings.log_format.value)
     return settings
 
 
@@ -90,6 +90,25 @@ def worker(data_dir: DataDir = None) -> None:
         run_worker(_settings(data_dir))
     except TallyError as exc:
         _fail(exc)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def bench(ctx: typer.Context) -> None:
+    """Run the benchmark harness (source checkout only): `tally bench --quick`, `--help`."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        typer.echo("tally bench needs a source checkout (benchmarks/ is not installed)", err=True)
+        raise typer.Exit(2)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "benchmarks", *ctx.args], env=env))
 
 
 @app.command()

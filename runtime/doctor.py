@@ -401,21 +401,16 @@ def check_store_clock(ctx: Context) -> list[Finding]:
     return [judge_skew("the store", int(value) / 1000 - (t0 + t1) / 2, (t1 - t0) / 2 + 0.01)]
 
 
-def _watermarks(
-    bootstrap: str, topic: str, partitions: list[int], timeout: float
-) -> dict[int, int]:
-    from confluent_kafka import Consumer, TopicPartition
+def _lag(bootstrap: str, topic: str, stored: dict[int, int], timeout: float) -> int:
+    """Messages not stored yet, measured as the worker measures it (``streams.lag``: the log end
+    from a fetch's high watermark; ListOffsets understates it on Tansu)."""
+    from streams.lag import LogProbe
 
-    c = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": "tally-doctor", "enable.auto.commit": False}
-    )
+    probe = LogProbe(bootstrap, topic, group="tally-doctor")
     try:
-        return {
-            p: int(c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1])
-            for p in partitions
-        }
+        return probe.measure(stored, timeout=timeout).total_lag
     finally:
-        c.close()
+        probe.close()
 
 
 def check_worker(ctx: Context, sample_s: float = 3.0) -> list[Finding]:
@@ -436,16 +431,16 @@ def check_worker(ctx: Context, sample_s: float = 3.0) -> list[Finding]:
 
     sink = ClickHouseSink(store)
     try:
-        high = _watermarks(s.kafka_bootstrap, s.events_topic, partitions, ctx.timeout)
         before = sink.progress(s.events_topic)
         time.sleep(sample_s)
         after = sink.progress(s.events_topic)
+        stored = {p: after.get(p, -1) for p in partitions}
+        lag = _lag(s.kafka_bootstrap, s.events_topic, stored, ctx.timeout)
         newest = store.query_rows(f"SELECT max(ingested_at) FROM {store.database}.events")[0][0]
     except Exception as exc:
         return [
             Finding("worker", Status.WARN, f"could not judge the worker's lag: {_first_line(exc)}")
         ]
-    lag = sum(max(0, (high[p] - 1) - after.get(p, -1)) for p in high)
     age = None
     if isinstance(newest, datetime) and newest.year > 1970:
         newest = newest.replace(tzinfo=UTC) if newest.tzinfo is None else newest

@@ -1,6 +1,9 @@
 """Wiring of the roles: embedded (`tally run`), `tally api`, `tally worker`, `tally migrate`.
 
-This is the only module that knows how the packages fit together. Shutdown order of `tally run`
+This is the only module that knows how the packages fit together. Each role makes ONE metrics
+registry (``tally.metrics.process_registry``) and hands it to the API's and the worker's
+metrics: `tally run` serves both on the API's /metrics; `tally worker` serves its own /metrics,
+/healthz and /readyz on ``worker_metrics_host:worker_metrics_port`` (default 9464). Shutdown order of `tally run`
 (SIGINT/SIGTERM): the HTTP server stops accepting and finishes in-flight requests (which may be
 waiting for the worker to store their events) → the producer drains → the worker makes its final
 flush and commits → the broker stops → exit 0.
@@ -13,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +51,14 @@ class Core:
 
 
 def _build_app(
-    settings: Settings, core: Core, producer: Any, waiter: Any, worker_status: Any
+    settings: Settings,
+    core: Core,
+    producer: Any,
+    waiter: Any,
+    worker_status: Any,
+    *,
+    lag_source: Any = None,
+    metrics: Any = None,
 ) -> Any:
     from api.app import create_app
 
@@ -57,6 +68,8 @@ def _build_app(
         producer=producer,
         progress_waiter=waiter,
         worker_status=worker_status,
+        lag_source=lag_source,
+        metrics=metrics,
     )
 
 
@@ -122,9 +135,12 @@ def run_embedded(settings: Settings) -> None:
     The broker child is supervised (``runtime.supervisor``): if it dies, it is restarted on a new
     topic generation; if it cannot be, the server stops and this raises ``TallyError`` (exit 1).
     """
+    from api.state import Metrics
     from clickhouse.sink import ClickHouseSink
     from runtime.supervisor import BrokerSupervisor, EmbeddedPipeline
+    from streams.metrics import WorkerMetrics
     from streams.progress import ProgressBoard
+    from tally.metrics import process_registry
 
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -145,8 +161,14 @@ def run_embedded(settings: Settings) -> None:
         core = Core.open(settings)
         token = core.repo.ensure_admin_token(settings.admin_token or None)
         board = ProgressBoard()
+        registry = process_registry()  # API and worker metrics, served together on /metrics
         pipeline = EmbeddedPipeline(
-            settings, data_dir, ClickHouseSink(core.store), board, base_topic
+            settings,
+            data_dir,
+            ClickHouseSink(core.store),
+            board,
+            base_topic,
+            metrics=WorkerMetrics(registry),
         )
         gen = pipeline.start()
         settings = pipeline.settings_for(gen.broker.bootstrap, gen.topic)
@@ -157,6 +179,10 @@ def run_embedded(settings: Settings) -> None:
             gen.producer,
             board,
             lambda: [pipeline.current.worker.status()] if pipeline and pipeline.current else [],
+            lag_source=lambda: (
+                pipeline.current.worker.lag_report() if pipeline and pipeline.current else None
+            ),
+            metrics=Metrics(registry, settings),
         )
 
         def swap_producer(producer: Any) -> None:
@@ -219,10 +245,13 @@ def _require_external(settings: Settings) -> None:
 
 def run_api(settings: Settings) -> None:
     from api.producer import EventProducer
+    from api.state import Metrics
     from api.topics import create_topic
     from clickhouse.sink import ClickHouseSink
+    from streams.lag import LogProbe
     from streams.progress import StoreProgressWaiter
     from streams.status import stale_after_s
+    from tally.metrics import process_registry
 
     _require_external(settings)
     core = Core.open(settings)
@@ -241,24 +270,108 @@ def run_api(settings: Settings) -> None:
         # the workers are other processes: judge them by the heartbeats they write
         return sink.heartbeats(settings.events_topic, int((time.time() - stale_s) * 1000))
 
+    # lag and freshness of every partition, measured here: the store's progress against the log
+    probe = LogProbe(
+        settings.kafka_bootstrap, settings.events_topic, group=f"{settings.consumer_group}-readyz"
+    )
+
+    def lag_report() -> Any:
+        progress = sink.progress(settings.events_topic)
+        stored = {p: progress.get(p, -1) for p in range(producer.partitions)}
+        return probe.measure(stored, timeout=3.0)
+
+    metrics = Metrics(process_registry(), settings)
     try:
-        _serve(_build_app(settings, core, producer, waiter, heartbeats), settings)
+        _serve(
+            _build_app(
+                settings,
+                core,
+                producer,
+                waiter,
+                heartbeats,
+                lag_source=lag_report,
+                metrics=metrics,
+            ),
+            settings,
+        )
     finally:
         producer.close()
+        probe.close()
+
+
+def serve_in_thread(app: Any, host: str, port: int, timeout: float = 15.0) -> tuple[Any, int]:
+    """Serve ``app`` with uvicorn in a daemon thread; returns the server and its port once it
+    listens. Raises ``TallyError`` when it cannot (e.g. the port is taken)."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, host=host, port=port, log_config=None, access_log=False, lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="tally-health", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise TallyError(
+                f"cannot serve /metrics on {host}:{port} (is the port taken? set "
+                "TALLY_WORKER_METRICS_PORT, 0 = any free port)"
+            )
+        time.sleep(0.02)
+    bound = port
+    for srv in server.servers:
+        for sock in srv.sockets:
+            bound = sock.getsockname()[1]
+    return server, int(bound)
 
 
 def run_worker(settings: Settings) -> None:
+    from api.health import create_health_app
+    from api.state import AppState, Metrics
     from api.topics import create_topic
     from clickhouse.sink import ClickHouseSink
+    from streams.lag import LogProbe
+    from streams.metrics import WorkerMetrics
     from streams.worker import WorkerRunner
+    from tally.metrics import process_registry
 
     _require_external(settings)
     core = Core.open(settings)
     create_topic(settings.kafka_bootstrap, settings.events_topic, settings.events_partitions)
+    registry = process_registry()
     runner = WorkerRunner(
-        settings, ClickHouseSink(core.store), None, dedupe_dir=settings.data_dir / "dedupe"
+        settings,
+        ClickHouseSink(core.store),
+        None,
+        dedupe_dir=settings.data_dir / "dedupe",
+        metrics=WorkerMetrics(registry),
     )
-    if runner.run_forever() != 0:
+    pinger = LogProbe(
+        settings.kafka_bootstrap, settings.events_topic, group=f"{settings.consumer_group}-ping"
+    )
+    state = AppState(
+        settings=settings,
+        store=core.store,
+        repo=core.repo,
+        producer=None,
+        progress_waiter=None,
+        worker_status=lambda: [runner.status()],
+        lag_source=runner.lag_report,
+        broker_ping=pinger.ping,
+        metrics=Metrics(registry, settings),
+    )
+    host = settings.worker_metrics_host
+    server, port = serve_in_thread(create_health_app(state), host, settings.worker_metrics_port)
+    print(
+        f"Tally worker: metrics, health and readiness on http://{host}:{port}/metrics", flush=True
+    )
+    try:
+        code = runner.run_forever()
+    finally:
+        server.should_exit = True
+        pinger.close()
+    if code != 0:
         err = runner.error
         detail = f"{type(err).__name__}: {err}" if err is not None else "unknown error"
         raise TallyError(f"the stream worker stopped on an error: {detail}")

@@ -66,9 +66,18 @@ class EmbeddedPipeline:
     """Starts (and restarts) broker + topic + worker + producer of `tally run`."""
 
     def __init__(
-        self, settings: Settings, data_dir: Path, sink: Any, board: Any, base_topic: str
+        self,
+        settings: Settings,
+        data_dir: Path,
+        sink: Any,
+        board: Any,
+        base_topic: str,
+        metrics: Any = None,
     ) -> None:
         self.settings = settings
+        # one WorkerMetrics per process, shared by every generation's worker (a second one on the
+        # same registry would raise "Duplicated timeseries")
+        self.metrics = metrics
         self.data_dir = data_dir
         self.sink = sink
         self.board = board
@@ -104,7 +113,11 @@ class EmbeddedPipeline:
         try:
             create_topic(broker.bootstrap, topic, settings.events_partitions)
             worker = WorkerRunner(
-                settings, self.sink, self.board, dedupe_dir=self.data_dir / "dedupe"
+                settings,
+                self.sink,
+                self.board,
+                dedupe_dir=self.data_dir / "dedupe",
+                metrics=self.metrics,
             )
             # a worker that fails or has no ready partitions in time: WorkerStartError
             worker.start_or_fail(settings.worker_start_timeout_s)

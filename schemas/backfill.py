@@ -98,6 +98,7 @@ class RunRecord:
     heartbeat_ms: int = 0
     finished_ms: int = 0
     version: int = 0
+    corrections_seq: int = 0  # the run applies corrections with 1 <= seq <= this in its scan
 
 
 @dataclass(frozen=True)

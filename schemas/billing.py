@@ -332,7 +332,14 @@ class Correction(BaseModel):
     properties_before: dict[str, Any]
     properties_after: dict[str, Any] | None = None
     applied_meters: list[str] = Field(default_factory=list)
+    # Always empty since every aggregation is corrected exactly (kept for the issue-10 shape).
     unapplied_meters: list[dict[str, str]] = Field(default_factory=list)
+    # The position of the correction in the tenant's correction log (1, 2, ...; 0 = recorded
+    # before the log existed).
+    seq: int = 0
+    # Per meter the event feeds: what counts it, "stream" or "backfill" (a backfill run; a void of
+    # an event no complete run counted takes nothing away).
+    targets: list[dict[str, str]] = Field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------

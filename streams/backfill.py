@@ -21,6 +21,13 @@ aggregation code as the worker:
     showing the previous one until then.
 (e) **garbage-collect** the rows of the runs this one replaced (correctness never depends on it).
 
+Event corrections: when the boundary is fixed the run also reads the tenant's newest correction
+seq S and stores it (``corrections_seq``); its scan applies exactly the corrections with
+``1 <= seq <= S`` (a voided event is scanned but not counted, an amended one is counted with its
+corrected properties). Corrections with a higher seq reach the run through their effect rows
+(side 'b'), which usage queries add only above the visible run's S: every correction counts
+once, whenever the run scanned the event.
+
 Runs are exclusive per meter, across processes: a lock row per acquisition, inserted with a
 deduplication token derived from (tenant, meter, sequence number); the store keeps one, and whoever
 reads back its own owner id holds the lock. The holder heartbeats; a second invocation while the
@@ -113,8 +120,16 @@ class Store(Protocol):
     def count_events(self, tenant_id: str, event_type: str, boundary: Boundary) -> int: ...
 
     def scan_events(
-        self, tenant_id: str, event_type: str, boundary: Boundary, after: str, limit: int
-    ) -> list[tuple[str, str, int, dict[str, Any]]]: ...
+        self,
+        tenant_id: str,
+        event_type: str,
+        boundary: Boundary,
+        after: str,
+        limit: int,
+        corrections_seq: int = 0,
+    ) -> list[tuple[str, str, int, dict[str, Any] | None]]: ...
+
+    def corrections_top(self, tenant_id: str) -> int: ...
 
     def write_chunk(
         self, tenant_id: str, meter_id: str, run_id: str, rows: list[tuple], cp: Checkpoint
@@ -384,7 +399,12 @@ class BackfillRunner:
         if rec.boundary is None:
             fixed = self._wait_boundary()
             total = store.count_events(t, meter.event_type, fixed)
-            rec = self._save(boundary=fixed, events_total=total, chunk_events=self.chunk_events)
+            rec = self._save(
+                boundary=fixed,
+                events_total=total,
+                chunk_events=self.chunk_events,
+                corrections_seq=store.corrections_top(t),
+            )
         boundary = rec.boundary
         assert boundary is not None
         chunk_events = rec.chunk_events or self.chunk_events  # a resumed run keeps its chunking
@@ -398,12 +418,16 @@ class BackfillRunner:
         origin = origin_of(run_id)
         self._report("scanning", scanned, rec.events_total)
         while True:
-            events = store.scan_events(t, meter.event_type, boundary, after, chunk_events)
+            events = store.scan_events(
+                t, meter.event_type, boundary, after, chunk_events, rec.corrections_seq
+            )
             if not events:
                 break
             table = WindowTable()
             c_matched = c_problems = 0
             for event_id, customer, time_ms, properties in events:
+                if properties is None:  # voided by a correction the run applies
+                    continue
                 ev = EnvelopeEvent(event_id, meter.event_type, customer, time_ms, properties)
                 try:
                     c = compiled.match(ev)

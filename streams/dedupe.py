@@ -63,6 +63,8 @@ class DedupeIndex:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA cache_size=-16000")  # 16 MB page cache: bounded memory
         self._db.executescript(_SCHEMA)
+        # entries, kept in step by every write (read by the worker's metrics, never scanned)
+        self.entries = int(self._db.execute("SELECT count(*) FROM seen").fetchone()[0])
 
     @classmethod
     def open(cls, directory: Path, topic: str, partition: int) -> DedupeIndex:
@@ -126,10 +128,12 @@ class DedupeIndex:
         with self._lock:
             self._db.execute("BEGIN")
             try:
+                before = self._db.total_changes
                 self._db.executemany(
                     "INSERT OR IGNORE INTO seen (tenant_id, event_id, ingested_ms) VALUES (?,?,?)",
                     keys_with_ms,
                 )
+                added = self._db.total_changes - before
                 self._db.execute(
                     "INSERT INTO meta (name, value) VALUES (?, ?) "
                     "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
@@ -139,11 +143,13 @@ class DedupeIndex:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            self.entries += added
 
     def purge_older_than(self, ms: int) -> int:
         """Forget ids ingested before ``ms`` (the horizon). Returns how many were removed."""
         with self._lock:
             cur = self._db.execute("DELETE FROM seen WHERE ingested_ms < ?", (ms,))
+            self.entries = max(0, self.entries - cur.rowcount)
             return cur.rowcount
 
     def reset(self) -> None:
@@ -153,6 +159,7 @@ class DedupeIndex:
             self._db.execute("DELETE FROM seen")
             self._db.execute("DELETE FROM meta")
             self._db.execute("COMMIT")
+            self.entries = 0
 
 
 def rebuild(

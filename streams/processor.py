@@ -45,7 +45,6 @@ from enum import Enum
 from typing import Any
 
 import orjson
-from prometheus_client import Counter, Histogram
 
 from schemas.control import Control, ControlError, decode_control, is_control
 from schemas.deadletters import DeadLetter, DeadLetterRow
@@ -58,32 +57,10 @@ from streams.activation import Activations
 from streams.aggregation import WindowTable
 from streams.dedupe import DedupeIndex, rebuild
 from streams.matching import MeterIndex, ValueProblem
+from streams.metrics import WorkerMetrics
 from streams.sink import Sink, chain_token
 
 log = logging.getLogger(__name__)
-
-EVENTS_IN = Counter("tally_worker_events_in", "Events read from the topic and flushed")
-DUPLICATES = Counter("tally_worker_duplicates", "Events dropped as duplicates of a stored id")
-EVENTS_STORED = Counter("tally_worker_events_stored", "Events stored in the ledger")
-POISON = Counter("tally_worker_poison_messages", "Undecodable messages skipped")
-METER_VALUE_ERRORS = Counter(
-    "tally_worker_meter_value_errors", "Events that matched a meter but had an unusable value"
-)
-FLUSH_SECONDS = Histogram(
-    "tally_worker_flush_seconds",
-    "Time of one flush (dedupe, aggregate, store commit, index)",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-)
-SKIPPED = Counter("tally_worker_skipped_messages", "Messages skipped as already stored")
-MARKERS = Counter(
-    "tally_worker_activation_markers", "Meter activation markers processed (first in a partition)"
-)
-# Dead letters of stored links by reason (schemas.deadletters.REASONS).
-DEAD_LETTERS = Counter(
-    "tally_worker_dead_letters",
-    "Dead letters written by committed links, by reason",
-    ["reason"],
-)
 
 METER_RELOAD_MS = 2_000
 
@@ -175,6 +152,7 @@ class Link:
     events_in: int = 0
     duplicates: int = 0
     value_errors: int = 0
+    late: int = 0  # kept events whose time is more than late_ms before their acceptance
     attempts: int = 0
     first_attempt: float | None = None  # monotonic seconds of the first insert attempt
 
@@ -232,9 +210,13 @@ class BatchProcessor:
         link_max_age_s: float = 300.0,
         monotonic: Callable[[], float] = _mono,
         dead_letter_max_bytes: int = 1 << 20,
+        metrics: WorkerMetrics | None = None,
+        late_ms: int = 60_000,
     ) -> None:
         self.horizon_ms = horizon_ms
         self.dead_letter_max_bytes = dead_letter_max_bytes
+        self.metrics = metrics if metrics is not None else WorkerMetrics()
+        self.late_ms = late_ms
         self.topic = topic
         self.sink = sink
         self.index_for = index_for
@@ -311,7 +293,7 @@ class BatchProcessor:
         if high is None:
             raise ValueError(f"partition {partition} of {self.topic} is not assigned")
         if offset <= high:
-            SKIPPED.inc()
+            self.metrics.skipped.inc()
             return False
         self._high[partition] = offset
         control: Control | None = None
@@ -327,7 +309,7 @@ class BatchProcessor:
         except (EnvelopeError, ControlError) as exc:
             problem = deadletters.of_message(payload, exc)
         if problem is not None:
-            POISON.inc()
+            self.metrics.poison.inc()
             log.warning(
                 "poison message %s[%d]@%d (%s) goes to the dead letters: %s",
                 self.topic,
@@ -341,6 +323,7 @@ class BatchProcessor:
         )
         if env is not None:
             self._buffered_events += len(env.events)
+            self.metrics.consumed.inc(len(env.events))
         return True
 
     @property
@@ -447,7 +430,8 @@ class BatchProcessor:
         events_rows: list[tuple[Any, ...]] = []
         kept_keys: list[tuple[str, str, int]] = []
         windows = WindowTable()
-        value_errors = 0
+        value_errors = late = 0
+        late_ms = self.late_ms
         dumps = orjson.dumps
         ingested_dt: dict[int, Any] = {}
         acts = self.activations
@@ -462,6 +446,8 @@ class BatchProcessor:
                 continue
             p_ing = env.ingested_at_ms
             kept_keys.append((k[0], k[1], p_ing))
+            if ev.time_ms < p_ing - late_ms:
+                late += 1
             ing = ingested_dt.get(p_ing)
             if ing is None:
                 ing = ingested_dt[p_ing] = from_epoch_ms(p_ing)
@@ -499,6 +485,7 @@ class BatchProcessor:
         link.duplicates = duplicates
         link.value_errors = value_errors
         link.dead_letter_rows = self._dead_letter_rows(link, found)
+        link.late = late
         link.prepared = True
 
     def _activate(
@@ -525,7 +512,7 @@ class BatchProcessor:
             if acts.mark(p, meter.id, offset):
                 rows.append((meter.tenant_id, meter.id, self.topic, p, offset))
         if rows:
-            MARKERS.inc(len(rows))
+            self.metrics.markers.inc(len(rows))
         return rows
 
     # --- one attempt at the store (executor thread) ---------------------------------------
@@ -556,6 +543,7 @@ class BatchProcessor:
             before = self.sink.read_chain(self.topic, parts)
         except Exception as exc:
             out.error = exc
+            self.metrics.store_errors.inc()
             for k in links:
                 verdicts[k.partition] = (Verdict.UNKNOWN, -1)
             return out
@@ -594,14 +582,18 @@ class BatchProcessor:
                 # (a) the ledger rows of every link (idempotent: replays collapse)
                 events_rows = [r for k in todo for r in k.events_rows]
                 self.sink.insert_events(events_rows)
+                rows_written = self.metrics.flush_rows
+                rows_written.labels("events").inc(len(events_rows))
                 # (b) meter activation rows (idempotent, like the events rows)
                 activation_rows = [r for k in todo for r in k.activation_rows]
                 if activation_rows:
                     self.sink.record_activations(activation_rows)
+                    rows_written.labels("meter_activations").inc(len(activation_rows))
                 # (b) dead letters (idempotent: deterministic rows keyed by source position)
                 dead_letter_rows = [r for k in todo for r in k.dead_letter_rows]
                 if dead_letter_rows:
                     self.sink.record_dead_letters(dead_letter_rows)
+                    rows_written.labels("dead_letters").inc(len(dead_letter_rows))
                 # (c) the commit points: one token-deduplicated insert per link
                 for k in todo:
                     k.attempts += 1
@@ -609,6 +601,7 @@ class BatchProcessor:
                         k.first_attempt = self.monotonic()
                     out.inserts += 1
                     self.sink.commit_link(self.topic, k.partition, k.first, k.last, k.usage_rows)
+                    rows_written.labels("usage_minute").inc(len(k.usage_rows) + 1)  # + progress
             except Exception as exc:
                 out.error = exc
             # (d) whose link landed? (a failed read is never "not landed": it is unknown)
@@ -644,7 +637,9 @@ class BatchProcessor:
                 log.warning("dedupe index of %s[%d] not updated: %r", self.topic, k.partition, exc)
                 out.error = out.error or exc
                 verdicts[k.partition] = (Verdict.UNKNOWN, m)
-        FLUSH_SECONDS.observe(time.perf_counter() - started)
+        if out.error is not None:
+            self.metrics.store_errors.inc()
+        self.metrics.flush_seconds.observe(time.perf_counter() - started)
         return out
 
     # --- results (caller's thread) --------------------------------------------------------
@@ -668,13 +663,15 @@ class BatchProcessor:
                 self._chain[p] = k.last
                 res.acks.extend(k.entries)
                 res.stored[p] = k.last
-                EVENTS_IN.inc(k.events_in)
-                DUPLICATES.inc(k.duplicates)
-                EVENTS_STORED.inc(len(k.events_rows))
+                wm = self.metrics
+                wm.stored.inc(len(k.events_rows))
+                wm.duplicate.inc(k.duplicates)
+                if k.late:
+                    wm.late.inc(k.late)
                 if k.value_errors:
-                    METER_VALUE_ERRORS.inc(k.value_errors)
+                    wm.meter_value_errors.inc(k.value_errors)
                 for r in k.dead_letter_rows:
-                    DEAD_LETTERS.labels(r[2]).inc()
+                    wm.dead_letters.labels(r[2]).inc()
                 continue
             # RESYNC: the store's chain ends at m; offsets <= m are stored (by someone)
             self._chain[p] = m

@@ -5,6 +5,14 @@ processes judge the newest heartbeat row of every worker of the topic (``worker_
 A worker counts as *live* when its status is ``running`` and fresh (taken within ``stale_s``).
 The check is red when no worker is live, or when a live worker has been failing to commit (store
 errors, unresolved commits, partition set-up) for longer than ``max_failing_s``.
+
+``evaluate_lag`` judges a lag measurement (``streams.lag.LagReport``): the ``lag`` check is red
+when more than ``max_lag`` messages wait unstored, the ``freshness`` check when the oldest of them
+is older than ``max_freshness_s``. Freshness is what catches a stuck consumer (the peer's bug:
+lag grew for 16 h with health green): a worker that is alive, heartbeating and failing nothing,
+but stores nothing while messages wait, ages its oldest waiting message past the threshold
+whatever the load. A measurement that failed, or is older than ``stale_s``, is *unknown*, which
+is red too: readiness is never claimed without evidence.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from typing import Any
 
 from schemas.timeutil import from_epoch_ms
 from schemas.worker import WorkerStatus
+from streams.lag import LagReport
 
 
 @dataclass(frozen=True)
@@ -76,3 +85,51 @@ def evaluate(
         why = f": {worst.last_error}" if worst.last_error else ""
         return WorkerCheck(False, f"cannot commit for {secs:.0f} s{why}", info)
     return WorkerCheck(True, "ok", info)
+
+
+def evaluate_lag(
+    report: LagReport | None,
+    now_ms: int,
+    *,
+    max_lag: int,
+    max_freshness_s: float,
+    stale_s: float,
+) -> tuple[WorkerCheck, WorkerCheck]:
+    """The ``lag`` and ``freshness`` checks of a measurement (see the module docstring)."""
+    if report is None:
+        unknown = WorkerCheck(False, "unknown: not measured yet", {})
+        return unknown, unknown
+    info = report.describe(now_ms)
+    if report.error:
+        unknown = WorkerCheck(False, f"unknown: {report.error}", info)
+        return unknown, unknown
+    age_s = (now_ms - report.measured_ms) / 1000
+    if age_s > stale_s:
+        unknown = WorkerCheck(False, f"unknown: last measured {age_s:.0f} s ago", info)
+        return unknown, unknown
+    total = report.total_lag
+    info_lag = {**info, "max": max_lag}
+    if total > max_lag:
+        worst = max(report.partitions, key=lambda p: (p.lag, -p.partition))
+        lag = WorkerCheck(
+            False,
+            f"{total} messages wait unstored (max {max_lag}); partition {worst.partition} "
+            f"is {worst.lag} behind",
+            info_lag,
+        )
+    else:
+        lag = WorkerCheck(True, "ok", info_lag)
+    fresh_s = report.freshness_s(now_ms)
+    info_fresh = {"seconds": round(fresh_s, 3), "max_s": max_freshness_s}
+    if fresh_s > max_freshness_s:
+        waiting = [p for p in report.partitions if p.freshness_s(now_ms) > max_freshness_s]
+        parts = ", ".join(str(p.partition) for p in waiting)
+        freshness = WorkerCheck(
+            False,
+            f"the oldest unstored message is {fresh_s:.0f} s old (max {max_freshness_s:g} s) "
+            f"in partitions {parts}: the worker is stuck or too slow",
+            info_fresh,
+        )
+    else:
+        freshness = WorkerCheck(True, "ok", info_fresh)
+    return lag, freshness

@@ -19,7 +19,10 @@ when the store is healthy, then gives up the links of revoked partitions without
 A partition whose newest claim belongs to another owner is fenced: dropped, never committed.
 
 The worker's status (``WorkerStatus``: state, last commit, failing since, last error, partitions)
-is available in-process and written every ``worker_heartbeat_s`` to ``worker_heartbeats``.
+is available in-process and written every ``worker_heartbeat_s`` to ``worker_heartbeats``. The
+same monitor loop measures the lag and freshness of the worker's partitions (``streams.lag``:
+log end from a fetch's high watermark, against the verified chain end) and publishes them with
+the other gauges of ``streams.metrics.WorkerMetrics`` (injected; one registry per process).
 
 ``WorkerRunner`` runs the app on its own event loop, in the foreground (``tally worker``) or in a
 background thread (embedded ``tally run``). Faust's ``Worker`` is not used: it wants the main
@@ -47,6 +50,8 @@ from faust.types import StreamT
 
 from schemas.worker import WorkerStatus
 from streams.dedupe import DedupeIndex, rebuild
+from streams.lag import LagReport, LogProbe
+from streams.metrics import WorkerMetrics
 from streams.processor import Applied, BatchProcessor, Entry
 from streams.progress import ProgressBoard
 from streams.sink import Sink
@@ -98,9 +103,17 @@ class StreamWorker:
         *,
         worker_id: str | None = None,
         fencing: bool = True,
+        metrics: WorkerMetrics | None = None,
+        probe: LogProbe | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
+        self.metrics = metrics if metrics is not None else WorkerMetrics()
+        self.probe = probe
+        # the newest lag measurement (None until the first one); read from any thread
+        self.lag_report: LagReport | None = None
+        self._summary_ms = _now_ms()
+        self._summary_base = (0.0, 0.0)
         self.topic = settings.events_topic
         self.sink = sink
         self.board = board
@@ -118,6 +131,8 @@ class StreamWorker:
             owner=self.worker_id if fencing else "",
             link_max_age_s=settings.link_max_age_s,
             dead_letter_max_bytes=settings.dead_letter_max_payload_bytes,
+            metrics=self.metrics,
+            late_ms=int(settings.late_event_s * 1000),
         )
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="tally-flush")
         self._hb_executor = ThreadPoolExecutor(1, thread_name_prefix="tally-heartbeat")
@@ -234,6 +249,7 @@ class StreamWorker:
                     ready = await self._run(self._init_io, todo)
                 except Exception as exc:
                     attempt += 1
+                    self.metrics.store_errors.inc()
                     self._failed(f"set-up of partitions {todo}", exc)
                     log.warning(
                         "set-up of partitions %s failed (attempt %d): %s",
@@ -263,6 +279,7 @@ class StreamWorker:
                 self.assigned.set()
                 if self.state == "starting":
                     self.state = "running"
+                    self.metrics.up.set(1)
 
     async def on_partitions_assigned(self, sender: Any, assigned: set[Any], **kw: Any) -> None:
         parts = {tp.partition for tp in assigned if tp.topic == self.topic}
@@ -388,6 +405,7 @@ class StreamWorker:
         done = applied.progress
         if done:
             self.commits += len(done)
+            self.metrics.commits.inc(len(done))
             self.last_commit_ms = _now_ms()
             if self.board is not None:
                 for p, off in done.items():
@@ -395,6 +413,7 @@ class StreamWorker:
         if applied.fenced:
             self.fenced.update(applied.fenced)
             self.fenced_total += len(applied.fenced)
+            self.metrics.fenced.inc(len(applied.fenced))
             log.error(
                 "partitions %s of %s are fenced: another worker claimed them; this worker "
                 "stops committing them (its buffered messages are not acked)",
@@ -428,13 +447,81 @@ class StreamWorker:
         try:
             await asyncio.wait_for(fut, timeout)
         except (TimeoutError, Exception) as exc:
+            self.metrics.store_up.set(0)
             log.debug("heartbeat not written: %r", exc)
+        else:
+            self.metrics.store_up.set(1)
 
     async def heartbeat_loop(self) -> None:
+        """The monitor loop: measure lag and freshness, update the gauges, write the heartbeat."""
         every = self.settings.worker_heartbeat_s
         while not self.stopping:
+            await self.observe(timeout=min(5.0, max(1.0, every)))
             await self._beat(every * 2)
             await asyncio.sleep(every)
+
+    async def observe(self, timeout: float = 5.0) -> LagReport:
+        """Measure the lag and freshness of this worker's partitions (against its verified chain
+        ends) and publish them with the other gauges."""
+        m = self.metrics
+        proc = self.processor
+        stored = {p: proc.chain_end(p) for p in proc.partitions}
+        m.partitions.set(len(stored))
+        m.up.set(1 if self.state == "running" else 0)
+        failing = self.failing_since_ms
+        m.failing_seconds.set(0 if failing is None else max(0, _now_ms() - failing) / 1000)
+        m.held_events.set(proc.held_events)
+        m.dedupe_entries.set(sum(idx.entries for idx in list(self.indexes.values())))
+        report: LagReport
+        if self.probe is None:
+            report = LagReport(_now_ms(), (), error="no lag probe", topic=self.topic)
+        else:
+            loop = asyncio.get_running_loop()
+            fut = loop.run_in_executor(self._hb_executor, self.probe.measure, stored, timeout)
+            try:
+                report = await asyncio.wait_for(fut, timeout + 1.0)
+            except (TimeoutError, Exception) as exc:
+                m.lag_probe_errors.inc()
+                log.debug("lag not measured: %r", exc)
+                report = LagReport(_now_ms(), (), error=_describe(exc), topic=self.topic)
+        m.broker_up.set(0 if report.error else 1)
+        if not report.error:
+            # partitions revoked while measuring are not ours to report
+            owned = set(proc.partitions)
+            m.set_lag({p: lag for p, lag in report.by_partition.items() if p in owned})
+            m.freshness.set(report.freshness_s())
+        self.lag_report = report
+        self._log_summary(report)
+        return report
+
+    def _log_summary(self, report: LagReport) -> None:
+        """One INFO line a minute while events are stored: counts, lag, freshness."""
+        now = _now_ms()
+        if now - self._summary_ms < 60_000:
+            return
+        read = self.metrics.registry.get_sample_value
+        stored = read("tally_worker_events_total", {"outcome": "stored"}) or 0.0
+        dups = read("tally_worker_events_total", {"outcome": "duplicate"}) or 0.0
+        d_stored, d_dups = stored - self._summary_base[0], dups - self._summary_base[1]
+        secs = (now - self._summary_ms) / 1000
+        self._summary_ms, self._summary_base = now, (stored, dups)
+        if d_stored or d_dups:
+            log.info(
+                "stored %d events (%d duplicates dropped) in the last %.0f s; lag %d messages, "
+                "freshness %.1f s",
+                d_stored,
+                d_dups,
+                secs,
+                report.total_lag,
+                report.freshness_s(),
+                extra={
+                    "events": int(d_stored),
+                    "duplicates": int(d_dups),
+                    "lag": report.total_lag,
+                    "freshness_s": round(report.freshness_s(), 3),
+                    "partitions": len(report.partitions),
+                },
+            )
 
     # --- lifecycle --------------------------------------------------------------------------
     def start_flush_loop(self) -> None:
@@ -473,11 +560,16 @@ class StreamWorker:
         else:
             self.dropped_on_stop = self.processor.held_messages
         self.state = "stopped"
+        self.metrics.up.set(0)
+        self.metrics.partitions.set(0)
+        self.metrics.set_lag({})
         await self._beat(5.0)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.app.stop(), timeout)
         self.executor.shutdown(wait=True)
         self._hb_executor.shutdown(wait=False)
+        if self.probe is not None:
+            self.probe.close()
         for idx in self.indexes.values():
             idx.close()
         self.indexes.clear()
@@ -492,6 +584,7 @@ def build_app(
     broker: str | None = None,
     worker_id: str | None = None,
     fencing: bool = True,
+    metrics: WorkerMetrics | None = None,
 ) -> faust.App:
     """The Faust app (``app.tally_worker`` is its StreamWorker). Build it on the loop it runs on."""
     bootstrap = broker or settings.kafka_bootstrap
@@ -515,8 +608,17 @@ def build_app(
         datadir=str(faust_dir),
         topic_allow_declare=False,
     )
+    probe = LogProbe(bootstrap, settings.events_topic, group=f"{settings.consumer_group}-lag")
     worker = StreamWorker(
-        app, settings, sink, board, dedupe_dir, worker_id=worker_id, fencing=fencing
+        app,
+        settings,
+        sink,
+        board,
+        dedupe_dir,
+        worker_id=worker_id,
+        fencing=fencing,
+        metrics=metrics,
+        probe=probe,
     )
     topic = app.topic(
         settings.events_topic, value_type=bytes, value_serializer="raw", key_serializer="raw"
@@ -549,8 +651,10 @@ class WorkerRunner:
         broker: str | None = None,
         worker_id: str | None = None,
         fencing: bool = True,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics if metrics is not None else WorkerMetrics()
         self.sink = sink
         self.board = board
         self.dedupe_dir = Path(dedupe_dir)
@@ -580,6 +684,7 @@ class WorkerRunner:
             broker=self.broker,
             worker_id=self.worker_id,
             fencing=self.fencing,
+            metrics=self.metrics,
         )
         worker = self.worker = app.tally_worker  # type: ignore[attr-defined]
         try:
@@ -624,6 +729,7 @@ class WorkerRunner:
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 loop.close()
+                self.metrics.up.set(0)  # however the worker ended
                 self._ready.set()
                 self._done.set()
 
@@ -679,6 +785,11 @@ class WorkerRunner:
                 loop.call_soon_threadsafe(self._request_stop_in_loop)
         if self._thread is not None:
             self._thread.join(timeout + 30.0)
+
+    def lag_report(self) -> LagReport | None:
+        """The newest lag measurement of the worker (None before the first one)."""
+        worker = self.worker
+        return worker.lag_report if worker is not None else None
 
     @property
     def running(self) -> bool:

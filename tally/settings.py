@@ -21,6 +21,11 @@ class WaitMode(StrEnum):
     STORED = "stored"  # after the worker stored every event in ClickHouse
 
 
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TALLY_", extra="ignore", validate_default=True)
 
@@ -157,6 +162,12 @@ class Settings(BaseSettings):
         timedelta(days=120),
         description="How far back finalized periods are re-rated for late usage",
     )
+    invoice_run_lease_s: float = Field(
+        60.0, gt=0, description="Lease of a tenant's invoice run (renewed while it runs)"
+    )
+    invoice_run_wait_s: float = Field(
+        600.0, ge=0, description="How long a run waits for another run of the tenant (then 409)"
+    )
     invoice_number_prefix: str = Field("INV", pattern=r"^[A-Z0-9][A-Z0-9-]{0,15}$")
     credit_note_number_prefix: str = Field("CN", pattern=r"^[A-Z0-9][A-Z0-9-]{0,15}$")
     billing_tasks: bool = Field(
@@ -172,6 +183,15 @@ class Settings(BaseSettings):
     webhook_backoff_max_s: float = Field(3600.0, gt=0)
     webhook_timeout_s: float = Field(10.0, gt=0)
     webhook_poll_interval_s: float = Field(0.5, gt=0)
+    webhook_lease_s: float = Field(
+        30.0, gt=0, description="Lease of the one webhook dispatcher among the API replicas"
+    )
+    webhook_reconcile_interval_s: float = Field(
+        60.0, gt=0, description="How often the dispatcher queues notifications a crash lost"
+    )
+    webhook_reconcile_lookback: timedelta = Field(
+        timedelta(days=3), description="How far back the first reconciliation after a start looks"
+    )
     threshold_check_interval_s: float = Field(60.0, gt=0)
     # --- backfill ----------------------------------------------------------------------------
     backfill_chunk_events: int = Field(50_000, ge=1, description="Events per stored chunk")
@@ -194,19 +214,67 @@ class Settings(BaseSettings):
     url: str = Field("", description="URL of a running Tally server, e.g. http://127.0.0.1:8000")
     api_key: SecretStr = Field(SecretStr(""), description="Tenant API key for client commands")
 
+    # --- observability (docs/deploy.md) ---------------------------------------------------
+    worker_metrics_host: str = Field(
+        "127.0.0.1", description="`tally worker`: address of its /metrics, /healthz, /readyz"
+    )
+    worker_metrics_port: int = Field(
+        9464, ge=0, le=65535, description="`tally worker`: port of /metrics etc. (0 = any free)"
+    )
+    worker_max_lag: int = Field(
+        100_000, ge=1, description="/readyz is red when more messages than this wait unstored"
+    )
+    worker_max_freshness_s: float = Field(
+        60.0,
+        gt=0,
+        description="/readyz is red when the oldest unstored message is older than this "
+        "(a stuck or too slow worker)",
+    )
+    late_event_s: float = Field(
+        60.0, ge=0, description="Events older than this at acceptance count as late (metric)"
+    )
+    metrics_tenant_top_n: int = Field(
+        10,
+        ge=0,
+        le=1000,
+        description="tally_tenant_events_total has a series for at most this many tenants "
+        "(the busiest; the rest are 'other')",
+    )
+    metrics_tenants: str = Field(
+        "",
+        description="Comma-separated tenant ids that get their own series in "
+        "tally_tenant_events_total instead of the top N (the rest are 'other')",
+    )
+
     # --- logging -----------------------------------------------------------------------------
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    log_format: LogFormat = Field(
+        LogFormat.TEXT, description="text (for a terminal) or json (one object per line)"
+    )
+    access_log: bool = Field(
+        False, description="Log one line per HTTP request (route, status, time, tenant, ids)"
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, v: object) -> object:
         return v.upper() if isinstance(v, str) else v
 
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.strip().lower() if isinstance(v, str) else v
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.dedupe_horizon < self.max_lateness:
             raise ValueError(
                 "dedupe_horizon must be >= max_lateness, otherwise a late retry could be counted twice"
+            )
+        if self.webhook_lease_s < self.webhook_timeout_s + 10:
+            raise ValueError(
+                "webhook_lease_s must be >= webhook_timeout_s + 10: the dispatcher starts an "
+                "attempt only while its lease covers the attempt's timeout and its bookkeeping"
             )
         return self
 

@@ -146,11 +146,13 @@ async def test_health_metrics_and_unknown_routes(
 ) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     r = await client.get("/readyz")
-    assert r.status_code == 200 and r.json()["checks"] == {"store": "ok", "broker": "ok"}
+    assert r.status_code == 200
+    assert r.json()["checks"] == {"store": "ok", "migrations": "ok", "broker": "ok"}
     await client.post("/v1/events", json=[{"id": "1"}], headers=auth(tenant[1]))
     r = await client.get("/metrics")
     assert r.status_code == 200
-    assert 'tally_ingest_events_total{api="native",outcome="rejected"} 1.0' in r.text
+    assert 'tally_ingest_events_total{outcome="rejected",source="native"} 1.0' in r.text
+    assert 'tally_ingest_rejected_events_total{reason="type",source="native"} 1.0' in r.text
     assert 'route="/v1/events",status="400"' in r.text
     r = await client.get("/nope")
     assert r.status_code == 404 and r.json()["error"] == "not_found"

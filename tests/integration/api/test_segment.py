@@ -119,7 +119,7 @@ async def test_batch_with_basic_auth_and_gzip_maps_messages_to_events(
     metrics = (await seg.get("/metrics")).text
     assert 'tally_segment_messages_ignored_total{type="identify"} 2.0' in metrics
     assert 'tally_segment_messages_ignored_total{type="alias"} 1.0' in metrics
-    assert 'tally_ingest_events_total{api="segment",outcome="accepted"} 6.0' in metrics
+    assert 'tally_ingest_events_total{outcome="accepted",source="segment"} 6.0' in metrics
 
 
 async def test_write_key_in_body_bearer_and_refusals(

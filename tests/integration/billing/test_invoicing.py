@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -289,3 +290,59 @@ async def test_auto_finalize_discounts_and_inclusive_tax(
         "30.00",
         True,
     )
+
+
+async def test_replacement_after_void_nets_out_adjustments_billed_elsewhere(
+    client: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    """February was finalized, then late usage for it was billed as an adjustment on March's
+    finalized invoice. Voiding February with a replacement re-rates February in full and takes
+    the adjustment already billed on March off again: the period is billed once, to the cent."""
+    await call(client, tenant, "POST", "/v1/plans", PLAN, 201)
+    await setup_customer(client, tenant)
+    feb = T("2025-02-10T10:00:00Z")
+    tenant.usage("acme-1", [("api", feb, {})] * 1501 + [("storage", feb, {"gb": "4"})])
+    await call(client, tenant, "POST", "/v1/invoices/run", {"as_of": "2025-03-01T01:00:00Z"})
+    invs = (await call(client, tenant, "GET", "/v1/invoices"))["data"]
+    f1 = next(i for i in invs if i["period_start"].startswith("2025-02"))
+    f1 = await call(client, tenant, "POST", f"/v1/invoices/{f1['id']}/finalize")
+    assert (f1["number"], f1["total"]) == ("INV-000001", "64.81")
+    # 100 late calls for February: March carries +1.00 (+0.20 VAT) for it.
+    tenant.usage("acme-1", [("api", feb, {})] * 100)
+    out = await call(client, tenant, "POST", "/v1/invoices/run", {"as_of": "2025-04-01T01:00:00Z"})
+    mar = await call(client, tenant, "POST", f"/v1/invoices/{out['created'][0]}/finalize")
+    assert lines(mar)[-1] == ("adjustment", "api", "1.00") and mar["total"] == "37.20"
+
+    voided = await call(
+        client, tenant, "POST", f"/v1/invoices/{f1['id']}/void", {"reason": "x", "replace": True}
+    )
+    repl = await call(client, tenant, "GET", f"/v1/invoices/{voided['replaced_by']}")
+    # February in full: 30.00 + 1601 calls (900*0.02 + 601*0.01 = 24.01) + storage 1.00, less the
+    # 1.00 already billed on INV-000002: subtotal 54.01; VAT 6.00 + 4.80 + 0.20 - 0.20 = 10.80.
+    assert lines(repl) == [
+        ("fixed", "base", "30.00"),
+        ("usage", "api", "24.01"),
+        ("usage", "storage", "1.00"),
+        ("adjustment", "api", "-1.00"),
+    ]
+    assert "INV-000002" in repl["lines"][3]["description"]
+    assert repl["lines"][3]["quantity"] == "-100"
+    assert (repl["subtotal"], repl["tax"], repl["total"]) == ("54.01", "10.80", "64.81")
+    # Everything billed for February = what February's usage costs: 55.01 + VAT 11.00.
+    assert Decimal(repl["total"]) + Decimal("1.20") == Decimal("66.01")
+
+    # Finalizing re-rates the draft: still netted. Later runs bill February nothing more.
+    fin = await call(client, tenant, "POST", f"/v1/invoices/{repl['id']}/finalize")
+    assert (fin["number"], fin["total"]) == ("INV-000003", "64.81")
+    out = await call(client, tenant, "POST", "/v1/invoices/run", {"as_of": "2025-05-01T01:00:00Z"})
+    apr = await call(client, tenant, "GET", f"/v1/invoices/{out['created'][0]}")
+    assert [k for k, _, _ in lines(apr)] == ["fixed", "usage", "usage"]
+    assert out["credit_notes"] == []
+
+    # A replacement of the replacement nets the same adjustment (through the chain).
+    v2 = await call(
+        client, tenant, "POST", f"/v1/invoices/{fin['id']}/void", {"reason": "y", "replace": True}
+    )
+    r2 = await call(client, tenant, "GET", f"/v1/invoices/{v2['replaced_by']}")
+    assert lines(r2)[-1] == ("adjustment", "api", "-1.00") and r2["total"] == "64.81"
+    assert r2["revision"] == 2 and r2["replaces"] == fin["id"]

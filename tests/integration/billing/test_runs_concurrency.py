@@ -123,3 +123,67 @@ def test_two_concurrent_runs_make_one_invoice_per_period(
     numbers = sorted(int(i.number.split("-")[1]) for i in final if i.number)
     assert all(i.status.value == "finalized" for i in final)
     assert numbers == list(range(1, 121))
+
+
+def test_runs_with_different_views_list_each_invoice_once(
+    store: Any, tenant: Tenant, chdb_dir: Path, settings: Settings
+) -> None:
+    """Replica A plans April's run (Jan-Mar for every subscription) and is slow to write; replica
+    B runs for March (Jan-Feb) meanwhile. Without serialization both would write Jan-Feb (their
+    inserts differ, so the deduplication token does not drop either) and both would list those
+    invoices in `created`. With the tenant's run lease B waits for A and creates nothing."""
+    a = _replica(chdb_dir, store.database, settings)
+    b = _replica(chdb_dir, store.database, settings)
+    a.catalog.create_plan(
+        tenant.id,
+        PlanSpec.model_validate(
+            {
+                "code": "p",
+                "name": "P",
+                "currency": "USD",
+                "charges": [{"key": "base", "price": {"model": "flat", "amount": "10"}}],
+            }
+        ),
+    )
+    for i in range(10):
+        a.catalog.create_customer(
+            tenant.id, CustomerIn(external_id=f"c{i}", name=f"C{i}", currency="USD")
+        )
+        a.catalog.create_subscription(
+            tenant.id,
+            SubscriptionIn(
+                customer_id=f"c{i}", plan_code="p", start_at=datetime(2025, 1, 1, tzinfo=UTC)
+            ),
+            now=datetime(2025, 1, 1, tzinfo=UTC),
+        )
+    a_planned, b_done = threading.Event(), threading.Event()
+    outs: dict[str, Any] = {}
+    paused: list[bool] = []
+
+    def slow(stage: str, done: int, total: int) -> None:
+        if stage == "plan":
+            a_planned.set()
+        if stage == "rate" and not paused:  # A has composed its invoices, not written them
+            paused.append(True)
+            b_done.wait(5)  # B cannot finish while A holds the lease: A goes on after 5 s
+
+    def run_a() -> None:
+        outs["a"] = a.invoicing.run(tenant.id, AS_OF, progress=slow)
+
+    def run_b() -> None:
+        outs["b"] = b.invoicing.run(tenant.id, datetime(2025, 3, 1, 2, tzinfo=UTC))
+        b_done.set()
+
+    ta = threading.Thread(target=run_a)
+    ta.start()
+    assert a_planned.wait(60)
+    tb = threading.Thread(target=run_b)
+    tb.start()
+    ta.join(120)
+    tb.join(120)
+    created_a, created_b = set(outs["a"].created), set(outs["b"].created)
+    assert not created_a & created_b, "an invoice listed as created by two runs"
+    invoices = {i.id for i in a.invoicing.list_invoices(tenant.id)}
+    assert len(invoices) == 30 and created_a | created_b == invoices
+    assert len(created_a) + outs["a"].existing == 30
+    assert len(created_b) + outs["b"].existing == 20

@@ -8,6 +8,7 @@ import threading
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 
 from api.billing_state import build_services
 from billing.webhooks import verify
-from schemas.billing import WebhookEndpointIn
+from schemas.billing import CreditNoteIn, VoidIn, WebhookEndpointIn
 from tally.settings import Settings
 
 from .conftest import Tenant
@@ -167,3 +168,168 @@ def test_gives_up_after_max_attempts(store: Any, tenant: Tenant, tmp_path: Any) 
     svc.webhooks.dispatch_once()
     d = svc.webhooks.deliveries(tenant.id)[0]
     assert len(calls) == 3 and d.status.value == "failed" and "ConnectionError" in d.last_error
+
+
+class Crash(BaseException):
+    """Stands for kill -9: no error handling of the process runs after it."""
+
+
+def _fast(tmp_path: Any, **kw: Any) -> Settings:
+    return Settings.model_validate(
+        {
+            "data_dir": tmp_path / "d",
+            "billing_tasks": False,
+            "invoice_run_workers": 1,
+            "webhook_backoff_s": 0.05,
+            "webhook_timeout_s": 1.0,
+            "webhook_lease_s": 12.0,
+            **kw,
+        }
+    )
+
+
+async def test_a_crash_between_a_change_and_its_notification_loses_nothing(
+    client: httpx.AsyncClient, tenant: Tenant, store: Any, tmp_path: Any, chdb_dir: Any
+) -> None:
+    """Each state change crashes right after its commit point, before its notification is
+    queued (and one finalization between its number claim and the invoice row). A restarted
+    process's reconciliation queues exactly the lost notifications, which are delivered once."""
+    from clickhouse.store import Store
+
+    settings = _fast(tmp_path)
+    svc = build_services(settings, store)
+    client._transport.app.state.billing = svc  # type: ignore[attr-defined]
+    rx = Receiver()
+    try:
+        ep = svc.webhooks.create_endpoint(tenant.id, WebhookEndpointIn(url=rx.url))
+        await call(client, tenant, "POST", "/v1/plans", PLAN, 201)
+        await setup_customer(client, tenant, "a")
+        await setup_customer(client, tenant, "b")
+
+        def crash(*_a: Any, **_k: Any) -> None:
+            raise Crash
+
+        svc.invoicing.notify = crash
+        as_of = datetime(2025, 3, 1, 2, tzinfo=UTC)
+        with pytest.raises(Crash):
+            svc.invoicing.run(tenant.id, as_of)
+        invs = svc.invoicing.list_invoices(tenant.id)
+        assert len(invs) == 4 and svc.webhooks.deliveries(tenant.id) == []
+        a_jan, a_feb, _b_jan, b_feb = sorted(invs, key=lambda i: (i.customer_id, i.period_start))
+        with pytest.raises(Crash):
+            svc.invoicing.finalize(tenant.id, a_feb.id)
+        with pytest.raises(Crash):
+            svc.invoicing.void(tenant.id, a_jan.id, VoidIn(reason="wrong"))
+        with pytest.raises(Crash):
+            svc.invoicing.create_credit_note(
+                tenant.id, a_feb.id, CreditNoteIn(reason="goodwill", amount=Decimal("1.00"))
+            )
+        # a finalization that dies between its number claim (the commit point) and the row
+        real_write = svc.rows.write_invoices
+
+        def die_on_finalized_rows(tenant_id: str, rows: Any, *, create: bool = False) -> None:
+            if not create and any(i.status.value == "finalized" for i in rows):
+                raise Crash
+            real_write(tenant_id, rows, create=create)
+
+        svc.rows.write_invoices = die_on_finalized_rows  # type: ignore[method-assign]
+        with pytest.raises(Crash):
+            svc.invoicing.finalize(tenant.id, b_feb.id)
+        assert svc.webhooks.deliveries(tenant.id) == []
+
+        # A new process (its own store client) starts: its reconciliation queues what was lost.
+        fresh = build_services(settings, Store.open(f"chdb://{chdb_dir}", store.database))
+        queued = fresh.webhooks.reconcile_all()
+        assert queued == 8
+        assert fresh.webhooks.reconcile_all() == 0  # once
+        expected = {("invoice.created", i.id) for i in invs} | {
+            ("invoice.finalized", a_feb.id),
+            ("invoice.finalized", b_feb.id),
+            ("invoice.voided", a_jan.id),
+        }
+        deadline = time.monotonic() + 60
+        while len(rx.ok()) < 8 and time.monotonic() < deadline:
+            fresh.webhooks.dispatch_once()
+            time.sleep(0.05)
+        fresh.webhooks.stop()
+        bodies = [orjson.loads(b) for _, b, _ in rx.ok()]
+        got = {(b["type"], b["data"]["id"]) for b in bodies}
+        notes = svc.invoicing.list_credit_notes(tenant.id)
+        assert got == expected | {("credit_note.created", notes[0].id)}
+        ids = [h["Tally-Webhook-Id"] for h, _, _ in rx.ok()]
+        assert len(ids) == len(set(ids)) == 8
+        fin = next(
+            b for b in bodies if b["type"] == "invoice.finalized" and b["data"]["id"] == b_feb.id
+        )
+        assert fin["data"]["status"] == "finalized" and fin["data"]["number"] == "INV-000002"
+        assert fresh.invoicing.get_invoice(tenant.id, b_feb.id).status.value == "finalized"
+        created = next(
+            b for b in bodies if b["type"] == "invoice.created" and b["data"]["id"] == a_feb.id
+        )
+        assert created["data"]["status"] == "draft" and created["data"]["number"] is None
+        assert created["created_at"] == a_feb.created_at.isoformat()
+        assert ep.id and all(h["Tally-Webhook-Id"].startswith("dlv_") for h, _, _ in rx.ok())
+    finally:
+        svc.webhooks.stop()
+        rx.close()
+
+
+def test_two_dispatchers_send_each_attempt_once(
+    store: Any, tenant: Tenant, tmp_path: Any, chdb_dir: Any
+) -> None:
+    """Two API replicas run their dispatcher against one store: each delivery attempt is sent
+    once (the first answer is a 500, so every id is sent exactly twice). When the dispatcher
+    holding the lease dies without releasing it, the other takes over once the lease expired,
+    and the dead one's lease can no longer send."""
+    from clickhouse.store import Store
+
+    settings = _fast(tmp_path)
+    a = build_services(settings, store)
+    b = build_services(settings, Store.open(f"chdb://{chdb_dir}", store.database))
+    rx = Receiver()
+    try:
+        a.webhooks.create_endpoint(tenant.id, WebhookEndpointIn(url=rx.url))
+        a.webhooks.emit_many(
+            tenant.id, "invoice.created", [(f"inv_{k}", {"id": k}) for k in range(20)]
+        )
+        stop = threading.Event()
+        sent: dict[str, int] = {"a": 0, "b": 0}
+
+        def loop(name: str, svc: Any) -> None:
+            while not stop.is_set():
+                sent[name] += svc.webhooks.dispatch_once()
+                time.sleep(0.02)
+
+        threads = [threading.Thread(target=loop, args=(n, s)) for n, s in (("a", a), ("b", b))]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(rx.ok()) == 20, timeout=120)
+        time.sleep(0.5)  # more rounds on both sides: nothing else is sent
+        stop.set()
+        for t in threads:
+            t.join(30)
+        per_id: dict[str, list[int]] = defaultdict(list)
+        for h, _, code in rx.requests:
+            per_id[h["Tally-Webhook-Id"]].append(code)
+        assert len(per_id) == 20 and all(codes == [500, 200] for codes in per_id.values())
+        assert 0 in sent.values()  # one dispatcher did all the sending
+
+        # The holder dies (no release); the other waits for the lease to expire, then sends.
+        holder, other = (a, b) if sent["a"] else (b, a)
+        holder.webhooks.dispatch_once()  # renews: a fresh lease
+        other.webhooks.emit_many(
+            tenant.id, "invoice.voided", [(f"inv_{k}", {"id": k}) for k in range(5)]
+        )
+        assert holder.webhooks.lease.valid_for() > 0
+        assert other.webhooks.dispatch_once() == 0  # the lease is the holder's
+        before = len(rx.requests)
+        deadline = time.monotonic() + 120
+        while len(rx.ok()) < 25 and time.monotonic() < deadline:
+            other.webhooks.dispatch_once()
+            time.sleep(0.05)
+        assert len(rx.ok()) == 25 and len(rx.requests) == before + 10
+        assert holder.webhooks.dispatch_once() == 0  # its lease is gone
+    finally:
+        a.webhooks.stop()
+        b.webhooks.stop()
+        rx.close()

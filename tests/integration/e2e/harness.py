@@ -32,6 +32,8 @@ def tally_env(**extra: str) -> dict[str, str]:
         TALLY_ADMIN_TOKEN=ADMIN_TOKEN,
         TALLY_LOG_LEVEL="WARNING",
         TALLY_BROKER_SESSION_TIMEOUT_S="10",
+        # several `tally worker` processes share this machine: each takes a free metrics port
+        TALLY_WORKER_METRICS_PORT="0",
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)

@@ -15,7 +15,6 @@ from clickhouse.store import Store
 from runtime.doctor import (
     Context,
     Status,
-    _watermarks,
     check_broker,
     check_migrations,
     check_worker,
@@ -23,6 +22,7 @@ from runtime.doctor import (
 )
 from runtime.send import Format, read_records
 from schemas.envelope import group_rows
+from streams.lag import LogProbe
 from tally.settings import Settings
 
 
@@ -107,8 +107,10 @@ def test_doctor_direct_checks(broker: Any, topic: str, store: Store, chdb_dir: P
     # A worker that stores everything (its progress rows reach the end of every partition).
     sink = ClickHouseSink(store)
     assert sink.progress(topic) == {}
-    high = _watermarks(broker.bootstrap, topic, [0, 1, 2, 3], 5)
-    sink.commit(topic, [], [], {p: off - 1 for p, off in high.items() if off > 0})
+    probe = LogProbe(broker.bootstrap, topic)
+    ends = {x.partition: x.end for x in probe.measure({p: -1 for p in range(4)}).partitions}
+    probe.close()
+    sink.commit(topic, [], [], {p: end - 1 for p, end in ends.items() if end > 0})
     assert [f.status for f in check_worker(ctx, sample_s=0.5)] == [Status.OK]
     ctx.close()
 

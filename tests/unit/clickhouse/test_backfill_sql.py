@@ -41,15 +41,27 @@ def test_boundary_sql() -> None:
 
 
 def test_scan_sql() -> None:
-    sql, params = scan_sql("tally", "t1", "api", B, "ev-9", 500)
+    sql, params = scan_sql("tally", "t1", "api", B, "ev-9", 500, 7)
     assert sql == (
-        "SELECT event_id, customer, toUnixTimestamp64Milli(time), properties "
+        "SELECT e.event_id, e.customer, e.t, if(c.action = 'amend', c.props, e.properties), "
+        "c.action FROM (SELECT event_id, customer, toUnixTimestamp64Milli(time) AS t, properties "
         "FROM tally.events FINAL "
         "WHERE tenant_id = {tenant:String} AND event_id > {after:String} "
         f"AND event_type = {{type:String}} AND {COND} "
-        "ORDER BY event_id LIMIT 1 BY event_id LIMIT {limit:UInt64}"
+        "ORDER BY event_id LIMIT 1 BY event_id LIMIT {limit:UInt64}) AS e "
+        "LEFT JOIN (SELECT event_id, argMax(action, seq) AS action, argMax(properties, seq) AS props "
+        "FROM tally.corrections FINAL WHERE tenant_id = {tenant:String} AND meter_id = '' "
+        "AND seq >= 1 AND seq <= {cs:UInt64} AND event_id > {after:String} GROUP BY event_id) AS c "
+        "ON e.event_id = c.event_id ORDER BY e.event_id"
     )
-    assert params == {**COND_PARAMS, "tenant": "t1", "type": "api", "after": "ev-9", "limit": 500}
+    assert params == {
+        **COND_PARAMS,
+        "tenant": "t1",
+        "type": "api",
+        "after": "ev-9",
+        "limit": 500,
+        "cs": 7,
+    }
 
 
 def test_count_sql() -> None:

@@ -22,23 +22,77 @@ VISIBLE_RUN = (
     "(SELECT concat('b:', argMax(run_id, (finished_at, run_id))) FROM tally.backfill_runs"
     " WHERE tenant_id = {tenant:String} AND meter_id = {meter:String} AND state = 'complete')"
 )
+VISIBLE_SEQ = (
+    "(SELECT argMax(corrections_seq, (finished_at, run_id)) FROM tally.backfill_runs"
+    " WHERE tenant_id = {tenant:String} AND meter_id = {meter:String} AND state = 'complete')"
+)
 COLUMNS = (
+    "tenant_id, meter_id, customer, window_start, group_key, group_values,"
+    " toInt64(events) AS events, toInt64(value_count) AS value_count, value_sum, value_min,"
+    " value_max, uniq_values, latest"
+)
+DELTAS = (
     "tenant_id, meter_id, customer, window_start, group_key, group_values, events, value_count,"
-    " value_sum, value_min, value_max, uniq_values, latest"
+    " value_sum, CAST(NULL AS Nullable(Decimal(38, 9))) AS value_min,"
+    " CAST(NULL AS Nullable(Decimal(38, 9))) AS value_max, CAST([] AS Array(String)) AS uniq_values,"
+    " CAST((0, '', 0) AS Tuple(Int64, String, Decimal(38, 9))) AS latest"
 )
+KEY = "tenant_id = {tenant:String} AND meter_id = {meter:String}"
+# count/sum/avg: the stream's rows, the meter's latest complete backfill run, and the effect rows
+# of corrections (side 's'; side 'b' only above the corrections the visible run applied itself)
 SOURCE = (
-    f"(SELECT {COLUMNS} FROM tally.usage_minute"
-    " WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}"
+    f"(SELECT {COLUMNS} FROM tally.usage_minute WHERE {KEY}"
     f" AND origin IN ('s', {VISIBLE_RUN})"
-    f" UNION ALL SELECT {COLUMNS} FROM tally.usage_backfill"
-    " WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}"
-    f" AND origin = {VISIBLE_RUN})"
+    f" UNION ALL SELECT {COLUMNS} FROM tally.usage_backfill WHERE {KEY}"
+    f" AND origin = {VISIBLE_RUN}"
+    f" UNION ALL SELECT {DELTAS} FROM tally.corrections FINAL WHERE {KEY}"
+    f" AND (side = 's' OR (side = 'b' AND {VISIBLE_RUN} != 'b:' AND seq > {VISIBLE_SEQ})))"
 )
-WHERE = (
-    f" FROM {SOURCE} WHERE tenant_id = {{tenant:String}} AND meter_id = {{meter:String}}"
+# min/max/unique_count/latest: windows with an override are read from usage_overrides instead
+# (the recomputed windows are looked up in the query's range only)
+NARROW = (
     " AND window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC')"
     " AND window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')"
 )
+MASK_S = (
+    f"(SELECT customer, window_start, group_key FROM tally.usage_overrides WHERE {KEY}{NARROW}"
+    " AND side = 's')"
+)
+MASK_B = (
+    f"(SELECT customer, window_start, group_key FROM tally.usage_overrides WHERE {KEY}{NARROW}"
+    f" AND side = 'b' AND seq > {VISIBLE_SEQ})"
+)
+OVERRIDDEN = f"(SELECT DISTINCT customer FROM tally.usage_overrides WHERE {KEY}{NARROW})"
+OVERRIDDEN_SOURCE = (
+    f"(SELECT {COLUMNS} FROM tally.usage_minute WHERE {KEY}"
+    f" AND origin IN ('s', {VISIBLE_RUN}) AND customer NOT IN {OVERRIDDEN}"
+    f" UNION ALL SELECT {COLUMNS} FROM tally.usage_backfill WHERE {KEY}"
+    f" AND origin = {VISIBLE_RUN} AND customer NOT IN {OVERRIDDEN}"
+    f" UNION ALL SELECT {COLUMNS} FROM tally.usage_minute WHERE {KEY}"
+    f" AND origin IN ('s', {VISIBLE_RUN}) AND customer IN {OVERRIDDEN} AND NOT ((origin = 's'"
+    f" AND (customer, window_start, group_key) IN {MASK_S}) OR (origin != 's'"
+    f" AND (customer, window_start, group_key) IN {MASK_B}))"
+    f" UNION ALL SELECT {COLUMNS} FROM tally.usage_backfill WHERE {KEY}"
+    f" AND origin = {VISIBLE_RUN} AND customer IN {OVERRIDDEN}"
+    f" AND (customer, window_start, group_key) NOT IN {MASK_B}"
+    f" UNION ALL SELECT {COLUMNS} FROM tally.usage_overrides FINAL WHERE {KEY}"
+    f" AND (side = 's' OR (side = 'b' AND {VISIBLE_RUN} != 'b:' AND seq > {VISIBLE_SEQ})))"
+)
+# ... and without any corrected window in range: the pre-aggregates alone
+PLAIN_SOURCE = (
+    f"(SELECT {COLUMNS} FROM tally.usage_minute WHERE {KEY}"
+    f" AND origin IN ('s', {VISIBLE_RUN})"
+    f" UNION ALL SELECT {COLUMNS} FROM tally.usage_backfill WHERE {KEY}"
+    f" AND origin = {VISIBLE_RUN})"
+)
+RANGE = (
+    " WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}"
+    " AND window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC')"
+    " AND window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')"
+)
+WHERE = f" FROM {SOURCE}" + RANGE
+OVERRIDDEN_WHERE = f" FROM {OVERRIDDEN_SOURCE}" + RANGE
+ADDITIVE = {Aggregation.COUNT, Aggregation.SUM, Aggregation.AVG}
 BASE_PARAMS = {"tenant": "t1", "meter": "mid", "from_ms": FROM_MS, "to_ms": TO_MS}
 
 
@@ -79,7 +133,20 @@ EXPECTED_VALUE = {
 @pytest.mark.parametrize("aggregation", list(Aggregation))
 def test_each_aggregation_whole_range(aggregation: Aggregation) -> None:
     sql, params = usage_sql(query(meter=meter(aggregation)), "tally")
-    assert sql == f"SELECT {EXPECTED_VALUE[aggregation]} AS value" + WHERE + " GROUP BY tenant_id"
+    if aggregation in ADDITIVE:
+        tail = WHERE + " GROUP BY tenant_id"
+    else:  # a group whose every window lost its events to corrections has no row
+        tail = OVERRIDDEN_WHERE + " GROUP BY tenant_id HAVING sum(events) > 0"
+    assert sql == f"SELECT {EXPECTED_VALUE[aggregation]} AS value" + tail
+    plain, _ = usage_sql(query(meter=meter(aggregation)), "tally", overrides=False)
+    if aggregation not in ADDITIVE:
+        assert plain == (
+            f"SELECT {EXPECTED_VALUE[aggregation]} AS value FROM {PLAIN_SOURCE}"
+            + RANGE
+            + " GROUP BY tenant_id HAVING sum(events) > 0"
+        )
+    else:
+        assert plain == sql  # count/sum/avg: the deltas are always part of the source
     assert params == BASE_PARAMS
     assert VALUE_SQL[aggregation] == EXPECTED_VALUE[aggregation]
 
@@ -260,9 +327,10 @@ def test_sql_shape_invariants(
 ) -> None:
     q = query(meter=meter(aggregation), group_by=dims, window=window)
     sql, params = usage_sql(q, "tally")
-    # always scoped to the tenant and meter, and only ever reads the pre-aggregates
+    # always scoped to the tenant and meter, and only ever reads the pre-aggregates (with the
+    # corrections' effect rows or recomputed windows), never the ledger
     assert "WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}" in sql
-    assert " FROM tally.usage_minute " in sql and "events " not in sql.replace("sum(events)", "")
+    assert " FROM tally.usage_minute " in sql and "tally.events" not in sql
     assert params["tenant"] == "t1" and params["meter"] == "mid"
     # every {name:Type} placeholder has a parameter and vice versa
     import re
@@ -272,4 +340,5 @@ def test_sql_shape_invariants(
     n_keys = (window is not None) + len(dict.fromkeys(dims))
     assert sql.count(" AS d") == len([d for d in dict.fromkeys(dims) if d != "customer"])
     if n_keys:
-        assert sql.endswith(" ORDER BY " + sql.split(" GROUP BY ")[1].split(" ORDER BY ")[0])
+        group = sql.split(" GROUP BY ")[-1].split(" ORDER BY ")[0].split(" HAVING ")[0]
+        assert sql.endswith(" ORDER BY " + group)

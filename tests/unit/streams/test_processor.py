@@ -12,7 +12,6 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client import REGISTRY
 
 from schemas.control import CONTROL_PREFIX, encode_activate
 from schemas.meters import Meter
@@ -81,8 +80,9 @@ def usage_total(sink: MemorySink, meter_id: str = "id-m") -> dict[str, Any]:
     return {"events": events, "sum": total, "windows": len(merged)}
 
 
-def metric(name: str) -> float:
-    return REGISTRY.get_sample_value(name + "_total") or 0.0
+def metric(proc: BatchProcessor, name: str, **labels: str) -> float:
+    """A counter of the processor's own registry (``streams.metrics.WorkerMetrics``)."""
+    return proc.metrics.registry.get_sample_value(name + "_total", labels) or 0.0
 
 
 def test_flush_builds_rows_and_progress(tmp_path: Path) -> None:
@@ -140,7 +140,7 @@ def test_same_id_other_tenant_is_not_a_duplicate(tmp_path: Path) -> None:
 
 def test_duplicates_across_flushes_use_the_index(tmp_path: Path) -> None:
     proc, sink, idx = make(tmp_path)
-    before = metric("tally_worker_duplicates")
+    before = metric(proc, "tally_worker_events", outcome="duplicate")
     proc.add(0, 0, payload([("a", T0, {}), ("b", T0, {})]))
     proc.flush()
     assert idx[0].watermark == 0
@@ -149,7 +149,7 @@ def test_duplicates_across_flushes_use_the_index(tmp_path: Path) -> None:
     progress = proc.flush()
     assert progress == {0: 1, 3: 0}
     assert usage_total(sink)["events"] == 4
-    assert metric("tally_worker_duplicates") - before == 1
+    assert metric(proc, "tally_worker_events", outcome="duplicate") - before == 1
 
 
 def test_batch_of_only_duplicates_still_advances_progress(tmp_path: Path) -> None:
@@ -166,13 +166,13 @@ def test_batch_of_only_duplicates_still_advances_progress(tmp_path: Path) -> Non
 
 def test_poison_is_counted_and_skipped_but_advances(tmp_path: Path) -> None:
     proc, sink, _ = make(tmp_path)
-    before = metric("tally_worker_poison_messages")
+    before = metric(proc, "tally_worker_events", outcome="poison")
     assert proc.add(0, 0, b"not json")
     assert proc.add(0, 1, orjson.dumps({"v": 99}))
     assert proc.add(0, 2, None)
     assert proc.add(0, 3, payload([("a", T0, {})]))
     assert proc.flush() == {0: 3}
-    assert metric("tally_worker_poison_messages") - before == 3
+    assert metric(proc, "tally_worker_events", outcome="poison") - before == 3
     assert usage_total(sink)["events"] == 1
     proc.add(1, 0, b"\x00garbage")
     assert proc.flush() == {1: 0}
@@ -237,10 +237,10 @@ def test_crash_between_commit_and_index_is_repaired_by_rebuild(tmp_path: Path) -
 
 def test_meter_value_errors_are_counted(tmp_path: Path) -> None:
     proc, sink, _ = make(tmp_path, [meter(aggregation="sum", value_property="$.v")])
-    before = metric("tally_worker_meter_value_errors")
+    before = metric(proc, "tally_worker_meter_value_errors")
     proc.add(0, 0, payload([("a", T0, {"v": "x"}), ("b", T0, {}), ("c", T0, {"v": 1})]))
     proc.flush()
-    assert metric("tally_worker_meter_value_errors") - before == 2
+    assert metric(proc, "tally_worker_meter_value_errors") - before == 2
     assert len(sink.events) == 3  # the ledger keeps them
     assert usage_total(sink)["events"] == 1
 
@@ -449,13 +449,13 @@ def test_generations_legacy_meters_and_foreign_markers(tmp_path: Path) -> None:
 def test_bad_control_messages_are_poison(tmp_path: Path) -> None:
     m = meter(activation_topic=TOPIC)
     proc, sink, _ = make(tmp_path, [m])
-    before = metric("tally_worker_poison_messages")
+    before = metric(proc, "tally_worker_events", outcome="poison")
     proc.add(0, 0, CONTROL_PREFIX + b'{"v": 1, "kind": "reboot"}')
     proc.add(0, 1, CONTROL_PREFIX + b"not json")
     proc.add(0, 2, CONTROL_PREFIX + orjson.dumps({"v": 1, "kind": "activate_meter", "meter": {}}))
     proc.add(0, 3, payload([("a", T0, {})]))
     assert proc.flush() == {0: 3}
-    assert metric("tally_worker_poison_messages") - before == 3
+    assert metric(proc, "tally_worker_events", outcome="poison") - before == 3
     assert usage_total(sink)["events"] == 0 and sink.activation_rows == []
 
 

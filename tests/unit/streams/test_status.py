@@ -75,3 +75,51 @@ def test_one_failing_worker_among_healthy_ones_is_red() -> None:
 def test_stale_after_is_three_heartbeats_at_least_ten_seconds() -> None:
     assert stale_after_s(5) == 15
     assert stale_after_s(0.5) == 10
+
+
+# --- lag and freshness --------------------------------------------------------------------------
+
+from streams.lag import LagReport, PartitionLag  # noqa: E402
+from streams.status import evaluate_lag  # noqa: E402
+
+
+def lag(report: LagReport | None, now: int = NOW):  # type: ignore[no-untyped-def]
+    return evaluate_lag(report, now, max_lag=100, max_freshness_s=30, stale_s=15)
+
+
+def test_lag_and_freshness_ok_under_thresholds() -> None:
+    r = LagReport(NOW - 2_000, (PartitionLag(0, 10, 60, NOW - 5_000), PartitionLag(1, 3, 4)))
+    lg, fr = lag(r)
+    assert lg.ok and lg.summary == "ok" and lg.info["total"] == 49 and lg.info["max"] == 100
+    assert fr.ok and fr.summary == "ok" and fr.info == {"seconds": 5.0, "max_s": 30}
+
+
+def test_too_much_lag_names_the_worst_partition() -> None:
+    r = LagReport(NOW, (PartitionLag(0, 10, 60), PartitionLag(1, -1, 80), PartitionLag(2, 0, 1)))
+    lg, fr = lag(r)
+    assert not lg.ok
+    assert lg.summary == "129 messages wait unstored (max 100); partition 1 is 80 behind"
+    assert fr.ok  # no timestamps: freshness unknown per partition counts as 0
+
+
+def test_stuck_consumer_turns_freshness_red_whatever_the_lag() -> None:
+    # one message waits, for 45 s: a small lag, but nothing moves
+    r = LagReport(NOW - 1_000, (PartitionLag(0, 10, 12, NOW - 45_000), PartitionLag(1, 5, 6)))
+    lg, fr = lag(r)
+    assert lg.ok
+    assert not fr.ok
+    assert fr.summary == (
+        "the oldest unstored message is 45 s old (max 30 s) in partitions 0: "
+        "the worker is stuck or too slow"
+    )
+
+
+def test_missing_failed_or_stale_measurements_are_unknown_and_red() -> None:
+    for report, why in (
+        (None, "unknown: not measured yet"),
+        (LagReport(NOW, error="TimeoutError: no answer"), "unknown: TimeoutError: no answer"),
+        (LagReport(NOW - 20_000, (PartitionLag(0, 1, 2),)), "unknown: last measured 20 s ago"),
+    ):
+        lg, fr = lag(report)
+        assert not lg.ok and not fr.ok
+        assert lg.summary == fr.summary == why
