@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from schemas.deadletters import DEAD_LETTER_COLUMNS, DeadLetterRow
@@ -91,6 +91,8 @@ class DeadLetterRepo:
     @staticmethod
     def _record(r: tuple[Any, ...]) -> DeadLetterRecord:
         last = r[14]
+        if isinstance(last, datetime) and last.tzinfo is None:  # the join loses the column's tz
+            last = last.replace(tzinfo=UTC)
         return DeadLetterRecord(
             tenant_id=str(r[0]),
             dead_letter_id=str(r[1]),
