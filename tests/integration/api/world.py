@@ -12,17 +12,21 @@ so that every operation with an id in its path can be reached (schemathesis, ten
 - spare API keys ``rotate`` and ``revoke``, a spare admin token, a Segment webhook secret.
 
 Nothing here asserts Tally's answers beyond the status: the world is test data, not a test.
+The events lie in 2025: the server needs ``WORLD_SETTINGS`` (a lateness bound reaching them).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import httpx
 
 T0 = "2025-01-01T00:00:00Z"
+# settings a server needs for a world (events of January..March 2025 are accepted)
+WORLD_SETTINGS = {"max_lateness": timedelta(days=3650), "dedupe_horizon": timedelta(days=3650)}
 SEGMENT_SECRET = "fz-segment-secret-0123456789"
 
 
