@@ -12,12 +12,14 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
+from api import answers as A
 from api.auth import require_admin
 from api.errors import json_response
 from api.ingest import read_body
 from api.ingest_parse import load_json
 from api.keys import create_key, get_key, list_keys, parse_body, revoke_key, rotate_key
 from api.limits import effective_limits
+from api.openapi import doc, link, model
 from api.state import AppState, get_state
 from clickhouse.limits import LimitOverrides
 from schemas.credentials import AdminTokenIn, KeyIn, LimitsIn, RotateIn
@@ -51,7 +53,12 @@ async def _tenant(st: AppState, tenant_id: str) -> Any:
         raise NotFound(f"tenant {tenant_id!r} not found", field="tenant_id") from None
 
 
-@router.post("/v1/admin/tenants", status_code=201, tags=["admin"])
+@router.post(
+    "/v1/admin/tenants",
+    status_code=201,
+    tags=["admin"],
+    **doc(ok={201: A.TENANT_CREATED}, body=A.TENANT_IN),
+)
 async def create_tenant(request: Request, st: AppState = Depends(get_state)) -> Response:
     doc = load_json(await read_body(request, 16 * 1024))
     name = doc.get("name") if isinstance(doc, dict) else None
@@ -66,7 +73,7 @@ async def create_tenant(request: Request, st: AppState = Depends(get_state)) -> 
     return json_response(201, body)
 
 
-@router.get("/v1/admin/tenants", tags=["admin"])
+@router.get("/v1/admin/tenants", tags=["admin"], **doc(ok={200: A.data_of(A.TENANT)}))
 async def list_tenants(st: AppState = Depends(get_state)) -> Response:
     tenants = await st.run(st.repo.list_tenants)
     return json_response(200, {"data": [tenant_json(t) for t in tenants]})
@@ -75,7 +82,12 @@ async def list_tenants(st: AppState = Depends(get_state)) -> Response:
 # --- a tenant's API keys ----------------------------------------------------------------------
 
 
-@router.post("/v1/admin/tenants/{tenant_id}/keys", status_code=201, tags=["admin"])
+@router.post(
+    "/v1/admin/tenants/{tenant_id}/keys",
+    status_code=201,
+    tags=["admin"],
+    **doc(ok={201: A.API_KEY_CREATED}, body=model(KeyIn, "validation"), body_required=False),
+)
 async def create_key_admin(
     tenant_id: str, request: Request, st: AppState = Depends(get_state)
 ) -> Response:
@@ -84,25 +96,41 @@ async def create_key_admin(
     return await create_key(st, tenant_id, await parse_body(request, KeyIn, "key"))
 
 
-@router.get("/v1/admin/tenants/{tenant_id}/keys", tags=["admin"])
+@router.get(
+    "/v1/admin/tenants/{tenant_id}/keys", tags=["admin"], **doc(ok={200: A.data_of(A.API_KEY)})
+)
 async def list_keys_admin(tenant_id: str, st: AppState = Depends(get_state)) -> Response:
     await _tenant(st, tenant_id)
     return await list_keys(st, tenant_id)
 
 
-@router.get("/v1/admin/tenants/{tenant_id}/keys/{key_id}", tags=["admin"])
+@router.get(
+    "/v1/admin/tenants/{tenant_id}/keys/{key_id}", tags=["admin"], **doc(ok={200: A.API_KEY})
+)
 async def get_key_admin(tenant_id: str, key_id: str, st: AppState = Depends(get_state)) -> Response:
     return await get_key(st, tenant_id, key_id)
 
 
-@router.delete("/v1/admin/tenants/{tenant_id}/keys/{key_id}", tags=["admin"])
+@router.delete(
+    "/v1/admin/tenants/{tenant_id}/keys/{key_id}", tags=["admin"], **doc(ok={200: A.API_KEY})
+)
 async def revoke_key_admin(
     tenant_id: str, key_id: str, st: AppState = Depends(get_state)
 ) -> Response:
     return await revoke_key(st, tenant_id, key_id)
 
 
-@router.post("/v1/admin/tenants/{tenant_id}/keys/{key_id}/rotate", status_code=201, tags=["admin"])
+@router.post(
+    "/v1/admin/tenants/{tenant_id}/keys/{key_id}/rotate",
+    status_code=201,
+    tags=["admin"],
+    **doc(
+        ok={201: A.API_KEY_ROTATED},
+        body=model(RotateIn, "validation"),
+        body_required=False,
+        errors=(409,),
+    ),
+)
 async def rotate_key_admin(
     tenant_id: str, key_id: str, request: Request, st: AppState = Depends(get_state)
 ) -> Response:
@@ -124,14 +152,18 @@ async def _limits_body(st: AppState, tenant_id: str) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/admin/tenants/{tenant_id}/limits", tags=["admin"])
+@router.get("/v1/admin/tenants/{tenant_id}/limits", tags=["admin"], **doc(ok={200: A.LIMITS}))
 async def get_limits(tenant_id: str, st: AppState = Depends(get_state)) -> Response:
     """The tenant's overrides (null = default) and the limits in effect (0 = unlimited)."""
     await _tenant(st, tenant_id)
     return json_response(200, await _limits_body(st, tenant_id))
 
 
-@router.put("/v1/admin/tenants/{tenant_id}/limits", tags=["admin"])
+@router.put(
+    "/v1/admin/tenants/{tenant_id}/limits",
+    tags=["admin"],
+    **doc(ok={200: A.LIMITS}, body=model(LimitsIn, "validation"), body_required=False),
+)
 async def put_limits(
     tenant_id: str, request: Request, st: AppState = Depends(get_state)
 ) -> Response:
@@ -149,7 +181,16 @@ async def put_limits(
 # --- admin tokens -----------------------------------------------------------------------------
 
 
-@router.post("/v1/admin/tokens", status_code=201, tags=["admin"])
+@router.post(
+    "/v1/admin/tokens",
+    status_code=201,
+    tags=["admin"],
+    **doc(
+        ok={201: A.ADMIN_TOKEN_CREATED},
+        body=model(AdminTokenIn, "validation"),
+        body_required=False,
+    ),
+)
 async def create_admin_token(request: Request, st: AppState = Depends(get_state)) -> Response:
     """A new admin token (body optional: ``{name}``); the secret is in ``admin_token``, once."""
     body = await parse_body(request, AdminTokenIn, "admin token")
@@ -159,13 +200,15 @@ async def create_admin_token(request: Request, st: AppState = Depends(get_state)
     return json_response(201, out)
 
 
-@router.get("/v1/admin/tokens", tags=["admin"])
+@router.get("/v1/admin/tokens", tags=["admin"], **doc(ok={200: A.data_of(A.ADMIN_TOKEN)}))
 async def list_admin_tokens(st: AppState = Depends(get_state)) -> Response:
     tokens = await st.run(st.repo.credentials.list_admin_tokens)
     return json_response(200, {"data": [t.to_json() for t in tokens]})
 
 
-@router.delete("/v1/admin/tokens/{token_id}", tags=["admin"])
+@router.delete(
+    "/v1/admin/tokens/{token_id}", tags=["admin"], **doc(ok={200: A.ADMIN_TOKEN}, errors=(409,))
+)
 async def revoke_admin_token(token_id: str, st: AppState = Depends(get_state)) -> Response:
     """Revoke an admin token (idempotent). The last active one cannot be revoked (409)."""
     creds = st.repo.credentials
@@ -181,15 +224,54 @@ async def revoke_admin_token(token_id: str, st: AppState = Depends(get_state)) -
     return json_response(200, info.to_json())
 
 
-@router.post("/v1/admin/tenants/{tenant_id}/meters/{slug}/backfill", tags=["admin"])
+@router.post(
+    "/v1/admin/tenants/{tenant_id}/meters/{slug}/backfill",
+    tags=["admin"],
+    **doc(ok={200: A.BACKFILL_RESULT}, errors=(400, 409)),
+)
 async def backfill(tenant_id: str, slug: str, st: AppState = Depends(get_state)) -> Response:
     from api.meters import run_backfill
 
     return json_response(200, await run_backfill(st, tenant_id, slug))
 
 
-@router.get("/v1/admin/tenants/{tenant_id}/meters/{slug}/backfill", tags=["admin"])
+@router.get(
+    "/v1/admin/tenants/{tenant_id}/meters/{slug}/backfill",
+    tags=["admin"],
+    **doc(ok={200: A.BACKFILL_RUNS}),
+)
 async def backfill_status(tenant_id: str, slug: str, st: AppState = Depends(get_state)) -> Response:
     from api.meters import backfill_runs
 
     return json_response(200, await backfill_runs(st, tenant_id, slug))
+
+
+_TENANT = ("post", "/v1/admin/tenants", 201)
+for _name, _method, _path in (
+    ("CreateKey", "post", "/v1/admin/tenants/{tenant_id}/keys"),
+    ("ListKeys", "get", "/v1/admin/tenants/{tenant_id}/keys"),
+    ("GetLimits", "get", "/v1/admin/tenants/{tenant_id}/limits"),
+    ("SetLimits", "put", "/v1/admin/tenants/{tenant_id}/limits"),
+    ("RunInvoices", "post", "/v1/admin/tenants/{tenant_id}/invoices/run"),
+):
+    link(_TENANT, _name, _method, _path, {"tenant_id": "$response.body#/tenant_id"})
+_KEY = ("post", "/v1/admin/tenants/{tenant_id}/keys", 201)
+for _name, _method, _path in (
+    ("GetKey", "get", "/v1/admin/tenants/{tenant_id}/keys/{key_id}"),
+    ("RevokeKey", "delete", "/v1/admin/tenants/{tenant_id}/keys/{key_id}"),
+    ("RotateKey", "post", "/v1/admin/tenants/{tenant_id}/keys/{key_id}/rotate"),
+):
+    link(
+        _KEY,
+        _name,
+        _method,
+        _path,
+        {"tenant_id": "$response.body#/tenant_id", "key_id": "$response.body#/id"},
+    )
+link(
+    ("post", "/v1/admin/tokens", 201),
+    "RevokeToken",
+    "delete",
+    "/v1/admin/tokens/{token_id}",
+    {"token_id": "$response.body#/id"},
+)

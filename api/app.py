@@ -22,11 +22,13 @@ from fastapi import FastAPI
 from api import (
     admin,
     catalog,
+    deadletters,
     health,
     ingest,
     invoices,
     keys,
     meters,
+    openapi,
     segment,
     usage,
     webhooks,
@@ -149,7 +151,10 @@ def create_app(
         invoices,
         webhooks,
         segment,
+        deadletters,
     ):
         app.include_router(module.router)
     app.include_router(invoices.admin_router)
+    app.include_router(deadletters.admin_router)
+    openapi.install(app)
     return app

@@ -17,15 +17,21 @@ from starlette.responses import Response
 from api.auth import current_tenant
 from api.errors import json_response
 from api.ingest import read_body
+from api.openapi import LIMIT_PARAM, OFFSET_PARAM, doc, link, model, model_list, query
 from api.state import AppState, get_state
 from schemas.catalog import (
     ActionIn,
     ChangePlanIn,
+    Customer,
     CustomerIn,
     CustomerPatch,
     PlanDraft,
+    PlanVersion,
     PreviewIn,
+    PreviewOut,
+    Subscription,
     SubscriptionIn,
+    UpcomingInvoice,
 )
 from schemas.pricing import PlanSpec
 from schemas.timeutil import utc_now
@@ -108,7 +114,11 @@ def _path_version(version: str) -> int:
 # --- rating preview ---------------------------------------------------------------------------
 
 
-@router.post("/v1/rating/preview", tags=["rating"])
+@router.post(
+    "/v1/rating/preview",
+    tags=["rating"],
+    **doc(ok={200: model(PreviewOut)}, body=model(PreviewIn, "validation"), errors=(404,)),
+)
 async def preview(
     request: Request,
     tenant_id: str = Depends(current_tenant),
@@ -124,7 +134,12 @@ async def preview(
 # --- plans ------------------------------------------------------------------------------------
 
 
-@router.post("/v1/plans", status_code=201, tags=["catalog"])
+@router.post(
+    "/v1/plans",
+    status_code=201,
+    tags=["catalog"],
+    **doc(ok={201: model(PlanVersion)}, body=model(PlanSpec, "validation"), errors=(409,)),
+)
 async def create_plan(
     request: Request,
     tenant_id: str = Depends(current_tenant),
@@ -135,7 +150,11 @@ async def create_plan(
     return _ok(plan, 201)
 
 
-@router.get("/v1/plans", tags=["catalog"])
+@router.get(
+    "/v1/plans",
+    tags=["catalog"],
+    **doc(ok={200: model_list(PlanVersion)}),
+)
 async def list_plans(
     request: Request,
     tenant_id: str = Depends(current_tenant),
@@ -144,7 +163,11 @@ async def list_plans(
     return _ok(await st.run(_catalog(request, st).list_plans, tenant_id))
 
 
-@router.get("/v1/plans/{code}", tags=["catalog"])
+@router.get(
+    "/v1/plans/{code}",
+    tags=["catalog"],
+    **doc(ok={200: model(PlanVersion)}),
+)
 async def get_plan(
     code: str,
     request: Request,
@@ -154,7 +177,12 @@ async def get_plan(
     return _ok(await st.run(_catalog(request, st).get_plan, tenant_id, code))
 
 
-@router.post("/v1/plans/{code}/versions", status_code=201, tags=["catalog"])
+@router.post(
+    "/v1/plans/{code}/versions",
+    status_code=201,
+    tags=["catalog"],
+    **doc(ok={201: model(PlanVersion)}, body=model(PlanDraft, "validation"), errors=(409,)),
+)
 async def publish_version(
     code: str,
     request: Request,
@@ -166,7 +194,11 @@ async def publish_version(
     return _ok(plan, 201)
 
 
-@router.get("/v1/plans/{code}/versions", tags=["catalog"])
+@router.get(
+    "/v1/plans/{code}/versions",
+    tags=["catalog"],
+    **doc(ok={200: model_list(PlanVersion)}),
+)
 async def list_versions(
     code: str,
     request: Request,
@@ -176,7 +208,23 @@ async def list_versions(
     return _ok(await st.run(_catalog(request, st).list_versions, tenant_id, code))
 
 
-@router.get("/v1/plans/{code}/versions/{version}", tags=["catalog"])
+@router.get(
+    "/v1/plans/{code}/versions/{version}",
+    tags=["catalog"],
+    **doc(
+        ok={200: model(PlanVersion)},
+        params=[
+            {
+                "name": "version",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "pattern": "^0*[1-9][0-9]{0,17}$"},
+                "description": "a version number (an integer >= 1)",
+            }
+        ],
+        errors=(400,),
+    ),
+)
 async def get_version(
     code: str,
     version: str,
@@ -191,7 +239,12 @@ async def get_version(
 # --- customers --------------------------------------------------------------------------------
 
 
-@router.post("/v1/customers", status_code=201, tags=["catalog"])
+@router.post(
+    "/v1/customers",
+    status_code=201,
+    tags=["catalog"],
+    **doc(ok={201: model(Customer)}, body=model(CustomerIn, "validation"), errors=(409,)),
+)
 async def create_customer(
     request: Request,
     tenant_id: str = Depends(current_tenant),
@@ -201,7 +254,17 @@ async def create_customer(
     return _ok(await st.run(_catalog(request, st).create_customer, tenant_id, data), 201)
 
 
-@router.get("/v1/customers", tags=["catalog"])
+@router.get(
+    "/v1/customers",
+    tags=["catalog"],
+    **doc(
+        ok={200: model_list(Customer)},
+        params=[
+            query("limit", LIMIT_PARAM, "at most this many (default 100)"),
+            query("offset", OFFSET_PARAM, "skip this many (default 0)"),
+        ],
+    ),
+)
 async def list_customers(
     request: Request,
     tenant_id: str = Depends(current_tenant),
@@ -213,7 +276,11 @@ async def list_customers(
     return _ok(await st.run(cat.list_customers, tenant_id, limit, offset))
 
 
-@router.get("/v1/customers/{external_id}", tags=["catalog"])
+@router.get(
+    "/v1/customers/{external_id}",
+    tags=["catalog"],
+    **doc(ok={200: model(Customer)}),
+)
 async def get_customer(
     external_id: str,
     request: Request,
@@ -223,7 +290,11 @@ async def get_customer(
     return _ok(await st.run(_catalog(request, st).get_customer, tenant_id, external_id))
 
 
-@router.patch("/v1/customers/{external_id}", tags=["catalog"])
+@router.patch(
+    "/v1/customers/{external_id}",
+    tags=["catalog"],
+    **doc(ok={200: model(Customer)}, body=model(CustomerPatch, "validation"), errors=(409,)),
+)
 async def update_customer(
     external_id: str,
     request: Request,
@@ -235,7 +306,11 @@ async def update_customer(
     return _ok(await st.run(cat.update_customer, tenant_id, external_id, patch))
 
 
-@router.get("/v1/customers/{external_id}/upcoming-invoice", tags=["catalog"])
+@router.get(
+    "/v1/customers/{external_id}/upcoming-invoice",
+    tags=["catalog"],
+    **doc(ok={200: model(UpcomingInvoice)}),
+)
 async def upcoming_invoice(
     external_id: str,
     request: Request,
@@ -251,7 +326,14 @@ async def upcoming_invoice(
 # --- subscriptions ----------------------------------------------------------------------------
 
 
-@router.post("/v1/subscriptions", status_code=201, tags=["catalog"])
+@router.post(
+    "/v1/subscriptions",
+    status_code=201,
+    tags=["catalog"],
+    **doc(
+        ok={201: model(Subscription)}, body=model(SubscriptionIn, "validation"), errors=(404, 409)
+    ),
+)
 async def create_subscription(
     request: Request,
     tenant_id: str = Depends(current_tenant),
@@ -262,7 +344,14 @@ async def create_subscription(
     return _ok(await st.run(cat.create_subscription, tenant_id, req, utc_now()), 201)
 
 
-@router.get("/v1/subscriptions", tags=["catalog"])
+@router.get(
+    "/v1/subscriptions",
+    tags=["catalog"],
+    **doc(
+        ok={200: model_list(Subscription)},
+        params=[query("customer_id", {"type": "string"}, "only this customer's subscriptions")],
+    ),
+)
 async def list_subscriptions(
     request: Request,
     tenant_id: str = Depends(current_tenant),
@@ -273,7 +362,11 @@ async def list_subscriptions(
     return _ok(await st.run(cat.list_subscriptions, tenant_id, customer))
 
 
-@router.get("/v1/subscriptions/{sub_id}", tags=["catalog"])
+@router.get(
+    "/v1/subscriptions/{sub_id}",
+    tags=["catalog"],
+    **doc(ok={200: model(Subscription)}, errors=(409,)),
+)
 async def get_subscription(
     sub_id: str,
     request: Request,
@@ -284,7 +377,11 @@ async def get_subscription(
     return _ok(await st.run(cat.current_subscription, tenant_id, sub_id, utc_now()))
 
 
-@router.post("/v1/subscriptions/{sub_id}/actions", tags=["catalog"])
+@router.post(
+    "/v1/subscriptions/{sub_id}/actions",
+    tags=["catalog"],
+    **doc(ok={200: model(Subscription)}, body=model(ActionIn, "validation"), errors=(409,)),
+)
 async def subscription_action(
     sub_id: str,
     request: Request,
@@ -296,7 +393,11 @@ async def subscription_action(
     return _ok(await st.run(cat.subscription_action, tenant_id, sub_id, req, utc_now()))
 
 
-@router.post("/v1/subscriptions/{sub_id}/change-plan", tags=["catalog"])
+@router.post(
+    "/v1/subscriptions/{sub_id}/change-plan",
+    tags=["catalog"],
+    **doc(ok={200: model(Subscription)}, body=model(ChangePlanIn, "validation"), errors=(409,)),
+)
 async def change_plan(
     sub_id: str,
     request: Request,
@@ -306,3 +407,37 @@ async def change_plan(
     req = await _body(request, ChangePlanIn, "plan change")
     cat = _catalog(request, st)
     return _ok(await st.run(cat.change_subscription_plan, tenant_id, sub_id, req, utc_now()))
+
+
+_PLAN = ("post", "/v1/plans", 201)
+for _name, _method, _path in (
+    ("GetPlan", "get", "/v1/plans/{code}"),
+    ("PublishVersion", "post", "/v1/plans/{code}/versions"),
+    ("ListVersions", "get", "/v1/plans/{code}/versions"),
+):
+    link(_PLAN, _name, _method, _path, {"code": "$response.body#/code"})
+link(
+    _PLAN,
+    "GetVersion",
+    "get",
+    "/v1/plans/{code}/versions/{version}",
+    {"code": "$response.body#/code", "version": "$response.body#/version"},
+)
+_CUSTOMER = ("post", "/v1/customers", 201)
+for _name, _method, _path, _param in (
+    ("GetCustomer", "get", "/v1/customers/{external_id}", "external_id"),
+    ("UpdateCustomer", "patch", "/v1/customers/{external_id}", "external_id"),
+    ("UpcomingInvoice", "get", "/v1/customers/{external_id}/upcoming-invoice", "external_id"),
+    ("AddDiscount", "post", "/v1/customers/{customer_id}/discounts", "customer_id"),
+    ("ListDiscounts", "get", "/v1/customers/{customer_id}/discounts", "customer_id"),
+    ("AddThreshold", "post", "/v1/customers/{customer_id}/thresholds", "customer_id"),
+    ("ListThresholds", "get", "/v1/customers/{customer_id}/thresholds", "customer_id"),
+):
+    link(_CUSTOMER, _name, _method, _path, {_param: "$response.body#/external_id"})
+_SUB = ("post", "/v1/subscriptions", 201)
+for _name, _method, _path in (
+    ("GetSubscription", "get", "/v1/subscriptions/{sub_id}"),
+    ("SubscriptionAction", "post", "/v1/subscriptions/{sub_id}/actions"),
+    ("ChangePlan", "post", "/v1/subscriptions/{sub_id}/change-plan"),
+):
+    link(_SUB, _name, _method, _path, {"sub_id": "$response.body#/id"})

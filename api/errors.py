@@ -84,11 +84,41 @@ async def _validation_handler(_request: Request, exc: Exception) -> Response:
     return error_response(err)
 
 
-async def _http_handler(_request: Request, exc: Exception) -> Response:
+def _allowed_methods(request: Request) -> str | None:
+    """Every method of every route of the request's path (Starlette's own ``Allow`` names only
+    the first route that matched the path, and FastAPI has one route per method)."""
+    from api.openapi import api_routes  # late: api.openapi imports the routers' modules
+
+    app = request.app
+    table = getattr(app.state, "allowed_methods", None)
+    if table is None:
+        table = {}
+        for template, method, route in api_routes(app):
+            table.setdefault(template, (route.path_regex, set()))[1].add(method)
+        app.state.allowed_methods = table
+    path = request.url.path
+    methods: set[str] = set()
+    if path in table:  # a fixed path (/v1/invoices/run) wins over a template ({invoice_id})
+        methods |= table[path][1]
+    else:
+        for regex, found in table.values():
+            if regex.match(path):
+                methods |= found
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods)) if methods else None
+
+
+async def _http_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    return json_response(exc.status_code, error_body(code, message), dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        allow = _allowed_methods(request)
+        if allow:
+            headers["Allow"] = allow
+    return json_response(exc.status_code, error_body(code, message), headers)
 
 
 async def _unexpected_handler(request: Request, exc: Exception) -> Response:

@@ -40,7 +40,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import answers as A
 from api.errors import error_body, json_response
+from api.openapi import RETRY_AFTER, doc
 from api.state import AppState, Metrics, get_state
 from streams.status import evaluate, evaluate_lag, stale_after_s
 from tally import log as tally_log
@@ -70,7 +72,7 @@ async def metrics(request: Request, st: AppState = Depends(get_state)) -> Respon
     return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/healthz", tags=["health"])
+@router.get("/healthz", tags=["health"], **doc(ok={200: A.HEALTH}))
 async def healthz() -> Response:
     return json_response(200, {"status": "ok"})
 
@@ -88,7 +90,20 @@ def _pending_migrations(store: Any) -> list[str]:
     return list(pending()) if callable(pending) else []
 
 
-@router.get("/readyz", tags=["health"])
+@router.get(
+    "/readyz",
+    tags=["health"],
+    **doc(
+        ok={
+            200: A.READY,
+            503: {
+                "description": "Not ready: the one error body plus the checks",
+                "content": {"application/json": {"schema": A.NOT_READY}},
+                "headers": {"Retry-After": {**RETRY_AFTER, "required": True}},
+            },
+        }
+    ),
+)
 async def readyz(st: AppState = Depends(get_state)) -> Response:
     checks: dict[str, str] = {}
     components: dict[str, Any] = {}

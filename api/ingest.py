@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
@@ -42,8 +43,11 @@ from api.ingest_parse import (
     parse_cloudevents,
     parse_native,
 )
+from api.openapi import BOOL_PARAM, RFC3339_STORE, doc, query, ref, setting
 from api.state import AppState, Metrics, get_state
-from schemas.envelope import Row, group_rows
+from schemas.envelope import STORE_MS_MAX, STORE_MS_MIN, Row, group_rows
+from schemas.events import ID_MAX
+from schemas.jsonschema import JSON_OBJECT, component
 from tally import log as tally_log
 from tally.errors import (
     BrokerUnavailable,
@@ -135,6 +139,39 @@ def limits_of(st: AppState) -> Limits:
     )
 
 
+class UnencodableEvents(ValidationError):
+    """Events whose properties are nested too deeply to be written to the broker (the JSON
+    encoder stops at 254 levels). ``positions``: their places in the ``rows`` given to
+    ``deliver``. Nothing was produced; callers reject these events and deliver the rest."""
+
+    def __init__(self, positions: list[int]) -> None:
+        self.positions = positions
+        super().__init__(
+            f"{len(positions)} events have properties nested too deeply (at most "
+            f"{MAX_NESTING} levels)",
+            details=[detail("properties", f"nested more than {MAX_NESTING} levels deep")],
+        )
+
+
+MAX_NESTING = 251  # levels of properties that still fit the envelope encoder's 254
+
+
+def unencodable_positions(rows: list[Row]) -> list[int]:
+    """Positions of the rows that cannot be encoded into an envelope (the slow path, used only
+    after an envelope failed to encode)."""
+    bad = []
+    for i, row in enumerate(rows):
+        try:
+            orjson.dumps({"e": [list(row)]})
+        except orjson.JSONEncodeError:
+            bad.append(i)
+    return bad
+
+
+def nesting_problem() -> str:
+    return f"properties are nested more than {MAX_NESTING} levels deep"
+
+
 # reasons of tally_ingest_rejected_events_total: the field at fault (a bounded set), else "other"
 REJECT_REASONS = frozenset(
     {
@@ -202,7 +239,22 @@ async def _ingest(request: Request, tenant_id: str, st: AppState, api: str) -> R
         count_rejected(st.metrics, api, res.errors, atomic_valid=len(res.rows))
         prefix = "atomic request rejected: " if atomic and res.rows else ""
         raise ValidationError(prefix + _summary(res), details=res.errors)
-    await deliver(st, tenant_id, res.rows, now_ms, wait, api)
+    try:
+        await deliver(st, tenant_id, res.rows, now_ms, wait, api)
+    except UnencodableEvents as exc:  # rare: reject those events, deliver their neighbours
+        drop = set(exc.positions)
+        for pos in exc.positions:
+            res.errors.append(
+                {"index": res.indexes[pos], "field": "properties", "message": nesting_problem()}
+            )
+        res.errors.sort(key=lambda e: e["index"])
+        res.rows = [r for i, r in enumerate(res.rows) if i not in drop]
+        res.indexes = [x for i, x in enumerate(res.indexes) if i not in drop]
+        if atomic or not res.rows:
+            count_rejected(st.metrics, api, res.errors, atomic_valid=len(res.rows))
+            prefix = "atomic request rejected: " if atomic and res.rows else ""
+            raise ValidationError(prefix + _summary(res), details=res.errors) from None
+        await deliver(st, tenant_id, res.rows, now_ms, wait, api)
     if res.errors:
         count_rejected(st.metrics, api, res.errors)
     if not res.errors:
@@ -234,7 +286,12 @@ async def deliver(
     # (413 / 429 / 503 naming the limit; nothing is produced then)
     reservation = await st.limiter.admit_events(st, tenant_id, len(rows))
     try:
-        envelopes = group_rows(tenant_id, now_ms, rows, producer.partitions, s.envelope_max_events)
+        try:
+            envelopes = group_rows(
+                tenant_id, now_ms, rows, producer.partitions, s.envelope_max_events
+            )
+        except orjson.JSONEncodeError:
+            raise UnencodableEvents(unencodable_positions(rows)) from None
         metrics.producer_queue.inc(len(rows))
         started = time.perf_counter()
         try:
@@ -277,7 +334,112 @@ async def deliver(
             )
 
 
-@router.post("/v1/events", status_code=202, tags=["ingest"])
+# --- OpenAPI -----------------------------------------------------------------------------------
+
+JSON_VALUE_REF = component("JsonValue")
+
+_TEXT = {"type": "string", "minLength": 1, "maxLength": ID_MAX}
+EVENT_TIME = {
+    "description": "RFC 3339 date-time with an offset, or integer epoch milliseconds; default: "
+    "now. Must lie within max_lateness before and max_future after now (settings; default 35 "
+    "days / 5 minutes) and in the years 1900..2299.",
+    "anyOf": [
+        {"type": "string", "pattern": RFC3339_STORE},
+        {"type": "integer", "minimum": STORE_MS_MIN, "maximum": STORE_MS_MAX},
+        {"type": "null"},
+    ],
+}
+PROPERTIES = {
+    "description": "Free-form JSON object (at most 251 levels of nesting); null = {}",
+    "anyOf": [JSON_OBJECT, {"type": "null"}],
+}
+NATIVE_EVENT = {
+    "type": "object",
+    "description": "One usage event. `id` is the idempotency key (unique per tenant): a retry "
+    "with the same id counts once. Unknown fields are rejected.",
+    "required": ["id", "type", "customer"],
+    "additionalProperties": False,
+    "properties": {
+        "id": _TEXT,
+        "type": _TEXT,
+        "customer": {**_TEXT, "description": "the customer's external id"},
+        "time": EVENT_TIME,
+        "properties": PROPERTIES,
+    },
+}
+CLOUD_EVENT = {
+    "type": "object",
+    "description": "A CloudEvent (OpenMeter's wire format): `subject` is the customer, `data` "
+    "the properties; other attributes (datacontenttype, dataschema, extensions) are ignored.",
+    "required": ["id", "source", "specversion", "type", "subject"],
+    "additionalProperties": JSON_VALUE_REF,
+    "properties": {
+        "id": _TEXT,
+        "source": _TEXT,
+        "specversion": _TEXT,
+        "type": _TEXT,
+        "subject": _TEXT,
+        "time": EVENT_TIME,
+        "data": PROPERTIES,
+    },
+}
+
+
+def _batch(item: dict[str, Any]) -> dict[str, Any]:
+    """A batch: accepted when at least one element is a valid event (the others are listed in
+    ``rejected``, answer 200), unless ``atomic=true`` (then every element must be valid)."""
+    return {
+        "type": "array",
+        "description": "Events; elements that are not valid events are rejected one by one "
+        "(answer 200 with `rejected`) unless atomic=true",
+        "minItems": 1,
+        "maxItems": setting("max_events_per_request"),
+        "contains": item,
+    }
+
+
+INGEST_RESULT = {
+    "type": "object",
+    "required": ["accepted", "rejected"],
+    "properties": {
+        "accepted": {"type": "integer", "minimum": 0},
+        "rejected": {"type": "array", "items": ref("EventProblem")},
+    },
+}
+PARTIAL = {
+    "description": "Some events were invalid: the valid ones were accepted (as with 202), the "
+    "others are listed in `rejected` (`?atomic=true` rejects the whole request instead)",
+    "content": {"application/json": {"schema": INGEST_RESULT}},
+}
+INGEST_PARAMS = [
+    query(
+        "atomic",
+        BOOL_PARAM,
+        "true: one invalid event rejects the whole request (400); default false: the valid "
+        "events are accepted and the invalid ones listed",
+    ),
+    query(
+        "wait",
+        {"type": "string", "enum": ["broker", "stored"]},
+        "broker: answer once the broker acknowledged the events; stored: once the worker "
+        "stored them (default: stored in embedded mode when available, else broker)",
+    ),
+]
+
+
+@router.post(
+    "/v1/events",
+    status_code=202,
+    tags=["ingest"],
+    **doc(
+        ok={202: INGEST_RESULT, 200: PARTIAL},
+        bodies={"application/json": {"anyOf": [NATIVE_EVENT, _batch(NATIVE_EVENT)]}},
+        params=INGEST_PARAMS,
+        errors=(415,),
+        body_description="One event or an array of events (at most max_events_per_request, "
+        "and max_request_bytes bytes)",
+    ),
+)
 async def ingest_native(
     request: Request,
     tenant_id: str = Depends(current_tenant),
@@ -287,7 +449,23 @@ async def ingest_native(
     return await _ingest(request, tenant_id, st, "native")
 
 
-@router.post("/api/v1/events", status_code=204, tags=["openmeter"])
+@router.post(
+    "/api/v1/events",
+    status_code=204,
+    tags=["openmeter"],
+    **doc(
+        ok={204: None, 200: PARTIAL},
+        bodies={
+            "application/cloudevents+json": CLOUD_EVENT,
+            "application/cloudevents-batch+json": _batch(CLOUD_EVENT),
+            "application/json": {"anyOf": [CLOUD_EVENT, _batch(CLOUD_EVENT)]},
+        },
+        params=INGEST_PARAMS,
+        errors=(415,),
+        body_description="One CloudEvent (application/cloudevents+json), a batch "
+        "(application/cloudevents-batch+json) or either (application/json)",
+    ),
+)
 async def ingest_cloudevents(
     request: Request,
     tenant_id: str = Depends(current_tenant),

@@ -18,16 +18,24 @@ from api.billing_state import actor_of, billing
 from api.catalog import _body, _ok
 from api.errors import json_response
 from api.ingest import read_body
+from api.openapi import doc, link, model, model_list, query
 from api.state import AppState, get_state
 from billing import reconcile, render
 from schemas.billing import (
+    AuditRecord,
+    Correction,
     CorrectionIn,
+    CreditNote,
     CreditNoteIn,
+    Discount,
     DiscountIn,
     ExternalLine,
+    Invoice,
     InvoiceStatus,
     ReconciliationIn,
+    ReconciliationReport,
     RunIn,
+    RunOut,
     VoidIn,
 )
 from schemas.catalog import _time
@@ -38,6 +46,32 @@ admin_router = APIRouter(dependencies=[Depends(require_admin)])
 
 CSV = "text/csv; charset=utf-8"
 MAX_RECON_BODY = 32 * 1024 * 1024
+
+# --- OpenAPI -----------------------------------------------------------------------------------
+
+_CSV_TEXT = {"type": "string", "description": "CSV with a header row"}
+_PDF = {"type": "string", "format": "binary"}
+_FORMAT = query(
+    "format", {"type": "string", "enum": ["json", "csv"]}, "csv: the document as CSV (also Accept)"
+)
+
+
+def _json_or_csv(schema: Any) -> dict[str, Any]:
+    return {
+        "description": "JSON, or CSV with format=csv / Accept: text/csv",
+        "content": {"application/json": {"schema": schema}, "text/csv": {"schema": _CSV_TEXT}},
+    }
+
+
+_CSV_ONLY = {"description": "CSV", "content": {"text/csv": {"schema": _CSV_TEXT}}}
+_PDF_ONLY = {"description": "PDF", "content": {"application/pdf": {"schema": _PDF}}}
+_CUSTOMER_FILTER = query("customer_id", {"type": "string"}, "only this customer's documents")
+_RECON_QUERY = [
+    query("period_start", {"type": "string"}, "with a CSV body: the period start (RFC 3339)"),
+    query("period_end", {"type": "string"}, "with a CSV body: the period end (RFC 3339)"),
+    query("amount_tolerance", {"type": "string"}, "with a CSV body: the amount tolerance"),
+    _FORMAT,
+]
 
 
 def _wants_csv(request: Request) -> bool:
@@ -77,7 +111,11 @@ async def _optional_body(request: Request, model: type[Any], what: str) -> Any:
 # --- runs -------------------------------------------------------------------------------------
 
 
-@router.post("/v1/invoices/run", tags=["invoices"])
+@router.post(
+    "/v1/invoices/run",
+    tags=["invoices"],
+    **doc(ok={200: model(RunOut)}, body=model(RunIn, "validation"), body_required=False),
+)
 async def run_invoices(
     request: Request,
     tenant_id: str = Depends(current_tenant),
@@ -89,7 +127,11 @@ async def run_invoices(
     return _ok(out)
 
 
-@admin_router.post("/v1/admin/tenants/{tenant_id}/invoices/run", tags=["admin"])
+@admin_router.post(
+    "/v1/admin/tenants/{tenant_id}/invoices/run",
+    tags=["admin"],
+    **doc(ok={200: model(RunOut)}, body=model(RunIn, "validation"), body_required=False),
+)
 async def admin_run_invoices(
     tenant_id: str, request: Request, st: AppState = Depends(get_state)
 ) -> Response:
@@ -102,7 +144,21 @@ async def admin_run_invoices(
 # --- invoices ---------------------------------------------------------------------------------
 
 
-@router.get("/v1/invoices", tags=["invoices"])
+@router.get(
+    "/v1/invoices",
+    tags=["invoices"],
+    **doc(
+        ok={200: model_list(Invoice)},
+        params=[
+            query(
+                "status",
+                {"type": "string", "enum": ["", *[s.value for s in InvoiceStatus]]},
+                "only invoices in this status (empty: all)",
+            ),
+            _CUSTOMER_FILTER,
+        ],
+    ),
+)
 async def list_invoices(
     request: Request,
     tenant_id: str = Depends(current_tenant),
@@ -123,7 +179,11 @@ async def list_invoices(
     return _ok(await st.run(svc.list_invoices, tenant_id, customer, status))
 
 
-@router.get("/v1/invoices/{invoice_id}", tags=["invoices"])
+@router.get(
+    "/v1/invoices/{invoice_id}",
+    tags=["invoices"],
+    **doc(ok={200: _json_or_csv(model(Invoice))}, params=[_FORMAT]),
+)
 async def get_invoice(
     invoice_id: str,
     request: Request,
@@ -136,7 +196,11 @@ async def get_invoice(
     return _ok(inv)
 
 
-@router.get("/v1/invoices/{invoice_id}/csv", tags=["invoices"])
+@router.get(
+    "/v1/invoices/{invoice_id}/csv",
+    tags=["invoices"],
+    **doc(ok={200: _CSV_ONLY}),
+)
 async def invoice_csv(
     invoice_id: str,
     request: Request,
@@ -147,7 +211,11 @@ async def invoice_csv(
     return Response(render.to_csv(inv), media_type=CSV)
 
 
-@router.get("/v1/invoices/{invoice_id}/pdf", tags=["invoices"])
+@router.get(
+    "/v1/invoices/{invoice_id}/pdf",
+    tags=["invoices"],
+    **doc(ok={200: _PDF_ONLY}),
+)
 async def invoice_pdf(
     invoice_id: str,
     request: Request,
@@ -163,7 +231,11 @@ async def invoice_pdf(
     )
 
 
-@router.post("/v1/invoices/{invoice_id}/finalize", tags=["invoices"])
+@router.post(
+    "/v1/invoices/{invoice_id}/finalize",
+    tags=["invoices"],
+    **doc(ok={200: model(Invoice)}, errors=(409,)),
+)
 async def finalize_invoice(
     invoice_id: str,
     request: Request,
@@ -174,7 +246,11 @@ async def finalize_invoice(
     return _ok(await st.run(svc.finalize, tenant_id, invoice_id, actor_of(request)))
 
 
-@router.post("/v1/invoices/{invoice_id}/refresh", tags=["invoices"])
+@router.post(
+    "/v1/invoices/{invoice_id}/refresh",
+    tags=["invoices"],
+    **doc(ok={200: model(Invoice)}, errors=(409,)),
+)
 async def refresh_invoice(
     invoice_id: str,
     request: Request,
@@ -185,7 +261,11 @@ async def refresh_invoice(
     return _ok(await st.run(svc.refresh, tenant_id, invoice_id, actor_of(request)))
 
 
-@router.post("/v1/invoices/{invoice_id}/void", tags=["invoices"])
+@router.post(
+    "/v1/invoices/{invoice_id}/void",
+    tags=["invoices"],
+    **doc(ok={200: model(Invoice)}, body=model(VoidIn, "validation"), errors=(409,)),
+)
 async def void_invoice(
     invoice_id: str,
     request: Request,
@@ -200,7 +280,12 @@ async def void_invoice(
 # --- credit notes -----------------------------------------------------------------------------
 
 
-@router.post("/v1/invoices/{invoice_id}/credit-notes", status_code=201, tags=["invoices"])
+@router.post(
+    "/v1/invoices/{invoice_id}/credit-notes",
+    status_code=201,
+    tags=["invoices"],
+    **doc(ok={201: model(CreditNote)}, body=model(CreditNoteIn, "validation"), errors=(409,)),
+)
 async def create_credit_note(
     invoice_id: str,
     request: Request,
@@ -213,7 +298,11 @@ async def create_credit_note(
     return _ok(note, 201)
 
 
-@router.get("/v1/invoices/{invoice_id}/credit-notes", tags=["invoices"])
+@router.get(
+    "/v1/invoices/{invoice_id}/credit-notes",
+    tags=["invoices"],
+    **doc(ok={200: model_list(CreditNote)}),
+)
 async def invoice_credit_notes(
     invoice_id: str,
     request: Request,
@@ -225,7 +314,11 @@ async def invoice_credit_notes(
     return _ok(await st.run(svc.list_credit_notes, tenant_id, invoice_id))
 
 
-@router.get("/v1/credit-notes", tags=["invoices"])
+@router.get(
+    "/v1/credit-notes",
+    tags=["invoices"],
+    **doc(ok={200: model_list(CreditNote)}, params=[_CUSTOMER_FILTER]),
+)
 async def list_credit_notes(
     request: Request,
     tenant_id: str = Depends(current_tenant),
@@ -236,7 +329,11 @@ async def list_credit_notes(
     return _ok(await st.run(svc.list_credit_notes, tenant_id, None, customer))
 
 
-@router.get("/v1/credit-notes/{note_id}", tags=["invoices"])
+@router.get(
+    "/v1/credit-notes/{note_id}",
+    tags=["invoices"],
+    **doc(ok={200: _json_or_csv(model(CreditNote))}, params=[_FORMAT]),
+)
 async def get_credit_note(
     note_id: str,
     request: Request,
@@ -249,7 +346,11 @@ async def get_credit_note(
     return _ok(note)
 
 
-@router.get("/v1/credit-notes/{note_id}/pdf", tags=["invoices"])
+@router.get(
+    "/v1/credit-notes/{note_id}/pdf",
+    tags=["invoices"],
+    **doc(ok={200: _PDF_ONLY}),
+)
 async def credit_note_pdf(
     note_id: str,
     request: Request,
@@ -267,7 +368,12 @@ async def credit_note_pdf(
 # --- discounts --------------------------------------------------------------------------------
 
 
-@router.post("/v1/customers/{customer_id}/discounts", status_code=201, tags=["invoices"])
+@router.post(
+    "/v1/customers/{customer_id}/discounts",
+    status_code=201,
+    tags=["invoices"],
+    **doc(ok={201: model(Discount)}, body=model(DiscountIn, "validation")),
+)
 async def add_discount(
     customer_id: str,
     request: Request,
@@ -279,7 +385,11 @@ async def add_discount(
     return _ok(await st.run(svc.add_discount, tenant_id, customer_id, req, actor_of(request)), 201)
 
 
-@router.get("/v1/customers/{customer_id}/discounts", tags=["invoices"])
+@router.get(
+    "/v1/customers/{customer_id}/discounts",
+    tags=["invoices"],
+    **doc(ok={200: model_list(Discount)}),
+)
 async def list_discounts(
     customer_id: str,
     request: Request,
@@ -290,7 +400,11 @@ async def list_discounts(
     return _ok(await st.run(svc.list_discounts, tenant_id, customer_id))
 
 
-@router.delete("/v1/customers/{customer_id}/discounts/{discount_id}", tags=["invoices"])
+@router.delete(
+    "/v1/customers/{customer_id}/discounts/{discount_id}",
+    tags=["invoices"],
+    **doc(ok={200: model(Discount)}),
+)
 async def delete_discount(
     customer_id: str,
     discount_id: str,
@@ -307,7 +421,12 @@ async def delete_discount(
 # --- corrections and audit --------------------------------------------------------------------
 
 
-@router.post("/v1/events/{event_id}/corrections", status_code=201, tags=["invoices"])
+@router.post(
+    "/v1/events/{event_id}/corrections",
+    status_code=201,
+    tags=["invoices"],
+    **doc(ok={201: model(Correction)}, body=model(CorrectionIn, "validation"), errors=(409,)),
+)
 async def correct_event(
     event_id: str,
     request: Request,
@@ -319,7 +438,11 @@ async def correct_event(
     return _ok(await st.run(svc.correct, tenant_id, event_id, req, actor_of(request)), 201)
 
 
-@router.get("/v1/events/{event_id}/corrections", tags=["invoices"])
+@router.get(
+    "/v1/events/{event_id}/corrections",
+    tags=["invoices"],
+    **doc(ok={200: model_list(Correction)}),
+)
 async def event_corrections(
     event_id: str,
     request: Request,
@@ -330,7 +453,21 @@ async def event_corrections(
     return _ok(await st.run(svc.history, tenant_id, event_id))
 
 
-@router.get("/v1/audit", tags=["invoices"])
+@router.get(
+    "/v1/audit",
+    tags=["invoices"],
+    **doc(
+        ok={200: model_list(AuditRecord)},
+        params=[
+            query(
+                "object_type",
+                {"type": "string"},
+                "only this kind of object (invoice, subscription, ...)",
+            ),
+            query("object_id", {"type": "string"}, "only this object"),
+        ],
+    ),
+)
 async def audit(
     request: Request,
     tenant_id: str = Depends(current_tenant),
@@ -347,7 +484,21 @@ async def audit(
 # --- reconciliation ---------------------------------------------------------------------------
 
 
-@router.post("/v1/reconciliations", tags=["invoices"])
+@router.post(
+    "/v1/reconciliations",
+    tags=["invoices"],
+    **doc(
+        ok={200: _json_or_csv(model(ReconciliationReport))},
+        bodies={
+            "application/json": model(ReconciliationIn, "validation"),
+            "text/csv": {
+                "type": "string",
+                "description": "the other system's lines: customer_id,charge,group,quantity,amount",
+            },
+        },
+        params=_RECON_QUERY,
+    ),
+)
 async def reconciliation(
     request: Request,
     tenant_id: str = Depends(current_tenant),
@@ -401,3 +552,25 @@ async def reconciliation(
 
 
 __all__ = ["ExternalLine", "_time", "admin_router", "router"]
+
+
+_NOTE = ("post", "/v1/invoices/{invoice_id}/credit-notes", 201)
+for _name, _method, _path in (
+    ("GetCreditNote", "get", "/v1/credit-notes/{note_id}"),
+    ("CreditNotePdf", "get", "/v1/credit-notes/{note_id}/pdf"),
+):
+    link(_NOTE, _name, _method, _path, {"note_id": "$response.body#/id"})
+link(
+    ("post", "/v1/customers/{customer_id}/discounts", 201),
+    "DeleteDiscount",
+    "delete",
+    "/v1/customers/{customer_id}/discounts/{discount_id}",
+    {"customer_id": "$response.body#/customer_id", "discount_id": "$response.body#/id"},
+)
+link(
+    ("post", "/v1/events/{event_id}/corrections", 201),
+    "EventCorrections",
+    "get",
+    "/v1/events/{event_id}/corrections",
+    {"event_id": "$response.body#/event_id"},
+)

@@ -17,10 +17,12 @@ import pydantic
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
+from api import answers as A
 from api.auth import current_tenant
 from api.errors import json_response
 from api.ingest import read_body
 from api.ingest_parse import load_json
+from api.openapi import doc, link, model
 from api.state import AppState, get_state
 from schemas.credentials import KeyIn, RotateIn
 from schemas.timeutil import utc_now
@@ -87,7 +89,12 @@ async def rotate_key(st: AppState, tenant_id: str, key_id: str, body: RotateIn) 
     return json_response(201, out)
 
 
-@router.post("/v1/api-keys", status_code=201, tags=["keys"])
+@router.post(
+    "/v1/api-keys",
+    status_code=201,
+    tags=["keys"],
+    **doc(ok={201: A.API_KEY_CREATED}, body=model(KeyIn, "validation"), body_required=False),
+)
 async def create(
     request: Request, tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
 ) -> Response:
@@ -95,7 +102,7 @@ async def create(
     return await create_key(st, tenant_id, await parse_body(request, KeyIn, "key"))
 
 
-@router.get("/v1/api-keys", tags=["keys"])
+@router.get("/v1/api-keys", tags=["keys"], **doc(ok={200: A.data_of(A.API_KEY)}))
 async def list_(
     tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
 ) -> Response:
@@ -103,14 +110,14 @@ async def list_(
     return await list_keys(st, tenant_id)
 
 
-@router.get("/v1/api-keys/{key_id}", tags=["keys"])
+@router.get("/v1/api-keys/{key_id}", tags=["keys"], **doc(ok={200: A.API_KEY}))
 async def get(
     key_id: str, tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
 ) -> Response:
     return await get_key(st, tenant_id, key_id)
 
 
-@router.delete("/v1/api-keys/{key_id}", tags=["keys"])
+@router.delete("/v1/api-keys/{key_id}", tags=["keys"], **doc(ok={200: A.API_KEY}))
 async def revoke(
     key_id: str, tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
 ) -> Response:
@@ -118,7 +125,17 @@ async def revoke(
     return await revoke_key(st, tenant_id, key_id)
 
 
-@router.post("/v1/api-keys/{key_id}/rotate", status_code=201, tags=["keys"])
+@router.post(
+    "/v1/api-keys/{key_id}/rotate",
+    status_code=201,
+    tags=["keys"],
+    **doc(
+        ok={201: A.API_KEY_ROTATED},
+        body=model(RotateIn, "validation"),
+        body_required=False,
+        errors=(409,),
+    ),
+)
 async def rotate(
     key_id: str,
     request: Request,
@@ -128,3 +145,11 @@ async def rotate(
     """A new key replacing ``key_id``, which keeps working for ``overlap_s`` (default 3600)."""
     body = await parse_body(request, RotateIn, "rotation")
     return await rotate_key(st, tenant_id, key_id, body)
+
+
+for _name, _method, _path in (
+    ("GetKey", "get", "/v1/api-keys/{key_id}"),
+    ("RevokeKey", "delete", "/v1/api-keys/{key_id}"),
+    ("RotateKey", "post", "/v1/api-keys/{key_id}/rotate"),
+):
+    link(("post", "/v1/api-keys", 201), _name, _method, _path, {"key_id": "$response.body#/id"})

@@ -21,10 +21,12 @@ import pydantic
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
+from api import answers as A
 from api.auth import current_tenant
 from api.errors import json_response
 from api.ingest import read_body
 from api.ingest_parse import load_json
+from api.openapi import doc, link
 from api.state import AppState, get_state
 from clickhouse.backfill import BackfillStore
 from schemas.backfill import COMPLETE, RUNNING, RunRecord
@@ -85,7 +87,12 @@ def meter_openmeter(m: Meter) -> dict[str, Any]:
     return body
 
 
-@router.post("/v1/meters", status_code=201, tags=["meters"])
+@router.post(
+    "/v1/meters",
+    status_code=201,
+    tags=["meters"],
+    **doc(ok={201: A.METER_OUT}, body=A.METER_IN, errors=(409,)),
+)
 async def create_meter(
     request: Request,
     tenant_id: str = Depends(current_tenant),
@@ -140,7 +147,7 @@ async def activate_meter(
     return active, True
 
 
-@router.get("/v1/meters", tags=["meters"])
+@router.get("/v1/meters", tags=["meters"], **doc(ok={200: A.data_of(A.METER_OUT)}))
 async def list_meters(
     tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
 ) -> Response:
@@ -148,7 +155,7 @@ async def list_meters(
     return json_response(200, {"data": [meter_native(m) for m in meters]})
 
 
-@router.get("/v1/meters/{slug}", tags=["meters"])
+@router.get("/v1/meters/{slug}", tags=["meters"], **doc(ok={200: A.METER_OUT}))
 async def get_meter(
     slug: str, tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
 ) -> Response:
@@ -156,7 +163,7 @@ async def get_meter(
     return json_response(200, meter_native(meter))
 
 
-@router.delete("/v1/meters/{slug}", status_code=204, tags=["meters"])
+@router.delete("/v1/meters/{slug}", status_code=204, tags=["meters"], **doc(ok={204: None}))
 async def delete_meter(
     slug: str, tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
 ) -> Response:
@@ -165,7 +172,11 @@ async def delete_meter(
     return Response(status_code=204)
 
 
-@router.get("/api/v1/meters", tags=["openmeter"])
+@router.get(
+    "/api/v1/meters",
+    tags=["openmeter"],
+    **doc(ok={200: {"type": "array", "items": A.OM_METER}}),
+)
 async def om_list_meters(
     tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
 ) -> Response:
@@ -175,7 +186,7 @@ async def om_list_meters(
     )
 
 
-@router.get("/api/v1/meters/{slug}", tags=["openmeter"])
+@router.get("/api/v1/meters/{slug}", tags=["openmeter"], **doc(ok={200: A.OM_METER}))
 async def om_get_meter(
     slug: str, tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
 ) -> Response:
@@ -183,7 +194,11 @@ async def om_get_meter(
     return json_response(200, meter_openmeter(meter))
 
 
-@router.post("/v1/meters/{slug}/backfill", tags=["meters"])
+@router.post(
+    "/v1/meters/{slug}/backfill",
+    tags=["meters"],
+    **doc(ok={200: A.BACKFILL_RESULT}, errors=(400, 409)),
+)
 async def backfill_meter(
     slug: str, tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
 ) -> Response:
@@ -192,7 +207,7 @@ async def backfill_meter(
     return json_response(200, await run_backfill(st, tenant_id, slug))
 
 
-@router.get("/v1/meters/{slug}/backfill", tags=["meters"])
+@router.get("/v1/meters/{slug}/backfill", tags=["meters"], **doc(ok={200: A.BACKFILL_RUNS}))
 async def backfill_status(
     slug: str, tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
 ) -> Response:
@@ -260,3 +275,17 @@ async def backfill_runs(st: AppState, tenant_id: str, slug: str) -> dict[str, An
         "visible_run": visible,
         "data": [run_json(r, visible, now, lease_ms) for r in runs],
     }
+
+
+_CREATED = ("post", "/v1/meters", 201)
+for _name, _method, _path in (
+    ("GetMeter", "get", "/v1/meters/{slug}"),
+    ("DeleteMeter", "delete", "/v1/meters/{slug}"),
+    ("MeterUsage", "get", "/v1/meters/{slug}/usage"),
+    ("BackfillMeter", "post", "/v1/meters/{slug}/backfill"),
+    ("BackfillRuns", "get", "/v1/meters/{slug}/backfill"),
+    ("OpenMeterMeter", "get", "/api/v1/meters/{slug}"),
+    ("OpenMeterQuery", "get", "/api/v1/meters/{slug}/query"),
+    ("OpenMeterQueryPost", "post", "/api/v1/meters/{slug}/query"),
+):
+    link(_CREATED, _name, _method, _path, {"slug": "$response.body#/slug"})

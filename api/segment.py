@@ -40,8 +40,17 @@ from starlette.responses import Response
 
 from api.auth import client_address, current_tenant, tenant_of_api_key
 from api.errors import json_response
-from api.ingest import count_rejected, deliver, limits_of, parse_wait, read_body
+from api.ingest import (
+    UnencodableEvents,
+    count_rejected,
+    deliver,
+    limits_of,
+    nesting_problem,
+    parse_wait,
+    read_body,
+)
 from api.ingest_parse import load_json
+from api.openapi import doc, model, query
 from api.secretbox import SecretBox
 from api.segment_parse import (
     MAX_BATCH_BYTES,
@@ -53,6 +62,9 @@ from api.segment_parse import (
 )
 from api.state import AppState, get_state
 from clickhouse.segment import SegmentRepo, SegmentSettings
+from schemas.envelope import STORE_MS_MAX, STORE_MS_MIN
+from schemas.events import ID_MAX
+from schemas.jsonschema import INT64, JSON_OBJECT, RFC3339_STORE, component
 from schemas.segment import (
     IGNORED_TYPES,
     SegmentAnswer,
@@ -80,6 +92,107 @@ _JSON_TYPES = ("application/json", "text/plain")  # text/plain: browsers' sendBe
 M = TypeVar("M", bound=pydantic.BaseModel)
 
 
+# --- OpenAPI -----------------------------------------------------------------------------------
+
+
+_ANY = component("JsonValue")
+
+
+def _cases(*names: str) -> list[str]:
+    return sorted({v for n in names for v in (n, n.upper(), n.capitalize())})
+
+
+_ID = {
+    "description": "a non-blank string or an integer",
+    "anyOf": [
+        {"type": "string", "minLength": 1, "maxLength": ID_MAX, "pattern": r"\S"},
+        INT64,
+    ],
+}
+_MSG_TIME = {
+    "description": "RFC 3339 with an offset, or epoch ms (years 1900..2299, within the lateness "
+    "bounds)",
+    "anyOf": [
+        {"type": "string", "pattern": RFC3339_STORE},
+        {"type": "integer", "minimum": STORE_MS_MIN, "maximum": STORE_MS_MAX},
+        {"type": "null"},
+    ],
+}
+_TEXT = {"type": "string", "minLength": 1, "maxLength": ID_MAX}
+# timestamp when given (not null), else originalTimestamp (else the receive time)
+_WHEN = {
+    "anyOf": [
+        {"required": ["timestamp"], "properties": {"timestamp": {"not": {"type": "null"}}}},
+        {"properties": {"originalTimestamp": _MSG_TIME}},
+    ]
+}
+_CUSTOMER = {
+    "anyOf": [
+        {"required": ["userId"], "properties": {"userId": _ID}},
+        {"required": ["anonymousId"], "properties": {"anonymousId": _ID}},
+    ]
+}
+
+
+def _track(with_type: bool) -> dict[str, Any]:
+    props: dict[str, Any] = {
+        "messageId": {**_TEXT, "description": "the dedupe key"},
+        "event": {**_TEXT, "description": "the event type"},
+        "userId": {"anyOf": [_ID, {"type": "null"}]},
+        "properties": {"anyOf": [JSON_OBJECT, {"type": "null"}]},
+        "timestamp": _MSG_TIME,
+        "originalTimestamp": {**_ANY, "description": "used when timestamp is absent or null"},
+    }
+    required = ["messageId", "event"]
+    if with_type:
+        props["type"] = {"type": "string", "enum": _cases("track")}
+        required.append("type")
+    return {
+        "type": "object",
+        "description": "A track message: messageId -> id, event -> type, userId (else "
+        "anonymousId, or the tenant's customer_property) -> customer, properties, timestamp "
+        "(else originalTimestamp, else now) -> time. Other fields are ignored. At most 32 KB.",
+        "required": required,
+        "properties": props,
+        "additionalProperties": _ANY,
+        "allOf": [_CUSTOMER, _WHEN],
+    }
+
+
+_IGNORED = {
+    "type": "object",
+    "description": "identify, page, screen, group and alias messages are accepted and ignored",
+    "required": ["type"],
+    "properties": {"type": {"type": "string", "enum": _cases(*sorted(IGNORED_TYPES))}},
+    "additionalProperties": _ANY,
+}
+_MESSAGE = {"anyOf": [_track(True), _IGNORED]}
+BATCH_IN = {
+    "type": "object",
+    "required": ["batch"],
+    "properties": {
+        "batch": {
+            "type": "array",
+            "description": "Messages (at most 2500, 500 KB in all); invalid ones are rejected one "
+            "by one (listed in `rejected`)",
+            "minItems": 1,
+            "contains": _MESSAGE,
+        },
+        "writeKey": {
+            **_ANY,
+            "description": "the write key (a string), when not in Authorization; otherwise ignored",
+        },
+        "sentAt": _ANY,
+        "context": {
+            **_ANY,
+            "description": "applies to every message that has no context of its own",
+        },
+    },
+}
+ANY_OBJECT = {**JSON_OBJECT, "description": "The message (accepted and ignored)"}
+SEGMENT_MEDIA = ("application/json",)  # text/plain (sendBeacon) and +json are read too
+_ANSWER = model(SegmentAnswer)
+_WAIT = [query("wait", {"type": "string", "enum": ["broker", "stored"]}, "as for /v1/events")]
 # --- per-app service: settings cache and the secret box ----------------------------------------
 
 
@@ -229,7 +342,22 @@ async def _store(
         count_rejected(metrics, api, res.errors)
         raise ValidationError(summary(res), details=res.errors)
     if res.rows:
-        await deliver(st, tenant_id, res.rows, now_ms, wait, api)
+        try:
+            await deliver(st, tenant_id, res.rows, now_ms, wait, api)
+        except UnencodableEvents as exc:  # rare: reject those messages, deliver the others
+            drop = set(exc.positions)
+            for pos in exc.positions:
+                res.errors.append(
+                    {"index": res.indexes[pos], "field": "properties", "message": nesting_problem()}
+                )
+            res.errors.sort(key=lambda e: e["index"])
+            res.rows = [r for i, r in enumerate(res.rows) if i not in drop]
+            res.indexes = [x for i, x in enumerate(res.indexes) if i not in drop]
+            if not res.rows and not res.ignored:
+                count_rejected(metrics, api, res.errors)
+                raise ValidationError(summary(res), details=res.errors) from None
+            if res.rows:
+                await deliver(st, tenant_id, res.rows, now_ms, wait, api)
     for kind, n in res.ignored.items():
         metrics.segment_ignored.labels(kind).inc(n)
     if res.errors:
@@ -249,7 +377,18 @@ def _now_ms() -> int:
 # --- tracking API ------------------------------------------------------------------------------
 
 
-@router.post("/v1/batch", tags=["segment"])
+@router.post(
+    "/v1/batch",
+    tags=["segment"],
+    **doc(
+        ok={200: _ANSWER},
+        body=BATCH_IN,
+        media=SEGMENT_MEDIA,
+        params=_WAIT,
+        errors=(415,),
+        no_errors=(413,),
+    ),
+)
 async def segment_batch(
     request: Request,
     st: AppState = Depends(get_state),
@@ -279,7 +418,18 @@ async def segment_batch(
     return await _store(request, st, tenant_id, res, "segment", now_ms)
 
 
-@router.post("/v1/track", tags=["segment"])
+@router.post(
+    "/v1/track",
+    tags=["segment"],
+    **doc(
+        ok={200: _ANSWER},
+        body=_track(False),
+        media=SEGMENT_MEDIA,
+        params=_WAIT,
+        errors=(415,),
+        no_errors=(413,),
+    ),
+)
 async def segment_track(
     request: Request,
     st: AppState = Depends(get_state),
@@ -320,7 +470,15 @@ def _ignored_route(kind: str) -> None:
 
     handler.__name__ = f"segment_{kind}"
     handler.__doc__ = f"Segment's {kind} call: accepted and ignored (Tally meters track events)."
-    router.add_api_route(f"/v1/{kind}", handler, methods=["POST"], tags=["segment"])
+    router.add_api_route(
+        f"/v1/{kind}",
+        handler,
+        methods=["POST"],
+        tags=["segment"],
+        **doc(
+            ok={200: _ANSWER}, body=ANY_OBJECT, media=SEGMENT_MEDIA, errors=(415,), no_errors=(413,)
+        ),
+    )
 
 
 for _kind in sorted(IGNORED_TYPES):
@@ -347,7 +505,18 @@ def _valid_secrets(svc: SegmentService, cfg: SegmentSettings) -> list[str]:
     return out
 
 
-@router.post("/v1/segment/webhook/{tenant_id}", tags=["segment"])
+@router.post(
+    "/v1/segment/webhook/{tenant_id}",
+    tags=["segment"],
+    **doc(
+        ok={200: _ANSWER},
+        body=_MESSAGE,
+        media=SEGMENT_MEDIA,
+        params=_WAIT,
+        errors=(415,),
+        no_errors=(404, 413),
+    ),
+)
 async def segment_webhook(
     tenant_id: str,
     request: Request,
@@ -429,7 +598,7 @@ def _config(cfg: SegmentSettings) -> SegmentConfig:
     )
 
 
-@router.get("/v1/segment/config", tags=["segment"])
+@router.get("/v1/segment/config", tags=["segment"], **doc(ok={200: model(SegmentConfig)}))
 async def get_config(
     tenant_id: str = Depends(current_tenant),
     st: AppState = Depends(get_state),
@@ -439,7 +608,11 @@ async def get_config(
     return json_response(200, _config(cfg).model_dump(mode="json"))
 
 
-@router.put("/v1/segment/config", tags=["segment"])
+@router.put(
+    "/v1/segment/config",
+    tags=["segment"],
+    **doc(ok={200: model(SegmentConfig)}, body=model(SegmentConfigIn, "validation")),
+)
 async def put_config(
     request: Request,
     tenant_id: str = Depends(current_tenant),
@@ -457,7 +630,15 @@ async def put_config(
     return json_response(200, _config(new).model_dump(mode="json"))
 
 
-@router.post("/v1/segment/webhook-secret", tags=["segment"])
+@router.post(
+    "/v1/segment/webhook-secret",
+    tags=["segment"],
+    **doc(
+        ok={200: model(WebhookSecretOut)},
+        body=model(WebhookSecretIn, "validation"),
+        body_required=False,
+    ),
+)
 async def set_webhook_secret(
     request: Request,
     tenant_id: str = Depends(current_tenant),
@@ -483,7 +664,9 @@ async def set_webhook_secret(
     return json_response(200, out.model_dump(mode="json"))
 
 
-@router.delete("/v1/segment/webhook-secret", status_code=204, tags=["segment"])
+@router.delete(
+    "/v1/segment/webhook-secret", status_code=204, tags=["segment"], **doc(ok={204: None})
+)
 async def delete_webhook_secret(
     tenant_id: str = Depends(current_tenant),
     st: AppState = Depends(get_state),

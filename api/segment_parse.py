@@ -50,6 +50,7 @@ class CustomerRule:
 @dataclass(slots=True)
 class SegmentParse:
     rows: list[Row] = field(default_factory=list)
+    indexes: list[int] = field(default_factory=list)  # the message index of each row
     errors: list[dict[str, Any]] = field(default_factory=list)
     ignored: dict[str, int] = field(default_factory=dict)
     total: int = 0
@@ -94,6 +95,8 @@ def _identifier(v: Any) -> str | None:
         return v if v.strip() else None
     if isinstance(v, int) and not isinstance(v, bool):
         return str(v)
+    if isinstance(v, float) and v.is_integer() and abs(v) <= 2**53:  # JSON 7.0 is 7
+        return str(int(v))
     return None
 
 
@@ -217,7 +220,11 @@ def parse_messages(
             m.bad("message", f"a message must be a JSON object, got {_kind(msg)}")
             continue
         if max_message_bytes is not None:
-            size = len(orjson.dumps(msg))
+            try:
+                size = len(orjson.dumps(msg))
+            except orjson.JSONEncodeError:
+                m.bad("message", "the message is nested too deeply (at most 254 levels)")
+                continue
             if size > max_message_bytes:
                 m.bad(
                     "message",
@@ -251,6 +258,7 @@ def parse_messages(
             continue
         assert ev_id is not None and ev_type is not None and customer is not None and t is not None
         res.rows.append((ev_id, ev_type, customer, t, props))
+        res.indexes.append(index)
     return res
 
 

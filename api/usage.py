@@ -11,13 +11,17 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
+from api import answers as A
 from api.auth import current_tenant
 from api.billing_state import billing
 from api.errors import json_response
 from api.ingest import read_body
 from api.ingest_parse import load_json
+from api.openapi import doc, query
 from api.state import AppState, get_state
 from api.usage_params import (
+    MAX_QUERY_VALUES,
+    MAX_VALUES,
     UsageParams,
     iso,
     native_csv,
@@ -31,6 +35,8 @@ from api.usage_params import (
     wants_csv,
 )
 from clickhouse.usage import run_usage
+from schemas.catalog import TimeZone
+from schemas.jsonschema import RFC3339
 from schemas.meters import Meter
 from schemas.timeutil import utc_now
 from schemas.usage import UsageQuery, WindowSize
@@ -39,6 +45,129 @@ from tally.errors import NotFound
 router = APIRouter()
 
 CSV = "text/csv; charset=utf-8"
+
+# --- OpenAPI -----------------------------------------------------------------------------------
+
+_MINUTE_TIME = RFC3339.replace(r"(:[0-5][0-9](\.[0-9]{1,9})?)?", r"(:00(\.0{1,9})?)?")
+_INSTANT = {
+    "anyOf": [
+        {"type": "string", "pattern": RFC3339},
+        {"type": "string", "pattern": r"^-?[0-9]{1,15}$"},
+        {"type": "string", "maxLength": 0, "description": "empty: the default"},
+    ]
+}
+_ZONE = TimeZone.__metadata__[-1].json_schema  # type: ignore[attr-defined]
+_STRINGS = {
+    "type": "array",
+    "items": {"type": "string", "minLength": 1, "maxLength": 256},
+    "maxItems": MAX_QUERY_VALUES,
+}
+_BODY_STRINGS = {**_STRINGS, "maxItems": MAX_VALUES}
+_VALUE = {"type": "string", "minLength": 1, "maxLength": 256}
+_WINDOW = {"type": "string", "enum": A.WINDOWS + [w.lower() for w in A.WINDOWS]}
+USAGE_PARAMS = [
+    query(
+        "from",
+        {
+            "anyOf": [
+                {"type": "string", "pattern": _MINUTE_TIME},
+                {"type": "string", "pattern": r"^-?[0-9]{1,15}$"},
+            ]
+        },
+        "Start (inclusive): RFC 3339 with offset or epoch ms, a whole minute; default: the start "
+        "of today in `tz`. Must be before `to`.",
+    ),
+    query(
+        "to",
+        {
+            "anyOf": [
+                {"type": "string", "pattern": _MINUTE_TIME},
+                {"type": "string", "pattern": r"^-?[0-9]{1,15}$"},
+            ]
+        },
+        "End (exclusive), a whole minute; default: the end of the current minute",
+    ),
+    query(
+        "window",
+        _WINDOW,
+        "Window size; absent: one total for the whole range (at most 100000 windows)",
+    ),
+    query("tz", _ZONE, "IANA time zone of the windows (default UTC)"),
+    query("customer", _STRINGS, "Only these customers (rows per customer)", explode=True),
+    query(
+        "group_by",
+        _STRINGS,
+        "Group by these group_by dimensions of the meter; `customer`: rows per customer",
+        explode=True,
+    ),
+    query(
+        "filter",
+        {"type": "object", "additionalProperties": _VALUE, "maxProperties": 20},
+        "filter[<dimension>]=<value>: only rows whose dimension (of the meter's group_by) has "
+        "one of the values",
+        style="deepObject",
+        explode=True,
+    ),
+    query(
+        "format",
+        {"type": "string", "enum": ["json", "csv"]},
+        "csv: the rows as CSV (also Accept: text/csv)",
+    ),
+]
+OM_PARAMS = [
+    query("from", _INSTANT, "Start: RFC 3339 with offset or epoch ms (floored to the minute)"),
+    query("to", _INSTANT, "End (exclusive; ceiled to the minute)"),
+    query("windowSize", _WINDOW, "MINUTE, HOUR, DAY or MONTH; absent: one total"),
+    query("windowTimeZone", _ZONE, "IANA time zone of the windows (default UTC)"),
+    query("subject", _STRINGS, "Only these customers (rows per subject)", explode=True),
+    query("filterCustomerId", _STRINGS, "Only these customers", explode=True),
+    query(
+        "groupBy",
+        _STRINGS,
+        "Group by these dimensions of the meter; `subject`: rows per customer",
+        explode=True,
+    ),
+    query(
+        "filterGroupBy",
+        {"type": "object", "additionalProperties": _VALUE, "maxProperties": 20},
+        "filterGroupBy[<dimension>]=<value>",
+        style="deepObject",
+        explode=True,
+    ),
+    query("clientId", {"type": "string"}, "Accepted and ignored"),
+]
+OM_BODY = A.obj(
+    {
+        "from": {"anyOf": [*_INSTANT["anyOf"], {"type": "null"}]},
+        "to": {"anyOf": [*_INSTANT["anyOf"], {"type": "null"}]},
+        "windowSize": {"anyOf": [_WINDOW, {"type": "null"}]},
+        "windowTimeZone": {"anyOf": [_ZONE, {"type": "null"}]},
+        "clientId": {"type": ["string", "null"]},
+        "subject": {"anyOf": [_BODY_STRINGS, {"type": "null"}]},
+        "groupBy": {"anyOf": [_BODY_STRINGS, {"type": "null"}]},
+        "filterCustomerId": {"anyOf": [_BODY_STRINGS, {"type": "null"}]},
+        "filterGroupBy": {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "additionalProperties": {"anyOf": [_VALUE, _BODY_STRINGS]},
+                },
+                {"type": "null"},
+            ]
+        },
+    },
+    [],
+    description="The query of GET as a JSON object (an empty body = no parameters). "
+    "`from`/`to`: RFC 3339 with offset or epoch ms.",
+)
+_USAGE_OK = {
+    "description": "Usage per window (JSON, or CSV with format=csv / Accept: text/csv)",
+    "content": {"application/json": {"schema": A.USAGE}, "text/csv": {"schema": A.CSV_TEXT}},
+}
+_OM_OK = {
+    "description": "OpenMeter's query answer (JSON, or CSV with Accept: text/csv)",
+    "content": {"application/json": {"schema": A.OM_USAGE}, "text/csv": {"schema": A.CSV_TEXT}},
+}
 
 
 async def _meter(st: AppState, tenant_id: str, slug: str) -> Meter:
@@ -81,7 +210,9 @@ async def _run(
     return rows
 
 
-@router.get("/v1/meters/{slug}/usage", tags=["usage"])
+@router.get(
+    "/v1/meters/{slug}/usage", tags=["usage"], **doc(ok={200: _USAGE_OK}, params=USAGE_PARAMS)
+)
 async def usage(
     slug: str,
     request: Request,
@@ -110,11 +241,16 @@ async def usage(
 
 
 async def _om_query(
-    request: Request, st: AppState, tenant_id: str, slug: str, fields: dict[str, Any]
+    request: Request,
+    st: AppState,
+    tenant_id: str,
+    slug: str,
+    fields: dict[str, Any],
+    max_values: int = MAX_VALUES,
 ) -> Response:
     accept = request.headers.get("accept")
     meter = await _meter(st, tenant_id, slug)
-    p = openmeter_params(fields, meter.group_by, utc_now())
+    p = openmeter_params(fields, meter.group_by, utc_now(), max_values)
     result = await _run(request, st, tenant_id, meter, p, "openmeter")
     if wants_csv(accept, None):
         rows = openmeter_rows(result, p.by_customer, exact=True)
@@ -126,7 +262,9 @@ async def _om_query(
     return json_response(200, body)
 
 
-@router.get("/api/v1/meters/{slug}/query", tags=["openmeter"])
+@router.get(
+    "/api/v1/meters/{slug}/query", tags=["openmeter"], **doc(ok={200: _OM_OK}, params=OM_PARAMS)
+)
 async def om_query_get(
     slug: str,
     request: Request,
@@ -134,10 +272,14 @@ async def om_query_get(
     st: AppState = Depends(get_state),
 ) -> Response:
     fields = openmeter_query_fields(request.query_params.multi_items())
-    return await _om_query(request, st, tenant_id, slug, fields)
+    return await _om_query(request, st, tenant_id, slug, fields, MAX_QUERY_VALUES)
 
 
-@router.post("/api/v1/meters/{slug}/query", tags=["openmeter"])
+@router.post(
+    "/api/v1/meters/{slug}/query",
+    tags=["openmeter"],
+    **doc(ok={200: _OM_OK}, body=OM_BODY, body_required=False),
+)
 async def om_query_post(
     slug: str,
     request: Request,

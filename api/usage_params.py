@@ -40,6 +40,9 @@ _WINDOW_LEN = {
 }
 MAX_WINDOWS = 100_000
 MAX_VALUES = 1000
+# values of one repeated query-string parameter: the whole URL must fit the HTTP server's
+# request-line limit (64 KB), so the query string takes fewer than a JSON body
+MAX_QUERY_VALUES = 50
 _MINUTE = timedelta(minutes=1)
 _OM_SUBJECT = "subject"
 
@@ -92,9 +95,13 @@ def parse_tz(param: str, value: str | None) -> str:
     return name
 
 
-def _strings(param: str, values: Sequence[str]) -> tuple[str, ...]:
-    if len(values) > MAX_VALUES:
-        raise bad(param, f"at most {MAX_VALUES} values")
+def _count(param: str, values: Sequence[Any], limit: int) -> None:
+    if len(values) > limit:
+        raise bad(param, f"at most {limit} values")
+
+
+def _strings(param: str, values: Sequence[str], limit: int = MAX_VALUES) -> tuple[str, ...]:
+    _count(param, values, limit)
     out: list[str] = []
     for v in values:
         if not v or len(v) > 256:
@@ -173,8 +180,9 @@ def native_params(
                 name, f"must be a whole minute (usage is stored per minute), got {dt.isoformat()}"
             )
     _check_range(from_, to, window, ("from", "to", "window"))
+    _count("group_by", group_by, MAX_QUERY_VALUES)
     by_customer = "customer" in group_by or bool(customers)
-    gb = _strings("group_by", [g for g in group_by if g != "customer"])
+    gb = _strings("group_by", [g for g in group_by if g != "customer"], MAX_QUERY_VALUES)
     _check_dims("group_by", gb, group_dims)
     _check_dims("filter", filters, group_dims)
     return UsageParams(
@@ -182,9 +190,9 @@ def native_params(
         to=to,
         window=window,
         tz=tz,
-        customers=_strings("customer", customers),
+        customers=_strings("customer", customers, MAX_QUERY_VALUES),
         group_by=gb,
-        filters={k: _strings(f"filter[{k}]", v) for k, v in filters.items()},
+        filters={k: _strings(f"filter[{k}]", v, MAX_QUERY_VALUES) for k, v in filters.items()},
         by_customer=by_customer,
     )
 
@@ -210,11 +218,15 @@ def _om_filter_value(param: str, raw: str) -> dict[str, list[str]]:
 
 
 def openmeter_params(
-    fields: Mapping[str, Any], group_dims: Mapping[str, str], now: datetime
+    fields: Mapping[str, Any],
+    group_dims: Mapping[str, str],
+    now: datetime,
+    max_values: int = MAX_VALUES,
 ) -> UsageParams:
     """Parse OpenMeter query fields, already collected from a query string or a JSON body:
     ``from``, ``to``, ``windowSize``, ``windowTimeZone`` (str); ``subject``, ``groupBy``,
-    ``filterCustomerId`` (list[str]); ``filterGroupBy`` (dict[str, list[str]])."""
+    ``filterCustomerId`` (list[str]); ``filterGroupBy`` (dict[str, list[str]]). ``max_values``:
+    values per list (``MAX_QUERY_VALUES`` for a query string)."""
     window = parse_window("windowSize", fields.get("windowSize"))
     tz = parse_tz("windowTimeZone", fields.get("windowTimeZone"))
     d_from, d_to = default_range(now, tz)
@@ -223,11 +235,14 @@ def openmeter_params(
     from_ = from_.replace(second=0, microsecond=0)
     to = _ceil_minute(to)
     _check_range(from_, to, window, ("from", "to", "windowSize"))
-    subjects = _strings("subject", list(fields.get("subject") or []))
-    customers_ids = _strings("filterCustomerId", list(fields.get("filterCustomerId") or []))
+    subjects = _strings("subject", list(fields.get("subject") or []), max_values)
+    customers_ids = _strings(
+        "filterCustomerId", list(fields.get("filterCustomerId") or []), max_values
+    )
     raw_gb = list(fields.get("groupBy") or [])
+    _count("groupBy", raw_gb, max_values)
     by_customer = _OM_SUBJECT in raw_gb or bool(subjects) or bool(customers_ids)
-    gb = _strings("groupBy", [g for g in raw_gb if g != _OM_SUBJECT])
+    gb = _strings("groupBy", [g for g in raw_gb if g != _OM_SUBJECT], max_values)
     _check_dims("groupBy", gb, group_dims)
     filters = dict(fields.get("filterGroupBy") or {})
     _check_dims("filterGroupBy", filters, group_dims)
@@ -238,7 +253,9 @@ def openmeter_params(
         tz=tz,
         customers=tuple(dict.fromkeys(subjects + customers_ids)),
         group_by=gb,
-        filters={k: _strings(f"filterGroupBy[{k}]", list(v)) for k, v in filters.items()},
+        filters={
+            k: _strings(f"filterGroupBy[{k}]", list(v), max_values) for k, v in filters.items()
+        },
         by_customer=by_customer,
     )
 

@@ -146,7 +146,8 @@ class Catalog:
         with self._lock:
             latest = self.get_plan(tenant_id, code)
             data = latest.spec().model_dump()
-            data.update(draft.model_dump(exclude_none=True))
+            # omitted (null) top-level fields are copied; nested nulls stay (a tier's open up_to)
+            data.update({k: v for k, v in draft.model_dump().items() if v is not None})
             try:
                 spec = PlanSpec.model_validate(data)
             except Exception as exc:  # pydantic: a cross-field rule of the merged plan

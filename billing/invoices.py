@@ -66,6 +66,7 @@ from schemas.billing import (
     VoidIn,
 )
 from schemas.catalog import Customer, Subscription, TaxAmount, UpcomingInvoice
+from schemas.jsonschema import STORE_MIN
 from schemas.pricing import BreakdownPart, LineItem, LineKind
 from schemas.timeutil import to_ms, utc_now
 from tally.errors import Conflict, NotFound, ValidationError
@@ -340,7 +341,10 @@ class Invoicing:
         for d in self.rows.discounts(tenant_id, customer_ids):
             if not d.deleted:
                 discounts[d.customer_id].append(d)
-        since = now - self.config.lookback - timedelta(days=400)
+        try:
+            since = max(now - self.config.lookback - timedelta(days=400), STORE_MIN)
+        except OverflowError:  # an as_of near year 1
+            since = STORE_MIN
         invoices = self.rows.invoices(
             tenant_id, subscription_ids=[s.id for s in subs], period_from=since
         )
@@ -1011,6 +1015,11 @@ class Invoicing:
                         f"amount has more decimals than {inv.currency} allows",
                         details=[{"field": "amount", "message": "too many decimals"}],
                     )
+                if net - already <= 0:
+                    raise Conflict(
+                        f"invoice {inv.id} has nothing left to credit",
+                        details=[{"field": "amount", "message": "fully credited"}],
+                    )
                 if req.amount > net - already:
                     raise ValidationError(
                         f"amount {req.amount} exceeds what is left to credit ({net - already})",
@@ -1080,6 +1089,36 @@ class Invoicing:
                         f"invoice {inv.id} has nothing left to credit",
                         details=[{"field": "lines", "message": "fully credited"}],
                     )
+                # Credit notes of an amount are not tied to lines: the total stays capped.
+                net = inv.subtotal if not inv.tax_inclusive else inv.total
+                already = sum(
+                    (n.subtotal if not n.tax_inclusive else n.total for n in previous), Decimal(0)
+                )
+                left = net - already
+                asked = sum((ln.amount for ln in lines), Decimal(0))
+                if asked > left:
+                    if req.lines is not None:
+                        raise ValidationError(
+                            f"the lines credit {asked}, more than is left to credit ({left}): "
+                            "earlier credit notes of an amount are not tied to lines",
+                            details=[{"field": "lines", "message": "exceeds the invoice"}],
+                        )
+                    if left <= 0:
+                        raise Conflict(
+                            f"invoice {inv.id} has nothing left to credit",
+                            details=[{"field": "lines", "message": "fully credited"}],
+                        )
+                    # the whole invoice = everything left, as one amount
+                    lines = [
+                        make_line(
+                            LineKind.CREDIT,
+                            left,
+                            inv.currency,
+                            quantity=Decimal(1),
+                            description=f"Credit: {req.reason}",
+                        )
+                    ]
+                    keys = [(None, None)]
             note_key = f"manual:{len(previous)}"
             return self._issue(tenant_id, inv, lines, keys, req.reason, False, actor, at, note_key)
 

@@ -461,12 +461,15 @@ class Webhooks:
 
     # --- thresholds ---------------------------------------------------------------------------
 
-    def add_threshold(self, tenant_id: str, customer_id: str, req: ThresholdIn) -> Threshold:
+    def _customer(self, tenant_id: str, customer_id: str) -> None:
         if not self.rows.customers(tenant_id, customer_id):
             raise NotFound(
                 f"customer {customer_id!r} not found",
                 details=[{"field": "customer_id", "message": "unknown customer"}],
             )
+
+    def add_threshold(self, tenant_id: str, customer_id: str, req: ThresholdIn) -> Threshold:
+        self._customer(tenant_id, customer_id)
         self.rows.get_meter(tenant_id, req.meter_slug)
         t = Threshold(
             **req.model_dump(),
@@ -478,6 +481,8 @@ class Webhooks:
         return t
 
     def list_thresholds(self, tenant_id: str, customer_id: str) -> list[Threshold]:
+        """The customer's thresholds (404 for a customer the tenant does not have)."""
+        self._customer(tenant_id, customer_id)
         return self.rows.thresholds(tenant_id, customer_id)
 
     def delete_threshold(self, tenant_id: str, customer_id: str, threshold_id: str) -> Threshold:

@@ -45,6 +45,7 @@ from decimal import Decimal
 from typing import Any
 
 from clickhouse.activation import ActivationRows
+from clickhouse.deadletters import DeadLetterRows
 from clickhouse.repo import Repo
 from clickhouse.store import Store
 from schemas.meters import Meter
@@ -151,8 +152,9 @@ def _ms(value: int) -> int:
     return value
 
 
-class ClickHouseSink(ActivationRows):
-    """Implements ``streams.sink.Sink`` (activation rows: ``clickhouse.activation``)."""
+class ClickHouseSink(ActivationRows, DeadLetterRows):
+    """Implements ``streams.sink.Sink`` (activation rows: ``clickhouse.activation``; dead
+    letters: ``clickhouse.deadletters``)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store

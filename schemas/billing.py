@@ -12,9 +12,18 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
-from schemas.catalog import TaxAmount, Time
+from schemas.catalog import StoreTime, TaxAmount
+from schemas.jsonschema import JsonInt, component, decimal_schema, integral
 from schemas.pricing import KEY_PATTERN, BreakdownPart
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
@@ -24,13 +33,49 @@ _DOC = ConfigDict(extra="ignore", frozen=True)
 def _no_float(value: object) -> object:
     if isinstance(value, bool):
         raise ValueError("expected a decimal number (string or integer), got a boolean")
+    value = integral(value)  # JSON 10.0 is the integer 10
     if isinstance(value, float):
-        raise ValueError("expected a decimal number as a string or integer, not a float")
+        raise ValueError(
+            "expected a decimal number as a string or integer (at most 2**53), not a float"
+        )
     return value
 
 
-Amount = Annotated[Decimal, BeforeValidator(_no_float), Field(allow_inf_nan=False)]
-PositiveAmount = Annotated[Decimal, BeforeValidator(_no_float), Field(gt=0, allow_inf_nan=False)]
+_IN = "validation"
+Amount = Annotated[
+    Decimal,
+    BeforeValidator(_no_float),
+    Field(allow_inf_nan=False),
+    WithJsonSchema(decimal_schema("any"), mode=_IN),
+]
+PositiveAmount = Annotated[
+    Decimal,
+    BeforeValidator(_no_float),
+    Field(gt=0, allow_inf_nan=False),
+    WithJsonSchema(decimal_schema("positive"), mode=_IN),
+]
+PERCENTAGE = r"^(100(\.0{1,9})?|[1-9][0-9]?(\.[0-9]{1,9})?|0?\.[0-9]{0,8}[1-9][0-9]{0,8})$"
+Percentage = Annotated[
+    Decimal,
+    BeforeValidator(_no_float),
+    Field(gt=0, le=100),
+    WithJsonSchema(
+        {
+            "description": "a percentage in (0, 100] as a string or integer",
+            "anyOf": [
+                {"type": "string", "pattern": PERCENTAGE},
+                {"type": "integer", "minimum": 1, "maximum": 100},
+            ],
+        },
+        mode=_IN,
+    ),
+]
+NonNegAmount = Annotated[
+    Decimal,
+    BeforeValidator(_no_float),
+    Field(ge=0),
+    WithJsonSchema(decimal_schema("nonneg"), mode=_IN),
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +203,7 @@ class RunIn(BaseModel):
 
     model_config = _STRICT
 
-    as_of: Time | None = None
+    as_of: StoreTime | None = None
 
 
 class RunOut(BaseModel):
@@ -174,13 +219,15 @@ class VoidIn(BaseModel):
     model_config = _STRICT
 
     reason: str = Field(min_length=1, max_length=1000)
-    replace: bool = False  # issue a replacement draft for the same period
+    replace: bool = Field(
+        default=False, strict=True
+    )  # issue a replacement draft for the same period
 
 
 class CreditLineIn(BaseModel):
     model_config = _STRICT
 
-    line: int = Field(ge=0)  # index into the invoice's lines
+    line: JsonInt = Field(ge=0)  # index into the invoice's lines
     amount: PositiveAmount | None = None  # default: the whole (remaining) line
 
 
@@ -215,11 +262,11 @@ class DiscountIn(BaseModel):
 
     model_config = _STRICT
 
-    percentage: Annotated[Decimal, BeforeValidator(_no_float), Field(gt=0, le=100)] | None = None
+    percentage: Percentage | None = None
     amount: PositiveAmount | None = None
     charge_key: str | None = Field(default=None, pattern=KEY_PATTERN)
-    starts_at: Time | None = None
-    expires_at: Time | None = None
+    starts_at: StoreTime | None = None
+    expires_at: StoreTime | None = None
     description: str = Field(default="", max_length=256)
 
     @model_validator(mode="after")
@@ -257,7 +304,9 @@ class CorrectionIn(BaseModel):
     model_config = _STRICT
 
     action: CorrectionAction
-    properties: dict[str, Any] | None = None
+    properties: dict[str, Any] | None = Field(
+        default=None, json_schema_extra={"additionalProperties": component("JsonValue")}
+    )
     reason: str = Field(min_length=1, max_length=1000)
 
     @model_validator(mode="after")
@@ -309,8 +358,17 @@ EVENT_TYPES = (
 class WebhookEndpointIn(BaseModel):
     model_config = _STRICT
 
-    url: str = Field(min_length=8, max_length=2048)
-    events: list[str] = Field(default_factory=lambda: list(EVENT_TYPES))
+    url: str = Field(
+        min_length=8,
+        max_length=2048,
+        json_schema_extra={
+            "pattern": r"^https?://[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?(/[!-~]*)?$"
+        },
+    )
+    events: list[str] = Field(
+        default_factory=lambda: list(EVENT_TYPES),
+        json_schema_extra={"minItems": 1, "items": {"type": "string", "enum": list(EVENT_TYPES)}},
+    )
     description: str = Field(default="", max_length=256)
 
     @field_validator("url")
@@ -387,7 +445,7 @@ class ThresholdIn(BaseModel):
     model_config = _STRICT
 
     meter_slug: str = Field(pattern=KEY_PATTERN)
-    value: Annotated[Decimal, BeforeValidator(_no_float), Field(gt=0, allow_inf_nan=False)]
+    value: PositiveAmount
 
 
 class Threshold(ThresholdIn):
@@ -430,10 +488,10 @@ class ExternalLine(BaseModel):
 class ReconciliationIn(BaseModel):
     model_config = _STRICT
 
-    period_start: Time
-    period_end: Time
+    period_start: StoreTime
+    period_end: StoreTime
     lines: list[ExternalLine]
-    amount_tolerance: Annotated[Decimal, BeforeValidator(_no_float), Field(ge=0)] = Decimal(0)
+    amount_tolerance: NonNegAmount = Decimal(0)
 
 
 class DiffStatus(StrEnum):

@@ -18,10 +18,21 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
+from schemas.jsonschema import (
+    STORE_MAX,
+    STORE_MIN,
+    TIME_IN,
+    TIME_IN_STORE,
+    JsonInt,
+    component,
+    decimal_schema,
+    integral,
+)
 from schemas.pricing import (
     KEY_PATTERN,
     Alignment,
@@ -46,7 +57,20 @@ def _time(value: object) -> datetime:
     return parse_time(value)
 
 
-Time = Annotated[datetime, BeforeValidator(_time)]
+Time = Annotated[datetime, BeforeValidator(_time), WithJsonSchema(TIME_IN, mode="validation")]
+
+
+def _store_time(value: object) -> datetime:
+    """A time that ends up in stored rows: in the store's range, years 1900..2299."""
+    dt = parse_time(value)
+    if not STORE_MIN <= dt <= STORE_MAX:
+        raise ValueError("must be in the years 1900..2299")
+    return dt
+
+
+StoreTime = Annotated[
+    datetime, BeforeValidator(_store_time), WithJsonSchema(TIME_IN_STORE, mode="validation")
+]
 
 
 def _tz(value: object) -> str:
@@ -62,16 +86,41 @@ def _tz(value: object) -> str:
     return name
 
 
-TimeZone = Annotated[str, BeforeValidator(_tz)]
+def _zones() -> list[str]:
+    from zoneinfo import available_timezones
+
+    return sorted(available_timezones())
+
+
+TIMEZONE_SCHEMA = {"type": "string", "description": "an IANA time zone name", "enum": _zones()}
+TimeZone = Annotated[
+    str, BeforeValidator(_tz), WithJsonSchema(component("TimeZone"), mode="validation")
+]
 
 
 def _tax_rate(value: object) -> object:
+    value = integral(value)  # JSON 20.0 is the integer 20
     if isinstance(value, bool) or isinstance(value, float):
         raise ValueError('a tax rate is a percentage as a string or integer (e.g. "20")')
     return value
 
 
-TaxRate = Annotated[Decimal, BeforeValidator(_tax_rate), Field(ge=0, le=100, allow_inf_nan=False)]
+PERCENT = r"^(100(\.0{1,9})?|[0-9]{1,2}(\.[0-9]{1,9})?)$"
+TaxRate = Annotated[
+    Decimal,
+    BeforeValidator(_tax_rate),
+    Field(ge=0, le=100, allow_inf_nan=False),
+    WithJsonSchema(
+        {
+            "description": 'a percentage 0..100 as a string or integer (e.g. "20")',
+            "anyOf": [
+                {"type": "string", "pattern": PERCENT},
+                {"type": "integer", "minimum": 0, "maximum": 100},
+            ],
+        },
+        mode="validation",
+    ),
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +169,19 @@ class PlanVersion(PlanSpec):
 # ---------------------------------------------------------------------------------------------
 
 
+# What the validators below check, for the JSON schemas (api.openapi).
+NO_EDGE_BLANKS = r"^\S([\s\S]*\S)?$"
+TAX_RATES_EXTRA: dict[str, Any] = {
+    "maxProperties": MAX_TAX_RATES,
+    "propertyNames": {"pattern": TAX_NAME_PATTERN},
+}
+METADATA_EXTRA: dict[str, Any] = {
+    "maxProperties": MAX_METADATA,
+    "propertyNames": {"minLength": 1, "maxLength": 64},
+    "additionalProperties": {"type": "string", "maxLength": 1024},
+}
+
+
 def _check_tax_rates(v: dict[str, Decimal]) -> dict[str, Decimal]:
     import re
 
@@ -147,14 +209,18 @@ class CustomerIn(BaseModel):
 
     model_config = _STRICT
 
-    external_id: str = Field(min_length=1, max_length=EXTERNAL_ID_MAX)
+    external_id: str = Field(
+        min_length=1,
+        max_length=EXTERNAL_ID_MAX,
+        json_schema_extra={"pattern": NO_EDGE_BLANKS},
+    )
     name: str = Field(min_length=1, max_length=256)
     currency: Currency
     timezone: TimeZone = "UTC"
-    billing_anchor: Time | None = None
-    tax_rates: dict[str, TaxRate] = Field(default_factory=dict)
-    tax_inclusive: bool = False
-    metadata: dict[str, str] = Field(default_factory=dict)
+    billing_anchor: StoreTime | None = None
+    tax_rates: dict[str, TaxRate] = Field(default_factory=dict, json_schema_extra=TAX_RATES_EXTRA)
+    tax_inclusive: bool = Field(default=False, strict=True)
+    metadata: dict[str, str] = Field(default_factory=dict, json_schema_extra=METADATA_EXTRA)
 
     @field_validator("external_id")
     @classmethod
@@ -183,10 +249,10 @@ class CustomerPatch(BaseModel):
     name: str | None = Field(default=None, min_length=1, max_length=256)
     currency: Currency | None = None
     timezone: TimeZone | None = None
-    billing_anchor: Time | None = None
-    tax_rates: dict[str, TaxRate] | None = None
-    tax_inclusive: bool | None = None
-    metadata: dict[str, str] | None = None
+    billing_anchor: StoreTime | None = None
+    tax_rates: dict[str, TaxRate] | None = Field(default=None, json_schema_extra=TAX_RATES_EXTRA)
+    tax_inclusive: bool | None = Field(default=None, strict=True)
+    metadata: dict[str, str] | None = Field(default=None, json_schema_extra=METADATA_EXTRA)
 
     @field_validator("tax_rates")
     @classmethod
@@ -324,9 +390,9 @@ class SubscriptionIn(BaseModel):
 
     customer_id: str = Field(min_length=1, max_length=EXTERNAL_ID_MAX)
     plan_code: str = Field(pattern=KEY_PATTERN)
-    plan_version: int | None = Field(default=None, ge=1)
-    start_at: Time | None = None
-    trial_end: Time | None = None
+    plan_version: Annotated[JsonInt, Field(ge=1)] | None = None
+    start_at: StoreTime | None = None
+    trial_end: StoreTime | None = None
     alignment: Alignment = Alignment.CALENDAR
 
     @model_validator(mode="after")
@@ -362,7 +428,7 @@ class ChangePlanIn(BaseModel):
     model_config = _STRICT
 
     plan_code: str = Field(pattern=KEY_PATTERN)
-    version: int | None = Field(default=None, ge=1)
+    version: Annotated[JsonInt, Field(ge=1)] | None = None
     timing: ChangeTiming | None = None
 
 
@@ -405,12 +471,20 @@ class UpcomingInvoice(BaseModel):
 def _quantity(value: object) -> object:
     if isinstance(value, bool):
         raise ValueError("a quantity is a decimal number (string or integer), not a boolean")
+    value = integral(value)  # JSON 3.0 is the integer 3
     if isinstance(value, float):
-        raise ValueError("a quantity is a decimal number as a string or integer, not a float")
+        raise ValueError(
+            "a quantity is a decimal number as a string or integer (at most 2**53), not a float"
+        )
     return value
 
 
-Quantity = Annotated[Decimal, BeforeValidator(_quantity), Field(ge=0, allow_inf_nan=False)]
+Quantity = Annotated[
+    Decimal,
+    BeforeValidator(_quantity),
+    Field(ge=0, allow_inf_nan=False),
+    WithJsonSchema(decimal_schema("nonneg"), mode="validation"),
+]
 
 
 class PreviewIn(BaseModel):
@@ -429,7 +503,7 @@ class PreviewIn(BaseModel):
     currency: Currency | None = None
     plan: PlanSpec | None = None
     plan_code: str | None = Field(default=None, pattern=KEY_PATTERN)
-    plan_version: int | None = Field(default=None, ge=1)
+    plan_version: Annotated[JsonInt, Field(ge=1)] | None = None
     usage: dict[str, Quantity | dict[str, Quantity]] = Field(default_factory=dict)
     tax_rates: dict[str, TaxRate] = Field(default_factory=dict)
 

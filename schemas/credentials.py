@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
+from schemas.jsonschema import TIME_IN, JsonInt
 from schemas.timeutil import parse_time
 
 MAX_NAME = 128
+NO_CONTROL = "^[^\\u0000-\\u001f]*$"  # names are shown in lists and logs: no control characters
 MAX_OVERLAP_S = 30 * 86_400
 DEFAULT_OVERLAP_S = 3600
 
@@ -22,8 +25,8 @@ class KeyIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, max_length=MAX_NAME)
-    expires_at: datetime | None = Field(
+    name: str | None = Field(None, max_length=MAX_NAME, json_schema_extra={"pattern": NO_CONTROL})
+    expires_at: Annotated[datetime, WithJsonSchema(TIME_IN, mode="validation")] | None = Field(
         None, description="RFC 3339 with offset, or epoch ms; must be in the future"
     )
 
@@ -33,13 +36,13 @@ class KeyIn(BaseModel):
 class RotateIn(KeyIn):
     """``POST /v1/api-keys/{id}/rotate``: the old key keeps working for ``overlap_s``."""
 
-    overlap_s: int = Field(DEFAULT_OVERLAP_S, ge=0, le=MAX_OVERLAP_S)
+    overlap_s: JsonInt = Field(DEFAULT_OVERLAP_S, ge=0, le=MAX_OVERLAP_S)
 
 
 class AdminTokenIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, max_length=MAX_NAME)
+    name: str | None = Field(None, max_length=MAX_NAME, json_schema_extra={"pattern": NO_CONTROL})
 
 
 class LimitsIn(BaseModel):
@@ -47,7 +50,7 @@ class LimitsIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    requests_per_second: float | None = Field(None, ge=0, le=1e9, allow_inf_nan=False)
-    events_per_second: float | None = Field(None, ge=0, le=1e12, allow_inf_nan=False)
-    max_batch_events: int | None = Field(None, ge=0, le=10**9)
-    monthly_events: int | None = Field(None, ge=0, le=10**18)
+    requests_per_second: float | None = Field(None, ge=0, le=1e9, allow_inf_nan=False, strict=True)
+    events_per_second: float | None = Field(None, ge=0, le=1e12, allow_inf_nan=False, strict=True)
+    max_batch_events: Annotated[JsonInt, Field(ge=0, le=10**9)] | None = None
+    monthly_events: Annotated[JsonInt, Field(ge=0, le=10**18)] | None = None

@@ -10,6 +10,13 @@ Wire format (orjson)::
 
     {"v": 1, "t": tenant_id, "at": ingested_at_epoch_ms,
      "e": [[id, type, customer, time_epoch_ms, properties], ...]}
+
+``decode`` checks what the worker needs to store an event (the same rules the API applies, plus
+the store's time range): a message that is not an envelope raises ``EnvelopeError`` with a
+``reason`` (``schemas.deadletters``); a bad event inside a good envelope does not spoil its
+neighbours: it is left out of ``events`` and listed in ``rejected`` (its index, the raw row and
+the problem), and ``positions`` then gives each kept event's index in the envelope. The worker
+turns both into dead letters.
 """
 
 from __future__ import annotations
@@ -20,10 +27,14 @@ from typing import Any
 
 import orjson
 
-from schemas.events import Event
+from schemas.events import ID_MAX, Event
 from schemas.timeutil import epoch_ms, from_epoch_ms
 
 VERSION = 1
+TENANT_MAX = 64
+# The store's DateTime64(3) range: 1900-01-01T00:00:00.000Z .. 2299-12-31T23:59:59.999Z.
+STORE_MS_MIN = -2_208_988_800_000
+STORE_MS_MAX = 10_413_791_999_999
 
 
 def partition_for(tenant_id: str, event_id: str, partitions: int) -> int:
@@ -42,10 +53,23 @@ class EnvelopeEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class RejectedEvent:
+    """An event of a decodable envelope that the worker cannot store (a dead letter)."""
+
+    index: int  # its position in the envelope
+    row: Any  # the raw JSON value of the row
+    problem: str
+
+
+@dataclass(frozen=True, slots=True)
 class Envelope:
     tenant_id: str
     ingested_at_ms: int
     events: list[EnvelopeEvent]
+    # events left out (bad rows); ``positions`` maps each kept event to its index in the
+    # envelope when any was left out (None: ``events[i]`` is row ``i``)
+    rejected: tuple[RejectedEvent, ...] = ()
+    positions: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,23 +145,122 @@ def group(
 
 
 class EnvelopeError(ValueError):
-    """A message on the topic is not a valid envelope (poison message)."""
+    """A message on the topic is not a valid envelope (poison message).
+
+    ``reason`` says why (``schemas.deadletters``: ``undecodable``, ``unsupported_version``,
+    ``invalid_envelope``); ``tenant_id`` is the envelope's tenant when it could be read ('')."""
+
+    def __init__(self, message: str, reason: str = "undecodable", tenant_id: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.tenant_id = tenant_id
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int | float):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    return "array" if isinstance(v, list) else "object" if isinstance(v, dict) else "value"
+
+
+def _text_problem(name: str, v: Any) -> str | None:
+    if type(v) is not str:
+        return f"{name} must be a string, got {_kind(v)}"
+    if not v:
+        return f"{name} must not be empty"
+    if len(v) > ID_MAX:
+        return f"{name} is longer than {ID_MAX} characters"
+    return None
+
+
+def event_problem(row: Any) -> str | None:
+    """Why a wire row cannot be stored as an event, or None when it can."""
+    if type(row) is not list or len(row) != 5:
+        return "an event row must be an array [id, type, customer, time_ms, properties]"
+    for name, v in zip(("id", "type", "customer"), row, strict=False):
+        problem = _text_problem(name, v)
+        if problem is not None:
+            return problem
+    t = row[3]
+    if type(t) is not int:
+        return f"time must be integer epoch milliseconds, got {_kind(t)}"
+    if not STORE_MS_MIN <= t <= STORE_MS_MAX:
+        return "time is outside the store's range (years 1900..2299)"
+    if type(row[4]) is not dict:
+        return f"properties must be an object, got {_kind(row[4])}"
+    return None
 
 
 def decode(payload: bytes) -> Envelope:
+    """Decode an envelope. Raises ``EnvelopeError`` when the message is not one; bad events of a
+    good envelope are left out and listed in ``Envelope.rejected``."""
     try:
         doc = orjson.loads(payload)
-        if doc.get("v") != VERSION:
-            raise EnvelopeError(f"unsupported envelope version {doc.get('v')!r}")
-        return Envelope(
-            tenant_id=doc["t"],
-            ingested_at_ms=int(doc["at"]),
-            events=[EnvelopeEvent(e[0], e[1], e[2], int(e[3]), e[4]) for e in doc["e"]],
+    except orjson.JSONDecodeError as exc:
+        raise EnvelopeError(f"undecodable envelope: {exc}") from None
+    if type(doc) is not dict:
+        raise EnvelopeError(f"an envelope is a JSON object, got {_kind(doc)}")
+    tenant = doc.get("t")
+    hint = tenant if type(tenant) is str and 0 < len(tenant) <= TENANT_MAX else ""
+    version = doc.get("v")
+    if type(version) is not int or version != VERSION:
+        raise EnvelopeError(
+            f"unsupported envelope version {version!r} (this worker reads version {VERSION})",
+            "unsupported_version",
+            hint,
         )
-    except EnvelopeError:
-        raise
-    except Exception as exc:
-        raise EnvelopeError(f"undecodable envelope: {exc}") from exc
+    if not hint:
+        raise EnvelopeError(
+            f"envelope field t (tenant) must be a string of 1..{TENANT_MAX} characters",
+            "invalid_envelope",
+        )
+    at = doc.get("at")
+    if type(at) is not int or not STORE_MS_MIN <= at <= STORE_MS_MAX:
+        raise EnvelopeError(
+            "envelope field at (ingested at) must be integer epoch milliseconds in the store's "
+            "range (years 1900..2299)",
+            "invalid_envelope",
+            hint,
+        )
+    rows = doc.get("e")
+    if type(rows) is not list:
+        raise EnvelopeError("envelope field e (events) must be an array", "invalid_envelope", hint)
+    events: list[EnvelopeEvent] = []
+    rejected: list[RejectedEvent] = []
+    positions: list[int] = []
+    lo, hi, most = STORE_MS_MIN, STORE_MS_MAX, ID_MAX
+    for i, row in enumerate(rows):
+        # the common case, inline: a well-formed row
+        if type(row) is list and len(row) == 5:
+            ev_id, ev_type, customer, t, props = row
+            if (
+                type(ev_id) is str
+                and type(ev_type) is str
+                and type(customer) is str
+                and type(t) is int
+                and type(props) is dict
+                and 0 < len(ev_id) <= most
+                and 0 < len(ev_type) <= most
+                and 0 < len(customer) <= most
+                and lo <= t <= hi
+            ):
+                events.append(EnvelopeEvent(ev_id, ev_type, customer, t, props))
+                positions.append(i)
+                continue
+        rejected.append(RejectedEvent(i, row, event_problem(row) or "invalid event row"))
+    if not rejected:
+        return Envelope(hint, at, events)
+    return Envelope(hint, at, events, tuple(rejected), tuple(positions))
+
+
+def envelope_of_row(tenant_id: str, ingested_at_ms: int, row: Any) -> bytes:
+    """A one-event envelope holding ``row`` as it was (a dead letter's payload)."""
+    return orjson.dumps({"v": VERSION, "t": tenant_id, "at": ingested_at_ms, "e": [row]})
 
 
 __all__ = [
@@ -145,9 +268,12 @@ __all__ = [
     "EnvelopeError",
     "EnvelopeEvent",
     "OutgoingEnvelope",
+    "RejectedEvent",
     "Row",
     "decode",
     "encode",
+    "envelope_of_row",
+    "event_problem",
     "from_epoch_ms",
     "group",
     "group_rows",

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from schemas.jsonpath import compile_path
 
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+NUMBER_LIMIT = Decimal(10) ** 29  # the store's Decimal(38, 9) holds 29 integer digits
 
 
 class Aggregation(StrEnum):
@@ -73,10 +74,18 @@ class PropertyFilter(BaseModel):
         if self.op in (FilterOp.IN, FilterOp.NIN) and not isinstance(self.value, list):
             raise ValueError(f"filter op '{self.op}' needs a list value")
         if self.op in (FilterOp.GT, FilterOp.GTE, FilterOp.LT, FilterOp.LTE):
+            # the worker's rule for numbers (streams.matching.to_decimal): finite, |v| < 1e29
+            value = self.value.strip() if isinstance(self.value, str) else self.value
             try:
-                Decimal(str(self.value))
+                if isinstance(value, bool) or value is None:
+                    raise ValueError("not a number")
+                number = Decimal(str(value))
             except Exception as exc:
                 raise ValueError(f"filter op '{self.op}' needs a numeric value") from exc
+            if not number.is_finite() or abs(number) >= NUMBER_LIMIT:
+                raise ValueError(
+                    f"filter op '{self.op}' needs a finite number below 1e29 in magnitude"
+                )
         if self.op == FilterOp.EXISTS and not isinstance(self.value, bool | None):
             raise ValueError("filter op 'exists' takes true/false")
         return self

@@ -17,9 +17,12 @@ from pydantic import (
     ConfigDict,
     Field,
     TypeAdapter,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
+
+from schemas.jsonschema import component, decimal_schema, integral
 
 # ---------------------------------------------------------------------------------------------
 # ISO 4217: active currency codes and their exponents (number of minor-unit digits).
@@ -71,15 +74,41 @@ def validate_currency(value: object) -> str:
 def _no_float(value: object) -> object:
     if isinstance(value, bool):
         raise ValueError("expected a decimal number (string or integer), got a boolean")
+    value = integral(value)  # JSON 10.0 is the integer 10
     if isinstance(value, float):
-        raise ValueError("expected a decimal number as a string or integer, not a float")
+        raise ValueError(
+            "expected a decimal number as a string or integer (at most 2**53), not a float"
+        )
     return value
 
 
-Num = Annotated[Decimal, BeforeValidator(_no_float), Field(allow_inf_nan=False)]
-NonNeg = Annotated[Decimal, BeforeValidator(_no_float), Field(ge=0, allow_inf_nan=False)]
-Positive = Annotated[Decimal, BeforeValidator(_no_float), Field(gt=0, allow_inf_nan=False)]
-Currency = Annotated[str, BeforeValidator(validate_currency)]
+_IN = "validation"  # the JSON schemas below describe inputs; answers keep pydantic's own
+Num = Annotated[
+    Decimal,
+    BeforeValidator(_no_float),
+    Field(allow_inf_nan=False),
+    WithJsonSchema(decimal_schema("any"), mode=_IN),
+]
+NonNeg = Annotated[
+    Decimal,
+    BeforeValidator(_no_float),
+    Field(ge=0, allow_inf_nan=False),
+    WithJsonSchema(decimal_schema("nonneg"), mode=_IN),
+]
+Positive = Annotated[
+    Decimal,
+    BeforeValidator(_no_float),
+    Field(gt=0, allow_inf_nan=False),
+    WithJsonSchema(decimal_schema("positive"), mode=_IN),
+]
+CURRENCY_SCHEMA = {
+    "type": "string",
+    "description": "an active ISO 4217 code (case-insensitive)",
+    "enum": sorted(CURRENCY_EXPONENTS) + sorted(c.lower() for c in CURRENCY_EXPONENTS),
+}
+Currency = Annotated[
+    str, BeforeValidator(validate_currency), WithJsonSchema(component("Currency"), mode=_IN)
+]
 
 
 class RoundMode(StrEnum):

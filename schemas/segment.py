@@ -14,6 +14,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from schemas.jsonschema import JsonInt
+
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
 # A dotted path into a Segment message: ``context.groupId``, ``properties.account_id``,
@@ -48,8 +50,14 @@ class SegmentConfigIn(BaseModel):
 
     model_config = _STRICT
 
-    customer_property: str | None = Field(default=None, max_length=256)
-    fallback_to_user_id: bool = False
+    customer_property: str | None = Field(
+        default=None,
+        max_length=256,
+        json_schema_extra={
+            "pattern": r"^\s*((\$\.)?[A-Za-z_$][A-Za-z0-9_$-]*(\.[A-Za-z_$][A-Za-z0-9_$-]*){0,7})?\s*$"
+        },
+    )
+    fallback_to_user_id: bool = Field(default=False, strict=True)
 
     @field_validator("customer_property")
     @classmethod
@@ -67,8 +75,13 @@ class WebhookSecretIn(BaseModel):
 
     model_config = _STRICT
 
-    secret: str | None = Field(default=None, min_length=SECRET_MIN, max_length=SECRET_MAX)
-    previous_valid_for_s: int = Field(
+    secret: str | None = Field(
+        default=None,
+        min_length=SECRET_MIN,
+        max_length=SECRET_MAX,
+        json_schema_extra={"pattern": r"^[!-~]([ -~]*[!-~])?$"},
+    )
+    previous_valid_for_s: JsonInt = Field(
         default=DEFAULT_PREVIOUS_VALID_S, ge=0, le=MAX_PREVIOUS_VALID_S
     )
 

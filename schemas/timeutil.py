@@ -38,6 +38,8 @@ def parse_time(value: object) -> datetime:
     """RFC 3339 string (offset required) or integer epoch milliseconds -> aware UTC, ms precision."""
     if isinstance(value, bool):
         raise ValueError("time must be an RFC 3339 string or epoch milliseconds")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON 1700000000000.0 is an integer too
     if isinstance(value, int):
         if not EPOCH_MS_MIN <= value <= EPOCH_MS_MAX:
             raise ValueError("epoch milliseconds out of range")
@@ -54,5 +56,8 @@ def parse_time(value: object) -> datetime:
             raise ValueError(f"not an RFC 3339 timestamp: {value!r}") from exc
         if dt.tzinfo is None:
             raise ValueError(f"timestamp needs a UTC offset or Z: {value!r}")
-        return to_ms(dt)
+        try:
+            return to_ms(dt)
+        except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+            raise ValueError(f"timestamp out of range (years 1..9999 in UTC): {value!r}") from None
     raise ValueError("time must be an RFC 3339 string or epoch milliseconds")

@@ -21,6 +21,7 @@ Rules:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ import orjson
 from schemas.envelope import EnvelopeEvent
 from schemas.jsonpath import MISSING, JsonPath, compile_path
 from schemas.meters import Aggregation, FilterOp, Meter, PropertyFilter
+
+log = logging.getLogger(__name__)
 
 QUANTUM = Decimal("0.000000001")
 _CTX = Context(prec=80)
@@ -265,7 +268,11 @@ class MeterIndex:
         for m in meters:
             cm = old.get(m.id)
             if cm is None or cm.meter != m:
-                cm = CompiledMeter(m)
+                try:
+                    cm = CompiledMeter(m)
+                except ValueError as exc:  # stored by an older version that let it through
+                    log.error("meter %s of tenant %s cannot be applied: %s", m.id, m.tenant_id, exc)
+                    continue
             self.by_id[m.id] = cm
             self._index.setdefault((m.tenant_id, m.event_type), []).append(cm)
 

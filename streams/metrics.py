@@ -10,7 +10,7 @@ their own on a private registry (unit tests). The processor calls the hooks at a
 - ``BatchProcessor.flush_batch``: ``flush_seconds``, ``flush_rows{table}`` (rows of each insert
   that returned), ``store_errors`` (attempts that met a store error);
 - ``BatchProcessor.apply`` for a stored link: ``stored``, ``duplicate``, ``late``,
-  ``meter_value_errors``;
+  ``meter_value_errors``, ``dead_letters{reason}``;
 - the worker's monitor loop (every ``worker_heartbeat_s``): ``consumer_lag{partition}``,
   ``freshness_seconds``, ``dedupe_index_entries``, ``partitions``, ``held_events``, ``up``,
   ``store_up`` (the heartbeat write), ``broker_up`` (the lag measurement),
@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 FLUSH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 OUTCOMES = ("consumed", "stored", "duplicate", "poison")
-TABLES = ("events", "usage_minute", "meter_activations")
+TABLES = ("events", "usage_minute", "meter_activations", "dead_letters")
 
 
 class WorkerMetrics:
@@ -101,6 +101,13 @@ class WorkerMetrics:
         self.meter_value_errors = Counter(
             "tally_worker_meter_value_errors",
             "Events that matched a meter but had an unusable value",
+            registry=r,
+        )
+        # by reason: schemas.deadletters.REASONS
+        self.dead_letters = Counter(
+            "tally_worker_dead_letters",
+            "Dead letters written by committed links, by reason (schemas.deadletters)",
+            ["reason"],
             registry=r,
         )
         self.skipped = Counter(

@@ -26,6 +26,13 @@ Control messages (``schemas.control``) travel in the same partitions: an ``activ
 starts its meter in its partition (``streams.activation``); a link holding a meter's first marker
 in a partition writes its activation row at step (b), before its usage commit. A resync reloads
 the partition's activations from the store up to ``M`` (markers in another writer's link).
+
+Dead letters (``schemas.deadletters``, ``streams.deadletters``): a message that is not an
+envelope or control message, a bad event of a good envelope, an event whose properties cannot be
+stored and an event a meter cannot count are collected per link in ``prepare`` and written at
+step (b), before the link's usage commit, like the activation rows (deterministic rows keyed by
+source position: a replay writes the same rows). The message's offset is committed like any
+other: a bad message never blocks its partition.
 """
 
 from __future__ import annotations
@@ -40,10 +47,12 @@ from typing import Any
 import orjson
 
 from schemas.control import Control, ControlError, decode_control, is_control
+from schemas.deadletters import DeadLetter, DeadLetterRow
 from schemas.envelope import Envelope, EnvelopeError, decode
 from schemas.meters import Meter
 from schemas.timeutil import from_epoch_ms
 from schemas.worker import Claim
+from streams import deadletters
 from streams.activation import Activations
 from streams.aggregation import WindowTable
 from streams.dedupe import DedupeIndex, rebuild
@@ -120,6 +129,8 @@ class Entry:
     envelope: Envelope | None  # None: poison or control message
     handle: Any = None  # what the caller acks once the entry is stored (a Faust event)
     control: Control | None = None  # an activation marker (streams.activation)
+    problem: DeadLetter | None = None  # a message the worker cannot read (a dead letter)
+    timestamp_ms: int | None = None  # the message's broker timestamp (kept with dead letters)
 
 
 @dataclass
@@ -137,6 +148,7 @@ class Link:
     usage_rows: list[tuple[Any, ...]] = field(default_factory=list)
     kept_keys: list[tuple[str, str, int]] = field(default_factory=list)
     activation_rows: list[tuple[str, str, str, int, int]] = field(default_factory=list)
+    dead_letter_rows: list[DeadLetterRow] = field(default_factory=list)
     events_in: int = 0
     duplicates: int = 0
     value_errors: int = 0
@@ -197,10 +209,12 @@ class BatchProcessor:
         owner: str = "",
         link_max_age_s: float = 300.0,
         monotonic: Callable[[], float] = _mono,
+        dead_letter_max_bytes: int = 1 << 20,
         metrics: WorkerMetrics | None = None,
         late_ms: int = 60_000,
     ) -> None:
         self.horizon_ms = horizon_ms
+        self.dead_letter_max_bytes = dead_letter_max_bytes
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self.late_ms = late_ms
         self.topic = topic
@@ -265,8 +279,16 @@ class BatchProcessor:
         return self._chain[partition]
 
     # --- buffering ------------------------------------------------------------------------
-    def add(self, partition: int, offset: int, payload: bytes | None, handle: Any = None) -> bool:
-        """Buffer one message. False if it is already stored/taken (skip it, ack it)."""
+    def add(
+        self,
+        partition: int,
+        offset: int,
+        payload: bytes | None,
+        handle: Any = None,
+        timestamp_ms: int | None = None,
+    ) -> bool:
+        """Buffer one message. False if it is already stored/taken (skip it, ack it). A message
+        the worker cannot read is buffered as a dead letter (committed like any other)."""
         high = self._high.get(partition)
         if high is None:
             raise ValueError(f"partition {partition} of {self.topic} is not assigned")
@@ -276,18 +298,28 @@ class BatchProcessor:
         self._high[partition] = offset
         control: Control | None = None
         env: Envelope | None = None
+        problem: DeadLetter | None = None
         try:
-            if payload is None:
-                raise EnvelopeError("empty message")
-            if is_control(payload):
+            if not payload:
+                problem = deadletters.of_message(payload, None)
+            elif is_control(payload):
                 control = decode_control(payload)
             else:
                 env = decode(payload)
         except (EnvelopeError, ControlError) as exc:
+            problem = deadletters.of_message(payload, exc)
+        if problem is not None:
             self.metrics.poison.inc()
-            log.warning("poison message %s[%d]@%d skipped: %s", self.topic, partition, offset, exc)
+            log.warning(
+                "poison message %s[%d]@%d (%s) goes to the dead letters: %s",
+                self.topic,
+                partition,
+                offset,
+                problem.reason,
+                problem.message,
+            )
         self._buffer.setdefault(partition, []).append(
-            Entry(partition, offset, env, handle, control)
+            Entry(partition, offset, env, handle, control, problem, timestamp_ms)
         )
         if env is not None:
             self._buffered_events += len(env.events)
@@ -349,6 +381,27 @@ class BatchProcessor:
             link.activation_rows = [r for r in rows if r[3] == link.partition]
             self._prepare_link(link, meter_index)
 
+    def _dead_letter_rows(
+        self, link: Link, found: list[tuple[int, DeadLetter]]
+    ) -> list[DeadLetterRow]:
+        """The link's dead letters: unreadable messages, bad events of good envelopes, and
+        ``found`` (offset, letter) while computing its rows."""
+        stamp = {e.offset: e.timestamp_ms for e in link.entries}
+        letters: list[tuple[int, int | None, DeadLetter]] = []
+        for e in link.entries:
+            if e.problem is not None:
+                letters.append((e.offset, e.timestamp_ms, e.problem))
+            elif e.envelope is not None and e.envelope.rejected:
+                letters.extend(
+                    (e.offset, e.timestamp_ms, dl) for dl in deadletters.of_rejected(e.envelope)
+                )
+        letters.extend((off, stamp.get(off), dl) for off, dl in found)
+        if not letters:
+            return []
+        return deadletters.link_rows(
+            self.topic, link.partition, letters, self.dead_letter_max_bytes
+        )
+
     def _prepare_link(self, link: Link, meter_index: MeterIndex) -> None:
         topic = self.topic
         p = link.partition
@@ -361,7 +414,9 @@ class BatchProcessor:
             if env is None:
                 continue
             tenant = env.tenant_id
-            for i, ev in enumerate(env.events):
+            pos = env.positions  # None unless bad events were left out of the envelope
+            for j, ev in enumerate(env.events):
+                i = j if pos is None else pos[j]
                 events_in += 1
                 k = (tenant, ev.id)
                 if k in first:
@@ -380,8 +435,14 @@ class BatchProcessor:
         dumps = orjson.dumps
         ingested_dt: dict[int, Any] = {}
         acts = self.activations
+        found: list[tuple[int, DeadLetter]] = []  # dead letters met on the way
         for k, (env, offset, i, ev) in first.items():
             if k in seen:
+                continue
+            try:
+                props = dumps(ev.properties).decode()
+            except orjson.JSONEncodeError as exc:  # nested deeper than the encoder allows
+                found.append((offset, deadletters.of_unencodable(env, i, ev, exc)))
                 continue
             p_ing = env.ingested_at_ms
             kept_keys.append((k[0], k[1], p_ing))
@@ -397,7 +458,7 @@ class BatchProcessor:
                     ev.type,
                     ev.customer,
                     from_epoch_ms(ev.time_ms),
-                    dumps(ev.properties).decode(),
+                    props,
                     ing,
                     topic,
                     p,
@@ -413,6 +474,7 @@ class BatchProcessor:
                 except ValueProblem as exc:
                     value_errors += 1
                     log.debug("event %s/%s: meter %s: %s", env.tenant_id, ev.id, cm.id, exc)
+                    found.append((offset, deadletters.of_meter_value(env, i, ev, cm.id, exc)))
                     continue
                 if c is not None:
                     windows.add(env.tenant_id, ev.customer, ev.time_ms, ev.id, c)
@@ -422,6 +484,7 @@ class BatchProcessor:
         link.events_in = events_in
         link.duplicates = duplicates
         link.value_errors = value_errors
+        link.dead_letter_rows = self._dead_letter_rows(link, found)
         link.late = late
         link.prepared = True
 
@@ -526,6 +589,11 @@ class BatchProcessor:
                 if activation_rows:
                     self.sink.record_activations(activation_rows)
                     rows_written.labels("meter_activations").inc(len(activation_rows))
+                # (b) dead letters (idempotent: deterministic rows keyed by source position)
+                dead_letter_rows = [r for k in todo for r in k.dead_letter_rows]
+                if dead_letter_rows:
+                    self.sink.record_dead_letters(dead_letter_rows)
+                    rows_written.labels("dead_letters").inc(len(dead_letter_rows))
                 # (c) the commit points: one token-deduplicated insert per link
                 for k in todo:
                     k.attempts += 1
@@ -602,6 +670,8 @@ class BatchProcessor:
                     wm.late.inc(k.late)
                 if k.value_errors:
                     wm.meter_value_errors.inc(k.value_errors)
+                for r in k.dead_letter_rows:
+                    wm.dead_letters.labels(r[2]).inc()
                 continue
             # RESYNC: the store's chain ends at m; offsets <= m are stored (by someone)
             self._chain[p] = m

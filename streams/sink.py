@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
+from schemas.deadletters import DeadLetterRow
 from schemas.meters import Meter
 from schemas.worker import ChainState, WorkerStatus, chain_token
 
@@ -102,4 +103,10 @@ class Sink(Protocol):
     def activations(self, topic: str, partition: int, upto_offset: int) -> dict[str, int]:
         """meter id -> offset of its first activation marker in ``topic``/``partition``, for
         markers at or below ``upto_offset`` (the partition's committed progress)."""
+        ...
+
+    def record_dead_letters(self, rows: list[DeadLetterRow]) -> None:
+        """Store dead-letter rows (``schemas.deadletters.DEAD_LETTER_COLUMNS``). Called in the
+        flush that holds them, before the links' commits; idempotent (a replay writes the same
+        rows, keyed by source position)."""
         ...

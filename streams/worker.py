@@ -79,6 +79,12 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def _timestamp_ms(msg: Any) -> int | None:
+    """The broker timestamp of a message (kept with its dead letters), if it has one."""
+    ts = getattr(msg, "timestamp", None)
+    return int(ts * 1000) if isinstance(ts, int | float) and ts > 0 else None
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
@@ -124,6 +130,7 @@ class StreamWorker:
             horizon_ms=self.horizon_ms,
             owner=self.worker_id if fencing else "",
             link_max_age_s=settings.link_max_age_s,
+            dead_letter_max_bytes=settings.dead_letter_max_payload_bytes,
             metrics=self.metrics,
             late_ms=int(settings.late_event_s * 1000),
         )
@@ -321,7 +328,7 @@ class StreamWorker:
                 if not self.processor.assigned(p):
                     continue
             try:
-                accepted = self.processor.add(p, msg.offset, event.value, event)
+                accepted = self.processor.add(p, msg.offset, event.value, event, _timestamp_ms(msg))
             except Exception:
                 log.exception("cannot buffer %s[%d]@%d", self.topic, p, msg.offset)
                 continue

@@ -139,6 +139,13 @@ class Settings(BaseSettings):
         description="A commit retried this long is redone from a fresh read of the store "
         "(keep far below the time usage_minute's deduplication window lasts)",
     )
+    dead_letter_max_payload_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        le=64 << 20,
+        description="Bytes of a dead letter's payload kept (a longer one is cut and cannot be "
+        "re-driven); docs/operations.md, Dead letters",
+    )
 
     # --- invoicing (docs/invoicing.md) ---------------------------------------------------------
     invoice_grace: timedelta = Field(

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -70,19 +71,62 @@ def test_preserves_order_within_a_partition() -> None:
 
 
 @pytest.mark.parametrize(
-    "payload",
+    ("payload", "reason"),
     [
-        b"",
-        b"not json",
-        b"[]",
-        b'{"v": 2, "t": "x", "at": 1, "e": []}',
-        b'{"v": 1, "t": "x"}',
-        b'{"v": 1, "t": "x", "at": 1, "e": [["only-id"]]}',
+        (b"", "undecodable"),
+        (b"not json", "undecodable"),
+        (b"[]", "undecodable"),
+        (b'"text"', "undecodable"),
+        (b'{"v": 2, "t": "x", "at": 1, "e": []}', "unsupported_version"),
+        (b'{"v": true, "t": "x", "at": 1, "e": []}', "unsupported_version"),
+        (b'{"t": "x", "at": 1, "e": []}', "unsupported_version"),
+        (b'{"v": 1, "t": "x"}', "invalid_envelope"),
+        (b'{"v": 1, "t": "", "at": 1, "e": []}', "invalid_envelope"),
+        (b'{"v": 1, "t": 7, "at": 1, "e": []}', "invalid_envelope"),
+        (b'{"v": 1, "t": "x", "at": 1.5, "e": []}', "invalid_envelope"),
+        (b'{"v": 1, "t": "x", "at": 1, "e": {}}', "invalid_envelope"),
+        (b'{"v": 1, "t": "x", "at": 99999999999999999, "e": []}', "invalid_envelope"),
     ],
 )
-def test_decode_rejects_poison(payload: bytes) -> None:
-    with pytest.raises(envelope.EnvelopeError):
+def test_decode_rejects_poison_with_a_reason(payload: bytes, reason: str) -> None:
+    with pytest.raises(envelope.EnvelopeError) as info:
         envelope.decode(payload)
+    assert info.value.reason == reason
+    if b'"t": "x"' in payload:
+        assert info.value.tenant_id == "x"
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [
+        (["only-id"], "an event row must be an array"),
+        ("e1", "an event row must be an array"),
+        ([1, "t", "c", 5, {}], "id must be a string"),
+        (["", "t", "c", 5, {}], "id must not be empty"),
+        (["i" * 257, "t", "c", 5, {}], "id is longer than 256"),
+        (["i", None, "c", 5, {}], "type must be a string"),
+        (["i", "t", ["c"], 5, {}], "customer must be a string"),
+        (["i", "t", "c", "5", {}], "time must be integer epoch milliseconds"),
+        (["i", "t", "c", 5.0, {}], "time must be integer epoch milliseconds"),
+        (["i", "t", "c", True, {}], "time must be integer epoch milliseconds"),
+        (["i", "t", "c", -(10**13), {}], "outside the store's range"),
+        (["i", "t", "c", 5, []], "properties must be an object"),
+    ],
+)
+def test_a_bad_event_is_left_out_and_its_neighbours_kept(row: object, problem: str) -> None:
+    payload = orjson.dumps(
+        {"v": 1, "t": "x", "at": 9, "e": [["a", "t", "c", 1, {}], row, ["b", "t", "c", 2, {}]]}
+    )
+    env = envelope.decode(payload)
+    assert [e.id for e in env.events] == ["a", "b"]
+    assert env.positions == (0, 2)
+    (rej,) = env.rejected
+    assert rej.index == 1 and rej.row == row and problem in rej.problem
+
+
+def test_a_good_envelope_has_no_positions() -> None:
+    env = envelope.decode(b'{"v": 1, "t": "x", "at": 9, "e": [["a", "t", "c", 1, {}]]}')
+    assert env.rejected == () and env.positions is None
 
 
 rows = st.lists(

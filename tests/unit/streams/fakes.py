@@ -45,6 +45,9 @@ class MemorySink:
         self.fail_meter_loads = 0
         self.fail_activations_next = 0
         self.activation_rows: list[tuple[str, str, str, int, int]] = []
+        self.dead_letters: dict[tuple[str, str], tuple[Any, ...]] = {}  # (tenant, id) -> row
+        self.dead_letter_inserts = 0
+        self.fail_dead_letters_next = 0
 
     # --- the protocol ---------------------------------------------------------------------
     def insert_events(self, events_rows: list[tuple[Any, ...]]) -> None:
@@ -162,6 +165,15 @@ class MemorySink:
             self.fail_activations_next -= 1
             raise ConnectionError("store down (activation rows)")
         self.activation_rows.extend(rows)
+
+    def record_dead_letters(self, rows: list[tuple[Any, ...]]) -> None:
+        """Like the table: rows keyed by (tenant, dead letter id), a replay collapses."""
+        if self.fail_dead_letters_next:
+            self.fail_dead_letters_next -= 1
+            raise ConnectionError("store down (dead letters)")
+        self.dead_letter_inserts += 1
+        for r in rows:
+            self.dead_letters[(r[0], r[1])] = r
 
     def activations(self, topic: str, partition: int, upto_offset: int) -> dict[str, int]:
         out: dict[str, int] = {}

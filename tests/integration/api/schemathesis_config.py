@@ -1,0 +1,158 @@
+"""The schemathesis configuration of the OpenAPI test: credentials, the ids of the world
+(``tests.integration.api.world``) for path parameters, checks and warnings.
+
+Operations whose path names an object get an existing one (schemathesis cannot create a tenant's
+objects for every operation by itself); destructive operations get objects of their own (an
+invoice to void, a customer to patch) so they do not destroy what the others use, or, when a
+create operation links to them (revoke a key, delete a meter, a discount, ...), the objects the
+stateful phase creates through those links. Operations that change a tenant's Segment settings run as a second tenant, so the
+first one's Segment messages keep the default customer mapping.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.integration.api.world import World
+
+HOOKS = "tests.integration.api.schemathesis_hooks"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)
+
+
+def _op(path: str, params: dict[str, Any], method: str | None = None, **extra: Any) -> str:
+    lines = ["[[operations]]", f"include-path = {json.dumps(path)}"]
+    if method:
+        lines.append(f"include-method = {json.dumps(method)}")
+    if params:
+        lines.append(f"parameters = {_toml(params)}")
+    for key, value in extra.items():
+        lines.append(f"{key} = {_toml(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def operations(w: World, other: World, limits_tenant: str) -> list[str]:
+    i = w.ids
+    t = w.tenant_id
+    ops = [
+        _op("/v1/meters/{slug}", {"slug": i["meter"]}, "GET"),
+        _op("/api/v1/meters/{slug}", {"slug": i["meter"]}),
+        _op("/v1/meters/{slug}/backfill", {"slug": i["meter"]}),
+        _op("/v1/meters/{slug}/usage", {"slug": i["meter"]}),
+        _op("/api/v1/meters/{slug}/query", {"slug": i["meter"]}),
+        _op("/v1/admin/tenants/{tenant_id}/keys", {"tenant_id": t}),
+        _op(
+            "/v1/admin/tenants/{tenant_id}/keys/{key_id}",
+            {"tenant_id": t, "key_id": i["key_rotate"]},
+            "GET",
+        ),
+        _op("/v1/admin/tenants/{tenant_id}/limits", {"tenant_id": limits_tenant}),
+        _op(
+            "/v1/admin/tenants/{tenant_id}/meters/{slug}/backfill",
+            {"tenant_id": t, "slug": i["meter"]},
+        ),
+        _op("/v1/admin/tenants/{tenant_id}/invoices/run", {"tenant_id": t}),
+        _op("/v1/api-keys/{key_id}", {"key_id": i["key_rotate"]}, "GET"),
+        _op("/v1/plans/{code}", {"code": i["plan"]}),
+        _op("/v1/plans/{code}/versions", {"code": i["plan"]}),
+        _op(
+            "/v1/plans/{code}/versions/{version}", {"code": i["plan"], "version": i["plan_version"]}
+        ),
+        _op("/v1/customers/{external_id}", {"external_id": i["customer"]}, "GET"),
+        _op("/v1/customers/{external_id}", {"external_id": i["customer_patch"]}, "PATCH"),
+        _op("/v1/customers/{external_id}/upcoming-invoice", {"external_id": i["customer"]}),
+        _op("/v1/subscriptions/{sub_id}", {"sub_id": i["subscription"]}),
+        _op("/v1/subscriptions/{sub_id}/actions", {"sub_id": i["subscription"]}),
+        _op("/v1/subscriptions/{sub_id}/change-plan", {"sub_id": i["subscription"]}),
+        _op("/v1/invoices/{invoice_id}", {"invoice_id": i["invoice"]}),
+        _op("/v1/invoices/{invoice_id}/csv", {"invoice_id": i["invoice"]}),
+        _op("/v1/invoices/{invoice_id}/pdf", {"invoice_id": i["invoice"]}),
+        _op("/v1/invoices/{invoice_id}/finalize", {"invoice_id": i["invoice_draft"]}),
+        _op("/v1/invoices/{invoice_id}/refresh", {"invoice_id": i["invoice_draft"]}),
+        _op("/v1/invoices/{invoice_id}/void", {"invoice_id": i["invoice_void"]}),
+        _op("/v1/invoices/{invoice_id}/credit-notes", {"invoice_id": i["invoice"]}),
+        _op("/v1/credit-notes/{note_id}", {"note_id": i["credit_note"]}),
+        _op("/v1/credit-notes/{note_id}/pdf", {"note_id": i["credit_note"]}),
+        _op("/v1/customers/{customer_id}/discounts", {"customer_id": i["customer"]}),
+        _op("/v1/events/{event_id}/corrections", {"event_id": i["event"]}),
+        _op("/v1/webhooks/endpoints/{endpoint_id}/rotate-secret", {"endpoint_id": i["endpoint"]}),
+        _op("/v1/webhooks/deliveries/{delivery_id}", {"delivery_id": i["delivery"]}),
+        _op("/v1/customers/{customer_id}/thresholds", {"customer_id": i["customer"]}),
+        _op("/v1/segment/webhook/{tenant_id}", {"tenant_id": t}),
+        _op("/v1/dead-letters/{dead_letter_id}", {"dead_letter_id": i["dead_letter"]}),
+        _op("/v1/admin/dead-letters/{dead_letter_id}", {"dead_letter_id": i["dead_letter"]}),
+        _op(
+            "/v1/admin/dead-letters/{dead_letter_id}/redrive", {"dead_letter_id": i["dead_letter"]}
+        ),
+    ]
+    return ops
+
+
+def config(
+    w: World,
+    other: World,
+    limits_tenant: str,
+    admin_token: str,
+    *,
+    max_examples: int,
+    report: str,
+    seed: int | None = None,
+    workers: int = 1,
+) -> str:
+    head = f"""# generated by tests/integration/api/test_openapi_schemathesis.py
+hooks = "{HOOKS}"
+workers = {workers}
+{"seed = " + str(seed) if seed is not None else ""}
+
+[generation]
+max-examples = {max_examples}
+
+[reports.json]
+path = {json.dumps(report)}
+
+[warnings]
+fail-on = true
+
+[phases.stateful.inference]
+algorithms = []
+
+[auth.openapi.ApiKey]
+bearer = {json.dumps(w.key)}
+[auth.openapi.AdminToken]
+bearer = {json.dumps(admin_token)}
+[auth.openapi.SegmentWriteKey]
+username = {json.dumps(w.key)}
+password = ""
+[auth.openapi.SegmentSignature]
+api_key = "signed-by-the-hooks"
+
+[checks.negative_data_rejection]
+expected-statuses = ["400", "401", "404", "409", "413", "415", "429"]
+[checks.positive_data_acceptance]
+expected-statuses = ["2xx", "404", "409"]
+"""
+    return head + "\n" + "\n".join(operations(w, other, limits_tenant))
+
+
+def environment(w: World, other: World) -> dict[str, str]:
+    """What the hooks need: the two tenants' keys and the ids they must not destroy."""
+    protect = {
+        w.ids["key_main"]: w.ids["key_revoke"],
+        other.ids["key_main"]: w.ids["key_revoke"],
+        w.ids["admin_token_main"]: w.ids["admin_token"],
+        w.ids["meter"]: w.ids["meter_delete"],
+        f"{w.ids['meter'].rsplit('-', 1)[0]}-count": w.ids["meter_delete"],
+    }
+    return {
+        "TALLY_FUZZ_KEY": w.key,
+        "TALLY_FUZZ_OTHER_KEY": other.key,
+        "TALLY_FUZZ_PROTECT": json.dumps(protect),
+    }
+
+
+__all__ = ["HOOKS", "config", "environment", "operations"]
