@@ -1,21 +1,30 @@
 """Waiting for the worker's progress (ingest ``wait=stored``).
 
 ``ProgressBoard``: in-process (embedded mode). The worker thread calls ``notify`` after each
-commit; the API's asyncio loop (another thread) awaits ``wait_for``.
-``StoreProgressWaiter``: scale-out mode, polls the store's progress rows.
+commit; the API's asyncio loop (another thread) awaits ``wait_for``. A waiting request also wakes
+the worker (``add_wake``): once the worker has read every message a waiter waits for
+(``ready``), it flushes at once instead of at the end of its flush interval, so that a client
+sending one batch at a time is answered in about one store commit, not in up to
+``flush_interval_s`` plus one commit.
+``StoreProgressWaiter``: scale-out mode (the worker is another process): one poll of the store's
+progress rows per topic and interval, shared by every waiting request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from streams.sink import Sink
+
+log = logging.getLogger(__name__)
 
 
 def _reached(current: dict[int, int], targets: dict[int, int]) -> bool:
@@ -28,6 +37,7 @@ class _Waiter:
     targets: dict[int, int]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[bool]
+    woke: bool = field(default=False)  # ``ready`` reported it once already
 
 
 def _resolve(fut: asyncio.Future[bool]) -> None:
@@ -42,6 +52,32 @@ class ProgressBoard:
         self._lock = threading.Lock()
         self._offsets: dict[str, dict[int, int]] = {}
         self._waiters: set[_Waiter] = set()
+        self._wakes: list[Callable[[], None]] = []
+        self.waiting = 0  # waiters not reported by ``ready`` yet (read without the lock)
+
+    def add_wake(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` (from the waiting request's thread) whenever a request starts waiting."""
+        with self._lock:
+            self._wakes.append(fn)
+
+    def remove_wake(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if fn in self._wakes:
+                self._wakes.remove(fn)
+
+    def ready(self, topic: str, read: dict[int, int]) -> bool:
+        """True if a waiter of ``topic`` waits only for offsets at or below ``read`` (what the
+        worker has read), i.e. the next flush would answer it. Each waiter is reported once."""
+        if not self.waiting:
+            return False
+        found = False
+        with self._lock:
+            for w in self._waiters:
+                if not w.woke and w.topic == topic and _reached(read, w.targets):
+                    w.woke = True
+                    self.waiting -= 1
+                    found = True
+        return found
 
     def notify(self, topic: str, partition: int, offset: int) -> None:
         with self._lock:
@@ -51,7 +87,7 @@ class ProgressBoard:
             offs[partition] = offset
             done = [w for w in self._waiters if w.topic == topic and _reached(offs, w.targets)]
             for w in done:
-                self._waiters.discard(w)
+                self._discard(w)
         for w in done:
             with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
                 w.loop.call_soon_threadsafe(_resolve, w.future)
@@ -69,13 +105,27 @@ class ProgressBoard:
             if _reached(self._offsets.get(topic, {}), targets):
                 return True
             self._waiters.add(waiter)
+            self.waiting += 1
+            wakes = list(self._wakes)
+        for wake in wakes:
+            try:
+                wake()
+            except Exception:  # a stopped worker: the flush interval answers (or the timeout)
+                log.debug("waking the worker failed", exc_info=True)
         try:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             return False
         finally:
             with self._lock:
-                self._waiters.discard(waiter)
+                self._discard(waiter)
+
+    def _discard(self, waiter: _Waiter) -> None:
+        """Under the lock."""
+        if waiter in self._waiters:
+            self._waiters.discard(waiter)
+            if not waiter.woke:
+                self.waiting -= 1
 
 
 class StoreProgressWaiter:

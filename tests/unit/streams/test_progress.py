@@ -93,3 +93,62 @@ def test_store_progress_waiter_polls() -> None:
         return ok, late
 
     assert asyncio.run(main()) == (True, False)
+
+
+def test_a_new_waiter_wakes_and_ready_reports_it_once() -> None:
+    b = ProgressBoard()
+    b.notify("t", 0, 1)
+    wakes: list[int] = []
+    b.add_wake(lambda: wakes.append(1))
+
+    async def main() -> bool:
+        task = asyncio.create_task(b.wait_for("t", {0: 5, 1: 2}, 10.0))
+        await asyncio.sleep(0.01)
+        assert wakes == [1] and b.waiting == 1
+        assert not b.ready("t", {0: 5})  # partition 1 not read yet
+        assert not b.ready("other", {0: 5, 1: 2})
+        assert b.ready("t", {0: 7, 1: 2})
+        assert b.waiting == 0
+        assert not b.ready("t", {0: 7, 1: 2})  # reported once
+        b.notify("t", 0, 5)
+        b.notify("t", 1, 2)
+        return await task
+
+    assert asyncio.run(main())
+    assert b.waiting == 0
+
+
+def test_no_wake_when_already_stored_and_waiting_count_after_timeout() -> None:
+    b = ProgressBoard()
+    b.notify("t", 0, 5)
+    wakes: list[int] = []
+
+    def wake() -> None:
+        wakes.append(1)
+
+    b.add_wake(wake)
+    assert asyncio.run(b.wait_for("t", {0: 5}, 1.0))
+    assert wakes == []
+    assert not asyncio.run(b.wait_for("t", {0: 6}, 0.02))
+    assert wakes == [1] and b.waiting == 0  # a waiter that gave up is not counted
+    b.remove_wake(wake)
+    b.remove_wake(wake)  # idempotent
+    assert not asyncio.run(b.wait_for("t", {0: 6}, 0.02))
+    assert wakes == [1]
+
+
+def test_a_failing_wake_does_not_fail_the_wait() -> None:
+    b = ProgressBoard()
+
+    def broken() -> None:
+        raise RuntimeError("event loop is closed")
+
+    b.add_wake(broken)
+
+    async def main() -> bool:
+        task = asyncio.create_task(b.wait_for("t", {0: 0}, 10.0))
+        await asyncio.sleep(0.01)
+        b.notify("t", 0, 0)
+        return await task
+
+    assert asyncio.run(main())
