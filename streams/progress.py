@@ -128,20 +128,63 @@ class ProgressBoard:
                 self.waiting -= 1
 
 
+@dataclass(eq=False)
+class _Poll:
+    """The shared poll of one topic on one event loop, and the requests waiting on it."""
+
+    topic: str
+    waiters: list[tuple[dict[int, int], asyncio.Future[bool]]] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+
+
 class StoreProgressWaiter:
-    """``wait_for`` by polling the store's progress (scale-out: the worker is elsewhere)."""
+    """``wait_for`` by polling the store's progress (scale-out: the worker is elsewhere).
+
+    One poll of a topic's progress rows every ``poll_s`` serves every request of this process
+    waiting on that topic (not one poll per waiting request); it stops when nobody waits. A
+    store error fails the requests waiting at that moment (the caller answers it as before).
+    """
 
     def __init__(self, sink: Sink, poll_s: float = 0.05) -> None:
         self.sink = sink
         self.poll_s = poll_s
+        self._polls: dict[tuple[int, str], _Poll] = {}
 
     async def wait_for(self, topic: str, targets: dict[int, int], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            current = await asyncio.to_thread(self.sink.progress, topic)
-            if _reached(current, targets):
-                return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            await asyncio.sleep(min(self.poll_s, remaining))
+        loop = asyncio.get_running_loop()
+        key = (id(loop), topic)
+        poll = self._polls.get(key)
+        if poll is None or poll.task is None or poll.task.done():
+            poll = self._polls[key] = _Poll(topic)
+            poll.task = loop.create_task(self._run(poll, key))
+        fut: asyncio.Future[bool] = loop.create_future()
+        entry = (dict(targets), fut)
+        poll.waiters.append(entry)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            with contextlib.suppress(ValueError):
+                poll.waiters.remove(entry)
+
+    async def _run(self, poll: _Poll, key: tuple[int, str]) -> None:
+        try:
+            while True:
+                try:
+                    current = await asyncio.to_thread(self.sink.progress, poll.topic)
+                except Exception as exc:
+                    for _targets, fut in poll.waiters:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                else:
+                    for targets, fut in poll.waiters:
+                        if not fut.done() and _reached(current, targets):
+                            fut.set_result(True)
+                poll.waiters[:] = [w for w in poll.waiters if not w[1].done()]
+                if not poll.waiters:
+                    return  # no await between this check and the task's end: no waiter lost
+                await asyncio.sleep(self.poll_s)
+        finally:
+            if self._polls.get(key) is poll:
+                del self._polls[key]

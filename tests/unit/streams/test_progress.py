@@ -4,6 +4,8 @@ import asyncio
 import threading
 import time
 
+import pytest
+
 from streams.progress import ProgressBoard, StoreProgressWaiter
 from tests.unit.streams.fakes import MemorySink
 
@@ -152,3 +154,48 @@ def test_a_failing_wake_does_not_fail_the_wait() -> None:
         return await task
 
     assert asyncio.run(main())
+
+
+class CountingSink(MemorySink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.polls = 0
+        self.broken = False
+
+    def progress(self, topic: str) -> dict[int, int]:
+        self.polls += 1
+        if self.broken:
+            raise OSError("store down")
+        return super().progress(topic)
+
+
+def test_store_progress_waiter_shares_one_poll_between_waiters() -> None:
+    sink = CountingSink()
+    w = StoreProgressWaiter(sink, poll_s=0.02)
+
+    async def main() -> list[bool]:
+        tasks = [asyncio.create_task(w.wait_for("t", {p % 4: 3}, 10.0)) for p in range(40)]
+        await asyncio.sleep(0.2)  # ~10 polls, whatever the number of waiters
+        assert sink.polls < 40
+        sink.commit("t", [], [], {0: 3, 1: 3, 2: 3, 3: 3})
+        out = list(await asyncio.gather(*tasks))
+        assert w._polls == {}  # the poll stops when nobody waits
+        return out
+
+    assert asyncio.run(main()) == [True] * 40
+    assert asyncio.run(w.wait_for("t", {0: 3}, 1.0))  # a new loop, a new poll
+
+
+def test_store_progress_waiter_store_error_fails_the_waiters() -> None:
+    sink = CountingSink()
+    sink.broken = True
+    w = StoreProgressWaiter(sink, poll_s=0.01)
+
+    async def main() -> None:
+        with pytest.raises(OSError, match="store down"):
+            await w.wait_for("t", {0: 1}, 5.0)
+        sink.broken = False
+        sink.commit("t", [], [], {0: 1})
+        assert await w.wait_for("t", {0: 1}, 5.0)
+
+    asyncio.run(main())
