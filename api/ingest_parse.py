@@ -53,9 +53,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
 _ONE_S = timedelta(seconds=1)
 
-# "YYYY-MM-DDTHH:MM:SS" -> epoch seconds of that UTC time (None: fromisoformat refuses it).
-# Events of one request mostly share a handful of seconds; bounded by clearing when full.
-_SECONDS: dict[str, int | None] = {}
+# "YYYY-MM-DDTHH:MM:SS" -> epoch seconds of that UTC time (valid ones only). Events of one
+# request mostly share a handful of seconds; bounded by clearing when full.
+_SECONDS: dict[str, int] = {}
 _SECONDS_MAX = 1 << 16
 # "000".."999" -> 0..999: reads a millisecond fraction and checks it is three ASCII digits.
 _MS3 = {f"{i:03d}": i for i in range(1000)}
