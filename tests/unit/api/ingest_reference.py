@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from api.ingest_parse import NATIVE_FIELDS, Limits, ParseResult
+from schemas.envelope import STORE_MS_MAX, STORE_MS_MIN
 from schemas.events import ID_MAX
 from schemas.timeutil import EPOCH_MS_MAX, EPOCH_MS_MIN, epoch_ms, parse_time
 
@@ -99,7 +100,8 @@ def _time(
 
 
 def time_bounds_problem(ms: int, now_ms: int, limits: Limits, name: str) -> str | None:
-    """Why event time ``ms`` (field ``name``) is outside the lateness bounds, or None."""
+    """Why event time ``ms`` (field ``name``) is outside the lateness bounds (or the store's
+    range, years 1900..2299), or None."""
     if ms < now_ms - limits.max_lateness_ms:
         return (
             f"{name} {_iso(ms)} is older than the lateness bound "
@@ -107,6 +109,8 @@ def time_bounds_problem(ms: int, now_ms: int, limits: Limits, name: str) -> str 
         )
     if ms > now_ms + limits.max_future_ms:
         return f"{name} {_iso(ms)} is more than {_span(limits.max_future_ms)} in the future"
+    if not STORE_MS_MIN <= ms <= STORE_MS_MAX:
+        return f"{name} {_iso(ms)} is outside the range Tally stores (years 1900..2299)"
     return None
 
 
