@@ -14,6 +14,7 @@ Wire format (orjson)::
 
 from __future__ import annotations
 
+import gc
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -140,13 +141,85 @@ def decode(payload: bytes) -> Envelope:
         raise EnvelopeError(f"undecodable envelope: {exc}") from exc
 
 
+@dataclass(frozen=True, slots=True)
+class EnvelopeColumns:
+    """A v1 envelope decoded into columns (the worker's hot path: no object per event).
+
+    ``ids[i]``, ``types[i]``, ``customers[i]``, ``times_ms[i]``, ``properties[i]`` are event ``i``
+    (its index in the envelope).
+    """
+
+    tenant_id: str
+    ingested_at_ms: int
+    ids: list[str]
+    types: list[str]
+    customers: list[str]
+    times_ms: list[int]
+    properties: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def event(self, i: int) -> EnvelopeEvent:
+        return EnvelopeEvent(
+            self.ids[i], self.types[i], self.customers[i], self.times_ms[i], self.properties[i]
+        )
+
+
+def decode_columns(payload: bytes) -> EnvelopeColumns:
+    """Decode a v1 envelope into columns (same acceptance as ``decode``).
+
+    The cyclic garbage collector is paused while the envelope's objects are made: decoding
+    allocates thousands of small containers, which would otherwise trigger collections that
+    traverse every live object (3-4x slower, DESIGN §7). The objects are acyclic and freed by
+    reference counting.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        doc = orjson.loads(payload)
+        if not isinstance(doc, dict):
+            raise EnvelopeError("undecodable envelope: not a JSON object")
+        if doc.get("v") != VERSION:
+            raise EnvelopeError(f"unsupported envelope version {doc.get('v')!r}")
+        tenant_id = doc["t"]
+        ingested = int(doc["at"])
+        rows = doc["e"]
+        if not isinstance(rows, list):
+            raise EnvelopeError("undecodable envelope: 'e' is not a list")
+        if not rows:
+            return EnvelopeColumns(tenant_id, ingested, [], [], [], [], [])
+        for r in rows:
+            if type(r) is not list or len(r) < 5:
+                raise EnvelopeError("undecodable envelope: an event is not a 5-element list")
+        ids, types, customers, times, props = list(zip(*rows, strict=False))[:5]
+        return EnvelopeColumns(
+            tenant_id,
+            ingested,
+            list(ids),
+            list(types),
+            list(customers),
+            list(map(int, times)),
+            list(props),
+        )
+    except EnvelopeError:
+        raise
+    except Exception as exc:
+        raise EnvelopeError(f"undecodable envelope: {exc}") from exc
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 __all__ = [
     "Envelope",
+    "EnvelopeColumns",
     "EnvelopeError",
     "EnvelopeEvent",
     "OutgoingEnvelope",
     "Row",
     "decode",
+    "decode_columns",
     "encode",
     "from_epoch_ms",
     "group",
