@@ -26,9 +26,11 @@ from typing import Any
 import pyarrow as pa
 
 from schemas.columns import USAGE_SCHEMA
+from schemas.jsonpath import MISSING, JsonPath
 from schemas.meters import Aggregation
 from streams.aggregation import MINUTE_MS, ORIGIN_STREAM
 from streams.matching import (
+    MAX_ABS,
     CompiledMeter,
     MeterIndex,
     ValueProblem,
@@ -44,6 +46,7 @@ _NUMERIC = frozenset(
 )
 _ZERO = Decimal(0)
 _BAD: Any = object()  # a value that raised ValueProblem
+_INT_LIMIT = int(MAX_ABS)
 
 
 @dataclass(slots=True)
@@ -73,22 +76,39 @@ class ColumnarResult:
     windows: int
 
 
-def _numeric_values(path: Any, props: list[dict[str, Any]]) -> list[Any]:
-    out: list[Any] = []
+def _raw_values(path: JsonPath, props: list[dict[str, Any]]) -> list[Any]:
+    """``path.extract`` of every event (a one-name path, the common case, without the call)."""
+    steps = path.steps
+    if len(steps) == 1 and isinstance(steps[0], str):
+        name = steps[0]
+        return [p.get(name, MISSING) if type(p) is dict else MISSING for p in props]
     extract = path.extract
-    for p in props:
+    return [extract(p) for p in props]
+
+
+def _numeric_values(path: JsonPath, props: list[dict[str, Any]]) -> list[Any]:
+    """``to_decimal`` of every event's value, ``_BAD`` where it raises. Integers in range take a
+    short cut: ``Decimal(v)`` equals ``to_decimal(v)`` (only the exponent differs; every use
+    compares, adds, or stores it as ``Decimal(38, 9)``)."""
+    out: list[Any] = []
+    for v in _raw_values(path, props):
+        if type(v) is int and -_INT_LIMIT < v < _INT_LIMIT:
+            out.append(Decimal(v))
+            continue
         try:
-            out.append(to_decimal(extract(p)))
+            out.append(to_decimal(v))
         except ValueProblem:
             out.append(_BAD)
     return out
 
 
-def _uniq_values(path: Any, props: list[dict[str, Any]]) -> list[Any]:
-    extract = path.extract
+def _uniq_values(path: JsonPath, props: list[dict[str, Any]]) -> list[Any]:
     out: list[Any] = []
-    for p in props:
-        s = canonical_scalar(extract(p))
+    for v in _raw_values(path, props):
+        if type(v) is str:
+            out.append(v)
+            continue
+        s = canonical_scalar(v)
         out.append(_BAD if s is None else s)
     return out
 

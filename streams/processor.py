@@ -298,8 +298,9 @@ class BatchProcessor:
 
     @property
     def buffered_events(self) -> int:
-        """Events buffered and not sealed yet (the back-pressure measure)."""
-        return sum(len(e.envelope) for b in self._buffer.values() for e in b if e.envelope)
+        """Events buffered and not sealed yet (the back-pressure measure, read per message: a
+        running count, kept in step by every change of the buffers)."""
+        return self._buffered_events
 
     @property
     def buffered_messages(self) -> int:
