@@ -113,6 +113,33 @@ def _uniq_values(path: JsonPath, props: list[dict[str, Any]]) -> list[Any]:
     return out
 
 
+def _group_columns(
+    group_paths: tuple[tuple[str, JsonPath], ...], props: list[dict[str, Any]]
+) -> tuple[list[str], list[dict[str, str]]]:
+    """Group key and group values of every event, computed once per distinct raw value
+    combination (group_by properties have few distinct values)."""
+    names = [name for name, _p in group_paths]
+    raw = list(zip(*(_raw_values(p, props) for _n, p in group_paths), strict=True))
+    memo: dict[Any, tuple[str, dict[str, str]]] = {}
+    gks: list[str] = []
+    gvs: list[dict[str, str]] = []
+    for values in raw:
+        try:
+            # the type is part of the key: 1, 1.0 and True are equal in Python, not in JSON
+            memo_key: Any = (values, tuple(map(type, values)))
+            hit = memo.get(memo_key)
+        except TypeError:  # an object or array: not hashable, computed every time
+            memo_key, hit = None, None
+        if hit is None:
+            gv = {name: group_value(v) for name, v in zip(names, values, strict=True)}
+            hit = (group_key_of(gv), gv)
+            if memo_key is not None:
+                memo[memo_key] = hit
+        gks.append(hit[0])
+        gvs.append(hit[1])
+    return gks, gvs
+
+
 # window key within one meter: (customer, window_ms) or (customer, group_key, window_ms)
 _Key = tuple[Any, ...]
 
@@ -194,11 +221,7 @@ def aggregate(
             if cm.group_paths:
                 cached = group_cache.get(cm.group_paths)
                 if cached is None:
-                    gvs = [
-                        {name: group_value(p.extract(pr)) for name, p in cm.group_paths}
-                        for pr in props
-                    ]
-                    gks = [group_key_of(v) for v in gvs]
+                    gks, gvs = _group_columns(cm.group_paths, props)
                     cached = group_cache[cm.group_paths] = (
                         list(zip(customers, gks, windows, strict=True)),
                         gvs,

@@ -104,6 +104,28 @@ class MeterCache:
         return self.index
 
 
+# Separates the events' properties in one bulk ``orjson.dumps`` (``json_texts``). A raw ``"`` in
+# orjson's output only opens or closes a string, so this byte sequence appears where we put it
+# or, only if some property holds exactly this string as a list element, somewhere else too:
+# then the number of pieces is wrong and the slow path runs.
+_SEP = "\x00\x01tally-properties\x01\x00"
+_SEP_BYTES = b"," + orjson.dumps(_SEP) + b","
+
+
+def json_texts(objs: list[Any]) -> list[bytes]:
+    """``[orjson.dumps(o) for o in objs]``, computed with ONE ``dumps`` of all of them (a call
+    of orjson costs ~2 us on this machine whatever the size of the object; the bulk call ~50 ns
+    per object)."""
+    if len(objs) < 2:
+        return [orjson.dumps(o) for o in objs]
+    interleaved = list(itertools.chain.from_iterable(zip(objs, itertools.repeat(_SEP))))
+    interleaved.pop()
+    parts = orjson.dumps(interleaved)[1:-1].split(_SEP_BYTES)
+    if len(parts) != len(objs):  # the separator occurred inside a property: do it one by one
+        return [orjson.dumps(o) for o in objs]
+    return parts
+
+
 def _mono() -> float:
     return time.monotonic()
 
@@ -399,7 +421,6 @@ class BatchProcessor:
         kept_keys = list(zip(tenants, ids, ingested, strict=True))
         late_ms = self.late_ms
         late = sum(1 for t, ing in zip(kept.times_ms, ingested, strict=True) if t < ing - late_ms)
-        dumps = orjson.dumps
         n_kept = len(kept)
         schema = EVENTS_SCHEMA
         link.events = pa.Table.from_arrays(
@@ -409,7 +430,7 @@ class BatchProcessor:
                 pa.array(kept.types, pa.string()),
                 pa.array(kept.customers, pa.string()),
                 pa.array(kept.times_ms, schema.field("time").type),
-                pa.array(list(map(dumps, kept.properties)), pa.binary()).cast(pa.string()),
+                pa.array(json_texts(kept.properties), pa.binary()).cast(pa.string()),
                 pa.array(ingested, schema.field("ingested_at").type),
                 pa.array([topic] * n_kept, pa.string()),
                 pa.array([p] * n_kept, pa.int32()),

@@ -27,7 +27,7 @@ values = st.one_of(
     st.sampled_from([float("inf"), [1], {"a": 1}, 10**30]),
 )
 _optional = {
-    "region": st.sampled_from(["eu", "us", 1, None, {"z": 1}]),
+    "region": st.sampled_from(["eu", "us", 1, 1.0, True, -0.0, 0, None, {"z": 1}, [1]]),
     "user": st.sampled_from(["u1", "u2", "u3", 1, 1.0, 2.5, True]),
 }
 props = st.one_of(
