@@ -1,22 +1,10 @@
 """The worker's sink: flush commit, progress, dedupe-index rebuild (``streams.sink.Sink``).
 
-Row tuple formats (positional, in the column order below; produced by ``streams``):
-
-events row (``EVENTS_COLUMNS``)::
-
-    (tenant_id: str, event_id: str, event_type: str, customer: str,
-     time: aware datetime UTC, properties: JSON object text, ingested_at: aware datetime UTC,
-     source_topic: str, source_partition: int, source_offset: int, source_index: int)
-
-usage row (``USAGE_COLUMNS``)::
-
-    (tenant_id: str, meter_id: str, customer: str, window_start: aware datetime UTC (whole minute),
-     group_key: str (canonical JSON of group_values, '' without group_by),
-     origin: str ('s' = stream, 'b:<run id>' = backfill), group_values: dict[str, str],
-     events: int, value_count: int, value_sum: Decimal, value_min: Decimal | None,
-     value_max: Decimal | None, uniq_values: list[str],
-     latest: (time_ms: int, event_id: str, value: Decimal)  -- (0, '', Decimal(0)) if none,
-     source_offset: int)
+The worker's batches are Arrow tables (``schemas.columns``: ``EVENTS_SCHEMA``, ``USAGE_SCHEMA``),
+inserted with ``insert_arrow``: chDB and ClickHouse read the columns as they are, no per-value
+Python encoding. ``commit`` (tests, tools) takes the same columns as Python row tuples
+(``schemas.columns.EventRow`` / ``UsageRow`` order; times as aware UTC datetimes; ``latest`` =
+``(time_ms, event_id, value)`` or ``(0, '', Decimal(0))``).
 
 Commit of one link (docs/architecture.md, "The worker's commit protocol"): 1) ``insert_events``:
 INSERT the kept events into ``events`` (idempotent: a replay writes the same rows, which
@@ -44,10 +32,13 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import pyarrow as pa
+
 from clickhouse.activation import ActivationRows
 from clickhouse.deadletters import DeadLetterRows
 from clickhouse.repo import Repo
 from clickhouse.store import Store
+from schemas.columns import EVENTS_COLUMNS, USAGE_COLUMNS, usage_table
 from schemas.meters import Meter
 from schemas.timeutil import from_epoch_ms
 from schemas.worker import ChainState, Claim, WorkerStatus, chain_token
@@ -55,36 +46,6 @@ from tally.errors import ValidationError
 
 log = logging.getLogger(__name__)
 
-EVENTS_COLUMNS = [
-    "tenant_id",
-    "event_id",
-    "event_type",
-    "customer",
-    "time",
-    "properties",
-    "ingested_at",
-    "source_topic",
-    "source_partition",
-    "source_offset",
-    "source_index",
-]
-USAGE_COLUMNS = [
-    "tenant_id",
-    "meter_id",
-    "customer",
-    "window_start",
-    "group_key",
-    "origin",
-    "group_values",
-    "events",
-    "value_count",
-    "value_sum",
-    "value_min",
-    "value_max",
-    "uniq_values",
-    "latest",
-    "source_offset",
-]
 PROGRESS_METER = "~progress"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 NO_LATEST = (0, "", Decimal(0))
@@ -162,9 +123,9 @@ class ClickHouseSink(ActivationRows, DeadLetterRows):
         self._repo = Repo(store)
 
     # --- the worker's commit protocol (streams.sink.Sink) ----------------------------------
-    def insert_events(self, events_rows: list[tuple]) -> None:
-        if events_rows:
-            self.store.insert("events", events_rows, EVENTS_COLUMNS)
+    def insert_events(self, events: pa.Table) -> None:
+        """INSERT an ``EVENTS_SCHEMA`` batch (Arrow: no per-value Python encoding)."""
+        self.store.insert_arrow("events", events)
 
     def commit_link(
         self,
@@ -172,19 +133,17 @@ class ClickHouseSink(ActivationRows, DeadLetterRows):
         partition: int,
         first: int,
         last: int,
-        usage_rows: list[tuple],
+        usage: pa.Table,
     ) -> None:
         if last < first:
             raise ValidationError(
                 f"a link must cover at least one offset (got {first}..{last})",
                 details=[{"field": "last", "message": "must be >= first"}],
             )
-        rows = list(usage_rows)
-        rows.append(progress_row(topic, partition, last))
-        self.store.insert(
+        progress = usage_table([progress_row(topic, partition, last)])
+        self.store.insert_arrow(
             "usage_minute",
-            rows,
-            USAGE_COLUMNS,
+            pa.concat_tables([usage, progress]) if usage.num_rows else progress,
             settings=link_insert_settings(topic, partition, first),
         )
 
@@ -278,7 +237,8 @@ class ClickHouseSink(ActivationRows, DeadLetterRows):
     ) -> None:
         """Write rows outside the worker's chain (tests, tools): the events, then the usage rows
         and progress rows in one insert that is never deduplicated. Not the worker's commit."""
-        self.insert_events(events_rows)
+        if events_rows:
+            self.store.insert("events", events_rows, EVENTS_COLUMNS)
         rows = list(usage_rows)
         rows.extend(progress_row(topic, p, o) for p, o in sorted(progress.items()))
         if rows:

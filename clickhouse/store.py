@@ -170,6 +170,17 @@ class Store:
         except _DRIVER_ERRORS as exc:
             raise _unavailable(f"insert into {table}", exc) from exc
 
+    def insert_arrow(self, table: str, data: Any, settings: dict[str, Any] | None = None) -> None:
+        """INSERT a pyarrow Table (columns named as in the table) into ``<database>.<table>``:
+        the columns go to the server in Arrow format, with no per-value Python encoding."""
+        check_identifier(table, "table")
+        if data.num_rows == 0:
+            return
+        try:
+            self.client.insert_arrow(f"{self.database}.{table}", data, settings=settings)
+        except _DRIVER_ERRORS as exc:
+            raise _unavailable(f"insert into {table}", exc) from exc
+
     def close(self) -> None:
         with self._lock:
             if self._closed:

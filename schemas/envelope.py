@@ -29,6 +29,7 @@ import orjson
 
 from schemas.events import ID_MAX, Event
 from schemas.timeutil import epoch_ms, from_epoch_ms
+from tally.gcpause import gc_paused
 
 VERSION = 1
 TENANT_MAX = 64
@@ -196,9 +197,9 @@ def event_problem(row: Any) -> str | None:
     return None
 
 
-def decode(payload: bytes) -> Envelope:
-    """Decode an envelope. Raises ``EnvelopeError`` when the message is not one; bad events of a
-    good envelope are left out and listed in ``Envelope.rejected``."""
+def _header(payload: bytes) -> tuple[str, int, list[Any]]:
+    """``(tenant, ingested_at_ms, rows)`` of an envelope; ``EnvelopeError`` (with its dead-letter
+    reason and the tenant when readable) when the message is not one."""
     try:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
@@ -230,29 +231,47 @@ def decode(payload: bytes) -> Envelope:
     rows = doc.get("e")
     if type(rows) is not list:
         raise EnvelopeError("envelope field e (events) must be an array", "invalid_envelope", hint)
-    events: list[EnvelopeEvent] = []
+    return hint, at, rows
+
+
+def _row_ok(row: Any) -> bool:
+    """A well-formed event row (what ``event_problem`` accepts), checked inline."""
+    if type(row) is not list or len(row) != 5:
+        return False
+    ev_id, ev_type, customer, t, props = row
+    return (
+        type(ev_id) is str
+        and type(ev_type) is str
+        and type(customer) is str
+        and type(t) is int
+        and type(props) is dict
+        and 0 < len(ev_id) <= ID_MAX
+        and 0 < len(ev_type) <= ID_MAX
+        and 0 < len(customer) <= ID_MAX
+        and STORE_MS_MIN <= t <= STORE_MS_MAX
+    )
+
+
+def _split(rows: list[Any]) -> tuple[list[Any], list[RejectedEvent], list[int]]:
+    """Good rows, the rejected ones (with their problem) and the good rows' positions."""
+    good: list[Any] = []
     rejected: list[RejectedEvent] = []
     positions: list[int] = []
-    lo, hi, most = STORE_MS_MIN, STORE_MS_MAX, ID_MAX
     for i, row in enumerate(rows):
-        # the common case, inline: a well-formed row
-        if type(row) is list and len(row) == 5:
-            ev_id, ev_type, customer, t, props = row
-            if (
-                type(ev_id) is str
-                and type(ev_type) is str
-                and type(customer) is str
-                and type(t) is int
-                and type(props) is dict
-                and 0 < len(ev_id) <= most
-                and 0 < len(ev_type) <= most
-                and 0 < len(customer) <= most
-                and lo <= t <= hi
-            ):
-                events.append(EnvelopeEvent(ev_id, ev_type, customer, t, props))
-                positions.append(i)
-                continue
-        rejected.append(RejectedEvent(i, row, event_problem(row) or "invalid event row"))
+        if _row_ok(row):
+            good.append(row)
+            positions.append(i)
+        else:
+            rejected.append(RejectedEvent(i, row, event_problem(row) or "invalid event row"))
+    return good, rejected, positions
+
+
+def decode(payload: bytes) -> Envelope:
+    """Decode an envelope. Raises ``EnvelopeError`` when the message is not one; bad events of a
+    good envelope are left out and listed in ``Envelope.rejected``."""
+    hint, at, rows = _header(payload)
+    good, rejected, positions = _split(rows)
+    events = [EnvelopeEvent(*row) for row in good]
     if not rejected:
         return Envelope(hint, at, events)
     return Envelope(hint, at, events, tuple(rejected), tuple(positions))
@@ -263,14 +282,94 @@ def envelope_of_row(tenant_id: str, ingested_at_ms: int, row: Any) -> bytes:
     return orjson.dumps({"v": VERSION, "t": tenant_id, "at": ingested_at_ms, "e": [row]})
 
 
+@dataclass(frozen=True, slots=True)
+class EnvelopeColumns:
+    """A v1 envelope decoded into columns (the worker's hot path: no object per event).
+
+    ``ids[i]``, ``types[i]``, ``customers[i]``, ``times_ms[i]``, ``properties[i]`` are kept event
+    ``i``; its index in the envelope is ``i``, or ``positions[i]`` when bad rows were left out
+    (listed in ``rejected``, as in ``Envelope``).
+    """
+
+    tenant_id: str
+    ingested_at_ms: int
+    ids: list[str]
+    types: list[str]
+    customers: list[str]
+    times_ms: list[int]
+    properties: list[dict[str, Any]]
+    rejected: tuple[RejectedEvent, ...] = ()
+    positions: tuple[int, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def event(self, i: int) -> EnvelopeEvent:
+        return EnvelopeEvent(
+            self.ids[i], self.types[i], self.customers[i], self.times_ms[i], self.properties[i]
+        )
+
+
+def _columns_ok(ids: Any, types: Any, customers: Any, times: Any, props: Any) -> bool:
+    """Every row well-formed, checked a column at a time (same rules as ``_row_ok``)."""
+    lo, hi, most = STORE_MS_MIN, STORE_MS_MAX, ID_MAX
+    return (
+        all(type(v) is str and 0 < len(v) <= most for v in ids)
+        and all(type(v) is str and 0 < len(v) <= most for v in types)
+        and all(type(v) is str and 0 < len(v) <= most for v in customers)
+        and all(type(t) is int and lo <= t <= hi for t in times)
+        and all(type(p) is dict for p in props)
+    )
+
+
+def decode_columns(payload: bytes) -> EnvelopeColumns:
+    """Decode a v1 envelope into columns: the same acceptance, errors and rejected rows as
+    ``decode`` (checked by a property test), without an object per event.
+
+    The cyclic garbage collector is paused (``tally.gcpause``) while the envelope's objects are
+    made: decoding allocates thousands of small containers, which would otherwise trigger
+    collections that traverse every live object (3-4x slower, DESIGN §7). The objects are
+    acyclic and freed by reference counting.
+    """
+    with gc_paused():
+        hint, at, rows = _header(payload)
+        if not rows:
+            return EnvelopeColumns(hint, at, [], [], [], [], [])
+        rejected: list[RejectedEvent] = []
+        positions: list[int] = []
+        if all(type(r) is list and len(r) == 5 for r in rows):
+            cols = list(zip(*rows, strict=True))
+            if not _columns_ok(*cols):
+                cols = []
+        else:
+            cols = []
+        if not cols:  # some row is bad: split row by row, like ``decode``
+            good, rejected, positions = _split(rows)
+            cols = list(zip(*good, strict=True)) if good else [(), (), (), (), ()]
+        ids, types, customers, times, props = cols
+        return EnvelopeColumns(
+            hint,
+            at,
+            list(ids),
+            list(types),
+            list(customers),
+            list(times),
+            list(props),
+            tuple(rejected),
+            tuple(positions) if rejected else None,
+        )
+
+
 __all__ = [
     "Envelope",
+    "EnvelopeColumns",
     "EnvelopeError",
     "EnvelopeEvent",
     "OutgoingEnvelope",
     "RejectedEvent",
     "Row",
     "decode",
+    "decode_columns",
     "encode",
     "envelope_of_row",
     "event_problem",

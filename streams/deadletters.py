@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from schemas.control import ControlError
 from schemas.deadletters import (
@@ -27,7 +27,23 @@ from schemas.deadletters import (
     DeadLetterRow,
     row,
 )
-from schemas.envelope import Envelope, EnvelopeError, EnvelopeEvent, envelope_of_row
+from schemas.envelope import (
+    Envelope,
+    EnvelopeColumns,
+    EnvelopeError,
+    EnvelopeEvent,
+    envelope_of_row,
+)
+
+
+class Origin(Protocol):
+    """Where an event came from: its envelope's tenant and ingestion time."""
+
+    @property
+    def tenant_id(self) -> str: ...
+
+    @property
+    def ingested_at_ms(self) -> int: ...
 
 
 def of_message(payload: bytes | None, exc: EnvelopeError | ControlError | None) -> DeadLetter:
@@ -57,7 +73,7 @@ def _event_id(raw: Any) -> str:
     return ""
 
 
-def of_rejected(env: Envelope) -> list[DeadLetter]:
+def of_rejected(env: Envelope | EnvelopeColumns) -> list[DeadLetter]:
     """The bad events of a decodable envelope (``Envelope.rejected``)."""
     return [
         DeadLetter(
@@ -76,7 +92,7 @@ def _wire(ev: EnvelopeEvent) -> list[Any]:
     return [ev.id, ev.type, ev.customer, ev.time_ms, ev.properties]
 
 
-def of_unencodable(env: Envelope, index: int, ev: EnvelopeEvent, exc: Exception) -> DeadLetter:
+def of_unencodable(env: Origin, index: int, ev: EnvelopeEvent, exc: Exception) -> DeadLetter:
     """An event whose properties the ledger cannot store as JSON (nested too deeply)."""
     return DeadLetter(
         INVALID_EVENT,
@@ -90,7 +106,7 @@ def of_unencodable(env: Envelope, index: int, ev: EnvelopeEvent, exc: Exception)
 
 
 def of_meter_value(
-    env: Envelope, index: int, ev: EnvelopeEvent, meter_id: str, exc: Exception
+    env: Origin, index: int, ev: EnvelopeEvent, meter_id: str, exc: Exception | str
 ) -> DeadLetter:
     """An event stored in the ledger that meter ``meter_id`` could not count (informational)."""
     return DeadLetter(

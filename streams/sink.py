@@ -7,29 +7,20 @@ partition's progress row (``source_offset = last``), with the insert deduplicati
 ``chain_token(topic, partition, first)``. Two writers that extend the chain from the same point
 use the same token, and the store keeps exactly one of their links (docs/architecture.md).
 
-Row formats (positional tuples, in column order of the tables):
-
-events row::
-
-    (tenant_id, event_id, event_type, customer, time, properties_json, ingested_at,
-     source_topic, source_partition, source_offset, source_index)
-
-``time`` and ``ingested_at`` are aware UTC datetimes, ``properties_json`` is orjson text.
-
-usage row::
-
-    (tenant_id, meter_id, customer, window_start, group_key, origin, group_values,
-     events, value_count, value_sum, value_min, value_max, uniq_values, latest, source_offset)
-
-``group_key`` is the canonical JSON of ``group_values`` (sorted keys; ``''`` without group_by),
-``origin`` is ``'s'`` for the stream, ``latest`` is ``(time_ms, event_id, value)`` or
-``(0, '', Decimal(0))``, ``source_offset`` is 0 (progress rows carry the offsets).
+Batches are Arrow tables with the schemas of ``schemas.columns`` (``EVENTS_SCHEMA``: the ledger
+rows, times as epoch-ms timestamps; ``USAGE_SCHEMA``: the per-minute usage deltas, ``origin = 's'``,
+``group_key`` = canonical JSON of ``group_values`` (sorted keys; ``''`` without group_by),
+``latest`` = ``(time_ms, event_id, value)`` or ``(0, '', 0)``, ``source_offset`` = 0: progress rows
+carry the offsets). ``schemas.columns.EventRow`` / ``UsageRow`` name the same columns as Python
+values.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
+
+import pyarrow as pa
 
 from schemas.deadletters import DeadLetterRow
 from schemas.meters import Meter
@@ -40,8 +31,8 @@ __all__ = ["Sink", "chain_token"]
 
 @runtime_checkable
 class Sink(Protocol):
-    def insert_events(self, events_rows: list[tuple]) -> None:
-        """INSERT ledger rows (idempotent: a replay writes identical rows, collapsed by key)."""
+    def insert_events(self, events: pa.Table) -> None:
+        """INSERT ledger rows (``EVENTS_SCHEMA``) (idempotent: a replay writes identical rows, collapsed by key)."""
         ...
 
     def commit_link(
@@ -50,9 +41,9 @@ class Sink(Protocol):
         partition: int,
         first: int,
         last: int,
-        usage_rows: list[tuple],
+        usage: pa.Table,
     ) -> None:
-        """The commit point of one link: ONE insert (atomic) of ``usage_rows`` plus the progress
+        """The commit point of one link: ONE insert (atomic) of ``usage`` (``USAGE_SCHEMA``) plus the progress
         row ``(topic, partition, last)``, with the token ``chain_token(topic, partition, first)``.
         Raises on failure; the insert may have landed anyway (answer lost) or land later."""
         ...

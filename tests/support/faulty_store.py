@@ -112,6 +112,15 @@ class FaultyStore:
         settings: dict[str, Any] | None = None,
         **kw: Any,
     ) -> None:
+        self._insert(
+            table, settings, lambda: self.inner.insert(table, rows, column_names, settings, **kw)
+        )
+
+    def insert_arrow(self, table: str, data: Any, settings: dict[str, Any] | None = None) -> None:
+        """The worker's Arrow inserts (events, link commits): the same faults as ``insert``."""
+        self._insert(table, settings, lambda: self.inner.insert_arrow(table, data, settings))
+
+    def _insert(self, table: str, settings: dict[str, Any] | None, run: Any) -> None:
         token = (settings or {}).get("insert_deduplication_token")
         fault = self._fire("insert", table)
 
@@ -122,7 +131,7 @@ class FaultyStore:
 
         if fault is None:
             try:
-                self.inner.insert(table, rows, column_names, settings, **kw)
+                run()
             except Exception:
                 record("failed")
                 raise
@@ -132,7 +141,7 @@ class FaultyStore:
             record("failed")
             raise self._err(f"insert into {table}")
         if fault.mode == "after":
-            self.inner.insert(table, rows, column_names, settings, **kw)
+            run()
             record("lost")
             raise self._err(f"insert into {table}, answer lost")
         if fault.mode == "late":
@@ -140,7 +149,7 @@ class FaultyStore:
             def land() -> None:
                 time.sleep(fault.delay)
                 try:
-                    self.inner.insert(table, rows, column_names, settings, **kw)
+                    run()
                     record("late-landed")
                 except Exception:
                     record("late-failed")

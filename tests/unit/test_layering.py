@@ -55,6 +55,7 @@ IO_LIBRARIES = {
 PURE_MODULES = [
     "rating",
     "streams/aggregation.py",
+    "streams/columnar.py",
     "streams/matching.py",
     "streams/activation.py",
     "streams/dedupe.py",

@@ -6,6 +6,9 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import pyarrow as pa
+
+from schemas.columns import event_rows, usage_rows
 from schemas.meters import Meter
 from schemas.timeutil import epoch_ms
 from schemas.worker import ChainState, Claim, WorkerStatus, chain_token
@@ -50,11 +53,12 @@ class MemorySink:
         self.fail_dead_letters_next = 0
 
     # --- the protocol ---------------------------------------------------------------------
-    def insert_events(self, events_rows: list[tuple[Any, ...]]) -> None:
+    def insert_events(self, events: pa.Table | list[tuple[Any, ...]]) -> None:
         if self.fail_events_next:
             self.fail_events_next -= 1
             raise ConnectionError("store down (events)")
-        for r in events_rows:
+        rows = event_rows(events) if isinstance(events, pa.Table) else events
+        for r in rows:
             self.events[(r[0], r[1])] = r
 
     def _land(self, topic: str, p: int, first: int, last: int, rows: list[tuple[Any, ...]]) -> None:
@@ -69,13 +73,13 @@ class MemorySink:
         self.commits += 1
 
     def commit_link(
-        self, topic: str, partition: int, first: int, last: int, usage_rows: list[tuple[Any, ...]]
+        self, topic: str, partition: int, first: int, last: int, usage: pa.Table
     ) -> None:
         self.link_calls += 1
         if self.fail_next:
             self.fail_next -= 1
             raise ConnectionError("store down")
-        rows = list(usage_rows)
+        rows: list[tuple[Any, ...]] = list(usage_rows(usage))
         if self.late_next:
             self.late_next -= 1
             self.late.append(lambda: self._land(topic, partition, first, last, rows))
@@ -91,10 +95,10 @@ class MemorySink:
             fn()
 
     def other_writer(
-        self, topic: str, partition: int, first: int, last: int, usage_rows: list[tuple[Any, ...]]
+        self, topic: str, partition: int, first: int, last: int, rows: list[tuple[Any, ...]]
     ) -> None:
         """Another worker's link (e.g. a zombie's, or the new owner's) lands."""
-        self._land(topic, partition, first, last, list(usage_rows))
+        self._land(topic, partition, first, last, list(rows))
 
     def read_chain(self, topic: str, partitions: list[int]) -> ChainState:
         if self.fail_reads:

@@ -69,7 +69,7 @@ def attempt(proc: BatchProcessor) -> tuple[Any, Any]:
     out = proc.flush_batch(links)
     applied = proc.apply(out, links)
     # the running count of buffered events stays in step with the buffers
-    real = sum(len(e.envelope.events) for b in proc._buffer.values() for e in b if e.envelope)
+    real = sum(len(e.envelope) for b in proc._buffer.values() for e in b if e.envelope)
     assert proc.buffered_events == real
     return out, applied
 

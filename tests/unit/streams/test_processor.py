@@ -547,3 +547,33 @@ def test_stream_counts_exactly_the_events_after_the_first_marker(tmp_path_factor
     assert set(sink.events) == {("t1", e) for e in first_copy}
     rows = {(q, o) for _t, _m, _top, q, o in sink.activation_rows}
     assert rows == set(first_marker.items())
+
+
+json_value = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**63), 2**63 - 1),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(),
+        st.sampled_from(["\x00\x01tally-properties\x01\x00", '",{', "},{", "\\", '\\"']),
+    ),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@given(st.lists(st.dictionaries(st.text(max_size=5), json_value, max_size=5), max_size=20))
+def test_bulk_json_texts_equal_one_dumps_per_object(objs: list[dict[str, Any]]) -> None:
+    from streams.processor import json_texts
+
+    assert json_texts(objs) == [orjson.dumps(o) for o in objs]
+
+
+def test_bulk_json_texts_with_the_separator_inside_a_property() -> None:
+    from streams.processor import _SEP, json_texts
+
+    objs = [{"a": [1, _SEP, 2]}, {"b": _SEP}, {}, {"c": [_SEP]}]
+    assert json_texts(objs) == [orjson.dumps(o) for o in objs]
