@@ -47,7 +47,12 @@ def test_exact_with_duplicates_and_late_events(setup, broker, topic, store, tmp_
     try:
         produce(broker.bootstrap, topic, truth, src.batch(3_000, dup_rate=0.3))
         wait_stored(sink, topic, truth.last_offsets)
-        assert board.progress(topic) == truth.last_offsets  # notified after each commit
+        # notified after each commit: after the store shows it, once the worker's loop has
+        # settled the round (acks first), so wait for it rather than race it
+        deadline = time.monotonic() + 30
+        while board.progress(topic) != truth.last_offsets and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert board.progress(topic) == truth.last_offsets
     finally:
         runner.stop(timeout=30)
     assert runner.error is None
