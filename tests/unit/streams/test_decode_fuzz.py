@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from api.ingest_parse import Limits, parse_cloudevents, parse_native
 from schemas.control import CONTROL_PREFIX, CONTROL_VERSION, encode_activate
-from schemas.envelope import decode, group_rows
+from schemas.envelope import EnvelopeColumns, EnvelopeError, decode, decode_columns, group_rows
 from streams.dedupe import DedupeIndex
 from streams.processor import BatchProcessor
 from tally.errors import TallyError
@@ -315,3 +315,30 @@ def test_cloudevents_decoder_never_raises_and_its_events_reach_the_worker_intact
         return
     assert len(res.rows) + len(res.rejected_indexes) == len(items)
     _agree(res.rows)
+
+
+# --- the worker's columnar decoder agrees with the per-event one --------------------------------
+
+
+def _decoded(fn: Any, payload: bytes) -> Any:
+    try:
+        return fn(payload)
+    except EnvelopeError as exc:
+        return ("error", str(exc), exc.reason, exc.tenant_id)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 6).flatmap(envelopes))
+def test_columnar_decode_accepts_and_rejects_exactly_as_decode(payload: bytes) -> None:
+    """``decode_columns`` (the worker's hot path) keeps the same events in the same order, the
+    same rejected rows with the same problems and positions, and fails with the same error."""
+    want = _decoded(decode, payload)
+    got = _decoded(decode_columns, payload)
+    if isinstance(want, tuple):
+        assert got == want
+        return
+    assert isinstance(got, EnvelopeColumns)
+    assert (got.tenant_id, got.ingested_at_ms) == (want.tenant_id, want.ingested_at_ms)
+    assert [got.event(i) for i in range(len(got))] == want.events
+    assert got.rejected == want.rejected
+    assert got.positions == want.positions

@@ -243,6 +243,44 @@ def test_meter_value_errors_are_counted(tmp_path: Path) -> None:
     assert metric(proc, "tally_worker_meter_value_errors") - before == 2
     assert len(sink.events) == 3  # the ledger keeps them
     assert usage_total(sink)["events"] == 1
+    # each is a meter_value dead letter naming the event, its position and the meter
+    letters = sorted((r[8], r[2], r[7], r[9]) for r in sink.dead_letters.values())
+    m_id = proc.meters.index.by_id and next(iter(proc.meters.index.by_id))
+    assert letters == [("a", "meter_value", 0, m_id), ("b", "meter_value", 1, m_id)]
+
+
+def test_unencodable_properties_and_bad_rows_become_dead_letters(tmp_path: Path) -> None:
+    """The columnar path leaves out bad rows (invalid_event, with their envelope position) and
+    events whose properties cannot be written as JSON; their neighbours are stored and counted."""
+    proc, sink, _ = make(tmp_path, [meter()])
+    raw = orjson.dumps(
+        {
+            "v": 1,
+            "t": "t1",
+            "at": ING,
+            "e": [
+                ["a", "api", "c1", T0, {}],
+                ["b", "api", "", T0, {}],  # empty customer
+                ["c", "api", "c1", T0, {}],
+            ],
+        }
+    )
+    proc.add(0, 0, raw)
+    proc.add(0, 1, payload([("d", T0, {}), ("e", T0, {"p": 1})]))
+    # 300 levels of nesting: orjson reads it (up to 1024) but writes at most 254
+    deep = b'{"x":' * 300 + b"{}" + b"}" * 300
+    head = b'{"v":1,"t":"t1","at":%d,"e":[["f","api","c1",%d,{}],["g","api","c1",%d,' % (
+        ING,
+        T0,
+        T0,
+    )
+    proc.add(0, 2, head + deep + b"]]}")
+    proc.flush()
+    stored = sorted(r[1] for r in sink.events)
+    assert stored == ["a", "c", "d", "e", "f"]
+    assert usage_total(sink)["events"] == 5
+    letters = sorted((r[8], r[2], r[6], r[7]) for r in sink.dead_letters.values())
+    assert letters == [("b", "invalid_event", 0, 1), ("g", "invalid_event", 2, 1)]
 
 
 def test_meter_cache_reload_policy() -> None:
