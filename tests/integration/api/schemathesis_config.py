@@ -25,7 +25,11 @@ def _toml(value: Any) -> str:
     return json.dumps(value)
 
 
+_PATHS: dict[str, dict[str, Any]] = {}  # "METHOD path" or "path" -> path parameters (the hooks)
+
+
 def _op(path: str, params: dict[str, Any], method: str | None = None, **extra: Any) -> str:
+    _PATHS[f"{method} {path}" if method else path] = dict(params)
     lines = ["[[operations]]", f"include-path = {json.dumps(path)}"]
     if method:
         lines.append(f"include-method = {json.dumps(method)}")
@@ -118,6 +122,9 @@ path = {json.dumps(report)}
 [warnings]
 fail-on = true
 
+[phases.coverage]
+enabled = false
+
 [phases.stateful.inference]
 algorithms = []
 
@@ -139,7 +146,7 @@ expected-statuses = ["2xx", "404", "409"]
     return head + "\n" + "\n".join(operations(w, other, limits_tenant))
 
 
-def environment(w: World, other: World) -> dict[str, str]:
+def environment(w: World, other: World, limits_tenant: str) -> dict[str, str]:
     """What the hooks need: the two tenants' keys and the ids they must not destroy."""
     protect = {
         w.ids["key_main"]: w.ids["key_revoke"],
@@ -148,7 +155,9 @@ def environment(w: World, other: World) -> dict[str, str]:
         w.ids["meter"]: w.ids["meter_delete"],
         f"{w.ids['meter'].rsplit('-', 1)[0]}-count": w.ids["meter_delete"],
     }
+    operations(w, other, limits_tenant)  # fills _PATHS
     return {
+        "TALLY_FUZZ_PATHS": json.dumps(_PATHS),
         "TALLY_FUZZ_KEY": w.key,
         "TALLY_FUZZ_OTHER_KEY": other.key,
         "TALLY_FUZZ_PROTECT": json.dumps(protect),

@@ -79,6 +79,7 @@ def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
 FROM, TO = "2025-01-01T00:00:00Z", "2025-01-03T00:00:00Z"  # whole minutes, from < to, <100k
 FUTURE = "2099-01-01T00:00:00Z"
 METER, DIMENSION, PLAN = "fz-sum", "region", "fz-plan"
+CUSTOMER_FREE = "fz-patch"  # the world's customer without a subscription
 
 
 def _is_positive(case: Any) -> bool:
@@ -287,11 +288,54 @@ def _protect(case: Any) -> None:
                 params[name] = protect[value]
 
 
+SEGMENT_TIMES = ("timestamp", "originalTimestamp")
+SEGMENT_OPS = (
+    "/v1/batch",
+    "/v1/track",
+    "/v1/alias",
+    "/v1/group",
+    "/v1/identify",
+    "/v1/page",
+    "/v1/screen",
+    "/v1/segment/webhook/{tenant_id}",
+)
+
+
+def _segment_times(body: Any) -> None:
+    """A message's time within the server's lateness bound (a setting, stated in words)."""
+    messages = body.get("batch") if isinstance(body.get("batch"), list) else [body]
+    for m in messages:
+        if isinstance(m, dict):
+            for name in SEGMENT_TIMES:
+                if m.get(name) is not None:
+                    m[name] = FROM
+
+
+def _phase(case: Any) -> str:
+    meta = case.meta
+    phase = getattr(meta, "phase", None) if meta is not None else None
+    return str(getattr(phase, "name", ""))
+
+
+def _world_ids(case: Any) -> None:
+    """Path parameters of the world's objects (``TALLY_FUZZ_PATHS``: "METHOD path" or "path" ->
+    {name: id}) for positive cases outside the stateful phase (there the links supply them)."""
+    if _phase(case) == "stateful" or not isinstance(case.path_parameters, dict):
+        return
+    table = json.loads(os.environ.get("TALLY_FUZZ_PATHS", "{}"))
+    path = case.operation.path
+    found = table.get(f"{case.method.upper()} {path}", table.get(path))
+    if found:
+        case.path_parameters.update(found)
+
+
 @schemathesis.hook
 def map_case(context: Any, case: Any) -> Any:
     _protect(case)
     if not _is_positive(case):
         return case
+    _world_ids(case)
+    _protect(case)
     op = f"{case.method.upper()} {case.operation.path}"
     q = case.query if isinstance(case.query, dict) else None
     b = case.body if isinstance(case.body, dict) else None
@@ -317,7 +361,11 @@ def map_case(context: Any, case: Any) -> Any:
     elif op == "POST /v1/rating/preview" and b is not None:
         case.body = _fix_preview(b)
     elif op == "POST /v1/subscriptions" and b is not None:
+        b["customer_id"], b["plan_code"] = CUSTOMER_FREE, PLAN  # objects of the tenant
+        b.pop("plan_version", None)
         _after(b, "start_at", "trial_end")
+    elif case.operation.path in SEGMENT_OPS and b is not None:
+        _segment_times(b)
     elif op == "POST /v1/subscriptions/{sub_id}/change-plan" and b is not None:
         b["plan_code"], b["version"] = PLAN, None  # a plan of the tenant
     elif op == "POST /v1/subscriptions/{sub_id}/actions" and b is not None:

@@ -14,8 +14,9 @@ Schema cannot state. The run fails on any check failure or warning (``warnings.f
   is there for the operations its links lead to);
 - ``error_shape`` (ours): every 4xx/5xx body is ``{error, message, details: [{field, message}]}``.
 
-Budget: ``TALLY_FUZZ_EXAMPLES`` examples per operation and phase (default 8), ``TALLY_FUZZ_SEED``
-(default fixed, for a reproducible CI run). What the run tried is printed (operations, cases,
+Budget: the examples, fuzzing (positive and negative) and stateful phases (the coverage phase
+is off: it is not bounded by the budget), ``TALLY_FUZZ_EXAMPLES`` examples per operation
+(default 8), ``TALLY_FUZZ_SEED`` (default fixed, for a reproducible CI run). What the run tried is printed (operations, cases,
 failures) for the record.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -103,7 +105,7 @@ def test_schemathesis_finds_nothing(
         )
         env = {
             **os.environ,
-            **environment(w, other),
+            **environment(w, other, limits_tenant),
             "PYTHONPATH": str(REPO),
             "NO_COLOR": "1",
         }
@@ -129,6 +131,8 @@ def test_schemathesis_finds_nothing(
         )
     out = proc.stdout + proc.stderr
     summary = _summary(report) if report.exists() else {}
+    generated = re.search(r"(\d+) generated", out)
+    summary["generated"] = int(generated.group(1)) if generated else None
     print(f"schemathesis: {summary}\n{out[-6000:]}")
     assert proc.returncode == 0, out[-20000:]
     assert summary.get("operations", 0) >= 90, summary
