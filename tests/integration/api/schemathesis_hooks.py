@@ -53,7 +53,9 @@ AS_OTHER = ("/v1/segment/config", "/v1/segment/webhook-secret")
 def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
     """Sign the webhook's body, and act as the second tenant where it must -- only where
     schemathesis put the configured credentials: its probes without or with wrong credentials
-    stay as they are."""
+    stay as they are. Also keeps the world's credentials and meters (``_protect``): the stateful
+    phase's cases do not pass ``map_case``."""
+    _protect(case)
     if case.operation.path in AS_OTHER and case.method.upper() != "GET":
         key, other = os.environ["TALLY_FUZZ_KEY"], os.environ["TALLY_FUZZ_OTHER_KEY"]
         if (case.headers or {}).get("Authorization") == f"Bearer {key}":
@@ -217,8 +219,9 @@ def _fix_preview(b: dict[str, Any]) -> dict[str, Any]:
             b.pop("plan_code", None)
             b.pop("plan_version", None)
             b["plan"] = _fix_plan(b["plan"])
-        elif b.get("plan_code") is None:
-            b["plan_code"] = PLAN
+        elif b.get("plan_code") in (None, PLAN):
+            # version 1: later versions the fuzzer published may hold per-event bounds
+            b["plan_code"], b["plan_version"] = PLAN, 1
     return b
 
 
@@ -311,6 +314,13 @@ def _segment_times(body: Any) -> None:
                     m[name] = FROM
 
 
+def _event_times(body: Any) -> None:
+    """An event's time within the lateness bound (a setting, stated in words)."""
+    for e in body if isinstance(body, list) else [body]:
+        if isinstance(e, dict) and e.get("time") is not None:
+            e["time"] = FROM
+
+
 def _phase(case: Any) -> str:
     meta = case.meta
     phase = getattr(meta, "phase", None) if meta is not None else None
@@ -339,6 +349,8 @@ def map_case(context: Any, case: Any) -> Any:
     op = f"{case.method.upper()} {case.operation.path}"
     q = case.query if isinstance(case.query, dict) else None
     b = case.body if isinstance(case.body, dict) else None
+    if op in ("POST /v1/events", "POST /api/v1/events"):
+        _event_times(case.body)
     if op in ("POST /v1/events", "POST /api/v1/events") and q is not None:
         if str(q.get("atomic", "")).lower() in ("true", "1"):
             from api.ingest import CLOUD_EVENT, NATIVE_EVENT
@@ -361,13 +373,14 @@ def map_case(context: Any, case: Any) -> Any:
     elif op == "POST /v1/rating/preview" and b is not None:
         case.body = _fix_preview(b)
     elif op == "POST /v1/subscriptions" and b is not None:
-        b["customer_id"], b["plan_code"] = CUSTOMER_FREE, PLAN  # objects of the tenant
-        b.pop("plan_version", None)
+        # objects of the tenant; version 1 is in the customer's currency (later versions the
+        # fuzzer published may not be)
+        b["customer_id"], b["plan_code"], b["plan_version"] = CUSTOMER_FREE, PLAN, 1
         _after(b, "start_at", "trial_end")
     elif case.operation.path in SEGMENT_OPS and b is not None:
         _segment_times(b)
     elif op == "POST /v1/subscriptions/{sub_id}/change-plan" and b is not None:
-        b["plan_code"], b["version"] = PLAN, None  # a plan of the tenant
+        b["plan_code"], b["version"] = PLAN, 1  # a plan of the tenant, in its currency
     elif op == "POST /v1/subscriptions/{sub_id}/actions" and b is not None:
         if b.get("at") == "period_end" and b.get("action") != "cancel":
             b["at"] = "now"
