@@ -1,10 +1,20 @@
 """Pure parsing and validation of ingest request bodies (native and CloudEvents). No I/O.
 
-The hot path avoids pydantic's per-field validation: a body is decoded once with orjson, each
-event is checked by hand (the same rules as ``schemas.events.Event``) and the valid ones become
-``Row`` tuples ``(id, type, customer, time_ms, properties)`` -- exactly an envelope entry (see
-``api.envelopes``). ``row_to_event`` gives the pydantic ``Event`` when one is needed. Every
-problem is reported as ``{index, field, message}``.
+The hot path avoids pydantic's per-field validation: a body is decoded once with orjson (the
+cyclic garbage collector paused meanwhile: decoding builds thousands of containers that it would
+otherwise walk several times), each event is checked by hand (the same rules as
+``schemas.events.Event``) and the valid ones become ``Row`` tuples ``(id, type, customer, time_ms,
+properties)`` -- exactly an envelope entry (``schemas.envelope``, wire format v1).
+``row_to_event`` gives the pydantic ``Event`` when one is needed. Every problem is reported as
+``{index, field, message}``.
+
+Each event first goes through a fast path that only recognises the well-formed case: string
+fields checked inline, the time read without building a ``datetime`` (the common RFC 3339 forms
+``YYYY-MM-DDTHH:MM:SS[.fff|.ffffff](Z|+00:00)``: the seconds part is converted once and cached,
+the fraction is added as an integer). Anything the fast path does not recognise -- an error, an
+unusual but valid time form -- goes through the general path, which decides and words every
+problem. Both paths accept and reject exactly the same events with the same errors
+(``tests/unit/api/test_ingest_parse.py`` checks this against a frozen copy of the earlier code).
 
 Native event fields: ``id`` (required, idempotency key), ``type``, ``customer`` (required),
 ``time`` (RFC 3339 with offset, or integer epoch milliseconds; default: now), ``properties``
@@ -19,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
@@ -27,6 +37,7 @@ from schemas.envelope import STORE_MS_MAX, STORE_MS_MIN, Row
 from schemas.events import ID_MAX, Event
 from schemas.timeutil import EPOCH_MS_MAX, EPOCH_MS_MIN, epoch_ms, parse_time
 from tally.errors import PayloadTooLarge, UnsupportedMediaType, ValidationError
+from tally.gcpause import gc_paused
 
 NATIVE_FIELDS = frozenset({"id", "type", "customer", "time", "properties"})
 CLOUDEVENTS_REQUIRED = ("id", "source", "specversion", "type", "subject")
@@ -40,6 +51,14 @@ JSON = "application/json"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
+_ONE_S = timedelta(seconds=1)
+
+# "YYYY-MM-DDTHH:MM:SS" -> epoch seconds of that UTC time (valid ones only). Events of one
+# request mostly share a handful of seconds; bounded by clearing when full.
+_SECONDS: dict[str, int] = {}
+_SECONDS_MAX = 1 << 16
+# "000".."999" -> 0..999: reads a millisecond fraction and checks it is three ASCII digits.
+_MS3 = {f"{i:03d}": i for i in range(1000)}
 
 
 def row_to_event(row: Row) -> Event:
@@ -79,7 +98,8 @@ def load_json(raw: bytes) -> Any:
             details=[{"field": "body", "message": "empty body"}],
         )
     try:
-        return orjson.loads(raw)
+        with gc_paused():
+            return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ValidationError(
             f"request body is not valid JSON: {exc}",
@@ -163,6 +183,66 @@ def _json_type(v: Any) -> str:
     return type(v).__name__
 
 
+def _utc_seconds(head: str) -> int | None:
+    """Epoch seconds of ``head`` (``YYYY-MM-DDTHH:MM:SS``) read as UTC, or None if invalid.
+    Valid ones are cached."""
+    if (
+        len(head) != 19
+        or head[4] != "-"
+        or head[7] != "-"
+        or head[10] != "T"
+        or head[13] != ":"
+        or head[16] != ":"
+    ):
+        return None
+    try:
+        sec = (datetime.fromisoformat(head + "+00:00") - _EPOCH) // _ONE_S
+    except (ValueError, OverflowError):
+        return None
+    if len(_SECONDS) >= _SECONDS_MAX:
+        _SECONDS.clear()
+    _SECONDS[head] = sec
+    return sec
+
+
+def fast_time_ms(v: str) -> int | None:
+    """Epoch ms of ``v`` if it has one of the common UTC forms, else None (not an error: the
+    caller then takes the general path, which accepts other forms and words the problems).
+
+    Recognised: ``YYYY-MM-DDTHH:MM:SS`` followed by ``Z`` or ``+00:00``, optionally with a
+    3- or 6-digit fraction before it. The value is what ``datetime.fromisoformat`` gives,
+    truncated to the millisecond.
+    """
+    n = len(v)
+    if n == 24:  # .fffZ
+        if v[19] != "." or v[23] != "Z":
+            return None
+        ms = _MS3.get(v[20:23])
+    elif n == 20:  # Z
+        ms = 0 if v[19] == "Z" else None
+    elif n == 29:  # .fff+00:00
+        ms = _MS3.get(v[20:23]) if v[19] == "." and v[23:] == "+00:00" else None
+    elif n == 27:  # .ffffffZ
+        ms = _MS3.get(v[20:23]) if v[19] == "." and v[26] == "Z" and v[23:26] in _MS3 else None
+    elif n == 25:  # +00:00
+        ms = 0 if v[19:] == "+00:00" else None
+    elif n == 32:  # .ffffff+00:00
+        ms = (
+            _MS3.get(v[20:23]) if v[19] == "." and v[26:] == "+00:00" and v[23:26] in _MS3 else None
+        )
+    else:
+        return None
+    if ms is None:
+        return None
+    head = v[:19]
+    sec = _SECONDS.get(head)
+    if sec is None:
+        sec = _utc_seconds(head)
+        if sec is None:
+            return None
+    return sec * 1000 + ms
+
+
 def _time(
     v: Any, index: int, now_ms: int, limits: Limits, errors: list[dict[str, Any]]
 ) -> int | None:
@@ -175,17 +255,12 @@ def _time(
             return None
         ms = v
     elif isinstance(v, str):
-        try:
-            dt = datetime.fromisoformat(v)
-            if dt.tzinfo is None or dt.utcoffset() is None:
-                raise ValueError("no offset")  # let parse_time word the error
-            ms = (dt - _EPOCH) // _ONE_MS
-        except (ValueError, OverflowError):
-            try:  # the slow path: lower-case 'z', surrounding blanks, precise error message
-                ms = epoch_ms(parse_time(v))
-            except (ValueError, OverflowError) as exc:
-                _err(errors, index, "time", f"invalid time: {exc}")
+        read = fast_time_ms(v)
+        if read is None:
+            read = _general_time_ms(v, index, errors)
+            if read is None:
                 return None
+        ms = read
     elif isinstance(v, float) and v.is_integer() and EPOCH_MS_MIN <= v <= EPOCH_MS_MAX:
         ms = int(v)
     else:
@@ -201,6 +276,21 @@ def _time(
         _err(errors, index, "time", problem)
         return None
     return ms
+
+
+def _general_time_ms(v: str, index: int, errors: list[dict[str, Any]]) -> int | None:
+    """Any RFC 3339 form ``parse_time`` accepts, to epoch ms (None = error recorded)."""
+    try:
+        dt = datetime.fromisoformat(v)
+        if dt.tzinfo is None or dt.utcoffset() is None:
+            raise ValueError("no offset")  # let parse_time word the error
+        return (dt - _EPOCH) // _ONE_MS
+    except (ValueError, OverflowError):
+        try:  # the slow path: lower-case 'z', surrounding blanks, precise error message
+            return epoch_ms(parse_time(v))
+        except (ValueError, OverflowError) as exc:
+            _err(errors, index, "time", f"invalid time: {exc}")
+            return None
 
 
 def time_bounds_problem(ms: int, now_ms: int, limits: Limits, name: str) -> str | None:
@@ -230,34 +320,50 @@ def parse_native(items: list[Any], now_ms: int, limits: Limits) -> ParseResult:
     """Validate native events. Every valid event is returned; every problem is listed."""
     res = ParseResult(total=len(items))
     errors = res.errors
+    rows = res.rows
+    indexes = res.indexes
+    lo = now_ms - limits.max_lateness_ms
+    hi = now_ms + limits.max_future_ms
+    fields = NATIVE_FIELDS
     for index, item in enumerate(items):
-        if not isinstance(item, dict):
+        if type(item) is dict:
+            # Fast path: a well-formed event (the common case) is checked inline.
+            ev_id = item.get("id")
+            ev_type = item.get("type")
+            customer = item.get("customer")
+            props = item.get("properties")
+            if (
+                type(ev_id) is str
+                and type(ev_type) is str
+                and type(customer) is str
+                and 0 < len(ev_id) <= ID_MAX
+                and 0 < len(ev_type) <= ID_MAX
+                and 0 < len(customer) <= ID_MAX
+                and (props is None or type(props) is dict)
+                and fields.issuperset(item)
+            ):
+                v = item.get("time")
+                if type(v) is str:
+                    t = fast_time_ms(v)
+                elif v is None:
+                    t = now_ms
+                elif type(v) is int and EPOCH_MS_MIN <= v <= EPOCH_MS_MAX:
+                    t = v
+                else:
+                    t = None
+                if t is None or not lo <= t <= hi:
+                    t = _time(v, index, now_ms, limits, errors)
+                if t is not None:
+                    rows.append((ev_id, ev_type, customer, t, {} if props is None else props))
+                    indexes.append(index)
+                continue
+        elif not isinstance(item, dict):
             _err(errors, index, "event", f"an event must be a JSON object, got {_json_type(item)}")
-            continue
-        # Fast path: a well-formed event (the common case) is checked inline.
-        ev_id = item.get("id")
-        ev_type = item.get("type")
-        customer = item.get("customer")
-        props = item.get("properties")
-        if (
-            type(ev_id) is str
-            and type(ev_type) is str
-            and type(customer) is str
-            and 0 < len(ev_id) <= ID_MAX
-            and 0 < len(ev_type) <= ID_MAX
-            and 0 < len(customer) <= ID_MAX
-            and (props is None or type(props) is dict)
-            and NATIVE_FIELDS.issuperset(item)
-        ):
-            t = _time(item.get("time"), index, now_ms, limits, errors)
-            if t is not None:
-                res.rows.append((ev_id, ev_type, customer, t, {} if props is None else props))
-                res.indexes.append(index)
             continue
         # Slow path: report every problem of the event.
         n_err = len(errors)
-        if not NATIVE_FIELDS.issuperset(item):
-            for extra in sorted(set(item) - NATIVE_FIELDS):
+        if not fields.issuperset(item):
+            for extra in sorted(set(item) - fields):
                 _err(errors, index, extra, f"unknown field {extra!r}")
         ev_id = _string(item, "id", index, errors)
         ev_type = _string(item, "type", index, errors)
@@ -276,19 +382,55 @@ def parse_native(items: list[Any], now_ms: int, limits: Limits) -> ParseResult:
         if len(errors) != n_err:
             continue
         assert ev_id is not None and ev_type is not None and customer is not None and t is not None
-        res.rows.append((ev_id, ev_type, customer, t, props))
-        res.indexes.append(index)
+        rows.append((ev_id, ev_type, customer, t, props))
+        indexes.append(index)
     return res
+
+
+def _ok_string(v: Any) -> TypeGuard[str]:
+    return type(v) is str and 0 < len(v) <= ID_MAX
 
 
 def parse_cloudevents(items: list[Any], now_ms: int, limits: Limits) -> ParseResult:
     """Validate CloudEvents (OpenMeter wire format) and map them to events."""
     res = ParseResult(total=len(items))
     errors = res.errors
+    rows = res.rows
+    indexes = res.indexes
+    lo = now_ms - limits.max_lateness_ms
+    hi = now_ms + limits.max_future_ms
+    ok = _ok_string
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             _err(errors, index, "event", f"an event must be a JSON object, got {_json_type(item)}")
             continue
+        ev_id = item.get("id")
+        ev_type = item.get("type")
+        customer = item.get("subject")
+        data = item.get("data")
+        if (
+            ok(ev_id)
+            and ok(ev_type)
+            and ok(customer)
+            and ok(item.get("source"))
+            and ok(item.get("specversion"))
+            and (data is None or type(data) is dict)
+        ):
+            # Fast path: every required attribute is a valid string, data an object or null.
+            v = item.get("time")
+            if type(v) is str:
+                t = fast_time_ms(v)
+            elif v is None:
+                t = now_ms
+            else:
+                t = None
+            if t is None or not lo <= t <= hi:
+                t = _time(v, index, now_ms, limits, errors)
+            if t is not None:
+                rows.append((ev_id, ev_type, customer, t, {} if data is None else data))
+                indexes.append(index)
+            continue
+        # Slow path: report every problem of the event.
         n_err = len(errors)
         ev_id = _string(item, "id", index, errors)
         _string(item, "source", index, errors)
@@ -296,7 +438,6 @@ def parse_cloudevents(items: list[Any], now_ms: int, limits: Limits) -> ParseRes
         ev_type = _string(item, "type", index, errors)
         customer = _string(item, "subject", index, errors)
         t = _time(item.get("time"), index, now_ms, limits, errors)
-        data = item.get("data")
         if data is None:
             data = {}
         elif not isinstance(data, dict):
@@ -304,8 +445,8 @@ def parse_cloudevents(items: list[Any], now_ms: int, limits: Limits) -> ParseRes
         if len(errors) != n_err:
             continue
         assert ev_id is not None and ev_type is not None and customer is not None and t is not None
-        res.rows.append((ev_id, ev_type, customer, t, data))
-        res.indexes.append(index)
+        rows.append((ev_id, ev_type, customer, t, data))
+        indexes.append(index)
     return res
 
 

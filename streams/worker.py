@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import StreamT
 
 from schemas.worker import WorkerStatus
@@ -145,6 +146,11 @@ class StreamWorker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flush_task: asyncio.Task[None] | None = None
         self._hb_task: asyncio.Task[None] | None = None
+        # wait=stored: the newest offset read per partition, and whether a request waits
+        # (streams.progress.ProgressBoard: flush as soon as what it waits for is read)
+        self._read: dict[int, int] = {}
+        self._wanted = False
+        self._wake: Callable[[], None] | None = None
         self.fenced: set[int] = set()  # dropped for a newer claim; re-taken only when assigned
         self.dropped_on_stop = 0
         self.last_purge_ms = _now_ms()
@@ -334,6 +340,9 @@ class StreamWorker:
                 continue
             if not accepted:
                 await stream.ack(event)
+            self._read[p] = msg.offset
+            if self._wanted:
+                self._check_wanted()
             if self.processor.buffered_events >= self.max_events:
                 self._kick.set()
                 # back-pressure: stop pulling until the flusher has taken the buffer
@@ -341,6 +350,20 @@ class StreamWorker:
                     await asyncio.sleep(0.05)
 
     # --- flushing ---------------------------------------------------------------------------
+    def _on_wait(self) -> None:
+        """A request started waiting for storage (wait=stored): flush once it is all read."""
+        self._wanted = True
+        self._check_wanted()
+
+    def _check_wanted(self) -> None:
+        board = self.board
+        if board is None:
+            self._wanted = False
+            return
+        if board.ready(self.topic, self._read):
+            self._kick.set()
+        self._wanted = board.waiting > 0
+
     async def flush_loop(self) -> None:
         attempt = 0
         while not self.stopping:
@@ -525,12 +548,22 @@ class StreamWorker:
 
     # --- lifecycle --------------------------------------------------------------------------
     def start_flush_loop(self) -> None:
-        self._flush_task = asyncio.get_running_loop().create_task(self.flush_loop())
-        self._hb_task = asyncio.get_running_loop().create_task(self.heartbeat_loop())
+        loop = asyncio.get_running_loop()
+        self._flush_task = loop.create_task(self.flush_loop())
+        self._hb_task = loop.create_task(self.heartbeat_loop())
+        if self.board is not None:
+
+            def wake() -> None:  # called on the waiting request's thread
+                loop.call_soon_threadsafe(self._on_wait)
+
+            self._wake = wake
+            self.board.add_wake(wake)
 
     async def shutdown(self, *, flush: bool = True, timeout: float = 30.0) -> None:
         """Stop consuming, final flush + offset commit (unless ``flush=False``), stop the app."""
         self.stopping = True
+        if self.board is not None and self._wake is not None:
+            self.board.remove_wake(self._wake)
         deadline = time.monotonic() + timeout
         with contextlib.suppress(Exception):
             self.app.consumer.pause_partitions(self.app.consumer.assignment())
@@ -608,6 +641,7 @@ def build_app(
         datadir=str(faust_dir),
         topic_allow_declare=False,
     )
+    app.transport = _Transport(app.conf.broker_consumer, app)
     probe = LogProbe(bootstrap, settings.events_topic, group=f"{settings.consumer_group}-lag")
     worker = StreamWorker(
         app,
@@ -628,6 +662,31 @@ def build_app(
     app.on_partitions_revoked.connect(worker.on_partitions_revoked)  # type: ignore[arg-type]
     app.tally_worker = worker  # type: ignore[attr-defined]
     return app
+
+
+# How long a fetch may wait for data. Faust asks aiokafka for 1.5 s; the embedded broker (Tansu)
+# answers a fetch only at the end of that wait, not when data arrives, which made every event
+# wait ~0.5-1.5 s before the worker saw it (freshness, wait=stored answers). When there is data
+# the fetch returns at once whatever this is; an idle worker sends ~1000/FETCH_MAX_WAIT_MS
+# empty fetches per second.
+FETCH_MAX_WAIT_MS = 50
+
+
+class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        # aiokafka reads it when the consumer starts (builds its Fetcher); Faust hard-codes it
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        return consumer
+
+
+class _Consumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _Transport(faust_aiokafka.Transport):
+    Consumer = _Consumer
 
 
 class WorkerStartError(TallyError):

@@ -3,6 +3,7 @@ under duplicates, late events, restarts, crashes between flushes and store failu
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,9 @@ def test_exact_with_duplicates_and_late_events(setup, broker, topic, store, tmp_
     try:
         produce(broker.bootstrap, topic, truth, src.batch(3_000, dup_rate=0.3))
         wait_stored(sink, topic, truth.last_offsets)
-        assert board.progress(topic) == truth.last_offsets  # notified after each commit
+        # notified after each commit (just after the store has it: wait, do not race it)
+        assert asyncio.run(board.wait_for(topic, truth.last_offsets, 30.0))
+        assert board.progress(topic) == truth.last_offsets
     finally:
         runner.stop(timeout=30)
     assert runner.error is None

@@ -12,6 +12,7 @@ from api.ingest_parse import (
     as_items,
     check_count,
     cloudevents_shape,
+    fast_time_ms,
     load_json,
     native_shape,
     parse_cloudevents,
@@ -21,6 +22,7 @@ from api.ingest_parse import (
 from schemas.events import Event
 from schemas.timeutil import epoch_ms
 from tally.errors import PayloadTooLarge, UnsupportedMediaType, ValidationError
+from tests.unit.api import ingest_reference as reference
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 NOW_MS = epoch_ms(NOW)
@@ -264,3 +266,162 @@ def test_garbage_never_raises(items: list[object]) -> None:
     assert len(res.rows) + len(res.rejected_indexes) == len(items)
     for e in res.errors:
         assert set(e) == {"index", "field", "message"} and e["message"]
+
+
+# --- the fast path against the earlier implementation (tests/unit/api/ingest_reference.py) ---
+
+WIDE = Limits(max_events=10, max_lateness_ms=10**14, max_future_ms=10**14)
+
+
+@st.composite
+def time_strings(draw: st.DrawFn) -> str:
+    """RFC 3339-like strings: the forms the fast path reads, their near misses, and garbage."""
+    dt = draw(
+        st.datetimes(
+            min_value=datetime(1, 1, 1, 0, 0, 1),
+            max_value=datetime(9999, 12, 31, 23, 59, 58),
+        )
+    )
+    head = dt.strftime("%Y-%m-%dT%H:%M:%S").rjust(19, "0")
+    if draw(st.booleans()):
+        head = head[:10] + draw(st.sampled_from(["T", "t", " ", "_"])) + head[11:]
+    digits = draw(st.sampled_from(["", "1", "12", "123", "1234", "123456", "1234567"]))
+    if digits:
+        digits = f"{dt.microsecond:06d}{dt.microsecond:06d}"[: len(digits)]
+    if draw(st.booleans()):
+        digits = draw(st.text(alphabet="0123456789٣x ", min_size=0, max_size=7))
+    frac = "." + digits if digits or draw(st.booleans()) else ""
+    tz = draw(
+        st.sampled_from(["Z", "z", "+00:00", "-00:00", "+02:00", "-05:30", "", "+0000", "Z "])
+    )
+    text = head + frac + tz
+    if draw(st.integers(0, 9)) == 0:  # damage one character
+        i = draw(st.integers(0, len(text) - 1))
+        text = text[:i] + draw(st.sampled_from(["9", "-", ":", "x", ""])) + text[i + 1 :]
+    return text
+
+
+times = (
+    time_strings()
+    | st.none()
+    | st.booleans()
+    | st.integers(-(2**64), 2**64)
+    | st.integers(NOW_MS - 10**10, NOW_MS + 10**10)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=30)
+    | st.just([1])
+)
+strings = st.sampled_from(["e1", "x" * 256, "x" * 257, "", " ", "é"]) | st.text(max_size=5)
+values = strings | st.none() | st.integers() | st.booleans() | st.just({"k": 1}) | st.just(["a"])
+props_any = props | st.none() | st.integers() | st.text(max_size=3) | st.just([1])
+
+
+def _event(draw: st.DrawFn, names: list[str], payload: str) -> object:
+    if draw(st.integers(0, 19)) == 0:
+        return draw(values)
+    item: dict[str, object] = {}
+    for name in names:
+        if draw(st.integers(0, 9)) == 0:
+            continue  # missing
+        item[name] = draw(strings if draw(st.integers(0, 3)) else values)
+    if draw(st.booleans()):
+        item["time"] = draw(times)
+    if draw(st.booleans()):
+        item[payload] = draw(props_any)
+    if draw(st.integers(0, 9)) == 0:
+        item[draw(st.sampled_from(["costumer", "extra", "datacontenttype"]))] = 1
+    return item
+
+
+@st.composite
+def native_items(draw: st.DrawFn) -> list[object]:
+    return [
+        _event(draw, ["id", "type", "customer"], "properties")
+        for _ in range(draw(st.integers(0, 8)))
+    ]
+
+
+@st.composite
+def cloudevent_items(draw: st.DrawFn) -> list[object]:
+    names = ["id", "source", "specversion", "type", "subject"]
+    return [_event(draw, names, "data") for _ in range(draw(st.integers(0, 8)))]
+
+
+def _same(new: object, old: object) -> None:
+    assert new.rows == old.rows  # type: ignore[attr-defined]
+    assert new.indexes == old.indexes  # type: ignore[attr-defined]
+    assert new.errors == old.errors  # type: ignore[attr-defined]
+    assert new.total == old.total  # type: ignore[attr-defined]
+
+
+@given(native_items(), st.sampled_from([LIMITS, WIDE]))
+def test_native_fast_path_matches_the_earlier_parser(items: list[object], limits: Limits) -> None:
+    """Same rows, same indexes, same {index, field, message} errors as before the fast path."""
+    _same(parse_native(items, NOW_MS, limits), reference.parse_native(items, NOW_MS, limits))
+
+
+@given(cloudevent_items(), st.sampled_from([LIMITS, WIDE]))
+def test_cloudevents_fast_path_matches_the_earlier_parser(
+    items: list[object], limits: Limits
+) -> None:
+    _same(
+        parse_cloudevents(items, NOW_MS, limits),
+        reference.parse_cloudevents(items, NOW_MS, limits),
+    )
+
+
+@given(time_strings() | st.text(max_size=40))
+def test_fast_time_is_fromisoformat_truncated_to_ms(text: str) -> None:
+    """Whenever the fast reader answers, it answers what datetime.fromisoformat says."""
+    ms = fast_time_ms(text)
+    if ms is None:
+        return
+    dt = datetime.fromisoformat(text)
+    assert dt.utcoffset() == timedelta(0)
+    assert ms == (dt - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2025-06-01T11:59:00Z",
+        "2025-06-01T11:59:00+00:00",
+        "2025-06-01T11:59:00.123Z",
+        "2025-06-01T11:59:00.123+00:00",
+        "2025-06-01T11:59:00.123456Z",
+        "2025-06-01T11:59:00.123999+00:00",
+        "1969-12-31T23:59:59.999Z",
+    ],
+)
+def test_fast_time_reads_the_common_forms(text: str) -> None:
+    dt = datetime.fromisoformat(text)
+    assert fast_time_ms(text) == (dt - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(
+        milliseconds=1
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2025-06-01T11:59:00.12Z",  # other fraction lengths: the general path
+        "2025-06-01t11:59:00Z",
+        "2025-06-01T11:59:00.1٣3Z",
+        "2025-02-30T11:59:00Z",
+        "2025-06-01T24:00:00Z",
+        "2025-06-01T11:59:00.123-00:00",
+        "2025-06-01T11:59:00.123",
+    ],
+)
+def test_fast_time_leaves_the_rest_to_the_general_path(text: str) -> None:
+    assert fast_time_ms(text) is None
+
+
+def test_load_json_pauses_the_collector_and_restores_it() -> None:
+    import gc
+
+    assert gc.isenabled()
+    assert load_json(b'[{"a": {"b": [1]}}]') == [{"a": {"b": [1]}}]
+    assert gc.isenabled()
+    with pytest.raises(ValidationError):
+        load_json(b"[{")
+    assert gc.isenabled()
