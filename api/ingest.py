@@ -144,12 +144,23 @@ class UnencodableEvents(ValidationError):
     encoder stops at 254 levels). ``positions``: their places in the ``rows`` given to
     ``deliver``. Nothing was produced; callers reject these events and deliver the rest."""
 
-    def __init__(self, positions: list[int]) -> None:
-        self.positions = positions
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        positions: list[int] | None = None,
+        details: Any = None,
+        field: str | None = None,
+    ) -> None:
+        self.positions = list(positions or [])
+        if details is None and field is None:
+            details = [detail("properties", f"nested more than {MAX_NESTING} levels deep")]
         super().__init__(
-            f"{len(positions)} events have properties nested too deeply (at most "
+            message
+            or f"{len(self.positions)} events have properties nested too deeply (at most "
             f"{MAX_NESTING} levels)",
-            details=[detail("properties", f"nested more than {MAX_NESTING} levels deep")],
+            details=details,
+            field=field,
         )
 
 
@@ -291,7 +302,7 @@ async def deliver(
                 tenant_id, now_ms, rows, producer.partitions, s.envelope_max_events
             )
         except orjson.JSONEncodeError:
-            raise UnencodableEvents(unencodable_positions(rows)) from None
+            raise UnencodableEvents(positions=unencodable_positions(rows)) from None
         metrics.producer_queue.inc(len(rows))
         started = time.perf_counter()
         try:

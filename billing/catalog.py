@@ -162,7 +162,7 @@ class Catalog:
 
     def get_plan(self, tenant_id: str, code: str, version: int | None = None) -> PlanVersion:
         """Version ``version`` of plan ``code`` (the latest when None); 404 if missing."""
-        found = self.rows.plans(tenant_id, code=code, version=version)
+        found = self.rows.plans(tenant_id, code=code, version=version, latest=version is None)
         if not found:
             what = f"plan {code!r}" + (f" version {version}" if version is not None else "")
             raise NotFound(f"{what} not found", field="version" if version else "code")

@@ -41,6 +41,7 @@ class CatalogRows(Protocol):
         code: str | None = None,
         version: int | None = None,
         codes: Iterable[str] | None = None,
+        latest: bool = False,
     ) -> list[PlanVersion]: ...
 
     def insert_plan(self, tenant_id: str, plan: PlanVersion) -> None: ...

@@ -58,8 +58,10 @@ class CatalogStore:
         code: str | None = None,
         version: int | None = None,
         codes: Iterable[str] | None = None,
+        latest: bool = False,
     ) -> list[PlanVersion]:
-        """Plan versions ordered by (code, version), optionally of one code / version / codes."""
+        """Plan versions ordered by (code, version), optionally of one code / version / codes;
+        ``latest``: only the highest version (of each code: use with ``code``)."""
         where = ["tenant_id = {tenant:String}"]
         params: dict[str, Any] = {"tenant": tenant_id}
         if code is not None:
@@ -73,7 +75,11 @@ class CatalogStore:
             params["codes"] = sorted(set(codes))
         rows = self.store.query_rows(
             f"SELECT doc FROM {self.db}.plans FINAL WHERE {' AND '.join(where)} "
-            "ORDER BY code, version",
+            + (
+                "ORDER BY code, version DESC LIMIT 1 BY code"
+                if latest
+                else "ORDER BY code, version"
+            ),
             params,
         )
         return [PlanVersion.model_validate_json(r[0]) for r in rows]

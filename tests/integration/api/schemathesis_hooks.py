@@ -53,7 +53,9 @@ AS_OTHER = ("/v1/segment/config", "/v1/segment/webhook-secret")
 def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
     """Sign the webhook's body, and act as the second tenant where it must -- only where
     schemathesis put the configured credentials: its probes without or with wrong credentials
-    stay as they are."""
+    stay as they are. Also keeps the world's credentials and meters (``_protect``): the stateful
+    phase's cases do not pass ``map_case``."""
+    _protect(case)
     if case.operation.path in AS_OTHER and case.method.upper() != "GET":
         key, other = os.environ["TALLY_FUZZ_KEY"], os.environ["TALLY_FUZZ_OTHER_KEY"]
         if (case.headers or {}).get("Authorization") == f"Bearer {key}":
@@ -79,6 +81,7 @@ def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
 FROM, TO = "2025-01-01T00:00:00Z", "2025-01-03T00:00:00Z"  # whole minutes, from < to, <100k
 FUTURE = "2099-01-01T00:00:00Z"
 METER, DIMENSION, PLAN = "fz-sum", "region", "fz-plan"
+CUSTOMER_FREE = "fz-patch"  # the world's customer without a subscription
 
 
 def _is_positive(case: Any) -> bool:
@@ -216,8 +219,9 @@ def _fix_preview(b: dict[str, Any]) -> dict[str, Any]:
             b.pop("plan_code", None)
             b.pop("plan_version", None)
             b["plan"] = _fix_plan(b["plan"])
-        elif b.get("plan_code") is None:
-            b["plan_code"] = PLAN
+        elif b.get("plan_code") in (None, PLAN):
+            # version 1: later versions the fuzzer published may hold per-event bounds
+            b["plan_code"], b["plan_version"] = PLAN, 1
     return b
 
 
@@ -287,14 +291,66 @@ def _protect(case: Any) -> None:
                 params[name] = protect[value]
 
 
+SEGMENT_TIMES = ("timestamp", "originalTimestamp")
+SEGMENT_OPS = (
+    "/v1/batch",
+    "/v1/track",
+    "/v1/alias",
+    "/v1/group",
+    "/v1/identify",
+    "/v1/page",
+    "/v1/screen",
+    "/v1/segment/webhook/{tenant_id}",
+)
+
+
+def _segment_times(body: Any) -> None:
+    """A message's time within the server's lateness bound (a setting, stated in words)."""
+    messages = body.get("batch") if isinstance(body.get("batch"), list) else [body]
+    for m in messages:
+        if isinstance(m, dict):
+            for name in SEGMENT_TIMES:
+                if m.get(name) is not None:
+                    m[name] = FROM
+
+
+def _event_times(body: Any) -> None:
+    """An event's time within the lateness bound (a setting, stated in words)."""
+    for e in body if isinstance(body, list) else [body]:
+        if isinstance(e, dict) and e.get("time") is not None:
+            e["time"] = FROM
+
+
+def _phase(case: Any) -> str:
+    meta = case.meta
+    phase = getattr(meta, "phase", None) if meta is not None else None
+    return str(getattr(phase, "name", ""))
+
+
+def _world_ids(case: Any) -> None:
+    """Path parameters of the world's objects (``TALLY_FUZZ_PATHS``: "METHOD path" or "path" ->
+    {name: id}) for positive cases outside the stateful phase (there the links supply them)."""
+    if _phase(case) == "stateful" or not isinstance(case.path_parameters, dict):
+        return
+    table = json.loads(os.environ.get("TALLY_FUZZ_PATHS", "{}"))
+    path = case.operation.path
+    found = table.get(f"{case.method.upper()} {path}", table.get(path))
+    if found:
+        case.path_parameters.update(found)
+
+
 @schemathesis.hook
 def map_case(context: Any, case: Any) -> Any:
     _protect(case)
     if not _is_positive(case):
         return case
+    _world_ids(case)
+    _protect(case)
     op = f"{case.method.upper()} {case.operation.path}"
     q = case.query if isinstance(case.query, dict) else None
     b = case.body if isinstance(case.body, dict) else None
+    if op in ("POST /v1/events", "POST /api/v1/events"):
+        _event_times(case.body)
     if op in ("POST /v1/events", "POST /api/v1/events") and q is not None:
         if str(q.get("atomic", "")).lower() in ("true", "1"):
             from api.ingest import CLOUD_EVENT, NATIVE_EVENT
@@ -317,9 +373,14 @@ def map_case(context: Any, case: Any) -> Any:
     elif op == "POST /v1/rating/preview" and b is not None:
         case.body = _fix_preview(b)
     elif op == "POST /v1/subscriptions" and b is not None:
+        # objects of the tenant; version 1 is in the customer's currency (later versions the
+        # fuzzer published may not be)
+        b["customer_id"], b["plan_code"], b["plan_version"] = CUSTOMER_FREE, PLAN, 1
         _after(b, "start_at", "trial_end")
+    elif case.operation.path in SEGMENT_OPS and b is not None:
+        _segment_times(b)
     elif op == "POST /v1/subscriptions/{sub_id}/change-plan" and b is not None:
-        b["plan_code"], b["version"] = PLAN, None  # a plan of the tenant
+        b["plan_code"], b["version"] = PLAN, 1  # a plan of the tenant, in its currency
     elif op == "POST /v1/subscriptions/{sub_id}/actions" and b is not None:
         if b.get("at") == "period_end" and b.get("action") != "cancel":
             b["at"] = "now"
