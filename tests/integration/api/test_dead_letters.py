@@ -194,7 +194,7 @@ def worker_fault(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
     """A worker bug, injected: while armed, the worker's decoder refuses every envelope that
     holds an event id starting with ``bug-`` (as a worker of an older version might)."""
     armed = {"on": True}
-    real = processor.decode
+    real = processor.decode_columns
 
     def faulty(payload: bytes) -> Any:
         if armed["on"] and b'"bug-' in payload:
@@ -202,7 +202,7 @@ def worker_fault(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
             raise EnvelopeError("injected worker fault", "invalid_envelope", tenant)
         return real(payload)
 
-    monkeypatch.setattr(processor, "decode", faulty)
+    monkeypatch.setattr(processor, "decode_columns", faulty)
     return armed
 
 
