@@ -24,7 +24,7 @@ Answers:
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from fastapi import APIRouter, Depends, Request
@@ -183,6 +183,28 @@ def nesting_problem() -> str:
     return f"properties are nested more than {MAX_NESTING} levels deep"
 
 
+class Parsed(Protocol):
+    """A parsed request (native, CloudEvents or Segment): the rows to deliver, each one's index
+    in the request, and the per-event errors."""
+
+    rows: list[Row]
+    indexes: list[int]
+    errors: list[dict[str, Any]]
+
+
+def reject_unencodable(res: Parsed, positions: list[int]) -> None:
+    """Move the rows at ``positions`` (``UnencodableEvents.positions``) from ``res.rows`` to
+    ``res.errors``, in request order."""
+    drop = set(positions)
+    for pos in positions:
+        res.errors.append(
+            {"index": res.indexes[pos], "field": "properties", "message": nesting_problem()}
+        )
+    res.errors.sort(key=lambda e: e["index"])
+    res.rows = [r for i, r in enumerate(res.rows) if i not in drop]
+    res.indexes = [x for i, x in enumerate(res.indexes) if i not in drop]
+
+
 # reasons of tally_ingest_rejected_events_total: the field at fault (a bounded set), else "other"
 REJECT_REASONS = frozenset(
     {
@@ -253,14 +275,7 @@ async def _ingest(request: Request, tenant_id: str, st: AppState, api: str) -> R
     try:
         await deliver(st, tenant_id, res.rows, now_ms, wait, api)
     except UnencodableEvents as exc:  # rare: reject those events, deliver their neighbours
-        drop = set(exc.positions)
-        for pos in exc.positions:
-            res.errors.append(
-                {"index": res.indexes[pos], "field": "properties", "message": nesting_problem()}
-            )
-        res.errors.sort(key=lambda e: e["index"])
-        res.rows = [r for i, r in enumerate(res.rows) if i not in drop]
-        res.indexes = [x for i, x in enumerate(res.indexes) if i not in drop]
+        reject_unencodable(res, exc.positions)
         if atomic or not res.rows:
             count_rejected(st.metrics, api, res.errors, atomic_valid=len(res.rows))
             prefix = "atomic request rejected: " if atomic and res.rows else ""

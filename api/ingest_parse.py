@@ -35,6 +35,7 @@ import orjson
 
 from schemas.envelope import STORE_MS_MAX, STORE_MS_MIN, Row
 from schemas.events import ID_MAX, Event
+from schemas.jsonpath import json_kind
 from schemas.timeutil import EPOCH_MS_MAX, EPOCH_MS_MIN, epoch_ms, parse_time
 from tally.errors import PayloadTooLarge, UnsupportedMediaType, ValidationError
 from tally.gcpause import gc_paused
@@ -156,7 +157,7 @@ def _string(
         _err(errors, index, fld, f"{fld} is required")
         return None
     if not isinstance(v, str):
-        _err(errors, index, fld, f"{fld} must be a string, got {_json_type(v)}")
+        _err(errors, index, fld, f"{fld} must be a string, got {json_kind(v)}")
         return None
     if not v:
         _err(errors, index, fld, f"{fld} must not be empty")
@@ -165,22 +166,6 @@ def _string(
         _err(errors, index, fld, f"{fld} is longer than {ID_MAX} characters")
         return None
     return v
-
-
-def _json_type(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, int | float):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    if isinstance(v, list):
-        return "array"
-    if isinstance(v, dict):
-        return "object"
-    return type(v).__name__
 
 
 def _utc_seconds(head: str) -> int | None:
@@ -268,7 +253,7 @@ def _time(
             errors,
             index,
             "time",
-            f"time must be an RFC 3339 string or integer epoch milliseconds, got {_json_type(v)}",
+            f"time must be an RFC 3339 string or integer epoch milliseconds, got {json_kind(v)}",
         )
         return None
     problem = time_bounds_problem(ms, now_ms, limits, "time")
@@ -358,7 +343,7 @@ def parse_native(items: list[Any], now_ms: int, limits: Limits) -> ParseResult:
                     indexes.append(index)
                 continue
         elif not isinstance(item, dict):
-            _err(errors, index, "event", f"an event must be a JSON object, got {_json_type(item)}")
+            _err(errors, index, "event", f"an event must be a JSON object, got {json_kind(item)}")
             continue
         # Slow path: report every problem of the event.
         n_err = len(errors)
@@ -377,7 +362,7 @@ def parse_native(items: list[Any], now_ms: int, limits: Limits) -> ParseResult:
                 errors,
                 index,
                 "properties",
-                f"properties must be an object, got {_json_type(props)}",
+                f"properties must be an object, got {json_kind(props)}",
             )
         if len(errors) != n_err:
             continue
@@ -402,7 +387,7 @@ def parse_cloudevents(items: list[Any], now_ms: int, limits: Limits) -> ParseRes
     ok = _ok_string
     for index, item in enumerate(items):
         if not isinstance(item, dict):
-            _err(errors, index, "event", f"an event must be a JSON object, got {_json_type(item)}")
+            _err(errors, index, "event", f"an event must be a JSON object, got {json_kind(item)}")
             continue
         ev_id = item.get("id")
         ev_type = item.get("type")
@@ -441,7 +426,7 @@ def parse_cloudevents(items: list[Any], now_ms: int, limits: Limits) -> ParseRes
         if data is None:
             data = {}
         elif not isinstance(data, dict):
-            _err(errors, index, "data", f"data must be a JSON object, got {_json_type(data)}")
+            _err(errors, index, "data", f"data must be a JSON object, got {json_kind(data)}")
         if len(errors) != n_err:
             continue
         assert ev_id is not None and ev_type is not None and customer is not None and t is not None

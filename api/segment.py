@@ -45,9 +45,9 @@ from api.ingest import (
     count_rejected,
     deliver,
     limits_of,
-    nesting_problem,
     parse_wait,
     read_body,
+    reject_unencodable,
 )
 from api.ingest_parse import load_json
 from api.openapi import doc, model, query
@@ -345,14 +345,7 @@ async def _store(
         try:
             await deliver(st, tenant_id, res.rows, now_ms, wait, api)
         except UnencodableEvents as exc:  # rare: reject those messages, deliver the others
-            drop = set(exc.positions)
-            for pos in exc.positions:
-                res.errors.append(
-                    {"index": res.indexes[pos], "field": "properties", "message": nesting_problem()}
-                )
-            res.errors.sort(key=lambda e: e["index"])
-            res.rows = [r for i, r in enumerate(res.rows) if i not in drop]
-            res.indexes = [x for i, x in enumerate(res.indexes) if i not in drop]
+            reject_unencodable(res, exc.positions)
             if not res.rows and not res.ignored:
                 count_rejected(metrics, api, res.errors)
                 raise ValidationError(summary(res), details=res.errors) from None

@@ -20,6 +20,7 @@ import orjson
 from api.ingest_parse import Limits, time_bounds_problem
 from schemas.envelope import Row
 from schemas.events import ID_MAX
+from schemas.jsonpath import json_kind
 from schemas.segment import IGNORED_TYPES
 from schemas.timeutil import epoch_ms, parse_time
 
@@ -62,18 +63,6 @@ class SegmentParse:
     @property
     def n_ignored(self) -> int:
         return sum(self.ignored.values())
-
-
-def _kind(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, int | float):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    return "array" if isinstance(v, list) else "object" if isinstance(v, dict) else "value"
 
 
 def _lookup(msg: dict[str, Any], path: tuple[str, ...], batch_context: dict[str, Any]) -> Any:
@@ -122,7 +111,7 @@ class _Message:
         if v is None:
             self.bad(name, f"{name} is required")
         elif not isinstance(v, str):
-            self.bad(name, f"{name} must be a string, got {_kind(v)}")
+            self.bad(name, f"{name} must be a string, got {json_kind(v)}")
         elif not v:
             self.bad(name, f"{name} must not be empty")
         elif len(v) > ID_MAX:
@@ -142,7 +131,7 @@ class _Message:
                     self.bad(
                         rule.label,
                         f"{rule.label} (this tenant's customer property) must be a non-empty "
-                        f"string or an integer, got {_kind(raw)}",
+                        f"string or an integer, got {json_kind(raw)}",
                     )
                     return None
                 return self._length(rule.label, value)
@@ -159,7 +148,9 @@ class _Message:
                 continue
             value = _identifier(raw)
             if value is None:
-                self.bad(name, f"{name} must be a non-empty string or an integer, got {_kind(raw)}")
+                self.bad(
+                    name, f"{name} must be a non-empty string or an integer, got {json_kind(raw)}"
+                )
                 return None
             return self._length(name, value)
         self.bad("userId", "userId or anonymousId is required (it names the customer)")
@@ -217,7 +208,7 @@ def parse_messages(
             )
             continue
         if not isinstance(msg, dict):
-            m.bad("message", f"a message must be a JSON object, got {_kind(msg)}")
+            m.bad("message", f"a message must be a JSON object, got {json_kind(msg)}")
             continue
         if max_message_bytes is not None:
             try:
@@ -252,7 +243,7 @@ def parse_messages(
         if props is None:
             props = {}
         elif not isinstance(props, dict):
-            m.bad("properties", f"properties must be an object, got {_kind(props)}")
+            m.bad("properties", f"properties must be an object, got {json_kind(props)}")
         t = m.time(msg, now_ms, limits)
         if not m.ok:
             continue

@@ -151,6 +151,8 @@ class Runner:
         self.remote = remote
         self.keep_data = keep_data
         self.run_id = uuid.uuid4().hex[:6]
+        if work_dir is not None:
+            work_dir.mkdir(parents=True, exist_ok=True)
         self.work = Path(tempfile.mkdtemp(prefix="tally-bench-", dir=work_dir))
         self.tally: EmbeddedTally | None = None
         self.data_dir = self.work / "ingest"

@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from schemas.events import ID_MAX, Event
+from schemas.jsonpath import json_kind
 from schemas.timeutil import epoch_ms, from_epoch_ms
 from tally.gcpause import gc_paused
 
@@ -157,21 +158,9 @@ class EnvelopeError(ValueError):
         self.tenant_id = tenant_id
 
 
-def _kind(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, int | float):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    return "array" if isinstance(v, list) else "object" if isinstance(v, dict) else "value"
-
-
 def _text_problem(name: str, v: Any) -> str | None:
     if type(v) is not str:
-        return f"{name} must be a string, got {_kind(v)}"
+        return f"{name} must be a string, got {json_kind(v)}"
     if not v:
         return f"{name} must not be empty"
     if len(v) > ID_MAX:
@@ -189,11 +178,11 @@ def event_problem(row: Any) -> str | None:
             return problem
     t = row[3]
     if type(t) is not int:
-        return f"time must be integer epoch milliseconds, got {_kind(t)}"
+        return f"time must be integer epoch milliseconds, got {json_kind(t)}"
     if not STORE_MS_MIN <= t <= STORE_MS_MAX:
         return "time is outside the store's range (years 1900..2299)"
     if type(row[4]) is not dict:
-        return f"properties must be an object, got {_kind(row[4])}"
+        return f"properties must be an object, got {json_kind(row[4])}"
     return None
 
 
@@ -205,7 +194,7 @@ def _header(payload: bytes) -> tuple[str, int, list[Any]]:
     except orjson.JSONDecodeError as exc:
         raise EnvelopeError(f"undecodable envelope: {exc}") from None
     if type(doc) is not dict:
-        raise EnvelopeError(f"an envelope is a JSON object, got {_kind(doc)}")
+        raise EnvelopeError(f"an envelope is a JSON object, got {json_kind(doc)}")
     tenant = doc.get("t")
     hint = tenant if type(tenant) is str and 0 < len(tenant) <= TENANT_MAX else ""
     version = doc.get("v")

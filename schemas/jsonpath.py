@@ -61,3 +61,17 @@ def compile_path(text: str) -> JsonPath:
     if not steps:
         raise ValueError(f"JSONPath {text!r} selects the whole object; name a property")
     return JsonPath(text, tuple(steps))
+
+
+def json_kind(v: Any) -> str:
+    """The JSON type of a decoded value, as error messages name it (``null``, ``boolean``,
+    ``number``, ``string``, ``array``, ``object``)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int | float):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    return "array" if isinstance(v, list) else "object" if isinstance(v, dict) else "value"

@@ -153,6 +153,11 @@ def _json_texts_checked(objs: list[Any]) -> tuple[list[bytes], list[tuple[int, E
     return texts, bad
 
 
+def _take(positions: list[int], *columns: list[Any]) -> list[list[Any]]:
+    """The rows at ``positions`` of each of the parallel ``columns``."""
+    return [[col[g] for g in positions] for col in columns]
+
+
 class _Origin(NamedTuple):
     """An event's envelope (tenant, ingestion time), for its dead letter."""
 
@@ -489,15 +494,9 @@ class BatchProcessor:
         )
         if len(first) - len(seen) < events_in:  # something to drop: keep the first copies only
             pos = sorted(g for k, g in first.items() if k not in seen)
-            tenants = [tenants[g] for g in pos]
-            ids = [ids[g] for g in pos]
-            types = [types[g] for g in pos]
-            customers = [customers[g] for g in pos]
-            times = [times[g] for g in pos]
-            props = [props[g] for g in pos]
-            offsets = [offsets[g] for g in pos]
-            ingested = [ingested[g] for g in pos]
-            index_in_env = [index_in_env[g] for g in pos]
+            tenants, ids, types, customers, times, props, offsets, ingested, index_in_env = _take(
+                pos, tenants, ids, types, customers, times, props, offsets, ingested, index_in_env
+            )
         # the ledger's properties as JSON; an event whose properties cannot be written (nested
         # deeper than the encoder allows) is not kept: it goes to the dead letters
         texts, unencodable = _json_texts_checked(props)
@@ -510,16 +509,30 @@ class BatchProcessor:
                 found.append((offsets[g], letter))
             drop = {g for g, _exc in unencodable}
             pos = [g for g in range(len(ids)) if g not in drop]
-            tenants = [tenants[g] for g in pos]
-            ids = [ids[g] for g in pos]
-            types = [types[g] for g in pos]
-            customers = [customers[g] for g in pos]
-            times = [times[g] for g in pos]
-            props = [props[g] for g in pos]
-            offsets = [offsets[g] for g in pos]
-            ingested = [ingested[g] for g in pos]
-            index_in_env = [index_in_env[g] for g in pos]
-            texts = [texts[g] for g in pos]
+            (
+                tenants,
+                ids,
+                types,
+                customers,
+                times,
+                props,
+                offsets,
+                ingested,
+                index_in_env,
+                texts,
+            ) = _take(
+                pos,
+                tenants,
+                ids,
+                types,
+                customers,
+                times,
+                props,
+                offsets,
+                ingested,
+                index_in_env,
+                texts,
+            )
         kept = KeptEvents(tenants, ids, types, customers, times, props, offsets)
         kept_keys = list(zip(tenants, ids, ingested, strict=True))
         late_ms = self.late_ms
