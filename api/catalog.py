@@ -17,7 +17,7 @@ from starlette.responses import Response
 from api.auth import current_tenant
 from api.errors import json_response
 from api.ingest import read_body
-from api.openapi import LIMIT_PARAM, OFFSET_PARAM, doc, link, model, model_list, query
+from api.openapi import LIMIT_PARAM, OFFSET_PARAM, doc, int_query, link, model, model_list, query
 from api.state import AppState, get_state
 from schemas.catalog import (
     ActionIn,
@@ -80,22 +80,6 @@ def _ok(model: Any, status: int = 200) -> Response:
     if isinstance(model, list):
         return json_response(status, {"data": [m.model_dump(mode="json") for m in model]})
     return json_response(status, model.model_dump(mode="json"))
-
-
-def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = lo - 1
-    if not lo <= value <= hi:
-        raise ValidationError(
-            f"{name} must be an integer in [{lo}, {hi}]",
-            details=[{"field": name, "message": f"expected an integer in [{lo}, {hi}]"}],
-        )
-    return value
 
 
 def _path_version(version: str) -> int:
@@ -270,8 +254,8 @@ async def list_customers(
     tenant_id: str = Depends(current_tenant),
     st: AppState = Depends(get_state),
 ) -> Response:
-    limit = _int_param(request, "limit", 100, 1, MAX_LIST)
-    offset = _int_param(request, "offset", 0, 0, 10**9)
+    limit = int_query(request, "limit", 100, 1, MAX_LIST)
+    offset = int_query(request, "offset", 0, 0, 10**9)
     cat = _catalog(request, st)
     return _ok(await st.run(cat.list_customers, tenant_id, limit, offset))
 

@@ -28,7 +28,7 @@ from api import answers as A
 from api.auth import current_tenant, require_admin
 from api.errors import json_response
 from api.keys import parse_body
-from api.openapi import BOOL_PARAM, LIMIT_PARAM, OFFSET_PARAM, doc, query
+from api.openapi import BOOL_PARAM, LIMIT_PARAM, OFFSET_PARAM, doc, int_query, query
 from api.state import AppState, get_state
 from clickhouse.deadletters import DeadLetterRecord, DeadLetterRepo
 from schemas.control import ControlError, decode_control, is_control
@@ -95,22 +95,6 @@ def dead_letter_json(r: DeadLetterRecord) -> dict[str, Any]:
 # --- query parameters -------------------------------------------------------------------------
 
 
-def _int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = lo - 1
-    if not lo <= value <= hi:
-        raise ValidationError(
-            f"{name} must be an integer in [{lo}, {hi}]",
-            details=[detail(name, f"expected an integer in [{lo}, {hi}]")],
-        )
-    return value
-
-
 def _reason(request: Request) -> str | None:
     raw = request.query_params.get("reason")
     if raw is None:
@@ -154,8 +138,8 @@ async def _list(request: Request, st: AppState, tenant_id: str | None) -> Respon
         reason=_reason(request),
         topic=_text(request, "topic"),
         redriven=_bool(request, "redriven"),
-        limit=_int(request, "limit", 100, 1, 1000),
-        offset=_int(request, "offset", 0, 0, 1_000_000_000),
+        limit=int_query(request, "limit", 100, 1, 1000),
+        offset=int_query(request, "offset", 0, 0, 1_000_000_000),
     )
     return json_response(200, {"data": [dead_letter_json(r) for r in rows]})
 

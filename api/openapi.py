@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic import BaseModel
@@ -31,6 +31,7 @@ from pydantic.json_schema import GenerateJsonSchema, models_json_schema
 from schemas.catalog import TIMEZONE_SCHEMA
 from schemas.jsonschema import JSON_VALUE, RFC3339, RFC3339_STORE, TIME_IN, decimal_schema, nullable
 from schemas.pricing import CURRENCY_SCHEMA
+from tally.errors import ValidationError
 
 JSON = "application/json"
 _PLACEHOLDER = "x-tally-model"
@@ -203,6 +204,24 @@ def header(
 BOOL_PARAM = {"type": "boolean"}
 LIMIT_PARAM = {"type": "integer", "minimum": 1, "maximum": 1000}
 OFFSET_PARAM = {"type": "integer", "minimum": 0, "maximum": 1_000_000_000}
+
+
+def int_query(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    """Integer query parameter ``name`` in ``[lo, hi]`` (``default`` when absent); a 422 naming
+    it otherwise (what ``LIMIT_PARAM``/``OFFSET_PARAM``-style schemas promise)."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = lo - 1
+    if not lo <= value <= hi:
+        raise ValidationError(
+            f"{name} must be an integer in [{lo}, {hi}]",
+            details=[{"field": name, "message": f"expected an integer in [{lo}, {hi}]"}],
+        )
+    return value
 
 
 # --- per-operation documentation --------------------------------------------------------------
