@@ -471,17 +471,15 @@ class BatchProcessor:
         # position of its first copy (built from the reversed columns, so the earliest wins).
         chain = itertools.chain.from_iterable
         repeat = itertools.repeat
-        keys = list(
-            chain(zip(repeat(env.tenant_id, len(env)), env.ids, strict=True) for _o, env in envs)
-        )
+        tenants = list(chain(repeat(env.tenant_id, len(env)) for _o, env in envs))
+        ids = list(chain(env.ids for _o, env in envs))
+        keys = list(zip(tenants, ids, strict=True))
         events_in = len(keys)
         first = dict(zip(reversed(keys), range(events_in - 1, -1, -1), strict=True))
         seen = self.index_for(p).contains_many(first.keys()) if first else set()
         duplicates = events_in - len(first) + len(seen)
 
         # 2. the kept events as columns: ledger batch + the input of matching and aggregation
-        tenants = list(chain(repeat(env.tenant_id, len(env)) for _o, env in envs))
-        ids = list(chain(env.ids for _o, env in envs))
         types = list(chain(env.types for _o, env in envs))
         customers = list(chain(env.customers for _o, env in envs))
         times = list(chain(env.times_ms for _o, env in envs))
