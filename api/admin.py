@@ -20,7 +20,7 @@ from api.ingest_parse import load_json
 from api.keys import create_key, get_key, list_keys, parse_body, revoke_key, rotate_key
 from api.limits import effective_limits
 from api.openapi import doc, link, model
-from api.state import AppState, get_state
+from api.state import AppState, State
 from clickhouse.limits import LimitOverrides
 from schemas.credentials import AdminTokenIn, KeyIn, LimitsIn, RotateIn
 from schemas.timeutil import to_ms
@@ -59,7 +59,7 @@ async def _tenant(st: AppState, tenant_id: str) -> Any:
     tags=["admin"],
     **doc(ok={201: A.TENANT_CREATED}, body=A.TENANT_IN),
 )
-async def create_tenant(request: Request, st: AppState = Depends(get_state)) -> Response:
+async def create_tenant(request: Request, st: State) -> Response:
     doc = load_json(await read_body(request, 16 * 1024))
     name = doc.get("name") if isinstance(doc, dict) else None
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
@@ -74,7 +74,7 @@ async def create_tenant(request: Request, st: AppState = Depends(get_state)) -> 
 
 
 @router.get("/v1/admin/tenants", tags=["admin"], **doc(ok={200: A.data_of(A.TENANT)}))
-async def list_tenants(st: AppState = Depends(get_state)) -> Response:
+async def list_tenants(st: State) -> Response:
     tenants = await st.run(st.repo.list_tenants)
     return json_response(200, {"data": [tenant_json(t) for t in tenants]})
 
@@ -88,9 +88,7 @@ async def list_tenants(st: AppState = Depends(get_state)) -> Response:
     tags=["admin"],
     **doc(ok={201: A.API_KEY_CREATED}, body=model(KeyIn, "validation"), body_required=False),
 )
-async def create_key_admin(
-    tenant_id: str, request: Request, st: AppState = Depends(get_state)
-) -> Response:
+async def create_key_admin(tenant_id: str, request: Request, st: State) -> Response:
     """A new key for the tenant (body optional: ``{name, expires_at}``); secret in ``api_key``."""
     await _tenant(st, tenant_id)
     return await create_key(st, tenant_id, await parse_body(request, KeyIn, "key"))
@@ -99,7 +97,7 @@ async def create_key_admin(
 @router.get(
     "/v1/admin/tenants/{tenant_id}/keys", tags=["admin"], **doc(ok={200: A.data_of(A.API_KEY)})
 )
-async def list_keys_admin(tenant_id: str, st: AppState = Depends(get_state)) -> Response:
+async def list_keys_admin(tenant_id: str, st: State) -> Response:
     await _tenant(st, tenant_id)
     return await list_keys(st, tenant_id)
 
@@ -107,16 +105,14 @@ async def list_keys_admin(tenant_id: str, st: AppState = Depends(get_state)) -> 
 @router.get(
     "/v1/admin/tenants/{tenant_id}/keys/{key_id}", tags=["admin"], **doc(ok={200: A.API_KEY})
 )
-async def get_key_admin(tenant_id: str, key_id: str, st: AppState = Depends(get_state)) -> Response:
+async def get_key_admin(tenant_id: str, key_id: str, st: State) -> Response:
     return await get_key(st, tenant_id, key_id)
 
 
 @router.delete(
     "/v1/admin/tenants/{tenant_id}/keys/{key_id}", tags=["admin"], **doc(ok={200: A.API_KEY})
 )
-async def revoke_key_admin(
-    tenant_id: str, key_id: str, st: AppState = Depends(get_state)
-) -> Response:
+async def revoke_key_admin(tenant_id: str, key_id: str, st: State) -> Response:
     return await revoke_key(st, tenant_id, key_id)
 
 
@@ -131,9 +127,7 @@ async def revoke_key_admin(
         errors=(409,),
     ),
 )
-async def rotate_key_admin(
-    tenant_id: str, key_id: str, request: Request, st: AppState = Depends(get_state)
-) -> Response:
+async def rotate_key_admin(tenant_id: str, key_id: str, request: Request, st: State) -> Response:
     body = await parse_body(request, RotateIn, "rotation")
     return await rotate_key(st, tenant_id, key_id, body)
 
@@ -153,7 +147,7 @@ async def _limits_body(st: AppState, tenant_id: str) -> dict[str, Any]:
 
 
 @router.get("/v1/admin/tenants/{tenant_id}/limits", tags=["admin"], **doc(ok={200: A.LIMITS}))
-async def get_limits(tenant_id: str, st: AppState = Depends(get_state)) -> Response:
+async def get_limits(tenant_id: str, st: State) -> Response:
     """The tenant's overrides (null = default) and the limits in effect (0 = unlimited)."""
     await _tenant(st, tenant_id)
     return json_response(200, await _limits_body(st, tenant_id))
@@ -164,9 +158,7 @@ async def get_limits(tenant_id: str, st: AppState = Depends(get_state)) -> Respo
     tags=["admin"],
     **doc(ok={200: A.LIMITS}, body=model(LimitsIn, "validation"), body_required=False),
 )
-async def put_limits(
-    tenant_id: str, request: Request, st: AppState = Depends(get_state)
-) -> Response:
+async def put_limits(tenant_id: str, request: Request, st: State) -> Response:
     """Replace the tenant's overrides: ``{requests_per_second, events_per_second,
     max_batch_events, monthly_events}``, each null/absent (default), 0 (unlimited) or a limit.
     Takes effect at once in this process, within ``limits_cache_ttl_s`` in the others."""
@@ -191,7 +183,7 @@ async def put_limits(
         body_required=False,
     ),
 )
-async def create_admin_token(request: Request, st: AppState = Depends(get_state)) -> Response:
+async def create_admin_token(request: Request, st: State) -> Response:
     """A new admin token (body optional: ``{name}``); the secret is in ``admin_token``, once."""
     body = await parse_body(request, AdminTokenIn, "admin token")
     info, token = await st.run(st.repo.credentials.create_admin_token, body.name)
@@ -201,7 +193,7 @@ async def create_admin_token(request: Request, st: AppState = Depends(get_state)
 
 
 @router.get("/v1/admin/tokens", tags=["admin"], **doc(ok={200: A.data_of(A.ADMIN_TOKEN)}))
-async def list_admin_tokens(st: AppState = Depends(get_state)) -> Response:
+async def list_admin_tokens(st: State) -> Response:
     tokens = await st.run(st.repo.credentials.list_admin_tokens)
     return json_response(200, {"data": [t.to_json() for t in tokens]})
 
@@ -209,7 +201,7 @@ async def list_admin_tokens(st: AppState = Depends(get_state)) -> Response:
 @router.delete(
     "/v1/admin/tokens/{token_id}", tags=["admin"], **doc(ok={200: A.ADMIN_TOKEN}, errors=(409,))
 )
-async def revoke_admin_token(token_id: str, st: AppState = Depends(get_state)) -> Response:
+async def revoke_admin_token(token_id: str, st: State) -> Response:
     """Revoke an admin token (idempotent). The last active one cannot be revoked (409)."""
     creds = st.repo.credentials
     tokens = await st.run(creds.list_admin_tokens)
@@ -229,7 +221,7 @@ async def revoke_admin_token(token_id: str, st: AppState = Depends(get_state)) -
     tags=["admin"],
     **doc(ok={200: A.BACKFILL_RESULT}, errors=(400, 409)),
 )
-async def backfill(tenant_id: str, slug: str, st: AppState = Depends(get_state)) -> Response:
+async def backfill(tenant_id: str, slug: str, st: State) -> Response:
     from api.meters import run_backfill
 
     return json_response(200, await run_backfill(st, tenant_id, slug))
@@ -240,7 +232,7 @@ async def backfill(tenant_id: str, slug: str, st: AppState = Depends(get_state))
     tags=["admin"],
     **doc(ok={200: A.BACKFILL_RUNS}),
 )
-async def backfill_status(tenant_id: str, slug: str, st: AppState = Depends(get_state)) -> Response:
+async def backfill_status(tenant_id: str, slug: str, st: State) -> Response:
     from api.meters import backfill_runs
 
     return json_response(200, await backfill_runs(st, tenant_id, slug))

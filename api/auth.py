@@ -31,12 +31,12 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
 from api.ratelimit import Hit, KeyedBuckets, TokenBucket, TTLCache, retry_after_s
-from api.state import AppState, get_state
+from api.state import AppState, State
 from clickhouse.credentials import KeyMatch, tenant_of_key
 from tally import log as tally_log
 from tally.errors import AuthenticationError, RateLimited
@@ -225,7 +225,7 @@ async def tenant_of_api_key(st: AppState, token: str, address: str = "unknown") 
     return (await key_match(st, token, address)).tenant_id
 
 
-async def current_key(request: Request, st: AppState = Depends(get_state)) -> KeyMatch:
+async def current_key(request: Request, st: State) -> KeyMatch:
     """FastAPI dependency: the valid API key of the request (charges the tenant's request
     rate limit)."""
     return await key_match(st, bearer_token(request), client_address(request))
@@ -236,7 +236,11 @@ async def current_tenant(match: KeyMatch = Depends(current_key)) -> str:
     return match.tenant_id
 
 
-async def require_admin(request: Request, st: AppState = Depends(get_state)) -> str:
+# the tenant of the request's API key, as a route parameter: ``tenant_id: Tenant``
+Tenant = Annotated[str, Depends(current_tenant)]
+
+
+async def require_admin(request: Request, st: State) -> str:
     """FastAPI dependency: the request carries a valid admin token; returns its id."""
     token = bearer_token(request)
     creds = st.repo.credentials

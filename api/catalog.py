@@ -11,14 +11,14 @@ from typing import Any, TypeVar
 
 import orjson
 import pydantic
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from api.auth import current_tenant
+from api.auth import Tenant
 from api.errors import json_response
 from api.ingest import read_body
 from api.openapi import LIMIT_PARAM, OFFSET_PARAM, doc, int_query, link, model, model_list, query
-from api.state import AppState, get_state
+from api.state import AppState, State
 from schemas.catalog import (
     ActionIn,
     ChangePlanIn,
@@ -105,8 +105,8 @@ def _path_version(version: str) -> int:
 )
 async def preview(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     req = await _body(request, PreviewIn, "preview request")
     cat = _catalog(request, st)
@@ -126,8 +126,8 @@ async def preview(
 )
 async def create_plan(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     spec = await _body(request, PlanSpec, "plan")
     plan = await st.run(_catalog(request, st).create_plan, tenant_id, spec)
@@ -141,8 +141,8 @@ async def create_plan(
 )
 async def list_plans(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     return _ok(await st.run(_catalog(request, st).list_plans, tenant_id))
 
@@ -155,8 +155,8 @@ async def list_plans(
 async def get_plan(
     code: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     return _ok(await st.run(_catalog(request, st).get_plan, tenant_id, code))
 
@@ -170,8 +170,8 @@ async def get_plan(
 async def publish_version(
     code: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     draft = await _body(request, PlanDraft, "plan version")
     plan = await st.run(_catalog(request, st).publish_version, tenant_id, code, draft)
@@ -186,8 +186,8 @@ async def publish_version(
 async def list_versions(
     code: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     return _ok(await st.run(_catalog(request, st).list_versions, tenant_id, code))
 
@@ -213,8 +213,8 @@ async def get_version(
     code: str,
     version: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     n = _path_version(version)
     return _ok(await st.run(_catalog(request, st).get_plan, tenant_id, code, n))
@@ -231,8 +231,8 @@ async def get_version(
 )
 async def create_customer(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     data = await _body(request, CustomerIn, "customer")
     return _ok(await st.run(_catalog(request, st).create_customer, tenant_id, data), 201)
@@ -251,8 +251,8 @@ async def create_customer(
 )
 async def list_customers(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     limit = int_query(request, "limit", 100, 1, MAX_LIST)
     offset = int_query(request, "offset", 0, 0, 10**9)
@@ -268,8 +268,8 @@ async def list_customers(
 async def get_customer(
     external_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     return _ok(await st.run(_catalog(request, st).get_customer, tenant_id, external_id))
 
@@ -282,8 +282,8 @@ async def get_customer(
 async def update_customer(
     external_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     patch = await _body(request, CustomerPatch, "customer update")
     cat = _catalog(request, st)
@@ -298,8 +298,8 @@ async def update_customer(
 async def upcoming_invoice(
     external_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     from api.billing_state import billing
 
@@ -320,8 +320,8 @@ async def upcoming_invoice(
 )
 async def create_subscription(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     req = await _body(request, SubscriptionIn, "subscription")
     cat = _catalog(request, st)
@@ -338,8 +338,8 @@ async def create_subscription(
 )
 async def list_subscriptions(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     customer = request.query_params.get("customer_id")
     cat = _catalog(request, st)
@@ -354,8 +354,8 @@ async def list_subscriptions(
 async def get_subscription(
     sub_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     cat = _catalog(request, st)
     return _ok(await st.run(cat.current_subscription, tenant_id, sub_id, utc_now()))
@@ -369,8 +369,8 @@ async def get_subscription(
 async def subscription_action(
     sub_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     req = await _body(request, ActionIn, "subscription action")
     cat = _catalog(request, st)
@@ -385,8 +385,8 @@ async def subscription_action(
 async def change_plan(
     sub_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     req = await _body(request, ChangePlanIn, "plan change")
     cat = _catalog(request, st)

@@ -25,11 +25,11 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from api import answers as A
-from api.auth import current_tenant, require_admin
+from api.auth import Tenant, require_admin
 from api.errors import json_response
 from api.keys import parse_body
 from api.openapi import BOOL_PARAM, LIMIT_PARAM, OFFSET_PARAM, doc, int_query, query
-from api.state import AppState, get_state
+from api.state import AppState, State
 from clickhouse.deadletters import DeadLetterRecord, DeadLetterRepo
 from schemas.control import ControlError, decode_control, is_control
 from schemas.deadletters import METER_VALUE, REASONS, REDRIVABLE
@@ -271,8 +271,8 @@ _ADMIN_FILTERS = [
 )
 async def list_dead_letters(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     """The calling tenant's dead letters, in source order (without payloads)."""
     return await _list(request, st, tenant_id)
@@ -285,8 +285,8 @@ async def list_dead_letters(
 )
 async def get_dead_letter(
     dead_letter_id: str,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     """One of the calling tenant's dead letters, with its payload."""
     return json_response(200, dead_letter_json(await _get(st, tenant_id, dead_letter_id)))
@@ -300,7 +300,7 @@ async def get_dead_letter(
     tags=["admin"],
     **doc(ok={200: A.data_of(A.DEAD_LETTER)}, params=_ADMIN_FILTERS),
 )
-async def admin_list_dead_letters(request: Request, st: AppState = Depends(get_state)) -> Response:
+async def admin_list_dead_letters(request: Request, st: State) -> Response:
     """Every tenant's dead letters (``tenant_id`` to narrow), in source order."""
     tenant = _text(request, "tenant_id")
     return await _list(request, st, tenant)
@@ -311,7 +311,7 @@ async def admin_list_dead_letters(request: Request, st: AppState = Depends(get_s
     tags=["admin"],
     **doc(ok={200: A.DEAD_LETTER_FULL}),
 )
-async def admin_get_dead_letter(dead_letter_id: str, st: AppState = Depends(get_state)) -> Response:
+async def admin_get_dead_letter(dead_letter_id: str, st: State) -> Response:
     return json_response(200, dead_letter_json(await _get(st, None, dead_letter_id)))
 
 
@@ -320,7 +320,7 @@ async def admin_get_dead_letter(dead_letter_id: str, st: AppState = Depends(get_
     tags=["admin"],
     **doc(ok={200: A.REDRIVE_RESULT}, errors=(409,)),
 )
-async def admin_redrive(dead_letter_id: str, st: AppState = Depends(get_state)) -> Response:
+async def admin_redrive(dead_letter_id: str, st: State) -> Response:
     """Produce the dead letter's payload to the events topic again (after a fix)."""
     r = await _get(st, None, dead_letter_id)
     return json_response(200, await redrive(st, r, "admin"))
@@ -331,7 +331,7 @@ async def admin_redrive(dead_letter_id: str, st: AppState = Depends(get_state)) 
     tags=["admin"],
     **doc(ok={200: A.BULK_REDRIVE}, body=A.BULK_REDRIVE_IN, body_required=False),
 )
-async def admin_redrive_many(request: Request, st: AppState = Depends(get_state)) -> Response:
+async def admin_redrive_many(request: Request, st: State) -> Response:
     """Re-drive the dead letters that match (not re-driven yet unless ``include_redriven``), in
     source order, up to ``limit``; those that cannot be re-driven are listed in ``refused``."""
     body = await parse_body(request, BulkRedriveIn, "re-drive request")

@@ -13,13 +13,13 @@ import pydantic
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from api.auth import current_tenant, require_admin
+from api.auth import Tenant, require_admin
 from api.billing_state import actor_of, billing
 from api.catalog import _body, _ok
 from api.errors import json_response
 from api.ingest import read_body
 from api.openapi import doc, link, model, model_list, query
-from api.state import AppState, get_state
+from api.state import State
 from billing import reconcile, render
 from schemas.billing import (
     AuditRecord,
@@ -118,8 +118,8 @@ async def _optional_body(request: Request, model: type[Any], what: str) -> Any:
 )
 async def run_invoices(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     req = await _optional_body(request, RunIn, "invoice run")
     svc = billing(request, st).invoicing
@@ -132,9 +132,7 @@ async def run_invoices(
     tags=["admin"],
     **doc(ok={200: model(RunOut)}, body=model(RunIn, "validation"), body_required=False),
 )
-async def admin_run_invoices(
-    tenant_id: str, request: Request, st: AppState = Depends(get_state)
-) -> Response:
+async def admin_run_invoices(tenant_id: str, request: Request, st: State) -> Response:
     req = await _optional_body(request, RunIn, "invoice run")
     await st.run(st.repo.get_tenant, tenant_id)
     svc = billing(request, st).invoicing
@@ -161,8 +159,8 @@ async def admin_run_invoices(
 )
 async def list_invoices(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     raw = request.query_params.get("status")
     status = None
@@ -187,8 +185,8 @@ async def list_invoices(
 async def get_invoice(
     invoice_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     inv = await st.run(billing(request, st).invoicing.get_invoice, tenant_id, invoice_id)
     if _wants_csv(request):
@@ -204,8 +202,8 @@ async def get_invoice(
 async def invoice_csv(
     invoice_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     inv = await st.run(billing(request, st).invoicing.get_invoice, tenant_id, invoice_id)
     return Response(render.to_csv(inv), media_type=CSV)
@@ -219,8 +217,8 @@ async def invoice_csv(
 async def invoice_pdf(
     invoice_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     inv = await st.run(billing(request, st).invoicing.get_invoice, tenant_id, invoice_id)
     name = inv.number or inv.id
@@ -239,8 +237,8 @@ async def invoice_pdf(
 async def finalize_invoice(
     invoice_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     svc = billing(request, st).invoicing
     return _ok(await st.run(svc.finalize, tenant_id, invoice_id, actor_of(request)))
@@ -254,8 +252,8 @@ async def finalize_invoice(
 async def refresh_invoice(
     invoice_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     svc = billing(request, st).invoicing
     return _ok(await st.run(svc.refresh, tenant_id, invoice_id, actor_of(request)))
@@ -269,8 +267,8 @@ async def refresh_invoice(
 async def void_invoice(
     invoice_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     req = await _body(request, VoidIn, "void request")
     svc = billing(request, st).invoicing
@@ -289,8 +287,8 @@ async def void_invoice(
 async def create_credit_note(
     invoice_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     req = await _body(request, CreditNoteIn, "credit note")
     svc = billing(request, st).invoicing
@@ -306,8 +304,8 @@ async def create_credit_note(
 async def invoice_credit_notes(
     invoice_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     svc = billing(request, st).invoicing
     await st.run(svc.get_invoice, tenant_id, invoice_id)
@@ -321,8 +319,8 @@ async def invoice_credit_notes(
 )
 async def list_credit_notes(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     svc = billing(request, st).invoicing
     customer = request.query_params.get("customer_id") or None
@@ -337,8 +335,8 @@ async def list_credit_notes(
 async def get_credit_note(
     note_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     note = await st.run(billing(request, st).invoicing.get_credit_note, tenant_id, note_id)
     if _wants_csv(request):
@@ -354,8 +352,8 @@ async def get_credit_note(
 async def credit_note_pdf(
     note_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     note = await st.run(billing(request, st).invoicing.get_credit_note, tenant_id, note_id)
     return Response(
@@ -377,8 +375,8 @@ async def credit_note_pdf(
 async def add_discount(
     customer_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     req = await _body(request, DiscountIn, "discount")
     svc = billing(request, st).invoicing
@@ -393,8 +391,8 @@ async def add_discount(
 async def list_discounts(
     customer_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     svc = billing(request, st).invoicing
     return _ok(await st.run(svc.list_discounts, tenant_id, customer_id))
@@ -409,8 +407,8 @@ async def delete_discount(
     customer_id: str,
     discount_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     svc = billing(request, st).invoicing
     return _ok(
@@ -430,8 +428,8 @@ async def delete_discount(
 async def correct_event(
     event_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     req = await _body(request, CorrectionIn, "correction")
     svc = billing(request, st).corrections
@@ -446,8 +444,8 @@ async def correct_event(
 async def event_corrections(
     event_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     svc = billing(request, st).corrections
     return _ok(await st.run(svc.history, tenant_id, event_id))
@@ -470,8 +468,8 @@ async def event_corrections(
 )
 async def audit(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     q = request.query_params
     rows = billing(request, st).rows
@@ -501,8 +499,8 @@ async def audit(
 )
 async def reconciliation(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     """The other system's lines as JSON (``{period_start, period_end, lines, amount_tolerance?}``)
     or as CSV (``Content-Type: text/csv``, the period in the query string)."""

@@ -14,16 +14,16 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 import pydantic
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from api import answers as A
-from api.auth import current_tenant
+from api.auth import Tenant
 from api.errors import json_response
 from api.ingest import read_body
 from api.ingest_parse import load_json
 from api.openapi import doc, link, model
-from api.state import AppState, get_state
+from api.state import AppState, State
 from schemas.credentials import KeyIn, RotateIn
 from schemas.timeutil import utc_now
 from tally.errors import ValidationError
@@ -95,32 +95,24 @@ async def rotate_key(st: AppState, tenant_id: str, key_id: str, body: RotateIn) 
     tags=["keys"],
     **doc(ok={201: A.API_KEY_CREATED}, body=model(KeyIn, "validation"), body_required=False),
 )
-async def create(
-    request: Request, tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
-) -> Response:
+async def create(request: Request, tenant_id: Tenant, st: State) -> Response:
     """Create a key for the calling tenant; the secret (``api_key``) is shown only here."""
     return await create_key(st, tenant_id, await parse_body(request, KeyIn, "key"))
 
 
 @router.get("/v1/api-keys", tags=["keys"], **doc(ok={200: A.data_of(A.API_KEY)}))
-async def list_(
-    tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
-) -> Response:
+async def list_(tenant_id: Tenant, st: State) -> Response:
     """Every key of the calling tenant (active, expired, revoked); never a secret."""
     return await list_keys(st, tenant_id)
 
 
 @router.get("/v1/api-keys/{key_id}", tags=["keys"], **doc(ok={200: A.API_KEY}))
-async def get(
-    key_id: str, tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
-) -> Response:
+async def get(key_id: str, tenant_id: Tenant, st: State) -> Response:
     return await get_key(st, tenant_id, key_id)
 
 
 @router.delete("/v1/api-keys/{key_id}", tags=["keys"], **doc(ok={200: A.API_KEY}))
-async def revoke(
-    key_id: str, tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
-) -> Response:
+async def revoke(key_id: str, tenant_id: Tenant, st: State) -> Response:
     """Revoke a key (idempotent); answers the key with its ``revoked_at``."""
     return await revoke_key(st, tenant_id, key_id)
 
@@ -139,8 +131,8 @@ async def revoke(
 async def rotate(
     key_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     """A new key replacing ``key_id``, which keeps working for ``overlap_s`` (default 3600)."""
     body = await parse_body(request, RotateIn, "rotation")

@@ -18,16 +18,16 @@ from typing import Any
 import anyio
 import orjson
 import pydantic
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from api import answers as A
-from api.auth import current_tenant
+from api.auth import Tenant
 from api.errors import json_response
 from api.ingest import read_body
 from api.ingest_parse import load_json
 from api.openapi import doc, link
-from api.state import AppState, get_state
+from api.state import AppState, State
 from clickhouse.backfill import BackfillStore
 from schemas.backfill import COMPLETE, RUNNING, RunRecord
 from schemas.control import encode_activate
@@ -95,8 +95,8 @@ def meter_openmeter(m: Meter) -> dict[str, Any]:
 )
 async def create_meter(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     spec = parse_meter_spec(await read_body(request, MAX_METER_BODY))
     meter, _created = await activate_meter(st, tenant_id, spec)
@@ -148,25 +148,19 @@ async def activate_meter(
 
 
 @router.get("/v1/meters", tags=["meters"], **doc(ok={200: A.data_of(A.METER_OUT)}))
-async def list_meters(
-    tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
-) -> Response:
+async def list_meters(tenant_id: Tenant, st: State) -> Response:
     meters: list[Meter] = await st.run(st.repo.list_meters, tenant_id)
     return json_response(200, {"data": [meter_native(m) for m in meters]})
 
 
 @router.get("/v1/meters/{slug}", tags=["meters"], **doc(ok={200: A.METER_OUT}))
-async def get_meter(
-    slug: str, tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
-) -> Response:
+async def get_meter(slug: str, tenant_id: Tenant, st: State) -> Response:
     meter: Meter = await st.run(st.repo.get_meter, tenant_id, slug)
     return json_response(200, meter_native(meter))
 
 
 @router.delete("/v1/meters/{slug}", status_code=204, tags=["meters"], **doc(ok={204: None}))
-async def delete_meter(
-    slug: str, tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
-) -> Response:
+async def delete_meter(slug: str, tenant_id: Tenant, st: State) -> Response:
     await st.run(st.repo.get_meter, tenant_id, slug)  # 404 naming the slug if absent
     await st.run(st.repo.delete_meter, tenant_id, slug)
     return Response(status_code=204)
@@ -177,9 +171,7 @@ async def delete_meter(
     tags=["openmeter"],
     **doc(ok={200: {"type": "array", "items": A.OM_METER}}),
 )
-async def om_list_meters(
-    tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
-) -> Response:
+async def om_list_meters(tenant_id: Tenant, st: State) -> Response:
     meters: list[Meter] = await st.run(st.repo.list_meters, tenant_id)
     return Response(
         orjson.dumps([meter_openmeter(m) for m in meters]), media_type="application/json"
@@ -187,9 +179,7 @@ async def om_list_meters(
 
 
 @router.get("/api/v1/meters/{slug}", tags=["openmeter"], **doc(ok={200: A.OM_METER}))
-async def om_get_meter(
-    slug: str, tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
-) -> Response:
+async def om_get_meter(slug: str, tenant_id: Tenant, st: State) -> Response:
     meter: Meter = await st.run(st.repo.get_meter, tenant_id, slug)
     return json_response(200, meter_openmeter(meter))
 
@@ -199,18 +189,14 @@ async def om_get_meter(
     tags=["meters"],
     **doc(ok={200: A.BACKFILL_RESULT}, errors=(400, 409)),
 )
-async def backfill_meter(
-    slug: str, tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
-) -> Response:
+async def backfill_meter(slug: str, tenant_id: Tenant, st: State) -> Response:
     """Count the meter's events from before its activation markers (the history). Exclusive per
     meter (409 while another run is active); resumes an interrupted run; atomic swap."""
     return json_response(200, await run_backfill(st, tenant_id, slug))
 
 
 @router.get("/v1/meters/{slug}/backfill", tags=["meters"], **doc(ok={200: A.BACKFILL_RUNS}))
-async def backfill_status(
-    slug: str, tenant_id: str = Depends(current_tenant), st: AppState = Depends(get_state)
-) -> Response:
+async def backfill_status(slug: str, tenant_id: Tenant, st: State) -> Response:
     """The meter's backfill runs; ``visible_run`` is the one usage queries read."""
     return json_response(200, await backfill_runs(st, tenant_id, slug))
 

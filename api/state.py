@@ -9,10 +9,10 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, TypeVar
 
 import anyio
-from fastapi import Request
+from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tally.metrics import TopTenantCounter, parse_allow_list, process_registry
@@ -206,3 +206,7 @@ class AppState:
 def get_state(request: Request) -> AppState:
     st: AppState = request.app.state.tally
     return st
+
+
+# the app's state, as a route parameter: ``st: State``
+State = Annotated[AppState, Depends(get_state)]

@@ -8,17 +8,17 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from api import answers as A
-from api.auth import current_tenant
+from api.auth import Tenant
 from api.billing_state import billing
 from api.errors import json_response
 from api.ingest import read_body
 from api.ingest_parse import load_json
 from api.openapi import doc, query
-from api.state import AppState, get_state
+from api.state import AppState, State
 from api.usage_params import (
     MAX_QUERY_VALUES,
     MAX_VALUES,
@@ -216,8 +216,8 @@ async def _run(
 async def usage(
     slug: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     meter = await _meter(st, tenant_id, slug)
     query = request.query_params.multi_items()
@@ -268,8 +268,8 @@ async def _om_query(
 async def om_query_get(
     slug: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     fields = openmeter_query_fields(request.query_params.multi_items())
     return await _om_query(request, st, tenant_id, slug, fields, MAX_QUERY_VALUES)
@@ -283,8 +283,8 @@ async def om_query_get(
 async def om_query_post(
     slug: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     raw = await read_body(request, 64 * 1024)
     fields = openmeter_body_fields(load_json(raw)) if raw.strip() else {}

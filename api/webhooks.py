@@ -3,14 +3,14 @@ See docs/invoicing.md (webhooks)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from api.auth import current_tenant
+from api.auth import Tenant
 from api.billing_state import billing
 from api.catalog import _body, _ok
 from api.openapi import doc, link, model, model_list, query
-from api.state import AppState, get_state
+from api.state import State
 from schemas.billing import Delivery, Threshold, ThresholdIn, WebhookEndpoint, WebhookEndpointIn
 
 router = APIRouter()
@@ -24,8 +24,8 @@ router = APIRouter()
 )
 async def create_endpoint(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     req = await _body(request, WebhookEndpointIn, "webhook endpoint")
     svc = billing(request, st).webhooks
@@ -39,8 +39,8 @@ async def create_endpoint(
 )
 async def list_endpoints(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     return _ok(await st.run(billing(request, st).webhooks.list_endpoints, tenant_id))
 
@@ -53,8 +53,8 @@ async def list_endpoints(
 async def delete_endpoint(
     endpoint_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     svc = billing(request, st).webhooks
     return _ok(await st.run(svc.disable_endpoint, tenant_id, endpoint_id))
@@ -68,8 +68,8 @@ async def delete_endpoint(
 async def rotate_secret(
     endpoint_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     svc = billing(request, st).webhooks
     return _ok(await st.run(svc.rotate_secret, tenant_id, endpoint_id))
@@ -85,8 +85,8 @@ async def rotate_secret(
 )
 async def list_deliveries(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     svc = billing(request, st).webhooks
     ep = request.query_params.get("endpoint_id") or None
@@ -101,8 +101,8 @@ async def list_deliveries(
 async def get_delivery(
     delivery_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     svc = billing(request, st).webhooks
     return _ok(await st.run(svc.delivery, tenant_id, delivery_id))
@@ -117,8 +117,8 @@ async def get_delivery(
 async def add_threshold(
     customer_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     req = await _body(request, ThresholdIn, "threshold")
     svc = billing(request, st).webhooks
@@ -133,8 +133,8 @@ async def add_threshold(
 async def list_thresholds(
     customer_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     svc = billing(request, st).webhooks
     return _ok(await st.run(svc.list_thresholds, tenant_id, customer_id))
@@ -149,8 +149,8 @@ async def delete_threshold(
     customer_id: str,
     threshold_id: str,
     request: Request,
-    tenant_id: str = Depends(current_tenant),
-    st: AppState = Depends(get_state),
+    tenant_id: Tenant,
+    st: State,
 ) -> Response:
     svc = billing(request, st).webhooks
     return _ok(await st.run(svc.delete_threshold, tenant_id, customer_id, threshold_id))
