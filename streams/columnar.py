@@ -17,15 +17,16 @@ reported as a ``ValueIssue``: counted, and a dead letter), exact ``Decimal`` sum
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Context, Decimal
 from typing import Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from schemas.columns import USAGE_SCHEMA
+from schemas.columns import DECIMAL, GROUP_VALUES, LATEST, TIME, USAGE_SCHEMA
 from schemas.jsonpath import MISSING, JsonPath
 from schemas.meters import Aggregation
 from streams.aggregation import MINUTE_MS, ORIGIN_STREAM
@@ -109,33 +110,6 @@ def _raw_values(path: JsonPath, props: list[dict[str, Any]]) -> list[Any]:
     return [extract(p) for p in props]
 
 
-def _numeric_values(path: JsonPath, props: list[dict[str, Any]]) -> list[Any]:
-    """``to_decimal`` of every event's value, a ``_Bad`` where it raises. Integers in range take a
-    short cut: ``Decimal(v)`` equals ``to_decimal(v)`` (only the exponent differs; every use
-    compares, adds, or stores it as ``Decimal(38, 9)``)."""
-    out: list[Any] = []
-    for v in _raw_values(path, props):
-        if type(v) is int and -_INT_LIMIT < v < _INT_LIMIT:
-            out.append(Decimal(v))
-            continue
-        try:
-            out.append(to_decimal(v))
-        except ValueProblem as exc:
-            out.append(_Bad(str(exc)))
-    return out
-
-
-def _uniq_values(path: JsonPath, props: list[dict[str, Any]]) -> list[Any]:
-    out: list[Any] = []
-    for v in _raw_values(path, props):
-        if type(v) is str:
-            out.append(v)
-            continue
-        s = canonical_scalar(v)
-        out.append(_Bad(f"unique_count needs a scalar value, got {v!r}") if s is None else s)
-    return out
-
-
 def _group_columns(
     group_paths: tuple[tuple[str, JsonPath], ...], props: list[dict[str, Any]]
 ) -> tuple[list[str], list[dict[str, str]]]:
@@ -163,23 +137,257 @@ def _group_columns(
     return gks, gvs
 
 
-# window key within one meter: (customer, window_ms) or (customer, group_key, window_ms)
-_Key = tuple[Any, ...]
+class _Values(NamedTuple):
+    """The values of one value path over a whole group: an Arrow array (``int64`` for a column of
+    plain integers, else ``decimal128(38, 9)``; ``string`` for unique_count), null where the value
+    is unusable, and the ``ValueProblem`` message of each such position."""
+
+    array: pa.Array
+    bad: dict[int, str]
 
 
-@dataclass(slots=True)
-class _MeterWindows:
-    """The windows of one meter in one link."""
+def _one_name(path: JsonPath) -> str | None:
+    steps = path.steps
+    if len(steps) == 1 and isinstance(steps[0], str):
+        return steps[0]
+    return None
 
-    tenant_id: str
-    meter_id: str
-    grouped: bool
-    counts: Counter[_Key]
-    group_values: dict[_Key, dict[str, str]]
-    # numeric meters: key -> [value_count, sum, min, max]
-    values: dict[_Key, list[Any]] | None = None
-    uniq: dict[_Key, set[str]] | None = None
-    latest: dict[_Key, tuple[int, str, Decimal]] | None = None
+
+def _inferred(path: JsonPath, props: list[dict[str, Any]]) -> pa.Array | None:
+    """The values of a one-name path as an Arrow array of the type Arrow infers (null where
+    missing or null), None when the path is longer or Arrow infers nothing (mixed types)."""
+    name = _one_name(path)
+    if name is None:
+        return None
+    raw = [p.get(name) if type(p) is dict else None for p in props]
+    try:
+        return pa.array(raw, from_pandas=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return None
+
+
+def _null_positions(arr: pa.Array) -> list[int]:
+    if not arr.null_count:
+        return []
+    return [int(n) for n in np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))]
+
+
+def _numeric_one(v: Any) -> Any:
+    if type(v) is int and -_INT_LIMIT < v < _INT_LIMIT:
+        return Decimal(v)
+    try:
+        return to_decimal(v)
+    except ValueProblem as exc:
+        return _Bad(str(exc))
+
+
+def _uniq_one(v: Any) -> Any:
+    if type(v) is str:
+        return v
+    s = canonical_scalar(v)
+    return _Bad(f"unique_count needs a scalar value, got {v!r}") if s is None else s
+
+
+def _bad_at(
+    path: JsonPath, props: list[dict[str, Any]], positions: list[int], one: Any
+) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for n in positions:
+        p = props[n]
+        v = one(path.extract(p) if type(p) is dict else MISSING)
+        assert type(v) is _Bad
+        out[n] = v.message
+    return out
+
+
+def _numeric_values(path: JsonPath, props: list[dict[str, Any]]) -> _Values:
+    """``to_decimal`` of every event's value. A column of plain integers (Arrow infers ``int64``:
+    no bool, float, string or out-of-range integer in it) stays ``int64`` (exact: every such
+    integer is in range, its ``Decimal(38, 9)`` is the integer itself); any other column goes
+    through ``to_decimal`` per value (the reference's own conversion) into ``decimal128(38, 9)``."""
+    arr = _inferred(path, props)
+    if arr is not None and arr.type == pa.int64():
+        return _Values(arr, _bad_at(path, props, _null_positions(arr), _numeric_one))
+    vals = [_numeric_one(v) for v in _raw_values(path, props)]
+    bad = {n: v.message for n, v in enumerate(vals) if type(v) is _Bad}
+    if bad:
+        vals = [None if type(v) is _Bad else v for v in vals]
+    return _Values(pa.array(vals, DECIMAL), bad)
+
+
+def _uniq_values(path: JsonPath, props: list[dict[str, Any]]) -> _Values:
+    """``canonical_scalar`` of every event's value (strings as they are, integers in decimal)."""
+    arr = _inferred(path, props)
+    if arr is not None and arr.type in (pa.string(), pa.int64()):
+        bad = _bad_at(path, props, _null_positions(arr), _uniq_one)
+        return _Values(arr.cast(pa.string()), bad)
+    vals = [_uniq_one(v) for v in _raw_values(path, props)]
+    bad = {n: v.message for n, v in enumerate(vals) if type(v) is _Bad}
+    if bad:
+        vals = [None if type(v) is _Bad else v for v in vals]
+    return _Values(pa.array(vals, pa.string()), bad)
+
+
+_I64_MAX = 2**63 - 1
+# a decimal128(38, 9) sum of values below this bound (in absolute value, times their count)
+# cannot leave Decimal(38, 9)
+_DEC_LIMIT = Decimal(10) ** 29
+
+
+def _sums_fit(v: pa.Array, limit: int | Decimal) -> bool:
+    """Whether no sum of any subset of ``v`` can reach ``limit`` (so a native sum is exact)."""
+    mm = pc.min_max(v)
+    lo, hi = mm["min"].as_py(), mm["max"].as_py()
+    if lo is None:
+        return True
+    return bool(max(abs(lo), abs(hi)) * len(v) < limit)
+
+
+def _decimal_sums(lists: pa.ChunkedArray) -> pa.Array:
+    """Group sums in Python ``Decimal`` (prec 80) for values whose native sum could overflow;
+    a sum outside ``Decimal(38, 9)`` raises, as the store could not hold it."""
+    add = _CTX.add
+    sums = []
+    for vs in lists.to_pylist():
+        total = _ZERO
+        for x in vs:
+            total = add(total, x)
+        sums.append(total)
+    return pa.array(sums, DECIMAL)
+
+
+def _meter_windows(
+    cm: CompiledMeter,
+    tenant: str,
+    keys: pa.Table,
+    vals: pa.Array | None,
+    latest: tuple[pa.Array, pa.Array] | None,
+    gv_of: dict[str, dict[str, str]],
+) -> pa.Table:
+    """The minute windows of one meter as a ``USAGE_SCHEMA`` table. ``keys`` holds the selected
+    events' ``c`` (customer), ``g`` (group key, grouped meters only) and ``w`` (window start ms);
+    ``vals`` their values; ``latest`` their times and ids (latest meters)."""
+    names = keys.column_names
+    agg = cm.aggregation
+    aggs: list[tuple[Any, ...]] = [([], "count_all")]
+    t = keys
+    ordered = False
+    if agg == Aggregation.UNIQUE_COUNT:
+        assert vals is not None
+        # sorted by value: the distinct values of a window come out in sorted order
+        t = t.append_column("u", vals).sort_by([("u", "ascending")])
+        aggs.append(("u", "distinct"))
+        ordered = True
+    elif vals is not None:
+        v = vals
+        native_sum = True
+        if v.type == pa.int64():
+            if not _sums_fit(v, _I64_MAX):
+                v = v.cast(DECIMAL)
+        if v.type != pa.int64():
+            native_sum = _sums_fit(v, _DEC_LIMIT)
+        t = t.append_column("v", v)
+        aggs.append(("v", "sum" if native_sum else "list"))
+        aggs += [("v", "min"), ("v", "max")]
+        if latest is not None:
+            times, ids = latest
+            t = t.append_column("t", times).append_column("i", ids)
+            order = pc.sort_indices(t, [("t", "ascending"), ("i", "ascending")])
+            t = t.take(order)
+            t = t.append_column("r", pa.array(np.arange(len(t), dtype=np.int64)))
+            aggs.append(("r", "max"))
+            ordered = True
+    g = t.group_by(names, use_threads=not ordered).aggregate(aggs)
+    n = g.num_rows
+    events = _col(g, "count_all").cast(pa.uint64())
+    if vals is not None and agg != Aggregation.UNIQUE_COUNT:
+        if "v_sum" in g.column_names:
+            vsum = _col(g, "v_sum").cast(DECIMAL)
+        else:  # sums that 128 bits might not hold: exact Decimal sums of the same groups
+            vsum = _decimal_sums(_col(g, "v_list"))
+        vcount = events
+        vmin = _col(g, "v_min").cast(DECIMAL)
+        vmax = _col(g, "v_max").cast(DECIMAL)
+    else:
+        vcount = pa.array(np.zeros(n, dtype=np.uint64))
+        vsum = _zeros(n)
+        vmin = vmax = pa.nulls(n, DECIMAL)
+    if agg == Aggregation.UNIQUE_COUNT:
+        uniq = _col(g, "u_distinct").cast(USAGE_SCHEMA.field("uniq_values").type)
+    else:
+        uniq = pa.ListArray.from_arrays(
+            pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], pa.string())
+        )
+    if latest is not None and "r_max" in g.column_names:
+        at = _col(g, "r_max")
+        latest_arr = pa.StructArray.from_arrays(
+            [
+                _col(t, "t").take(at),
+                _col(t, "i").take(at),
+                _col(t, "v").take(at).cast(DECIMAL),
+            ],
+            fields=list(LATEST),
+        )
+    else:
+        latest_arr = pa.StructArray.from_arrays(
+            [pa.array(np.zeros(n, dtype=np.int64)), pa.array([""] * n, pa.string()), _zeros(n)],
+            fields=list(LATEST),
+        )
+    if "g" in names:
+        enc = _col(g, "g").dictionary_encode()
+        distinct = enc.dictionary.to_pylist()
+        gv_dict = pa.array([list(gv_of[k].items()) for k in distinct], GROUP_VALUES)
+        gvals = gv_dict.take(enc.indices)
+        gkey = _col(g, "g")
+    else:
+        gvals = pa.MapArray.from_arrays(
+            pa.array(np.zeros(n + 1, dtype=np.int32)),
+            pa.array([], pa.string()),
+            pa.array([], pa.string()),
+        )
+        gkey = pa.array([""] * n, pa.string())
+    arrays = [
+        pa.array([tenant] * n, pa.string()),
+        pa.array([cm.id] * n, pa.string()),
+        _col(g, "c"),
+        _col(g, "w").cast(pa.int64()).cast(TIME),
+        gkey,
+        pa.array([ORIGIN_STREAM] * n, pa.string()),
+        gvals,
+        events,
+        vcount,
+        vsum,
+        vmin,
+        vmax,
+        uniq,
+        latest_arr,
+        pa.array(np.zeros(n, dtype=np.int64)),
+    ]
+    return pa.Table.from_arrays(arrays, schema=USAGE_SCHEMA)
+
+
+def _col(t: pa.Table, name: str) -> pa.Array:
+    return t.column(name).combine_chunks()
+
+
+def _zeros(n: int) -> pa.Array:
+    return pa.array(np.zeros(n, dtype=np.int64)).cast(DECIMAL)
+
+
+def _groups(kept: KeptEvents) -> list[tuple[tuple[str, str], list[int] | None]]:
+    """The link's ``(tenant, event type)`` groups: positions, None for the whole link."""
+    if not kept.tenants:
+        return []
+    if len(set(kept.tenants)) == 1 and len(set(kept.types)) == 1:
+        return [((kept.tenants[0], kept.types[0]), None)]
+    groups: dict[tuple[str, str], list[int]] = {}
+    for j, tenant_type in enumerate(zip(kept.tenants, kept.types, strict=True)):
+        g = groups.get(tenant_type)
+        if g is None:
+            groups[tenant_type] = [j]
+        else:
+            g.append(j)
+    return list(groups.items())
 
 
 def aggregate(
@@ -188,30 +396,29 @@ def aggregate(
     threshold: Threshold,
 ) -> ColumnarResult:
     """Match every kept event against its tenant's meters and aggregate minute windows."""
-    groups: dict[tuple[str, str], list[int]] = {}
-    for j, tenant_type in enumerate(zip(kept.tenants, kept.types, strict=True)):
-        g = groups.get(tenant_type)
-        if g is None:
-            groups[tenant_type] = [j]
-        else:
-            g.append(j)
-    out: list[_MeterWindows] = []
+    parts: list[pa.Table] = []
     issues: list[ValueIssue] = []
-    add = _CTX.add
-    for (tenant, etype), gidx in groups.items():
+    for (tenant, etype), gidx in _groups(kept):
         cands = meter_index.candidates(tenant, etype)
         if not cands:
             continue
         # the group's columns (positions n = 0..len-1 below are positions in the group)
-        props = [kept.properties[j] for j in gidx]
-        offsets = [kept.offsets[j] for j in gidx]
-        customers = [kept.customers[j] for j in gidx]
-        times = [kept.times_ms[j] for j in gidx]
-        windows = [t - t % MINUTE_MS for t in times]
-        everyone = range(len(gidx))
-        base_keys: list[_Key] | None = None
-        value_cache: dict[tuple[bool, str], list[Any]] = {}
-        group_cache: dict[Any, tuple[list[_Key], list[dict[str, str]]]] = {}
+        if gidx is None:
+            props, offsets = kept.properties, kept.offsets
+            customers, times, ids = kept.customers, kept.times_ms, kept.ids
+        else:
+            props = [kept.properties[j] for j in gidx]
+            offsets = [kept.offsets[j] for j in gidx]
+            customers = [kept.customers[j] for j in gidx]
+            times = [kept.times_ms[j] for j in gidx]
+            ids = [kept.ids[j] for j in gidx]
+        size = len(props)
+        everyone = range(size)
+        base: pa.Table | None = None
+        times_arr: pa.Array | None = None
+        ids_arr: pa.Array | None = None
+        value_cache: dict[tuple[bool, str], _Values] = {}
+        group_cache: dict[Any, tuple[pa.Array, dict[str, dict[str, str]]]] = {}
         for cm in cands:
             low = threshold(cm)
             if low is None:
@@ -225,162 +432,61 @@ def aggregate(
             if not sel:
                 continue
             agg = cm.aggregation
-            vals: list[Any] | None = None
+            vals: _Values | None = None
             if agg in _NUMERIC or agg == Aggregation.UNIQUE_COUNT:
                 assert cm.value_path is not None
                 uniq = agg == Aggregation.UNIQUE_COUNT
                 ck = (uniq, cm.value_path.text)
                 vals = value_cache.get(ck)
                 if vals is None:
-                    fn = _uniq_values if uniq else _numeric_values
-                    vals = value_cache[ck] = fn(cm.value_path, props)
-                bad = [n for n in sel if type(vals[n]) is _Bad]
-                if bad:
-                    issues.extend(ValueIssue(gidx[n], cm.id, vals[n].message) for n in bad)
-                    sel = [n for n in sel if type(vals[n]) is not _Bad]
-                    if not sel:
-                        continue
-            whole = sel is everyone
+                    vals = value_cache[ck] = (_uniq_values if uniq else _numeric_values)(
+                        cm.value_path, props
+                    )
+                if vals.bad:
+                    bad = vals.bad
+                    hits = [n for n in sel if n in bad]
+                    if hits:
+                        issues.extend(
+                            ValueIssue(n if gidx is None else gidx[n], cm.id, bad[n]) for n in hits
+                        )
+                        sel = [n for n in sel if n not in bad]
+                        if not sel:
+                            continue
+            if base is None:
+                t_np = np.array(times, dtype=np.int64)
+                times_arr = pa.array(t_np)
+                base = pa.table(
+                    {"c": pa.array(customers, pa.string()), "w": pa.array(t_np - t_np % MINUTE_MS)}
+                )
+            keys = base
+            gv_of: dict[str, dict[str, str]] = {}
             if cm.group_paths:
                 cached = group_cache.get(cm.group_paths)
                 if cached is None:
                     gks, gvs = _group_columns(cm.group_paths, props)
                     cached = group_cache[cm.group_paths] = (
-                        list(zip(customers, gks, windows, strict=True)),
-                        gvs,
+                        pa.array(gks, pa.string()),
+                        dict(zip(gks, gvs, strict=True)),
                     )
-                all_keys, gvs = cached
-                keys = all_keys if whole else [all_keys[n] for n in sel]
-                gv_of = dict(zip(keys, gvs if whole else [gvs[n] for n in sel], strict=True))
-            else:
-                if base_keys is None:
-                    base_keys = list(zip(customers, windows, strict=True))
-                keys = base_keys if whole else [base_keys[n] for n in sel]
-                gv_of = {}
-            mw = _MeterWindows(tenant, cm.id, bool(cm.group_paths), Counter(keys), gv_of)
-            out.append(mw)
-            if vals is None:
-                continue
-            vs = vals if whole else [vals[n] for n in sel]
-            if agg == Aggregation.UNIQUE_COUNT:
-                uniq_sets: dict[_Key, set[str]] = {}
-                for key, v in zip(keys, vs, strict=True):
-                    us = uniq_sets.get(key)
-                    if us is None:
-                        uniq_sets[key] = {v}
-                    else:
-                        us.add(v)
-                mw.uniq = uniq_sets
-                continue
-            acc: dict[_Key, list[Any]] = {}
-            for key, v in zip(keys, vs, strict=True):
-                a = acc.get(key)
-                if a is None:
-                    acc[key] = [1, v, v, v]
-                else:
-                    a[0] += 1
-                    a[1] = add(a[1], v)
-                    if v < a[2]:
-                        a[2] = v
-                    elif v > a[3]:
-                        a[3] = v
-            mw.values = acc
+                gk_arr, gv_of = cached
+                keys = pa.table({"c": base.column("c"), "g": gk_arr, "w": base.column("w")})
+            whole = sel is everyone
+            take = None if whole else pa.array(sel, pa.int64())
+            if take is not None:
+                keys = keys.take(take)
+            varr: pa.Array | None = None
+            if vals is not None:
+                varr = vals.array if take is None else vals.array.take(take)
+            latest: tuple[pa.Array, pa.Array] | None = None
             if agg == Aggregation.LATEST:
-                ids = [kept.ids[gidx[n]] for n in sel]
-                ts = times if whole else [times[n] for n in sel]
-                best: dict[_Key, tuple[int, str, Decimal]] = {}
-                for key, cand in zip(keys, zip(ts, ids, vs, strict=True), strict=True):
-                    cur = best.get(key)
-                    if cur is None or cand > cur:
-                        best[key] = cand
-                mw.latest = best
-    return _usage_columns(out, issues)
-
-
-def _usage_columns(out: list[_MeterWindows], issues: list[ValueIssue]) -> ColumnarResult:
-    tenants: list[str] = []
-    meters: list[str] = []
-    customers: list[str] = []
-    gks: list[str] = []
-    wms: list[int] = []
-    gvals: list[list[tuple[str, str]]] = []
-    events: list[int] = []
-    vcount: list[int] = []
-    vsum: list[Decimal] = []
-    vmin: list[Decimal | None] = []
-    vmax: list[Decimal | None] = []
-    uniq: list[list[str]] = []
-    latest_t: list[int] = []
-    latest_id: list[str] = []
-    latest_v: list[Decimal] = []
-    for mw in out:
-        keys = list(mw.counts)
-        n = len(keys)
-        tenants.extend([mw.tenant_id] * n)
-        meters.extend([mw.meter_id] * n)
-        customers.extend(k[0] for k in keys)
-        wms.extend(k[-1] for k in keys)
-        if mw.grouped:
-            gks.extend(k[1] for k in keys)
-            gv = mw.group_values
-            gvals.extend(list(gv[k].items()) for k in keys)
-        else:
-            gks.extend([""] * n)
-            gvals.extend([] for _ in keys)
-        counts = mw.counts
-        events.extend(counts[k] for k in keys)
-        if mw.values is not None:
-            acc = mw.values
-            rows = [acc[k] for k in keys]
-            vcount.extend(r[0] for r in rows)
-            vsum.extend(r[1] for r in rows)
-            vmin.extend(r[2] for r in rows)
-            vmax.extend(r[3] for r in rows)
-        else:
-            vcount.extend([0] * n)
-            vsum.extend([_ZERO] * n)
-            vmin.extend([None] * n)
-            vmax.extend([None] * n)
-        if mw.uniq is not None:
-            sets = mw.uniq
-            uniq.extend(sorted(sets[k]) for k in keys)
-        else:
-            uniq.extend([] for _ in keys)
-        if mw.latest is not None:
-            best = mw.latest
-            lts = [best[k] for k in keys]
-            latest_t.extend(x[0] for x in lts)
-            latest_id.extend(x[1] for x in lts)
-            latest_v.extend(x[2] for x in lts)
-        else:
-            latest_t.extend([0] * n)
-            latest_id.extend([""] * n)
-            latest_v.extend([_ZERO] * n)
-    total = len(tenants)
-    schema = USAGE_SCHEMA
-    dec = schema.field("value_sum").type
-    arrays = [
-        pa.array(tenants, pa.string()),
-        pa.array(meters, pa.string()),
-        pa.array(customers, pa.string()),
-        pa.array(wms, schema.field("window_start").type),
-        pa.array(gks, pa.string()),
-        pa.array([ORIGIN_STREAM] * total, pa.string()),
-        pa.array(gvals, schema.field("group_values").type),
-        pa.array(events, pa.uint64()),
-        pa.array(vcount, pa.uint64()),
-        pa.array(vsum, dec),
-        pa.array(vmin, dec),
-        pa.array(vmax, dec),
-        pa.array(uniq, schema.field("uniq_values").type),
-        pa.StructArray.from_arrays(
-            [
-                pa.array(latest_t, pa.int64()),
-                pa.array(latest_id, pa.string()),
-                pa.array(latest_v, dec),
-            ],
-            fields=list(schema.field("latest").type),
-        ),
-        pa.array([0] * total, pa.int64()),
-    ]
-    return ColumnarResult(pa.Table.from_arrays(arrays, schema=schema), issues, total)
+                assert times_arr is not None
+                if ids_arr is None:
+                    ids_arr = pa.array(ids, pa.string())
+                latest = (
+                    (times_arr, ids_arr)
+                    if take is None
+                    else (times_arr.take(take), ids_arr.take(take))
+                )
+            parts.append(_meter_windows(cm, tenant, keys, varr, latest, gv_of))
+    usage = pa.concat_tables(parts) if parts else USAGE_SCHEMA.empty_table()
+    return ColumnarResult(usage, issues, usage.num_rows)
