@@ -25,7 +25,7 @@ T0 = 1_700_000_000_000
 
 def meters() -> list[Meter]:
     def m(slug: str, agg: str, **kw: object) -> Meter:
-        return Meter(
+        return Meter(  # type: ignore[call-arg]
             slug=slug,
             event_type="api",
             aggregation=agg,  # type: ignore[arg-type]
