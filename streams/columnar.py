@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import Context, Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Context, Decimal
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.columns import DECIMAL, GROUP_VALUES, LATEST, TIME, USAGE_SCHEMA
-from schemas.jsonpath import MISSING, JsonPath
-from schemas.meters import Aggregation
+from schemas.jsonpath import MISSING, JsonPath, compile_path
+from schemas.meters import Aggregation, FilterOp, PropertyFilter
 from streams.aggregation import MINUTE_MS, ORIGIN_STREAM
 from streams.matching import (
     MAX_ABS,
@@ -153,17 +153,31 @@ def _one_name(path: JsonPath) -> str | None:
     return None
 
 
-def _inferred(path: JsonPath, props: list[dict[str, Any]]) -> pa.Array | None:
-    """The values of a one-name path as an Arrow array of the type Arrow infers (null where
-    missing or null), None when the path is longer or Arrow infers nothing (mixed types)."""
-    name = _one_name(path)
-    if name is None:
-        return None
-    raw = [p.get(name) if type(p) is dict else None for p in props]
-    try:
-        return pa.array(raw, from_pandas=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        return None
+class _Props:
+    """The properties of one group; the column at a one-name path is inferred by Arrow once."""
+
+    __slots__ = ("_columns", "props")
+
+    def __init__(self, props: list[dict[str, Any]]) -> None:
+        self.props = props
+        self._columns: dict[str, pa.Array | None] = {}
+
+    def inferred(self, path: JsonPath) -> pa.Array | None:
+        """The values at ``path`` as an Arrow array of the type Arrow infers (null where missing
+        or null), None when the path is longer or Arrow infers nothing (mixed types)."""
+        name = _one_name(path)
+        if name is None:
+            return None
+        if name in self._columns:
+            return self._columns[name]
+        raw = [p.get(name) if type(p) is dict else None for p in self.props]
+        arr: pa.Array | None
+        try:
+            arr = pa.array(raw, from_pandas=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            arr = None
+        self._columns[name] = arr
+        return arr
 
 
 def _null_positions(arr: pa.Array) -> list[int]:
@@ -200,12 +214,13 @@ def _bad_at(
     return out
 
 
-def _numeric_values(path: JsonPath, props: list[dict[str, Any]]) -> _Values:
+def _numeric_values(path: JsonPath, cols: _Props) -> _Values:
     """``to_decimal`` of every event's value. A column of plain integers (Arrow infers ``int64``:
     no bool, float, string or out-of-range integer in it) stays ``int64`` (exact: every such
     integer is in range, its ``Decimal(38, 9)`` is the integer itself); any other column goes
     through ``to_decimal`` per value (the reference's own conversion) into ``decimal128(38, 9)``."""
-    arr = _inferred(path, props)
+    arr = cols.inferred(path)
+    props = cols.props
     if arr is not None and arr.type == pa.int64():
         return _Values(arr, _bad_at(path, props, _null_positions(arr), _numeric_one))
     vals = [_numeric_one(v) for v in _raw_values(path, props)]
@@ -215,9 +230,10 @@ def _numeric_values(path: JsonPath, props: list[dict[str, Any]]) -> _Values:
     return _Values(pa.array(vals, DECIMAL), bad)
 
 
-def _uniq_values(path: JsonPath, props: list[dict[str, Any]]) -> _Values:
+def _uniq_values(path: JsonPath, cols: _Props) -> _Values:
     """``canonical_scalar`` of every event's value (strings as they are, integers in decimal)."""
-    arr = _inferred(path, props)
+    arr = cols.inferred(path)
+    props = cols.props
     if arr is not None and arr.type in (pa.string(), pa.int64()):
         bad = _bad_at(path, props, _null_positions(arr), _uniq_one)
         return _Values(arr.cast(pa.string()), bad)
@@ -226,6 +242,125 @@ def _uniq_values(path: JsonPath, props: list[dict[str, Any]]) -> _Values:
     if bad:
         vals = [None if type(v) is _Bad else v for v in vals]
     return _Values(pa.array(vals, pa.string()), bad)
+
+
+def _filter_mask(f: PropertyFilter, cols: _Props) -> np.ndarray | None:
+    """The events that pass filter ``f``, computed natively for the cases where that is exactly
+    the rule of ``streams.matching`` (None otherwise: the caller applies the filter per event):
+    ``exists`` on any inferred column; ``eq``/``ne``/``in``/``nin`` with string targets on a
+    column of strings (a string equals only an equal string; a null value passes ``in`` only if
+    the options hold null, ``eq`` only against null: those stay per event);
+    ``gt``/``gte``/``lt``/``lte`` on a column of integers (compared with the bound's floor or
+    ceiling, exact for integers)."""
+    arr = cols.inferred(compile_path(f.property))
+    if arr is None:
+        return None
+    op, target = f.op, f.value
+    if op == FilterOp.EXISTS:
+        want = target is None or bool(target)
+        valid = arr.is_valid().to_numpy(zero_copy_only=False)
+        return valid if want else ~valid
+    typ = arr.type
+    if typ == pa.null():
+        arr, typ = arr.cast(pa.string()), pa.string()
+    if typ == pa.string() and op in (FilterOp.EQ, FilterOp.NE, FilterOp.IN, FilterOp.NIN):
+        if op in (FilterOp.EQ, FilterOp.NE):
+            if target is None:
+                return None
+            if type(target) is str:
+                hit = pc.equal(arr, pa.scalar(target, pa.string()))
+            else:  # a string never equals a number, bool, object or array
+                hit = pa.array(np.zeros(len(arr), dtype=bool))
+        else:
+            if any(o is None for o in target):
+                return None
+            options = pa.array([o for o in target if type(o) is str], pa.string())
+            hit = pc.is_in(arr, value_set=options)
+        mask = hit.fill_null(False).to_numpy(zero_copy_only=False)
+        return mask if op in (FilterOp.EQ, FilterOp.IN) else ~mask
+    if typ == pa.int64() and op in (FilterOp.GT, FilterOp.GTE, FilterOp.LT, FilterOp.LTE):
+        bound = to_decimal(target)
+        lo = int(bound.to_integral_value(rounding=ROUND_FLOOR))
+        hi = int(bound.to_integral_value(rounding=ROUND_CEILING))
+        if not (-(2**62) < lo and hi < 2**62):
+            return None
+        if op == FilterOp.GT:
+            hit = pc.greater(arr, lo)
+        elif op == FilterOp.GTE:
+            hit = pc.greater_equal(arr, hi)
+        elif op == FilterOp.LT:
+            hit = pc.less(arr, hi)
+        else:
+            hit = pc.less_equal(arr, lo)
+        return hit.fill_null(False).to_numpy(zero_copy_only=False)
+    return None
+
+
+def _select(cm: CompiledMeter, sel: range | list[int], cols: _Props) -> range | list[int]:
+    """The positions of ``sel`` whose events pass every filter of the meter."""
+    mask: np.ndarray | None = None
+    rest = []
+    for spec, fn in zip(cm.meter.filters, cm.filters, strict=True):
+        m = _filter_mask(spec, cols)
+        if m is None:
+            rest.append(fn)
+        else:
+            mask = m if mask is None else mask & m
+    if mask is not None:
+        if isinstance(sel, range):
+            sel = [int(n) for n in np.flatnonzero(mask)]
+        else:
+            at = np.array(sel, dtype=np.int64)
+            sel = [int(n) for n in at[mask[at]]]
+    if rest:
+        props = cols.props
+        sel = [n for n in sel if all(f(props[n]) for f in rest)]
+    return sel
+
+
+# the types whose Python values (``to_pylist``) are exactly the JSON values Arrow read
+_EXACT_TYPES = (pa.string(), pa.int64(), pa.bool_(), pa.null())
+
+
+def _native_group_columns(
+    group_paths: tuple[tuple[str, JsonPath], ...], cols: _Props
+) -> tuple[pa.Array, dict[str, dict[str, str]]] | None:
+    """Group key of every event and the group values of every key, with ``group_value`` called
+    once per distinct combination of values (None when a column is not one of strings, integers
+    or bools: the caller computes per event)."""
+    codes: np.ndarray | None = None
+    decoders: list[tuple[str, list[Any], int]] = []
+    span = 1
+    for name, path in group_paths:
+        arr = cols.inferred(path)
+        if arr is None or arr.type not in _EXACT_TYPES:
+            return None
+        if arr.type == pa.null():
+            values: list[Any] = [None]
+            idx = np.zeros(len(arr), dtype=np.int64)
+        else:
+            enc = arr.dictionary_encode()
+            values = [*enc.dictionary.to_pylist(), None]  # None: missing or null -> ""
+            idx = enc.indices.fill_null(len(values) - 1).to_numpy().astype(np.int64)
+        span *= len(values)
+        if span >= 2**62:
+            return None
+        codes = idx if codes is None else codes * len(values) + idx
+        decoders.append((name, values, len(values)))
+    assert codes is not None
+    uniq, inverse = np.unique(codes, return_inverse=True)
+    gks: list[str] = []
+    gv_of: dict[str, dict[str, str]] = {}
+    for code in uniq.tolist():
+        picked: list[tuple[str, Any]] = []
+        for name, values, size in reversed(decoders):
+            code, at = divmod(code, size)
+            picked.append((name, values[at]))
+        gv = {name: group_value(v) for name, v in reversed(picked)}
+        gk = group_key_of(gv)
+        gks.append(gk)
+        gv_of[gk] = gv
+    return pa.array(gks, pa.string()).take(pa.array(inverse.reshape(-1))), gv_of
 
 
 _I64_MAX = 2**63 - 1
@@ -256,89 +391,156 @@ def _decimal_sums(lists: pa.ChunkedArray) -> pa.Array:
     return pa.array(sums, DECIMAL)
 
 
+class _WindowKeys:
+    """The window key of every event of a group as one ``int64`` code (hashing one integer
+    column is several times cheaper than customer strings + windows): ``pair`` numbers the
+    distinct ``(customer, minute)`` pairs; a grouped meter's code is ``pair * G + group``."""
+
+    __slots__ = ("customers", "nwin", "pair", "pairs", "windows")
+
+    def __init__(self, customers: list[str], times: np.ndarray) -> None:
+        enc = pa.array(customers, pa.string()).dictionary_encode()
+        self.customers: pa.Array = enc.dictionary
+        cust = enc.indices.to_numpy().astype(np.int64)
+        self.windows, win = np.unique(times - times % MINUTE_MS, return_inverse=True)
+        self.nwin = len(self.windows)
+        # cust * nwin + win < len(times) ** 2; the pair numbers < len(times)
+        self.pairs, pair = np.unique(cust * self.nwin + win.reshape(-1), return_inverse=True)
+        self.pair: np.ndarray = pair.reshape(-1).astype(np.int64)
+
+    def grouped(self, group_keys: pa.Array) -> tuple[np.ndarray, pa.Array]:
+        enc = group_keys.dictionary_encode()
+        size = len(enc.dictionary)
+        return self.pair * size + enc.indices.to_numpy().astype(np.int64), enc.dictionary
+
+    def decode(
+        self, codes: np.ndarray, groups: pa.Array | None
+    ) -> tuple[pa.Array, pa.Array, pa.Array | None]:
+        """Customer, window start and group key (None: not grouped) of window codes."""
+        gkey = None
+        if groups is not None:
+            codes, gi = np.divmod(codes, len(groups))
+            gkey = groups.take(pa.array(gi))
+        cust, win = np.divmod(self.pairs[codes], self.nwin)
+        customer = self.customers.take(pa.array(cust))
+        return customer, pa.array(self.windows[win]).cast(TIME), gkey
+
+
+def _distinct_values(codes: np.ndarray, vals: pa.Array) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """Windows of a unique_count meter: the distinct window codes, the events of each, and the
+    sorted distinct values of each (one sort of integer codes: the values are numbered in their
+    sorted order, each (window, value) pair becomes one integer)."""
+    out, win, counts = np.unique(codes, return_inverse=True, return_counts=True)
+    enc = vals.dictionary_encode()
+    order = pc.array_sort_indices(enc.dictionary).to_numpy()
+    size = len(order)
+    rank = np.empty(size, dtype=np.int64)
+    rank[order] = np.arange(size, dtype=np.int64)
+    pairs = np.unique(win.reshape(-1).astype(np.int64) * size + rank[enc.indices.to_numpy()])
+    of_window = pairs // size
+    offsets = np.zeros(len(out) + 1, dtype=np.int32)
+    np.cumsum(np.bincount(of_window, minlength=len(out)), out=offsets[1:])
+    values = enc.dictionary.take(pa.array(order[pairs % size]))
+    return out, counts, pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def _latest_rows(
+    codes: np.ndarray, times: pa.Array, ids: pa.Array, out: np.ndarray, tmax: pa.Array
+) -> pa.Array:
+    """For each window ``out`` (its latest time ``tmax``), the row of its latest event: the one
+    at the latest time, ties broken by the greater event id."""
+    at = pc.index_in(pa.array(codes), value_set=pa.array(out)).to_numpy()
+    top = np.flatnonzero(times.to_numpy() == tmax.to_numpy()[at])
+    owner = at[top]
+    if len(top) == len(out):  # one event at the latest time of each window
+        rows = np.empty(len(out), dtype=np.int64)
+        rows[owner] = top
+        return pa.array(rows)
+    # ties on time: among the rows at the latest time, the greatest id of each window
+    t = pa.table({"w": pa.array(owner), "i": ids.take(pa.array(top)), "r": pa.array(top)})
+    t = t.take(pc.sort_indices(t, [("w", "ascending"), ("i", "ascending")]))
+    w = _col(t, "w").to_numpy()
+    last = np.flatnonzero(np.append(w[1:] != w[:-1], True))
+    rows = np.empty(len(out), dtype=np.int64)
+    rows[w[last]] = _col(t, "r").to_numpy()[last]
+    return pa.array(rows)
+
+
 def _meter_windows(
     cm: CompiledMeter,
     tenant: str,
-    keys: pa.Table,
+    codes: np.ndarray,
+    wk: _WindowKeys,
+    groups: pa.Array | None,
     vals: pa.Array | None,
     latest: tuple[pa.Array, pa.Array] | None,
     gv_of: dict[str, dict[str, str]],
 ) -> pa.Table:
-    """The minute windows of one meter as a ``USAGE_SCHEMA`` table. ``keys`` holds the selected
-    events' ``c`` (customer), ``g`` (group key, grouped meters only) and ``w`` (window start ms);
-    ``vals`` their values; ``latest`` their times and ids (latest meters)."""
-    names = keys.column_names
+    """The minute windows of one meter as a ``USAGE_SCHEMA`` table. ``codes``: the window codes
+    of the selected events (``_WindowKeys``; ``groups`` the group keys of a grouped meter),
+    ``vals`` their values, ``latest`` their times and ids (latest meters)."""
     agg = cm.aggregation
-    aggs: list[tuple[Any, ...]] = [([], "count_all")]
-    t = keys
-    ordered = False
+    latest_arr: pa.Array | None = None
     if agg == Aggregation.UNIQUE_COUNT:
         assert vals is not None
-        # sorted by value: the distinct values of a window come out in sorted order
-        t = t.append_column("u", vals).sort_by([("u", "ascending")])
-        aggs.append(("u", "distinct"))
-        ordered = True
-    elif vals is not None:
-        v = vals
-        native_sum = True
-        if v.type == pa.int64():
-            if not _sums_fit(v, _I64_MAX):
-                v = v.cast(DECIMAL)
-        if v.type != pa.int64():
-            native_sum = _sums_fit(v, _DEC_LIMIT)
-        t = t.append_column("v", v)
-        aggs.append(("v", "sum" if native_sum else "list"))
-        aggs += [("v", "min"), ("v", "max")]
-        if latest is not None:
-            times, ids = latest
-            t = t.append_column("t", times).append_column("i", ids)
-            order = pc.sort_indices(t, [("t", "ascending"), ("i", "ascending")])
-            t = t.take(order)
-            t = t.append_column("r", pa.array(np.arange(len(t), dtype=np.int64)))
-            aggs.append(("r", "max"))
-            ordered = True
-    g = t.group_by(names, use_threads=not ordered).aggregate(aggs)
-    n = g.num_rows
-    events = _col(g, "count_all").cast(pa.uint64())
-    if vals is not None and agg != Aggregation.UNIQUE_COUNT:
-        if "v_sum" in g.column_names:
-            vsum = _col(g, "v_sum").cast(DECIMAL)
-        else:  # sums that 128 bits might not hold: exact Decimal sums of the same groups
-            vsum = _decimal_sums(_col(g, "v_list"))
-        vcount = events
-        vmin = _col(g, "v_min").cast(DECIMAL)
-        vmax = _col(g, "v_max").cast(DECIMAL)
-    else:
+        out, counts, uniq = _distinct_values(codes, vals)
+        n = len(out)
+        events = pa.array(counts.astype(np.uint64))
         vcount = pa.array(np.zeros(n, dtype=np.uint64))
         vsum = _zeros(n)
         vmin = vmax = pa.nulls(n, DECIMAL)
-    if agg == Aggregation.UNIQUE_COUNT:
-        uniq = _col(g, "u_distinct").cast(USAGE_SCHEMA.field("uniq_values").type)
     else:
+        t = pa.table({"k": pa.array(codes)})
+        aggs: list[tuple[Any, ...]] = [([], "count_all")]
+        if vals is not None:
+            v = vals
+            native_sum = True
+            if v.type == pa.int64() and not _sums_fit(v, _I64_MAX):
+                v = v.cast(DECIMAL)
+            if v.type != pa.int64():
+                native_sum = _sums_fit(v, _DEC_LIMIT)
+            t = t.append_column("v", v)
+            aggs.append(("v", "sum" if native_sum else "list"))
+            aggs += [("v", "min"), ("v", "max")]
+            if latest is not None:
+                t = t.append_column("t", latest[0])
+                aggs.append(("t", "max"))
+        # one thread: faster on batches of this size
+        g = t.group_by(["k"], use_threads=False).aggregate(aggs)
+        out = _col(g, "k").to_numpy()
+        n = len(out)
+        events = _col(g, "count_all").cast(pa.uint64())
+        if vals is not None:
+            if "v_sum" in g.column_names:
+                vsum = _col(g, "v_sum").cast(DECIMAL)
+            else:  # sums that 128 bits might not hold: exact Decimal sums of the same groups
+                vsum = _decimal_sums(_col(g, "v_list"))
+            vcount = events
+            vmin = _col(g, "v_min").cast(DECIMAL)
+            vmax = _col(g, "v_max").cast(DECIMAL)
+            if latest is not None:
+                at = _latest_rows(codes, latest[0], latest[1], out, _col(g, "t_max"))
+                latest_arr = pa.StructArray.from_arrays(
+                    [latest[0].take(at), latest[1].take(at), _col(t, "v").take(at).cast(DECIMAL)],
+                    fields=list(LATEST),
+                )
+        else:
+            vcount = pa.array(np.zeros(n, dtype=np.uint64))
+            vsum = _zeros(n)
+            vmin = vmax = pa.nulls(n, DECIMAL)
         uniq = pa.ListArray.from_arrays(
             pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], pa.string())
         )
-    if latest is not None and "r_max" in g.column_names:
-        at = _col(g, "r_max")
-        latest_arr = pa.StructArray.from_arrays(
-            [
-                _col(t, "t").take(at),
-                _col(t, "i").take(at),
-                _col(t, "v").take(at).cast(DECIMAL),
-            ],
-            fields=list(LATEST),
-        )
-    else:
+    customer, window, gkey = wk.decode(out, groups)
+    if latest_arr is None:
         latest_arr = pa.StructArray.from_arrays(
             [pa.array(np.zeros(n, dtype=np.int64)), pa.array([""] * n, pa.string()), _zeros(n)],
             fields=list(LATEST),
         )
-    if "g" in names:
-        enc = _col(g, "g").dictionary_encode()
-        distinct = enc.dictionary.to_pylist()
-        gv_dict = pa.array([list(gv_of[k].items()) for k in distinct], GROUP_VALUES)
-        gvals = gv_dict.take(enc.indices)
-        gkey = _col(g, "g")
+    if gkey is not None:
+        assert groups is not None
+        gv_dict = pa.array([list(gv_of[k].items()) for k in groups.to_pylist()], GROUP_VALUES)
+        gvals = gv_dict.take(pa.array(np.divmod(out, len(groups))[1]))
     else:
         gvals = pa.MapArray.from_arrays(
             pa.array(np.zeros(n + 1, dtype=np.int32)),
@@ -349,8 +551,8 @@ def _meter_windows(
     arrays = [
         pa.array([tenant] * n, pa.string()),
         pa.array([cm.id] * n, pa.string()),
-        _col(g, "c"),
-        _col(g, "w").cast(pa.int64()).cast(TIME),
+        customer,
+        window,
         gkey,
         pa.array([ORIGIN_STREAM] * n, pa.string()),
         gvals,
@@ -413,8 +615,9 @@ def aggregate(
             times = [kept.times_ms[j] for j in gidx]
             ids = [kept.ids[j] for j in gidx]
         size = len(props)
+        cols = _Props(props)
         everyone = range(size)
-        base: pa.Table | None = None
+        wk: _WindowKeys | None = None
         times_arr: pa.Array | None = None
         ids_arr: pa.Array | None = None
         value_cache: dict[tuple[bool, str], _Values] = {}
@@ -427,8 +630,7 @@ def aggregate(
                 everyone if low < 0 else [n for n in everyone if offsets[n] > low]
             )
             if cm.filters:
-                filters = cm.filters
-                sel = [n for n in sel if all(f(props[n]) for f in filters)]
+                sel = _select(cm, sel, cols)
             if not sel:
                 continue
             agg = cm.aggregation
@@ -440,7 +642,7 @@ def aggregate(
                 vals = value_cache.get(ck)
                 if vals is None:
                     vals = value_cache[ck] = (_uniq_values if uniq else _numeric_values)(
-                        cm.value_path, props
+                        cm.value_path, cols
                     )
                 if vals.bad:
                     bad = vals.bad
@@ -452,28 +654,27 @@ def aggregate(
                         sel = [n for n in sel if n not in bad]
                         if not sel:
                             continue
-            if base is None:
+            if wk is None:
                 t_np = np.array(times, dtype=np.int64)
                 times_arr = pa.array(t_np)
-                base = pa.table(
-                    {"c": pa.array(customers, pa.string()), "w": pa.array(t_np - t_np % MINUTE_MS)}
-                )
-            keys = base
+                wk = _WindowKeys(customers, t_np)
+            codes = wk.pair
+            groups: pa.Array | None = None
             gv_of: dict[str, dict[str, str]] = {}
             if cm.group_paths:
                 cached = group_cache.get(cm.group_paths)
                 if cached is None:
-                    gks, gvs = _group_columns(cm.group_paths, props)
-                    cached = group_cache[cm.group_paths] = (
-                        pa.array(gks, pa.string()),
-                        dict(zip(gks, gvs, strict=True)),
-                    )
+                    cached = _native_group_columns(cm.group_paths, cols)
+                    if cached is None:
+                        gks, gvs = _group_columns(cm.group_paths, props)
+                        cached = (pa.array(gks, pa.string()), dict(zip(gks, gvs, strict=True)))
+                    group_cache[cm.group_paths] = cached
                 gk_arr, gv_of = cached
-                keys = pa.table({"c": base.column("c"), "g": gk_arr, "w": base.column("w")})
+                codes, groups = wk.grouped(gk_arr)
             whole = sel is everyone
             take = None if whole else pa.array(sel, pa.int64())
             if take is not None:
-                keys = keys.take(take)
+                codes = codes[np.array(sel, dtype=np.int64)]
             varr: pa.Array | None = None
             if vals is not None:
                 varr = vals.array if take is None else vals.array.take(take)
@@ -487,6 +688,6 @@ def aggregate(
                     if take is None
                     else (times_arr.take(take), ids_arr.take(take))
                 )
-            parts.append(_meter_windows(cm, tenant, keys, varr, latest, gv_of))
+            parts.append(_meter_windows(cm, tenant, codes, wk, groups, varr, latest, gv_of))
     usage = pa.concat_tables(parts) if parts else USAGE_SCHEMA.empty_table()
     return ColumnarResult(usage, issues, usage.num_rows)
