@@ -31,7 +31,6 @@ from schemas.jsonpath import MISSING, JsonPath, compile_path
 from schemas.meters import Aggregation, FilterOp, PropertyFilter
 from streams.aggregation import MINUTE_MS, ORIGIN_STREAM
 from streams.matching import (
-    MAX_ABS,
     CompiledMeter,
     MeterIndex,
     ValueProblem,
@@ -57,7 +56,9 @@ class _Bad:
         self.message = message
 
 
-_INT_LIMIT = int(MAX_ABS)
+# integers below this take a short cut past ``to_decimal`` (same result); wider ones go through
+# it: its range check rounds to 28 digits, so it refuses integers that round up to 10**29
+_INT_LIMIT = 10**28
 
 
 @dataclass(slots=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import pyarrow as pa
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,7 +16,7 @@ from schemas.envelope import EnvelopeEvent
 from schemas.meters import Meter
 from streams.aggregation import WindowTable, merge_rows
 from streams.columnar import KeptEvents, aggregate
-from streams.matching import CompiledMeter, MeterIndex, ValueProblem
+from streams.matching import MAX_ABS, CompiledMeter, MeterIndex, ValueProblem
 from tests.unit.streams.fakes import meter
 
 T0 = 1_700_000_000_000
@@ -110,22 +112,7 @@ def _reference(
     return table.rows(), errors
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    events=st.lists(event, min_size=10, max_size=80),
-    specs=st.lists(meter_spec, min_size=1, max_size=6),
-    markers=st.lists(st.one_of(st.none(), st.integers(-1, 20)), min_size=6, max_size=6),
-)
-def test_columnar_equals_the_per_event_reference(
-    events: list[tuple[Any, ...]], specs: list[tuple[Any, ...]], markers: list[int | None]
-) -> None:
-    meters = [_meter(n, *spec) for n, spec in enumerate(specs)]
-    index = MeterIndex(meters)
-    by_id = {m.id: markers[n] for n, m in enumerate(meters)}
-
-    def threshold(cm: CompiledMeter) -> int | None:
-        return -1 if cm.activation_topic == "" else by_id[cm.id]
-
+def _kept(events: list[tuple[Any, ...]]) -> KeptEvents:
     kept = KeptEvents()
     seen: set[tuple[str, str]] = set()
     for tenant, eid, etype, customer, t, p, offset in events:
@@ -139,8 +126,23 @@ def test_columnar_equals_the_per_event_reference(
         kept.times_ms.append(t)
         kept.properties.append(p)
         kept.offsets.append(offset)
+    return kept
 
+
+def _check(events: list[tuple[Any, ...]], meters: list[Meter], markers: list[int | None]) -> None:
+    index = MeterIndex(meters)
+    by_id = {m.id: markers[n] for n, m in enumerate(meters)}
+
+    def threshold(cm: CompiledMeter) -> int | None:
+        return -1 if cm.activation_topic == "" else by_id[cm.id]
+
+    kept = _kept(events)
     want_rows, want_errors = _reference(kept, index, threshold)
+    if any(abs(r[9]) >= MAX_ABS for r in want_rows):
+        # a window sum Decimal(38, 9) cannot hold: an error, never a wrapped or rounded sum
+        with pytest.raises(pa.ArrowInvalid):
+            aggregate(kept, index, threshold)
+        return
     got = aggregate(kept, index, threshold)
     got_rows = usage_rows(got.usage)
     assert got.value_errors == want_errors
@@ -150,6 +152,135 @@ def test_columnar_equals_the_per_event_reference(
     gv_want = {(r[0], r[1], r[2], r[4], r[3]): r[6] for r in want_rows}
     assert gv_got == gv_want
     assert all(r[5] == "s" and r[14] == 0 for r in got_rows)
+    assert all(r[12] == sorted(r[12]) for r in got_rows)  # unique values in sorted order
+    # the issues name the kept event and the meter, with the reference's message
+    for issue in got.issues:
+        j = issue.event
+        ev = EnvelopeEvent(
+            kept.ids[j], kept.types[j], kept.customers[j], kept.times_ms[j], kept.properties[j]
+        )
+        with pytest.raises(ValueProblem) as exc:
+            index.by_id[issue.meter_id].match(ev)
+        assert str(exc.value) == issue.message
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=st.lists(event, min_size=10, max_size=80),
+    specs=st.lists(meter_spec, min_size=1, max_size=6),
+    markers=st.lists(st.one_of(st.none(), st.integers(-1, 20)), min_size=6, max_size=6),
+)
+def test_columnar_equals_the_per_event_reference(
+    events: list[tuple[Any, ...]], specs: list[tuple[Any, ...]], markers: list[int | None]
+) -> None:
+    _check(events, [_meter(n, *spec) for n, spec in enumerate(specs)], markers)
+
+
+# Columns of one JSON type (what the native paths take: integers, strings, bools; nulls and
+# missing values among them), integers up to the int64 limits and decimals near MAX_ABS (sums
+# past int64, past 128 bits' safe bound, past Decimal(38, 9)).
+_BIG = 10**29 - 1
+typed_props = st.fixed_dictionaries(
+    {
+        "v": st.one_of(
+            st.integers(-5, 5),
+            st.integers(-(2**63), 2**63 - 1),
+            st.sampled_from([2**63 - 1, -(2**63), 2**62, 0]),
+        ),
+    },
+    optional={
+        "region": st.sampled_from(["eu", "us", "ap", "", None]),
+        "user": st.sampled_from(["u1", "u2", "u3", "é", "z"]),
+        "n": st.sampled_from([1, 2, -3, 2**63 - 1]),
+        "flag": st.booleans(),
+        "o": st.fixed_dictionaries({"v": st.integers(-3, 3)}),
+        "big": st.one_of(
+            st.sampled_from([_BIG, -_BIG, 6 * 10**28, -(6 * 10**28), 1]),
+            st.sampled_from([str(_BIG) + ".999999999", "-4.5e28", "0.000000001"]),
+        ),
+    },
+)
+typed_event = st.tuples(
+    st.just("t1"),
+    st.sampled_from([f"e{n}" for n in range(40)]),
+    st.just("api"),
+    st.sampled_from(["c1", "c2", "c3"]),
+    st.one_of(st.integers(-90_000, 90_000), st.sampled_from([0, 1, 59_999])).map(lambda d: T0 + d),
+    typed_props,
+    st.integers(0, 20),
+)
+_FILTERS: list[dict[str, Any]] = [
+    {"property": "$.region", "op": "eq", "value": "eu"},
+    {"property": "$.region", "op": "eq", "value": 1},
+    {"property": "$.region", "op": "eq", "value": None},
+    {"property": "$.region", "op": "ne", "value": "eu"},
+    {"property": "$.region", "op": "in", "value": ["us", 1, ""]},
+    {"property": "$.region", "op": "in", "value": ["us", None]},
+    {"property": "$.region", "op": "nin", "value": ["eu"]},
+    {"property": "$.region", "op": "exists"},
+    {"property": "$.region", "op": "exists", "value": False},
+    {"property": "$.v", "op": "gt", "value": 0},
+    {"property": "$.v", "op": "gte", "value": -1.5},
+    {"property": "$.v", "op": "lt", "value": "2.5"},
+    {"property": "$.v", "op": "lte", "value": 2**63},
+    {"property": "$.v", "op": "lte", "value": 2.5},
+    {"property": "$.o.v", "op": "gt", "value": 1},
+    {"property": "$.n", "op": "eq", "value": 2},
+    {"property": "$.flag", "op": "eq", "value": True},
+    {"property": "$.user", "op": "ne", "value": "u1"},
+]
+typed_meter = st.tuples(
+    st.sampled_from(["count", "sum", "min", "max", "avg", "unique_count", "latest"]),
+    st.sampled_from(["$.v", "$.big", "$.user", "$.n", "$.flag", "$.region"]),
+    st.sampled_from(
+        [{}, {"region": "$.region"}, {"flag": "$.flag", "r": "$.region"}, {"n": "$.n"}]
+    ),
+    st.lists(st.sampled_from(_FILTERS), max_size=2),
+    st.sampled_from(["", "tally.events"]),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=st.lists(typed_event, min_size=5, max_size=80),
+    specs=st.lists(typed_meter, min_size=1, max_size=5),
+    markers=st.lists(st.one_of(st.none(), st.integers(-1, 20)), min_size=5, max_size=5),
+)
+def test_typed_columns_equal_the_per_event_reference(
+    events: list[tuple[Any, ...]], specs: list[tuple[Any, ...]], markers: list[int | None]
+) -> None:
+    meters = [
+        meter(
+            f"m{n}",
+            meter_id=f"id-{n}",
+            tenant_id="t1",
+            event_type="api",
+            aggregation=agg,
+            value_property=None if agg == "count" else path,
+            group_by=group,
+            filters=filters,
+            activation_topic=topic,
+        )
+        for n, (agg, path, group, filters, topic) in enumerate(specs)
+    ]
+    _check(events, meters, markers)
+
+
+def test_int64_sums_past_the_int64_range_stay_exact() -> None:
+    events = [("t1", f"e{n}", "api", "c1", T0 + n, {"v": 2**63 - 1 - n}, 0) for n in range(4)] + [
+        ("t1", "e9", "api", "c1", T0 + 9, {"v": 2**63 - 1}, 0)
+    ]
+    meters = [meter("s", meter_id="id-s", aggregation="sum", value_property="$.v")]
+    _check(events, meters, [None])
+    (row,) = usage_rows(aggregate(_kept(events), MeterIndex(meters), lambda cm: -1).usage)
+    assert row.value_sum == Decimal(5 * (2**63 - 1) - 6)
+
+
+def test_a_window_sum_past_decimal_38_9_is_an_error() -> None:
+    events = [("t1", f"e{n}", "api", "c1", T0, {"v": 6 * 10**28}, 0) for n in range(2)]
+    meters = [meter("s", meter_id="id-s", aggregation="sum", value_property="$.v")]
+    with pytest.raises(pa.ArrowInvalid):
+        aggregate(_kept(events), MeterIndex(meters), lambda cm: -1)
 
 
 @given(events=st.lists(event, max_size=40), cut=st.integers(0, 40))
