@@ -2,17 +2,22 @@
 
 The worker's hot path: the kept events of a link arrive as columns (``KeptEvents``); they are
 grouped by ``(tenant, event type)`` once, and for each group every candidate meter is applied to
-the whole group. What several meters of a group share is computed once per group: the value at a
-``value_property`` (parsed to ``Decimal`` once, whatever number of meters reads it), the canonical
-scalar for ``unique_count``, the group key of a ``group_by``, the minute window. The minute
-windows are accumulated per kind (count: a ``Counter``; numeric: sum/min/max/count; unique: sets;
-latest: max of ``(time_ms, event_id, value)``) and written straight into the Arrow columns of
-``schemas.columns.USAGE_SCHEMA``.
+the whole group, in native code (pyarrow, numpy) wherever that is exactly the per-event rule.
+What several meters of a group share is computed once per group: the column at a property
+(read once, typed by Arrow: plain integers stay ``int64``, strings stay strings; other columns go
+through ``to_decimal`` / ``canonical_scalar`` per value into ``decimal128(38, 9)`` / strings),
+the group keys of a ``group_by`` (once per distinct value combination), the window code of each
+event (``_WindowKeys``: customer, minute and group key as one ``int64``). Each meter's windows
+are an Arrow group-by of those codes (count, sum, min, max, the latest time), unique values a
+sort of integer (window, value rank) pairs; the ``schemas.columns.USAGE_SCHEMA`` table is
+assembled from those arrays. Sums never wrap: a native sum is used only where the values'
+bound times their count fits (``_sums_fit``), exact ``Decimal`` sums otherwise.
 
 Semantics are exactly those of ``MeterIndex``/``CompiledMeter.match`` and ``WindowTable`` (the
 per-event reference; ``tests/unit/streams/test_columnar.py`` checks equality on random batches):
 same filters, same value rules (``ValueProblem`` -> the event does not feed that meter and is
-reported as a ``ValueIssue``: counted, and a dead letter), exact ``Decimal`` sums, latest by ``(time_ms, event_id)``.
+reported as a ``ValueIssue``: counted, and a dead letter), exact ``Decimal(38, 9)`` sums,
+latest by ``(time_ms, event_id)``.
 """
 
 from __future__ import annotations
@@ -179,7 +184,7 @@ class _Props:
         arr: pa.Array | None
         try:
             arr = pa.array(raw, from_pandas=False)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        except (ValueError, TypeError, OverflowError):  # Arrow's errors are among them
             arr = None
         self._columns[name] = arr
         return arr

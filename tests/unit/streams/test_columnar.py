@@ -342,3 +342,17 @@ def test_usage_table_round_trip_keeps_decimals_exact() -> None:
     assert back.latest == (T0 + 5, "e1", Decimal("7.25"))
     assert back.group_values == {"r": "eu"}
     assert int(back.window_start.timestamp() * 1000) == T0
+
+
+def test_a_column_arrow_cannot_read_is_filtered_per_event() -> None:
+    """A lone surrogate (no UTF-8 form) in a filtered property: the filter runs per event."""
+    events = [
+        ("t1", "e1", "api", "c1", T0, {"region": "\ud800"}, 0),
+        ("t1", "e2", "api", "c1", T0, {"region": "eu"}, 0),
+        ("t1", "e3", "api", "c1", T0, {"region": "us"}, 0),
+    ]
+    filters = [{"property": "$.region", "op": "ne", "value": "us"}]
+    meters = [meter("c", meter_id="id-c", filters=filters)]
+    _check(events, meters, [None])
+    (row,) = usage_rows(aggregate(_kept(events), MeterIndex(meters), lambda cm: -1).usage)
+    assert row.events == 2
