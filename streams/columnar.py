@@ -62,8 +62,8 @@ class _Bad:
         self.message = message
 
 
-# integers below this take a short cut past ``to_decimal`` (same result); wider ones go through
-# it: its range check rounds to 28 digits, so it refuses integers that round up to 10**29
+# integers below this (in absolute value) take a short cut past ``to_decimal`` (same result);
+# wider ones go through it and its range check
 _INT_LIMIT = 10**28
 
 

@@ -72,9 +72,13 @@ def to_decimal(value: Any) -> Decimal:
         d = value
     else:
         raise ValueProblem(f"not a number: {type(value).__name__}")
-    if abs(d) >= MAX_ABS:
+    # copy_abs, not abs(): abs() rounds to the default 28 digits (29 nines would become 1E+29)
+    if d.copy_abs() >= MAX_ABS:
         raise ValueProblem(f"number out of range: {value!r}")
-    return d.quantize(QUANTUM, rounding=ROUND_HALF_EVEN, context=_CTX)
+    q = d.quantize(QUANTUM, rounding=ROUND_HALF_EVEN, context=_CTX)
+    if q.copy_abs() >= MAX_ABS:  # rounded up to 10**29 by the quantum
+        raise ValueProblem(f"number out of range: {value!r}")
+    return q
 
 
 def _is_number(value: Any) -> bool:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from schemas.envelope import EnvelopeEvent
 from streams.matching import (
+    MAX_ABS,
     CompiledMeter,
     MeterIndex,
     ValueProblem,
@@ -210,3 +211,22 @@ def test_to_decimal_round_trips_decimal_strings(n: int, scale: int) -> None:
 def test_canonical_scalar_is_stable(v: Any) -> None:
     assert canonical_scalar(v) == canonical_scalar(v)
     assert isinstance(canonical_scalar(v), str)
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        (10**29 - 1, True),  # 29 nines: abs() at 28 digits would round it up to 10**29
+        ("99999999999999999999999999999.999999999", True),
+        (-(10**29) + 1, True),
+        (10**29, False),
+        ("99999999999999999999999999999.9999999995", False),  # the quantum rounds it to 10**29
+    ],
+)
+def test_to_decimal_range_is_decimal_38_9(value: object, ok: bool) -> None:
+    if ok:
+        d = to_decimal(value)
+        assert d.copy_abs() < MAX_ABS and d == Decimal(str(value))
+    else:
+        with pytest.raises(ValueProblem, match="out of range"):
+            to_decimal(value)
