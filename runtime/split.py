@@ -185,6 +185,19 @@ class RemoteProgressWaiter:
         return client
 
     async def wait_for(self, topic: str, targets: dict[int, int], timeout: float) -> bool:
+        import httpx
+
+        from tally.errors import Unavailable
+
+        try:
+            return await self._wait(topic, targets, timeout)
+        except httpx.HTTPError as exc:
+            # the main process restarting or stopping: the events are accepted, retrying is safe
+            raise Unavailable(
+                f"cannot wait for the worker (the main process of tally run): {exc}"
+            ) from exc
+
+    async def _wait(self, topic: str, targets: dict[int, int], timeout: float) -> bool:
         resp = await self._client().post(
             self.url,
             json={
