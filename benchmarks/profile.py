@@ -185,9 +185,13 @@ def summarise(raw: str, ticks: int | None = None, top: int = 20) -> dict[str, An
         if parts and (parts[0].startswith("thread (") or parts[0].startswith("process ")):
             label = parts.pop(0)
             prefix = ""
+            # --subprocesses nests: "process <main>;process <child>;thread (...)". Split mode's
+            # API child's threads are named apart from the main process's.
+            while label.startswith("process ") and parts and parts[0].startswith("process "):
+                label = parts.pop(0)
+            if "runtime.split" in label:
+                prefix = "api "
             if label.startswith("process ") and parts and parts[0].startswith("thread ("):
-                # split mode: the API child's threads are named apart from the main process's
-                prefix = "api " if "runtime.split" in label else ""
                 label = parts.pop(0)
             thread = prefix + _thread_group(thread_name(label))
         frames = [parse_frame(p) for p in parts if p]
