@@ -252,10 +252,10 @@ def run_api_child() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per control call otherwise
     control = os.environ[CONTROL_ENV]
     port_fd = int(os.environ[PORT_FD_ENV])
-    core = Core(store=_open_store(settings), repo=None)
     from clickhouse.repo import Repo
 
-    core.repo = Repo(core.store)
+    store = _open_store(settings)
+    core = Core(store=store, repo=Repo(store))
     producer = EventProducer(
         settings.kafka_bootstrap, settings.events_topic, timeout_s=settings.produce_timeout_s
     )
@@ -331,9 +331,12 @@ def _open_store(settings: Settings) -> Any:
 class ApiChild:
     """The API child process: started from the main thread (``PR_SET_PDEATHSIG``)."""
 
-    def __init__(self, settings: Settings, env: dict[str, str]) -> None:
+    def __init__(
+        self, settings: Settings, env: dict[str, str], generation: Callable[[], Any]
+    ) -> None:
         self.settings = settings
         self.env = env
+        self.generation = generation  # the current broker generation (it changes on restarts)
         self.port = settings.api_port
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -343,6 +346,10 @@ class ApiChild:
         read_fd, write_fd = os.pipe()
         env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
         env.update(self.env)
+        gen = self.generation()
+        if gen is not None:
+            env["TALLY_KAFKA_BOOTSTRAP"] = gen.broker.bootstrap
+            env["TALLY_EVENTS_TOPIC"] = gen.topic
         env["TALLY_API_PORT"] = str(self.port)
         env[PORT_FD_ENV] = str(write_fd)
         try:
@@ -484,7 +491,7 @@ def run_split(settings: Settings) -> None:
         )
         env = settings_env(child_settings)
         env[CONTROL_ENV] = f"http://127.0.0.1:{control_port}"
-        api = ApiChild(child_settings, env)
+        api = ApiChild(child_settings, env, lambda: pipeline.current if pipeline else None)
         port = api.start()
         supervisor = BrokerSupervisor(pipeline, lambda _producer: None, on_fatal).start()
         url = f"http://{settings.api_host}:{port}"

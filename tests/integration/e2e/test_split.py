@@ -3,8 +3,8 @@ worker and chDB in the main one. The guarantees of the split, with real processe
 
 - kill -9 of `tally run` leaves no child behind (the API and broker children die with it, nothing
   holds the data directory) and a restart on the same directory is exact;
-- a killed API child is restarted on the same URL while a client retries, and the totals are
-  exact; an API child that may not be restarted stops `tally run` with exit code 1 and a clear
+- a killed API child is restarted on the same URL (producing to the broker generation of the
+  moment, after a broker restart) while a client retries, and the totals are exact; an API child that may not be restarted stops `tally run` with exit code 1 and a clear
   message (never a half-alive Tally);
 - SIGTERM stops both processes in order, exit code 0.
 """
@@ -84,14 +84,14 @@ def test_kill9_of_tally_run_leaves_no_children_and_restart_is_exact(tmp_path: Pa
             proc.kill9()
 
 
-def test_killed_api_child_is_restarted_while_a_client_retries(tmp_path: Path) -> None:
+def test_killed_broker_then_api_child_are_restarted_while_a_client_retries(tmp_path: Path) -> None:
     log = tmp_path / "tally.log"
     proc, url = start_embedded(tmp_path / "data", log)
     try:
         assert proc.proc is not None
         key = create_tenant(url, "acme")
         create_meters(url, key)
-        wl = Workload(seed=11, n_unique=2000).generate()
+        wl = Workload(seed=11, n_unique=4000).generate()
         batches = [wl.events[i : i + 100] for i in range(0, len(wl.events), 100)]
         client = RetryingClient(key, lambda: url)
         sent = 0
@@ -108,7 +108,16 @@ def test_killed_api_child_is_restarted_while_a_client_retries(tmp_path: Path) ->
 
         t = threading.Thread(target=send_all)
         t.start()
-        while sent < len(batches) // 3 and t.is_alive():
+        while sent < len(batches) // 4 and t.is_alive():
+            time.sleep(0.05)
+        # the broker first: the API child restarted below must produce to the new generation
+        os.kill(_one(broker_pids, proc.proc.pid), signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while "embedded broker restarted" not in log.read_text(errors="replace"):
+            assert proc.alive(), proc.tail()
+            assert time.monotonic() < deadline, proc.tail()
+            time.sleep(0.2)
+        while sent < len(batches) // 2 and t.is_alive():
             time.sleep(0.05)
         old = _one(api_pids, proc.proc.pid)
         os.kill(old, signal.SIGKILL)
