@@ -60,6 +60,8 @@ class Recorder:
                 "-r",
                 str(rate),
                 "--threads",
+                # `tally run` in split mode: the API child too (the broker is not Python)
+                "--subprocesses",
                 "--full-filenames",
                 # Sample without pausing the process: less perturbation, and py-spy then tells
                 # idle threads (sleeping in a wait) from running ones.
@@ -182,9 +184,16 @@ def summarise(raw: str, ticks: int | None = None, top: int = 20) -> dict[str, An
         thread = "?"
         if parts and (parts[0].startswith("thread (") or parts[0].startswith("process ")):
             label = parts.pop(0)
+            prefix = ""
+            # --subprocesses nests: "process <main>;process <child>;thread (...)". Split mode's
+            # API child's threads are named apart from the main process's.
+            while label.startswith("process ") and parts and parts[0].startswith("process "):
+                label = parts.pop(0)
+            if "runtime.split" in label:
+                prefix = "api "
             if label.startswith("process ") and parts and parts[0].startswith("thread ("):
                 label = parts.pop(0)
-            thread = _thread_group(thread_name(label))
+            thread = prefix + _thread_group(thread_name(label))
         frames = [parse_frame(p) for p in parts if p]
         if not frames:
             continue

@@ -285,6 +285,25 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def _is_broker(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"tansu" in f.read()
+    except OSError:
+        return False
+
+
+def tally_pids(pid: int) -> list[int]:
+    """The processes of a `tally run`: the main one and its Python children (the API process of
+    the default split mode), without the embedded broker."""
+    return [pid] + [c for c in children(pid) if not _is_broker(c)]
+
+
+def broker_pids(pid: int) -> list[int]:
+    """The embedded broker (Tansu) children of a `tally run`."""
+    return [c for c in children(pid) if _is_broker(c)]
+
+
 def rss_mb(pid: int) -> float | None:
     kb = _status_kb(pid, "VmRSS")
     return None if kb is None else kb / 1024
@@ -331,8 +350,17 @@ class CpuMeter:
         self.t0 = time.monotonic()
         self.machine0 = machine_busy_s()
         if self.pid is not None:
-            self.own0 = cpu_s(self.pid)
-            self.kids0 = sum(cpu_s(c) or 0.0 for c in children(self.pid))
+            self.own0 = self._own()
+            self.kids0 = sum(cpu_s(c) or 0.0 for c in broker_pids(self.pid))
+
+    def _own(self) -> float | None:
+        # every Tally process (split mode: the API child too); a child restarted meanwhile
+        # starts again from 0, which undercounts, never overcounts
+        assert self.pid is not None
+        main = cpu_s(self.pid)
+        if main is None:
+            return None
+        return main + sum(cpu_s(c) or 0.0 for c in tally_pids(self.pid)[1:])
 
     def cores(self) -> dict[str, float | None]:
         dt = max(time.monotonic() - self.t0, 1e-9)
@@ -342,10 +370,10 @@ class CpuMeter:
             "broker_cpu_cores": None,
         }
         if self.pid is not None and self.own0 is not None:
-            own = cpu_s(self.pid)
+            own = self._own()
             if own is not None:
                 out["tally_cpu_cores"] = (own - self.own0) / dt
-                kids = sum(cpu_s(c) or 0.0 for c in children(self.pid))
+                kids = sum(cpu_s(c) or 0.0 for c in broker_pids(self.pid))
                 out["broker_cpu_cores"] = (kids - self.kids0) / dt
         return out
 
@@ -362,7 +390,8 @@ class MemSample:
 
 @dataclass
 class MemorySampler:
-    """Samples the RSS of ``pid`` (the Tally process) and of its children (the broker)."""
+    """Samples the RSS of ``pid`` (the Tally processes: the main one and, in split mode, its API
+    child) and of its broker child."""
 
     interval: float = 0.5
     samples: list[MemSample] = field(default_factory=list)
@@ -385,7 +414,8 @@ class MemorySampler:
         own = rss_mb(pid)
         if own is None:
             return
-        kids = sum(rss_mb(c) or 0.0 for c in children(pid))
+        own += sum(rss_mb(c) or 0.0 for c in tally_pids(pid)[1:])
+        kids = sum(rss_mb(c) or 0.0 for c in broker_pids(pid))
         fn = self.stored_fn
         stored = fn() if fn is not None else self.stored
         load1 = os.getloadavg()[0]

@@ -58,7 +58,7 @@ def run(
     host: Annotated[str | None, typer.Option(help="Bind address")] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port (0 = any free port)")] = None,
 ) -> None:
-    """Embedded mode: broker, chDB, worker and API in one process."""
+    """Embedded mode: broker, chDB, worker and API on this machine (TALLY_EMBEDDED_PROCESSES)."""
     from runtime.roles import run_embedded
 
     try:

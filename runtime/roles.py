@@ -134,7 +134,16 @@ def run_embedded(settings: Settings) -> None:
 
     The broker child is supervised (``runtime.supervisor``): if it dies, it is restarted on a new
     topic generation; if it cannot be, the server stops and this raises ``TallyError`` (exit 1).
+    ``embedded_processes = "split"`` (the default) runs the API in a child process instead
+    (``runtime.split``); this function is the ``single`` mode.
     """
+    from tally.settings import EmbeddedProcesses
+
+    if settings.embedded_processes == EmbeddedProcesses.SPLIT:
+        from runtime.split import run_split
+
+        run_split(settings)
+        return
     from api.state import Metrics
     from clickhouse.sink import ClickHouseSink
     from runtime.supervisor import BrokerSupervisor, EmbeddedPipeline

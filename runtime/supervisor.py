@@ -73,8 +73,12 @@ class EmbeddedPipeline:
         board: Any,
         base_topic: str,
         metrics: Any = None,
+        *,
+        with_producer: bool = True,
     ) -> None:
         self.settings = settings
+        # split mode (runtime.split): the API process has its own producer; none here
+        self.with_producer = with_producer
         # one WorkerMetrics per process, shared by every generation's worker (a second one on the
         # same registry would raise "Duplicated timeseries")
         self.metrics = metrics
@@ -121,7 +125,10 @@ class EmbeddedPipeline:
             )
             # a worker that fails or has no ready partitions in time: WorkerStartError
             worker.start_or_fail(settings.worker_start_timeout_s)
-            producer = EventProducer(broker.bootstrap, topic, timeout_s=settings.produce_timeout_s)
+            if self.with_producer:
+                producer = EventProducer(
+                    broker.bootstrap, topic, timeout_s=settings.produce_timeout_s
+                )
         except BaseException:
             if worker is not None:
                 worker.stop(timeout=5)
@@ -137,7 +144,8 @@ class EmbeddedPipeline:
         if gen is None:
             return
         try:
-            gen.producer.close()
+            if gen.producer is not None:
+                gen.producer.close()
         finally:
             try:
                 gen.worker.stop()
@@ -233,8 +241,9 @@ class BrokerSupervisor:
             self._give_up(f"the embedded broker died and could not be restarted: {last}")
             return
         # The old worker first: it stores what it had fetched and releases its dedupe index.
-        with contextlib.suppress(Exception):
-            gen.producer.close(timeout=0.5)
+        if gen.producer is not None:
+            with contextlib.suppress(Exception):
+                gen.producer.close(timeout=0.5)
         gen.worker.stop(timeout=3)
         if gen.worker.running:
             log.warning("the old worker did not stop in time; continuing without it")

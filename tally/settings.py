@@ -14,6 +14,13 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+class EmbeddedProcesses(StrEnum):
+    """How `tally run` lays out its processes (docs/deploy.md)."""
+
+    SPLIT = "split"  # the API in a child process, the worker + chDB in the main one
+    SINGLE = "single"  # everything in one process (one GIL)
+
+
 class WaitMode(StrEnum):
     """When the ingest endpoint answers."""
 
@@ -117,6 +124,16 @@ class Settings(BaseSettings):
         5, ge=0, description="Restarts of a dead embedded broker per broker_restart_window_s"
     )
     broker_restart_window_s: float = Field(600.0, gt=0)
+    embedded_processes: EmbeddedProcesses = Field(
+        EmbeddedProcesses.SPLIT,
+        description="tally run: 'split' = the HTTP API in its own process (its own core), the "
+        "worker + chDB in the main one; 'single' = everything in one process",
+    )
+    api_max_restarts: int = Field(
+        5,
+        ge=0,
+        description="split mode: restarts of a dead API process per broker_restart_window_s",
+    )
 
     # --- worker ------------------------------------------------------------------------------
     dedupe_horizon: timedelta = Field(timedelta(days=35))

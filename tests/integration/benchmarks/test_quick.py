@@ -45,6 +45,8 @@ def test_quick_run_writes_valid_results(tmp_path: Path) -> None:
     assert ing.count_check.ok, ing.count_check
     assert r.count_check_final.ok, r.count_check_final
     assert ing.profile is not None and ing.profile.summary.samples > 0
+    # split mode (the default): the API child is profiled too, its threads named apart
+    assert any(t.name.startswith("api ") for t in ing.profile.summary.by_thread)
     assert (out / "profile.txt").read_text().startswith("samples:")
     assert (out / "profile.raw.gz").stat().st_size > 0
     assert r.ceilings.broker.consumed_msgs > 0

@@ -127,6 +127,25 @@ def child_pids(pid: int) -> list[int]:
     return sorted(set(out))
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except OSError:
+        return ""
+
+
+def broker_pids(pid: int) -> list[int]:
+    """The embedded broker children (Tansu) of a `tally run`."""
+    return [c for c in child_pids(pid) if "tansu" in cmdline(c)]
+
+
+def api_pids(pid: int) -> list[int]:
+    """The API children of a `tally run` in split mode."""
+    return [c for c in child_pids(pid) if "runtime.split" in cmdline(c)]
+
+
 def rss_kb(pid: int) -> tuple[int, int]:
     """(VmRSS, VmHWM = peak RSS) of a process in kB, from /proc."""
     fields = {}

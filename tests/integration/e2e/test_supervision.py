@@ -17,7 +17,7 @@ from tests.integration.e2e.harness import (
     RetryingClient,
     Workload,
     assert_matches,
-    child_pids,
+    broker_pids,
     create_meters,
     create_tenant,
     query_all,
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.chaos
 def _broker_pid(proc_pid: int, not_in: frozenset[int] | set[int] = frozenset()) -> int:
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        kids = [p for p in child_pids(proc_pid) if p not in not_in]
+        kids = [p for p in broker_pids(proc_pid) if p not in not_in]
         if kids:
             return kids[0]
         time.sleep(0.2)

@@ -1,0 +1,97 @@
+"""`tally run` in one layout (``TALLY_EMBEDDED_PROCESSES``) under a fixed load, for back-to-back
+comparisons of ``split`` and ``single`` (docs/performance.md, "`tally run` in two processes").
+
+    python -m benchmarks.modes split 30 40000 64     # mode, seconds, offered events/s, clients
+
+One JSON line: stored events/s and answer latency under the load (4 tenants, the harness's
+events and 5 meters, 1000-event batches, 2 generator processes), then one sequential client for
+20 s; CPU of the main process, the API child and the broker over the load.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import benchmarks.target as target
+from benchmarks.loadgen import GenConfig, LoadGenerator, StepSpec
+from benchmarks.target import (
+    EmbeddedTally,
+    StoredPoller,
+    Totals,
+    broker_pids,
+    cpu_s,
+    create_tenants,
+    ensure_meters,
+    tally_pids,
+)
+
+
+def _q(lat: list[float], f: float) -> int:
+    return round(lat[min(len(lat) - 1, int(f * len(lat)))] * 1000) if lat else -1
+
+
+def main(argv: list[str]) -> None:
+    mode, seconds, rate, clients = argv[0], float(argv[1]), float(argv[2]), int(argv[3])
+    orig = target.tally_env
+
+    def env(admin_token: str) -> dict[str, str]:
+        return {**orig(admin_token), "TALLY_EMBEDDED_PROCESSES": mode}
+
+    target.tally_env = env
+    work = Path(tempfile.mkdtemp(prefix=f"tally-modes-{mode}-"))
+    t = EmbeddedTally(work / "data", work / "tally.log")
+    t.start()
+    try:
+        url = t.url
+        tenants = create_tenants(url, t.admin_token, 4, f"m{int(time.time())}")
+        for x in tenants:
+            ensure_meters(url, x.key)
+        gen = LoadGenerator(
+            GenConfig(tenants, 1000, 1.1, 0.02, 0.01, 1000, 7, f"{mode}{time.time():.0f}"), 2
+        )
+        poller = StoredPoller(Totals(url, tenants), 1.0).start()
+
+        def per() -> list[float]:
+            tp = tally_pids(t.pid)
+            return [
+                cpu_s(tp[0]) or 0.0,
+                sum(cpu_s(p) or 0.0 for p in tp[1:]),
+                sum(cpu_s(p) or 0.0 for p in broker_pids(t.pid)),
+            ]
+
+        gen.run(StepSpec("warm", rate, clients, 6, None, [url], 0))
+        p0, w0 = per(), time.monotonic()
+        st = gen.run(StepSpec("load", rate, clients, seconds, None, [url], 5))
+        dt = time.monotonic() - w0
+        cores = [round((b - a) / dt, 2) for a, b in zip(p0, per(), strict=True)]
+        stored = poller.rate(st.window_start, st.ended)
+        lat = sorted(st.latencies_s)
+        seq = gen.run(StepSpec("seq", None, 1, 20, None, [url], 3))
+        sl = sorted(seq.latencies_s)
+        out = {
+            "mode": mode,
+            "stored_per_s": round(stored or 0),
+            "accepted_per_s": round(st.accepted_per_s),
+            "errors": st.error_rate,
+            "load_p50_ms": _q(lat, 0.5),
+            "load_p99_ms": _q(lat, 0.99),
+            "tally_cores_incl_broker": round(sum(cores), 2),
+            "main_api_broker_cores": cores,
+            "seq_events_per_s": round(seq.accepted_per_s),
+            "seq_p50_ms": _q(sl, 0.5),
+            "seq_p99_ms": _q(sl, 0.99),
+            "n_seq": len(sl),
+        }
+        print(json.dumps(out), flush=True)
+        poller.stop()
+        gen.close()
+    finally:
+        t.stop()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
