@@ -720,7 +720,7 @@ class BatchProcessor:
             v, m = verdicts[k.partition]
             try:
                 if v is Verdict.STORED:
-                    self.index_for(k.partition).add_many(k.kept_keys, k.last)
+                    self.index_for(k.partition).record(k.kept_keys, k.last)
                 elif v is Verdict.RESYNC:
                     rebuild(
                         self.index_for(k.partition),
