@@ -11,6 +11,13 @@ whose events are all recorded. Memory stays bounded as ids grow because the ids 
 The index is never the truth: ``rebuild`` brings it in line with the store's progress ``M`` on
 partition assignment and when the worker resyncs to another writer's link (re-reading ids with ``W < source_offset <= M`` from the store, or starting
 over when the store is behind the index, e.g. after a store reset).
+
+The ids of stored links are written in batches (``record``): they wait in memory, where
+``contains_many`` sees them, until ``pending_max`` of them are held or anything else reads or
+changes the index; then they go to the file in one transaction with the watermark of the last
+link. With event ids spread at random over a large index, every transaction rewrites most of the
+B-tree's leaf pages whatever its size, so larger batches cost less per id. A crash loses only
+ids the watermark does not cover yet: ``rebuild`` reads them back from the store.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
 _CHUNK = 8000  # ids per IN (...) query, below sqlite's 32766 variable limit
+PENDING_MAX = 50_000  # recorded ids held in memory before they are written (``record``)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen (
@@ -53,9 +61,13 @@ def _wm(topic: str) -> str:
 class DedupeIndex:
     """Seen ids of one partition. Thread-safe (one connection behind a lock)."""
 
-    def __init__(self, path: Path, topic: str) -> None:
+    def __init__(self, path: Path, topic: str, pending_max: int = PENDING_MAX) -> None:
         self.path = path
         self.topic = topic  # the topic whose watermark ``watermark``/``add_many`` use
+        self.pending_max = pending_max
+        # ``record``ed ids not written yet (key -> ingested_ms) and the watermark they move to
+        self._pending: dict[Key, int] = {}
+        self._pending_wm: int | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -72,7 +84,18 @@ class DedupeIndex:
 
     def close(self) -> None:
         with self._lock:
+            self._write_pending()
             self._db.close()
+
+    def flush(self) -> None:
+        """Write the recorded ids still held in memory (with their watermark)."""
+        with self._lock:
+            self._write_pending()
+
+    @property
+    def pending(self) -> int:
+        """Recorded ids not written to the file yet."""
+        return len(self._pending)
 
     @property
     def watermark(self) -> int:
@@ -81,6 +104,7 @@ class DedupeIndex:
 
     def watermark_of(self, topic: str) -> int:
         with self._lock:
+            self._write_pending()
             row = self._db.execute(
                 "SELECT value FROM meta WHERE name = ?", (_wm(topic),)
             ).fetchone()
@@ -88,6 +112,7 @@ class DedupeIndex:
 
     def __len__(self) -> int:
         with self._lock:
+            self._write_pending()
             return int(self._db.execute("SELECT count(*) FROM seen").fetchone()[0])
 
     def contains_many(self, keys: Iterable[Key]) -> set[Key]:
@@ -102,6 +127,13 @@ class DedupeIndex:
             by_tenant.setdefault(tenant_id, []).append(event_id)
         found: set[Key] = set()
         with self._lock:
+            pending = self._pending
+            if pending:
+                for tenant_id, ids in by_tenant.items():
+                    held = [e for e in ids if (tenant_id, e) in pending]
+                    if held:
+                        found.update((tenant_id, e) for e in held)
+                        by_tenant[tenant_id] = [e for e in ids if (tenant_id, e) not in pending]
             for tenant_id, ids in by_tenant.items():
                 for i in range(0, len(ids), _CHUNK):
                     chunk = ids[i : i + _CHUNK]
@@ -126,26 +158,56 @@ class DedupeIndex:
         ingested_ms. The keys are inserted in key order: the primary-key B-tree is then written
         page after page instead of at random places (1.7x faster on a large index).
         """
-        rows = sorted(keys_with_ms)
         with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                before = self._db.total_changes
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO seen (tenant_id, event_id, ingested_ms) VALUES (?,?,?)",
-                    rows,
-                )
-                added = self._db.total_changes - before
-                self._db.execute(
-                    "INSERT INTO meta (name, value) VALUES (?, ?) "
-                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                    (_wm(topic or self.topic), watermark),
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self.entries += added
+            self._write_pending()
+            self._write(sorted(keys_with_ms), watermark, topic or self.topic)
+
+    def record(self, keys_with_ms: Iterable[tuple[str, str, int]], watermark: int) -> None:
+        """``add_many`` for the current topic, batched: the ids are held in memory (seen by
+        ``contains_many``) and written with ``watermark`` once ``pending_max`` ids are held or
+        the index is read or changed otherwise (``flush``, ``close``, ``watermark``...). An id
+        already held or present keeps its first ingested_ms. If the write fails the ids stay
+        held (and the error is raised): the next write takes them."""
+        with self._lock:
+            pending = self._pending
+            for tenant_id, event_id, ms in keys_with_ms:
+                key = (tenant_id, event_id)
+                if key not in pending:
+                    pending[key] = ms
+            self._pending_wm = watermark
+            if len(pending) >= self.pending_max:
+                self._write_pending()
+
+    def _write_pending(self) -> None:
+        """Write the held ids and their watermark (lock held). On failure they stay held."""
+        if self._pending_wm is None:
+            return
+        rows = sorted((t, e, ms) for (t, e), ms in self._pending.items())
+        self._write(rows, self._pending_wm, self.topic)
+        self._pending = {}
+        self._pending_wm = None
+
+    def _write(self, rows: list[tuple[str, str, int]], watermark: int, topic: str) -> None:
+        """Insert ``rows`` (in key order) and set the watermark of ``topic``, atomically (lock
+        held)."""
+        self._db.execute("BEGIN")
+        try:
+            before = self._db.total_changes
+            self._db.executemany(
+                "INSERT OR IGNORE INTO seen (tenant_id, event_id, ingested_ms) VALUES (?,?,?)",
+                rows,
+            )
+            added = self._db.total_changes - before
+            self._db.execute(
+                "INSERT INTO meta (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (_wm(topic), watermark),
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self.entries += added
 
     def purge_older_than(self, ms: int) -> int:
         """Forget ids ingested before ``ms`` (the horizon). Returns how many were removed.
@@ -154,13 +216,16 @@ class DedupeIndex:
         would make every ``add_many`` write a second B-tree, which halved its rate.
         """
         with self._lock:
+            self._write_pending()
             cur = self._db.execute("DELETE FROM seen WHERE ingested_ms < ?", (ms,))
             self.entries = max(0, self.entries - cur.rowcount)
             return cur.rowcount
 
     def reset(self) -> None:
-        """Forget everything (watermark back to -1)."""
+        """Forget everything (watermark back to -1), the held ids too."""
         with self._lock:
+            self._pending = {}
+            self._pending_wm = None
             self._db.execute("BEGIN")
             self._db.execute("DELETE FROM seen")
             self._db.execute("DELETE FROM meta")

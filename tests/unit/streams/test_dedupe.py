@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
+import pytest
+from _pytest.monkeypatch import MonkeyPatch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -132,3 +135,157 @@ def test_new_topic_generation_still_knows_ids_stored_by_the_old_one(tmp_path: Pa
     assert fresh.contains_many(keys) == {("t1", "a"), ("t1", "b"), ("t1", "c")}
     assert fresh.watermark_of("gen1") == 2
     assert fresh.watermark == -1
+
+
+def test_recorded_ids_are_held_then_written_with_their_watermark(tmp_path: Path) -> None:
+    idx = DedupeIndex.open(tmp_path, "tp", 0)
+    idx.pending_max = 4
+    other = DedupeIndex.open(tmp_path, "tp", 0)  # a second reader of the same file
+    idx.record([("t", "a", 1), ("t", "b", 1)], watermark=3)
+    assert idx.pending == 2
+    assert idx.contains_many([("t", "a"), ("t", "c"), ("u", "a")]) == {("t", "a")}
+    assert other.contains_many([("t", "a"), ("t", "b")]) == set()  # not in the file yet
+    assert other.watermark == -1
+    idx.record([("t", "b", 9), ("t", "c", 2)], watermark=5)  # "b" again: held once
+    assert idx.pending == 3
+    idx.record([("u", "a", 2)], watermark=6)  # the 4th id: written, with the last watermark
+    assert idx.pending == 0
+    assert other.watermark == 6
+    assert other.contains_many([("t", "a"), ("t", "b"), ("t", "c"), ("u", "a")]) == {
+        ("t", "a"),
+        ("t", "b"),
+        ("t", "c"),
+        ("u", "a"),
+    }
+    assert idx.purge_older_than(2) == 2  # "a" and "b" kept their first ingested_ms (1)
+    idx.close()
+    other.close()
+
+
+def test_reads_and_changes_write_the_held_ids_first(tmp_path: Path) -> None:
+    idx = DedupeIndex.open(tmp_path, "tp", 0)
+    idx.record([("t", "a", 1)], watermark=0)
+    assert idx.watermark == 0 and idx.pending == 0
+    idx.record([("t", "b", 1)], watermark=1)
+    assert len(idx) == 2
+    idx.record([("t", "c", 1)], watermark=2)
+    idx.add_many([("t", "d", 1)], watermark=3)  # written after the held ones: 3 wins
+    assert idx.watermark == 3
+    idx.record([("t", "e", 5)], watermark=4)
+    assert idx.purge_older_than(2) == 4
+    assert idx.contains_many([("t", "e")]) == {("t", "e")}
+    idx.record([("t", "f", 5)], watermark=5)
+    idx.reset()  # forgets the held ids too
+    assert idx.pending == 0
+    assert idx.watermark == -1
+    assert idx.contains_many([("t", "e"), ("t", "f")]) == set()
+    idx.record([("t", "g", 5)], watermark=7)
+    idx.close()  # a clean close writes them
+    again = DedupeIndex.open(tmp_path, "tp", 0)
+    assert again.watermark == 7
+    assert again.contains_many([("t", "g")]) == {("t", "g")}
+    again.close()
+
+
+def test_a_crash_loses_only_ids_the_watermark_does_not_cover(tmp_path: Path) -> None:
+    """Held ids die with the process; the file's watermark still says what it holds, and
+    ``rebuild`` reads the rest back from the store."""
+    sink = MemorySink()
+    sink.commit("tp", envelope_rows("tp", 0, [(0, "a"), (1, "b"), (2, "c")]), [], {0: 2})
+    idx = DedupeIndex.open(tmp_path, "tp", 0)
+    idx.record([("t1", "a", 1)], watermark=0)
+    idx.flush()
+    idx.record([("t1", "b", 1), ("t1", "c", 1)], watermark=2)  # held when the process dies
+    after = DedupeIndex.open(tmp_path, "tp", 0)  # the restarted process: same file
+    assert after.watermark == 0
+    assert after.contains_many([("t1", "a"), ("t1", "b")]) == {("t1", "a")}
+    assert rebuild(after, sink, "tp", 0, 2, now_ms=1_700_000_100_000, horizon_ms=35 * DAY) == 2
+    assert after.contains_many([("t1", x) for x in "abc"]) == {("t1", x) for x in "abc"}
+    after.close()
+
+
+def test_a_failed_write_keeps_the_held_ids(tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    idx = DedupeIndex.open(tmp_path, "tp", 0)
+    idx.pending_max = 2
+    real = idx._write
+
+    def failing(*args: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(idx, "_write", failing)
+    with pytest.raises(sqlite3.OperationalError):
+        idx.record([("t", "a", 1), ("t", "b", 1)], watermark=4)
+    assert idx.pending == 2
+    assert idx.contains_many([("t", "a"), ("t", "b")]) == {("t", "a"), ("t", "b")}
+    monkeypatch.setattr(idx, "_write", real)
+    idx.flush()
+    assert idx.pending == 0
+    assert idx.watermark == 4
+    idx.close()
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["record", "add", "flush", "crash"]),
+            st.lists(st.tuples(st.sampled_from(["t1", "t2"]), st.sampled_from("abcdefgh"))),
+        ),
+        max_size=12,
+    ),
+    st.integers(min_value=1, max_value=6),
+)
+def test_held_ids_behave_like_the_file(
+    tmp_path: Path, ops: list[tuple[str, list[tuple[str, str]]]], pending_max: int
+) -> None:
+    """Whatever the batching, ``contains_many`` answers as if every id were written at once;
+    after a crash the file holds exactly the ids written, and its watermark is the last one
+    written with them."""
+    path = tmp_path / "held.sqlite"
+    path.unlink(missing_ok=True)
+    idx = DedupeIndex(path, "tp", pending_max=pending_max)
+    known: set[tuple[str, str]] = set()  # every id recorded or added (what contains_many sees)
+    on_file: set[tuple[str, str]] = set()
+    wm_on_file = -1
+    held: set[tuple[str, str]] = set()
+    held_wm: int | None = None  # the watermark of the held ids (None: nothing recorded)
+    universe = [(t, e) for t in ("t1", "t2") for e in "abcdefgh"]
+
+    def write_held() -> None:
+        nonlocal held, held_wm, on_file, wm_on_file
+        if held_wm is not None:
+            on_file |= held
+            wm_on_file = held_wm
+        held, held_wm = set(), None
+
+    for wm, (op, keys) in enumerate(ops):
+        if op == "record":
+            idx.record(((t, e, 1) for t, e in keys), wm)
+            known |= set(keys)
+            held |= set(keys)
+            held_wm = wm
+            if len(held) >= pending_max:
+                write_held()
+        elif op == "add":
+            idx.add_many(((t, e, 1) for t, e in keys), wm)
+            known |= set(keys)
+            write_held()
+            on_file |= set(keys)
+            wm_on_file = wm
+        elif op == "flush":
+            idx.flush()
+            write_held()
+        else:  # crash: a new process opens the file; the held ids are gone
+            idx._db.close()
+            idx = DedupeIndex(path, "tp", pending_max=pending_max)
+            known = set(on_file)
+            held, held_wm = set(), None
+        assert idx.pending == len(held)
+        assert idx.contains_many(universe) == known
+    reader = DedupeIndex(path, "tp")
+    assert reader.contains_many(universe) == on_file
+    assert reader.watermark == wm_on_file
+    reader.close()
+    idx.close()

@@ -1,0 +1,56 @@
+"""The worker's dedupe index alone: ids recorded per link (``add_many``, one transaction per link)
+against batched writes (``record``), on random event ids (UUIDs) and a growing index.
+
+Run: python -m benchmarks.dedupe_index [ids] [link_size] — nothing asserted. For every link the
+worker's pattern is replayed: ``contains_many`` of the link's ids, then their insert. Printed:
+ids per CPU-second of this process over the second half of the run (the index then holds
+ids/2 .. ids entries), for each way, one after the other, each on a fresh index file.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from streams.dedupe import DedupeIndex
+
+
+def run(directory: Path, ids: int, link: int, batched: bool) -> float:
+    idx = DedupeIndex.open(directory, "bench", 0)
+    tenant = str(uuid.uuid4())
+    cpu = 0.0
+    done = 0
+    offset = 0
+    while done < ids:
+        keys = [(tenant, str(uuid.uuid4()), 1_700_000_000_000) for _ in range(link)]
+        t0 = time.process_time()
+        idx.contains_many([(t, e) for t, e, _ms in keys])
+        offset += 1
+        if batched:
+            idx.record(keys, offset)
+        else:
+            idx.add_many(keys, offset)
+        if done >= ids // 2:
+            cpu += time.process_time() - t0
+        done += link
+    t0 = time.process_time()
+    idx.close()  # writes what is still held
+    cpu += time.process_time() - t0
+    return (ids - ids // 2) / cpu
+
+
+def main() -> None:
+    ids = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+    link = int(sys.argv[2]) if len(sys.argv) > 2 else 12_000
+    for batched in (False, True):
+        with tempfile.TemporaryDirectory() as d:
+            rate = run(Path(d), ids, link, batched)
+        way = "record (batched)" if batched else "add_many per link"
+        print(f"{way:18s} ids={ids} link={link}: {rate:,.0f} ids per CPU-second")
+
+
+if __name__ == "__main__":
+    main()
