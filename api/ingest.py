@@ -30,7 +30,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from api.auth import current_tenant
+from api.auth import Tenant
 from api.errors import json_response
 from api.ingest_parse import (
     Limits,
@@ -468,7 +468,7 @@ INGEST_PARAMS = [
 )
 async def ingest_native(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
+    tenant_id: Tenant,
     st: AppState = Depends(get_state),
 ) -> Response:
     """Ingest one event object or an array of events (native format)."""
@@ -494,7 +494,7 @@ async def ingest_native(
 )
 async def ingest_cloudevents(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
+    tenant_id: Tenant,
     st: AppState = Depends(get_state),
 ) -> Response:
     """Ingest CloudEvents (OpenMeter wire format)."""

@@ -38,7 +38,7 @@ import pydantic
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from api.auth import client_address, current_tenant, tenant_of_api_key
+from api.auth import Tenant, client_address, tenant_of_api_key
 from api.errors import json_response
 from api.ingest import (
     UnencodableEvents,
@@ -593,7 +593,7 @@ def _config(cfg: SegmentSettings) -> SegmentConfig:
 
 @router.get("/v1/segment/config", tags=["segment"], **doc(ok={200: model(SegmentConfig)}))
 async def get_config(
-    tenant_id: str = Depends(current_tenant),
+    tenant_id: Tenant,
     st: AppState = Depends(get_state),
     svc: SegmentService = Depends(service),
 ) -> Response:
@@ -608,7 +608,7 @@ async def get_config(
 )
 async def put_config(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
+    tenant_id: Tenant,
     st: AppState = Depends(get_state),
     svc: SegmentService = Depends(service),
 ) -> Response:
@@ -634,7 +634,7 @@ async def put_config(
 )
 async def set_webhook_secret(
     request: Request,
-    tenant_id: str = Depends(current_tenant),
+    tenant_id: Tenant,
     st: AppState = Depends(get_state),
     svc: SegmentService = Depends(service),
 ) -> Response:
@@ -661,7 +661,7 @@ async def set_webhook_secret(
     "/v1/segment/webhook-secret", status_code=204, tags=["segment"], **doc(ok={204: None})
 )
 async def delete_webhook_secret(
-    tenant_id: str = Depends(current_tenant),
+    tenant_id: Tenant,
     st: AppState = Depends(get_state),
     svc: SegmentService = Depends(service),
 ) -> Response:
