@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -382,3 +383,47 @@ class RetryingClient:
             if time.monotonic() > deadline:
                 raise AssertionError("a batch was never acknowledged")
             time.sleep(0.3)
+
+
+class BackgroundSender:
+    """Sends ``batches`` in order from a thread, each until acknowledged (``RetryingClient``), so
+    a test can break things while a client keeps going."""
+
+    def __init__(
+        self, client: RetryingClient, batches: list[list[dict[str, Any]]], deadline_s: float = 240
+    ) -> None:
+        self.client = client
+        self.batches = batches
+        self.deadline_s = deadline_s
+        self.sent = 0
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for b in self.batches:
+                self.client.send(b, deadline_s=self.deadline_s)
+                self.sent += 1
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def wait_sent(self, n: int) -> None:
+        """Until ``n`` batches are acknowledged (or the sender stopped)."""
+        while self.sent < n and self.thread.is_alive():
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 600) -> None:
+        """Every batch acknowledged, none given up on."""
+        self.thread.join(timeout)
+        assert not self.errors, self.errors
+        assert not self.thread.is_alive()
+
+
+def wait_log(proc: TallyProcess, needle: str, count: int = 1, timeout: float = 120) -> None:
+    """Until ``needle`` stands ``count`` times in the process's log; the process must stay up."""
+    deadline = time.monotonic() + timeout
+    while proc.log_path.read_text(errors="replace").count(needle) < count:
+        assert proc.alive(), proc.tail()
+        assert time.monotonic() < deadline, proc.tail()
+        time.sleep(0.2)

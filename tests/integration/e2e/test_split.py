@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import httpx
 import pytest
 
 from tests.integration.e2e.harness import (
+    BackgroundSender,
     RetryingClient,
     Workload,
     api_pids,
@@ -30,6 +30,7 @@ from tests.integration.e2e.harness import (
     create_tenant,
     query_all,
     start_embedded,
+    wait_log,
 )
 
 pytestmark = pytest.mark.chaos
@@ -94,42 +95,17 @@ def test_killed_broker_then_api_child_are_restarted_while_a_client_retries(tmp_p
         wl = Workload(seed=11, n_unique=4000).generate()
         batches = [wl.events[i : i + 100] for i in range(0, len(wl.events), 100)]
         client = RetryingClient(key, lambda: url)
-        sent = 0
-        errors: list[BaseException] = []
-
-        def send_all() -> None:
-            nonlocal sent
-            try:
-                for b in batches:
-                    client.send(b, deadline_s=240)
-                    sent += 1
-            except BaseException as exc:
-                errors.append(exc)
-
-        t = threading.Thread(target=send_all)
-        t.start()
-        while sent < len(batches) // 4 and t.is_alive():
-            time.sleep(0.05)
+        sender = BackgroundSender(client, batches)
+        sender.wait_sent(len(batches) // 4)
         # the broker first: the API child restarted below must produce to the new generation
         os.kill(_one(broker_pids, proc.proc.pid), signal.SIGKILL)
-        deadline = time.monotonic() + 120
-        while "embedded broker restarted" not in log.read_text(errors="replace"):
-            assert proc.alive(), proc.tail()
-            assert time.monotonic() < deadline, proc.tail()
-            time.sleep(0.2)
-        while sent < len(batches) // 2 and t.is_alive():
-            time.sleep(0.05)
+        wait_log(proc, "embedded broker restarted")
+        sender.wait_sent(len(batches) // 2)
         old = _one(api_pids, proc.proc.pid)
         os.kill(old, signal.SIGKILL)
-        deadline = time.monotonic() + 120
-        while "API process restarted" not in log.read_text(errors="replace"):
-            assert proc.alive(), proc.tail()
-            assert time.monotonic() < deadline, proc.tail()
-            time.sleep(0.2)
+        wait_log(proc, "API process restarted")
         assert _one(api_pids, proc.proc.pid) != old
-        t.join(600)
-        assert not errors, errors
-        assert not t.is_alive()
+        sender.finish()
         assert client.failures > 0  # the kill was felt
         assert_matches(query_all(url, key, wl), wl.truth())
         assert httpx.get(url + "/readyz", timeout=10).status_code == 200

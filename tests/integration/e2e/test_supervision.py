@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import httpx
 import pytest
 
 from tests.integration.e2e.harness import (
+    BackgroundSender,
     RetryingClient,
     Workload,
     assert_matches,
@@ -22,6 +22,7 @@ from tests.integration.e2e.harness import (
     create_tenant,
     query_all,
     start_embedded,
+    wait_log,
 )
 
 pytestmark = pytest.mark.chaos
@@ -37,10 +38,6 @@ def _broker_pid(proc_pid: int, not_in: frozenset[int] | set[int] = frozenset()) 
     raise AssertionError("no (new) broker child appeared")
 
 
-def _log_count(path: Path, needle: str) -> int:
-    return path.read_text(errors="replace").count(needle)
-
-
 def test_broker_child_killed_twice_while_a_client_retries(tmp_path: Path) -> None:
     log = tmp_path / "tally.log"
     proc, url = start_embedded(tmp_path / "data", log)
@@ -50,36 +47,16 @@ def test_broker_child_killed_twice_while_a_client_retries(tmp_path: Path) -> Non
         wl = Workload(seed=23, n_unique=2400).generate()
         batches = [wl.events[i : i + 100] for i in range(0, len(wl.events), 100)]
         client = RetryingClient(key, lambda: url)
-        sent = 0
-        errors: list[BaseException] = []
-
-        def send_all() -> None:
-            nonlocal sent
-            try:
-                for b in batches:
-                    client.send(b, deadline_s=240)
-                    sent += 1
-            except BaseException as exc:
-                errors.append(exc)
-
-        t = threading.Thread(target=send_all)
-        t.start()
+        sender = BackgroundSender(client, batches)
         assert proc.proc is not None
         killed: set[int] = set()
         for i, at in enumerate((len(batches) // 3, 2 * len(batches) // 3)):
-            while sent < at and t.is_alive():
-                time.sleep(0.05)
+            sender.wait_sent(at)
             pid = _broker_pid(proc.proc.pid, killed)
             os.kill(pid, signal.SIGKILL)
             killed.add(pid)
-            deadline = time.monotonic() + 120
-            while _log_count(log, "embedded broker restarted") < i + 1:
-                assert proc.alive(), proc.tail()
-                assert time.monotonic() < deadline, proc.tail()
-                time.sleep(0.2)
-        t.join(600)
-        assert not errors, errors
-        assert not t.is_alive()
+            wait_log(proc, "embedded broker restarted", count=i + 1)
+        sender.finish()
         assert client.failures > 0  # the kills were felt: some batches had to be retried
         # wait=stored: every acknowledged batch is queryable; every batch was acknowledged
         assert_matches(query_all(url, key, wl), wl.truth())
