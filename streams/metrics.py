@@ -82,7 +82,7 @@ class WorkerMetrics:
         )
         self.dedupe_entries = Gauge(
             "tally_worker_dedupe_index_entries",
-            "Event ids in the worker's local dedupe indexes (within the dedupe horizon)",
+            "Event ids in the worker's local dedupe indexes (within the dedupe horizon; written or held for the next batched write)",
             registry=r,
         )
         self.partitions = Gauge(

@@ -494,7 +494,7 @@ class StreamWorker:
         failing = self.failing_since_ms
         m.failing_seconds.set(0 if failing is None else max(0, _now_ms() - failing) / 1000)
         m.held_events.set(proc.held_events)
-        m.dedupe_entries.set(sum(idx.entries for idx in list(self.indexes.values())))
+        m.dedupe_entries.set(sum(idx.entries + idx.pending for idx in list(self.indexes.values())))
         report: LagReport
         if self.probe is None:
             report = LagReport(_now_ms(), (), error="no lag probe", topic=self.topic)
