@@ -109,9 +109,8 @@ class ColumnarResult:
 
 def _raw_values(path: JsonPath, props: list[dict[str, Any]]) -> list[Any]:
     """``path.extract`` of every event (a one-name path, the common case, without the call)."""
-    steps = path.steps
-    if len(steps) == 1 and isinstance(steps[0], str):
-        name = steps[0]
+    name = _one_name(path)
+    if name is not None:
         return [p.get(name, MISSING) if type(p) is dict else MISSING for p in props]
     extract = path.extract
     return [extract(p) for p in props]
@@ -230,28 +229,30 @@ def _numeric_values(path: JsonPath, cols: _Props) -> _Values:
     integer is in range, its ``Decimal(38, 9)`` is the integer itself); any other column goes
     through ``to_decimal`` per value (the reference's own conversion) into ``decimal128(38, 9)``."""
     arr = cols.inferred(path)
-    props = cols.props
     if arr is not None and arr.type == pa.int64():
-        return _Values(arr, _bad_at(path, props, _null_positions(arr), _numeric_one))
-    vals = [_numeric_one(v) for v in _raw_values(path, props)]
-    bad = {n: v.message for n, v in enumerate(vals) if type(v) is _Bad}
-    if bad:
-        vals = [None if type(v) is _Bad else v for v in vals]
-    return _Values(pa.array(vals, DECIMAL), bad)
+        return _Values(arr, _bad_at(path, cols.props, _null_positions(arr), _numeric_one))
+    return _per_value(path, cols.props, _numeric_one, DECIMAL)
 
 
 def _uniq_values(path: JsonPath, cols: _Props) -> _Values:
     """``canonical_scalar`` of every event's value (strings as they are, integers in decimal)."""
     arr = cols.inferred(path)
-    props = cols.props
     if arr is not None and arr.type in (pa.string(), pa.int64()):
-        bad = _bad_at(path, props, _null_positions(arr), _uniq_one)
+        bad = _bad_at(path, cols.props, _null_positions(arr), _uniq_one)
         return _Values(arr.cast(pa.string()), bad)
-    vals = [_uniq_one(v) for v in _raw_values(path, props)]
+    return _per_value(path, cols.props, _uniq_one, pa.string())
+
+
+def _per_value(
+    path: JsonPath, props: list[dict[str, Any]], one: Callable[[Any], Any], typ: pa.DataType
+) -> _Values:
+    """``one`` of every event's value into an array of ``typ`` (null where ``one`` said
+    ``_Bad``, with its message): the path for columns Arrow cannot type natively."""
+    vals = [one(v) for v in _raw_values(path, props)]
     bad = {n: v.message for n, v in enumerate(vals) if type(v) is _Bad}
     if bad:
         vals = [None if type(v) is _Bad else v for v in vals]
-    return _Values(pa.array(vals, pa.string()), bad)
+    return _Values(pa.array(vals, typ), bad)
 
 
 def _filter_mask(f: PropertyFilter, cols: _Props) -> np.ndarray | None:
