@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
@@ -29,6 +30,15 @@ from tally.settings import Settings
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+
+
+def announce(url: str, data_dir: Path, token: str | None) -> None:
+    """`tally run` is up: write the run file (url, pid) and tell the user where and how."""
+    (data_dir / RUN_FILE).write_text(json.dumps({"url": url, "pid": os.getpid()}))
+    print(f"Tally is running at {url}  (data: {data_dir})", flush=True)
+    if token:
+        print(f"Admin token (shown once, keep it): {token}", flush=True)
+    print("Create a tenant: tally tenant create NAME   Stop: Ctrl-C", flush=True)
 
 
 @dataclass
@@ -219,12 +229,7 @@ def run_embedded(settings: Settings) -> None:
 
         def started(port: int) -> None:
             main_loop.append(asyncio.get_running_loop())
-            url = f"http://{settings.api_host}:{port}"
-            (data_dir / RUN_FILE).write_text(json.dumps({"url": url, "pid": os.getpid()}))
-            print(f"Tally is running at {url}  (data: {data_dir})", flush=True)
-            if token:
-                print(f"Admin token (shown once, keep it): {token}", flush=True)
-            print("Create a tenant: tally tenant create NAME   Stop: Ctrl-C", flush=True)
+            announce(f"http://{settings.api_host}:{port}", data_dir, token)
 
         _serve(app, settings, started, server_ref.append)
     finally:

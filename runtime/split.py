@@ -419,7 +419,7 @@ def run_split(settings: Settings) -> None:
     from api.topics import create_topic  # noqa: F401  (imported here: fail early if missing)
     from clickhouse.server import StoreServer
     from clickhouse.sink import ClickHouseSink
-    from runtime.roles import RUN_FILE, Core, embedded_secrets_key, serve_in_thread
+    from runtime.roles import RUN_FILE, Core, announce, embedded_secrets_key, serve_in_thread
     from runtime.supervisor import BrokerSupervisor, EmbeddedPipeline
     from streams.metrics import WorkerMetrics
     from streams.progress import ProgressBoard
@@ -494,12 +494,7 @@ def run_split(settings: Settings) -> None:
         api = ApiChild(child_settings, env, lambda: pipeline.current if pipeline else None)
         port = api.start()
         supervisor = BrokerSupervisor(pipeline, lambda _producer: None, on_fatal).start()
-        url = f"http://{settings.api_host}:{port}"
-        (data_dir / RUN_FILE).write_text(json.dumps({"url": url, "pid": os.getpid()}))
-        print(f"Tally is running at {url}  (data: {data_dir})", flush=True)
-        if token:
-            print(f"Admin token (shown once, keep it): {token}", flush=True)
-        print("Create a tenant: tally tenant create NAME   Stop: Ctrl-C", flush=True)
+        announce(f"http://{settings.api_host}:{port}", data_dir, token)
         restarts: deque[float] = deque()
         while not stop.is_set():
             try:
