@@ -6,11 +6,13 @@ worker and chDB in the main one. The guarantees of the split, with real processe
 - a killed API child is restarted on the same URL (producing to the broker generation of the
   moment, after a broker restart) while a client retries, and the totals are exact; an API child that may not be restarted stops `tally run` with exit code 1 and a clear
   message (never a half-alive Tally);
-- SIGTERM stops both processes in order, exit code 0.
+- SIGTERM stops both processes in order, exit code 0;
+- `TALLY_EMBEDDED_PROCESSES=single` (the old one-process layout) still runs and counts exactly.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -131,6 +133,29 @@ def test_api_child_that_may_not_restart_stops_tally_run(tmp_path: Path) -> None:
         while _alive(broker):
             assert time.monotonic() < deadline, "the broker outlived tally run"
             time.sleep(0.1)
+    finally:
+        if proc.alive():
+            proc.kill9()
+
+
+def test_single_mode_keeps_one_process_and_counts_exactly(tmp_path: Path) -> None:
+    """``TALLY_EMBEDDED_PROCESSES=single``, the old layout: no API child, the run file written,
+    every event counted once (retries included), SIGTERM -> exit 0."""
+    data = tmp_path / "data"
+    proc, url = start_embedded(data, tmp_path / "tally.log", TALLY_EMBEDDED_PROCESSES="single")
+    try:
+        assert proc.proc is not None
+        assert api_pids(proc.proc.pid) == []
+        assert json.loads((data / "run.json").read_text())["url"] == url
+        key = create_tenant(url, "acme")
+        create_meters(url, key)
+        wl = Workload(seed=7, n_unique=800).generate()
+        client = RetryingClient(key, lambda: url)
+        for i in range(0, len(wl.events), 100):
+            client.send(wl.events[i : i + 100])
+        client.send(wl.events[:100])  # a retried batch: counted once
+        assert_matches(query_all(url, key, wl), wl.truth())
+        assert proc.terminate() == 0, proc.tail()
     finally:
         if proc.alive():
             proc.kill9()
