@@ -41,7 +41,7 @@ from billing.compose import (
     to_invoice_line,
 )
 from billing.lease import Lease
-from billing.pool import compose_groups, gc_paused
+from billing.pool import compose_groups
 from billing.ports import BillingStore
 from billing.usage import counted_meters, fetch_usage
 from rating.adjustments import RATED_KINDS, Billed
@@ -70,6 +70,7 @@ from schemas.jsonschema import STORE_MIN
 from schemas.pricing import BreakdownPart, LineItem, LineKind
 from schemas.timeutil import to_ms, utc_now
 from tally.errors import Conflict, NotFound, ValidationError
+from tally.gcpause import gc_paused
 
 log = logging.getLogger(__name__)
 

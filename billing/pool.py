@@ -8,7 +8,7 @@ starting a process costs more than rating a few hundred invoices.
 Python's cyclic garbage collector: an invoice run builds hundreds of thousands of objects that
 all live until the run ends (subscriptions, usage, invoices), and every full collection walks
 all of them again; at 10k customers that was more than half of the run's time. A run therefore
-pauses the collector (``gc_paused``; reference counting still frees everything that is not a
+pauses the collector (``tally.gcpause.gc_paused``; reference counting still frees everything that is not a
 cycle) and the worker processes run without it.
 """
 
@@ -18,10 +18,8 @@ import gc
 import logging
 import multiprocessing
 import os
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 
 from billing.compose import ComposeInput, ComposeResult, compose_many
 
@@ -29,30 +27,6 @@ log = logging.getLogger(__name__)
 
 INLINE_MAX = 400  # invoices: below this, no processes
 CHUNK = 250  # subscriptions per task
-
-
-_gc_lock = threading.Lock()
-_gc_depth = 0
-_gc_was_enabled = False
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while the block runs (nested and concurrent uses are
-    counted: the collector is back on when the last one ends, if it was on before)."""
-    global _gc_depth, _gc_was_enabled
-    with _gc_lock:
-        if _gc_depth == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_depth += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_depth -= 1
-            if _gc_depth == 0 and _gc_was_enabled:
-                gc.enable()
 
 
 def _worker_init() -> None:

@@ -147,8 +147,10 @@ def run_embedded(settings: Settings) -> None:
     ``embedded_processes = "split"`` (the default) runs the API in a child process instead
     (``runtime.split``); this function is the ``single`` mode.
     """
+    from tally.gcpause import tune_gc
     from tally.settings import EmbeddedProcesses
 
+    tune_gc(settings.gc_threshold)
     if settings.embedded_processes == EmbeddedProcesses.SPLIT:
         from runtime.split import run_split
 
@@ -265,8 +267,10 @@ def run_api(settings: Settings) -> None:
     from streams.lag import LogProbe
     from streams.progress import StoreProgressWaiter
     from streams.status import stale_after_s
+    from tally.gcpause import tune_gc
     from tally.metrics import process_registry
 
+    tune_gc(settings.gc_threshold)
     _require_external(settings)
     core = Core.open(settings)
     create_topic(settings.kafka_bootstrap, settings.events_topic, settings.events_partitions)
@@ -348,8 +352,10 @@ def run_worker(settings: Settings) -> None:
     from streams.lag import LogProbe
     from streams.metrics import WorkerMetrics
     from streams.worker import WorkerRunner
+    from tally.gcpause import tune_gc
     from tally.metrics import process_registry
 
+    tune_gc(settings.gc_threshold)
     _require_external(settings)
     core = Core.open(settings)
     create_topic(settings.kafka_bootstrap, settings.events_topic, settings.events_partitions)

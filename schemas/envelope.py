@@ -30,7 +30,6 @@ import orjson
 from schemas.events import ID_MAX, Event
 from schemas.jsonpath import json_kind
 from schemas.timeutil import epoch_ms, from_epoch_ms
-from tally.gcpause import gc_paused
 
 VERSION = 1
 TENANT_MAX = 64
@@ -313,40 +312,36 @@ def _columns_ok(ids: Any, types: Any, customers: Any, times: Any, props: Any) ->
 
 def decode_columns(payload: bytes) -> EnvelopeColumns:
     """Decode a v1 envelope into columns: the same acceptance, errors and rejected rows as
-    ``decode`` (checked by a property test), without an object per event.
-
-    The cyclic garbage collector is paused (``tally.gcpause``) while the envelope's objects are
-    made: decoding allocates thousands of small containers, which would otherwise trigger
-    collections that traverse every live object (3-4x slower, DESIGN §7). The objects are
-    acyclic and freed by reference counting.
+    ``decode`` (checked by a property test), without an object per event. (The thousands of
+    small containers it makes are why the processes raise the collector's threshold:
+    ``tally.gcpause.tune_gc``.)
     """
-    with gc_paused():
-        hint, at, rows = _header(payload)
-        if not rows:
-            return EnvelopeColumns(hint, at, [], [], [], [], [])
-        rejected: list[RejectedEvent] = []
-        positions: list[int] = []
-        if all(type(r) is list and len(r) == 5 for r in rows):
-            cols = list(zip(*rows, strict=True))
-            if not _columns_ok(*cols):
-                cols = []
-        else:
+    hint, at, rows = _header(payload)
+    if not rows:
+        return EnvelopeColumns(hint, at, [], [], [], [], [])
+    rejected: list[RejectedEvent] = []
+    positions: list[int] = []
+    if all(type(r) is list and len(r) == 5 for r in rows):
+        cols = list(zip(*rows, strict=True))
+        if not _columns_ok(*cols):
             cols = []
-        if not cols:  # some row is bad: split row by row, like ``decode``
-            good, rejected, positions = _split(rows)
-            cols = list(zip(*good, strict=True)) if good else [(), (), (), (), ()]
-        ids, types, customers, times, props = cols
-        return EnvelopeColumns(
-            hint,
-            at,
-            list(ids),
-            list(types),
-            list(customers),
-            list(times),
-            list(props),
-            tuple(rejected),
-            tuple(positions) if rejected else None,
-        )
+    else:
+        cols = []
+    if not cols:  # some row is bad: split row by row, like ``decode``
+        good, rejected, positions = _split(rows)
+        cols = list(zip(*good, strict=True)) if good else [(), (), (), (), ()]
+    ids, types, customers, times, props = cols
+    return EnvelopeColumns(
+        hint,
+        at,
+        list(ids),
+        list(types),
+        list(customers),
+        list(times),
+        list(props),
+        tuple(rejected),
+        tuple(positions) if rejected else None,
+    )
 
 
 __all__ = [

@@ -61,7 +61,6 @@ from streams.dedupe import DedupeIndex, rebuild
 from streams.matching import CompiledMeter, MeterIndex
 from streams.metrics import WorkerMetrics
 from streams.sink import Sink, chain_token
-from tally.gcpause import gc_paused
 
 log = logging.getLogger(__name__)
 
@@ -433,14 +432,9 @@ class BatchProcessor:
         )
         meter_index = self.meters.ensure([c.meter for _p, _o, c in markers])
         rows = self._activate(markers)
-        # The cyclic collector is paused while the links' columns are built (``tally.gcpause``):
-        # the per-event tuples, keys and window entries are acyclic (reference counting frees
-        # them), but their allocation would otherwise start collections that walk every live
-        # object of the process, the buffered envelopes included.
-        with gc_paused():
-            for link in todo:
-                link.activation_rows = [r for r in rows if r[3] == link.partition]
-                self._prepare_link(link, meter_index)
+        for link in todo:
+            link.activation_rows = [r for r in rows if r[3] == link.partition]
+            self._prepare_link(link, meter_index)
 
     def _dead_letter_rows(
         self, link: Link, found: list[tuple[int, DeadLetter]]

@@ -263,6 +263,15 @@ class Settings(BaseSettings):
         "tally_tenant_events_total instead of the top N (the rest are 'other')",
     )
 
+    # --- process ---------------------------------------------------------------------------
+    gc_threshold: int = Field(
+        100_000,
+        ge=0,
+        description="Python's cyclic garbage collector runs its young generation every this many "
+        "net allocations in tally run/api/worker (start-up objects are frozen); 0 keeps "
+        "Python's default (700), which makes bulk JSON decoding much slower (tally.gcpause)",
+    )
+
     # --- logging -----------------------------------------------------------------------------
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     log_format: LogFormat = Field(

@@ -3,7 +3,7 @@ from __future__ import annotations
 import gc
 import threading
 
-from tally.gcpause import gc_paused
+from tally.gcpause import gc_paused, tune_gc
 
 
 def test_pauses_and_restores() -> None:
@@ -54,3 +54,16 @@ def test_concurrent_blocks() -> None:
     leave.set()
     t.join(10)
     assert seen == [True] and gc.isenabled()
+
+
+def test_tune_gc_raises_the_young_threshold_and_freezes_start_up_objects() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc(0)  # 0 keeps Python's thresholds
+        assert gc.get_threshold() == before
+        tune_gc(50_000)
+        assert gc.get_threshold() == (50_000, before[1], before[2])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
