@@ -24,8 +24,9 @@ import orjson
 
 from benchmarks.jobs import Progress
 from benchmarks.workload import EventFactory
+from runtime.roles import EMBEDDED_PARTITIONS
 
-ENVELOPE_PARTITIONS = 8  # Settings.events_partitions default
+ENVELOPE_PARTITIONS = EMBEDDED_PARTITIONS  # what `tally run` uses on a new data directory
 
 
 def _pct(values: list[float], q: float) -> float:

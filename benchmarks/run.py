@@ -48,8 +48,9 @@ from benchmarks.target import (
     tenant_of_key,
 )
 from benchmarks.workload import COUNT_METER, EVENT_TYPE, iso_ms
+from runtime.roles import PARTITIONS_FILE
 
-PARTITIONS = 8  # Settings.events_partitions default (embedded)
+PARTITIONS = 8  # Settings.events_partitions default (scale-out)
 
 
 @dataclass
@@ -612,7 +613,8 @@ class Runner:
                 self.mem.pid = None
                 store_url = f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
                 database = "tally"
-                partitions = PARTITIONS
+                # the count `tally run` fixed for this data directory (runtime.roles)
+                partitions = int((self.data_dir / PARTITIONS_FILE).read_text())
             else:
                 assert self.remote is not None and self.remote.clickhouse_url
                 store_url = self.remote.clickhouse_url

@@ -139,6 +139,75 @@ def embedded_secrets_key(settings: Settings, data_dir: Any) -> str:
     return str(path.read_text().strip())
 
 
+# `tally run` has one worker, so more partitions only add commits: each flush writes one link
+# (one INSERT, one new part on disk) per partition, ~10 ms each on this machine's disk.
+EMBEDDED_PARTITIONS = 2
+PARTITIONS_FILE = "partitions"
+
+
+def embedded_partitions(settings: Settings, data_dir: Path) -> int:
+    """The events topic's partition count for this data directory, fixed for its lifetime.
+
+    The dedupe index is one file per partition *number* and an id's partition is
+    ``hash(tenant, id) % partitions`` in every topic generation, so a retry is only recognised
+    if the count never changes (docs/architecture.md, "Topic generations"). The first start
+    writes ``<data_dir>/partitions`` (``events_partitions`` if set, else 2); a directory from
+    before that file existed keeps the count of its index files. Setting ``events_partitions``
+    to another count than the directory's is refused, naming the setting.
+    """
+    from streams.dedupe import indexed_partitions
+    from tally.errors import ValidationError
+
+    path = data_dir / PARTITIONS_FILE
+    pinned: int | None = None
+    if path.exists():
+        text = path.read_text().strip()
+        if not text.isdigit() or int(text) < 1:
+            raise ValidationError(
+                f"{path} must hold the partition count (a positive integer), not {text!r}",
+                field="events_partitions",
+            )
+        pinned = int(text)
+    else:
+        pinned = indexed_partitions(data_dir / "dedupe")
+    given = "events_partitions" in settings.model_fields_set
+    if pinned is not None and given and settings.events_partitions != pinned:
+        raise ValidationError(
+            f"events_partitions={settings.events_partitions}, but the data directory "
+            f"{data_dir} was created with {pinned} partitions; the count cannot change (an "
+            "event's partition is hash(tenant, id) % partitions, so a retried event would be "
+            "missed by the dedupe index). Unset TALLY_EVENTS_PARTITIONS or use a new data "
+            "directory",
+            field="events_partitions",
+        )
+    count = (
+        pinned
+        if pinned is not None
+        else settings.events_partitions
+        if given
+        else EMBEDDED_PARTITIONS
+    )
+    if not path.exists():
+        path.write_text(f"{count}\n")
+    return count
+
+
+def embedded_settings(settings: Settings) -> Settings:
+    """`tally run`'s settings, both layouts: the data directory resolved and created, the
+    partition count of the directory, ``wait=stored`` by default and the secrets key."""
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return settings.model_copy(
+        update={
+            "data_dir": data_dir,
+            "events_partitions": embedded_partitions(settings, data_dir),
+            # Decided before kafka_bootstrap is filled in: embedded answers after storage.
+            "ingest_wait": settings.effective_ingest_wait,
+            "secrets_key": SecretStr(embedded_secrets_key(settings, data_dir)),
+        }
+    )
+
+
 def run_embedded(settings: Settings) -> None:
     """`tally run`: broker child + chDB + worker thread + HTTP API, one process.
 
@@ -163,16 +232,9 @@ def run_embedded(settings: Settings) -> None:
     from streams.progress import ProgressBoard
     from tally.metrics import process_registry
 
-    data_dir = settings.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
     base_topic = settings.events_topic
-    settings = settings.model_copy(
-        update={
-            # Decided before kafka_bootstrap is filled in: embedded answers after storage.
-            "ingest_wait": settings.effective_ingest_wait,
-            "secrets_key": SecretStr(embedded_secrets_key(settings, data_dir)),
-        }
-    )
+    settings = embedded_settings(settings)
+    data_dir = settings.data_dir
     pipeline: EmbeddedPipeline | None = None
     supervisor: BrokerSupervisor | None = None
     server_ref: list[Any] = []

@@ -421,22 +421,15 @@ def run_split(settings: Settings) -> None:
     from api.topics import create_topic  # noqa: F401  (imported here: fail early if missing)
     from clickhouse.server import StoreServer
     from clickhouse.sink import ClickHouseSink
-    from runtime.roles import RUN_FILE, Core, announce, embedded_secrets_key, serve_in_thread
+    from runtime.roles import RUN_FILE, Core, announce, embedded_settings, serve_in_thread
     from runtime.supervisor import BrokerSupervisor, EmbeddedPipeline
     from streams.metrics import WorkerMetrics
     from streams.progress import ProgressBoard
     from tally.metrics import process_registry
 
-    data_dir = settings.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
     base_topic = settings.events_topic
-    settings = settings.model_copy(
-        update={
-            "data_dir": data_dir,
-            "ingest_wait": settings.effective_ingest_wait,
-            "secrets_key": SecretStr(embedded_secrets_key(settings, data_dir)),
-        }
-    )
+    settings = embedded_settings(settings)
+    data_dir = settings.data_dir
     stop = threading.Event()
     fatal: list[str] = []
     jobs: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()

@@ -54,6 +54,16 @@ def index_path(directory: Path, partition: int) -> Path:
     return directory / f"partition-{partition}.sqlite"
 
 
+def indexed_partitions(directory: Path) -> int | None:
+    """1 + the highest partition number with an index file in ``directory`` (None: none)."""
+    found = [
+        int(f.stem.removeprefix("partition-"))
+        for f in directory.glob("partition-*.sqlite")
+        if f.stem.removeprefix("partition-").isdigit()
+    ]
+    return max(found) + 1 if found else None
+
+
 def _wm(topic: str) -> str:
     return "wm:" + topic
 
