@@ -166,6 +166,10 @@ class _Origin(NamedTuple):
     ingested_at_ms: int
 
 
+_EMPTY_EVENTS = empty_events()
+_EMPTY_USAGE = empty_usage()
+
+
 def _mono() -> float:
     return time.monotonic()
 
@@ -199,9 +203,13 @@ class Link:
     generation: int
     token: str
     prepared: bool = False
-    events: pa.Table = field(default_factory=empty_events)  # schemas.columns.EVENTS_SCHEMA
-    usage: pa.Table = field(default_factory=empty_usage)  # schemas.columns.USAGE_SCHEMA
-    kept_keys: list[tuple[str, str, int]] = field(default_factory=list)
+    # schemas.columns.EVENTS_SCHEMA / USAGE_SCHEMA (one shared empty table each until prepared:
+    # Arrow tables are immutable, and making them per link cost ~0.2 ms each)
+    events: pa.Table = field(default_factory=lambda: _EMPTY_EVENTS)
+    usage: pa.Table = field(default_factory=lambda: _EMPTY_USAGE)
+    # the (tenant, id) of every kept event and its envelope's ingestion time (for the index)
+    kept_keys: list[tuple[str, str]] = field(default_factory=list)
+    kept_ingested_ms: list[int] = field(default_factory=list)
     activation_rows: list[tuple[str, str, str, int, int]] = field(default_factory=list)
     dead_letter_rows: list[DeadLetterRow] = field(default_factory=list)
     events_in: int = 0
@@ -498,8 +506,29 @@ class BatchProcessor:
         )
         if len(first) - len(seen) < events_in:  # something to drop: keep the first copies only
             pos = sorted(g for k, g in first.items() if k not in seen)
-            tenants, ids, types, customers, times, props, offsets, ingested, index_in_env = _take(
-                pos, tenants, ids, types, customers, times, props, offsets, ingested, index_in_env
+            (
+                keys,
+                tenants,
+                ids,
+                types,
+                customers,
+                times,
+                props,
+                offsets,
+                ingested,
+                index_in_env,
+            ) = _take(
+                pos,
+                keys,
+                tenants,
+                ids,
+                types,
+                customers,
+                times,
+                props,
+                offsets,
+                ingested,
+                index_in_env,
             )
         # the ledger's properties as JSON; an event whose properties cannot be written (nested
         # deeper than the encoder allows) is not kept: it goes to the dead letters
@@ -514,6 +543,7 @@ class BatchProcessor:
             drop = {g for g, _exc in unencodable}
             pos = [g for g in range(len(ids)) if g not in drop]
             (
+                keys,
                 tenants,
                 ids,
                 types,
@@ -526,6 +556,7 @@ class BatchProcessor:
                 texts,
             ) = _take(
                 pos,
+                keys,
                 tenants,
                 ids,
                 types,
@@ -538,7 +569,6 @@ class BatchProcessor:
                 texts,
             )
         kept = KeptEvents(tenants, ids, types, customers, times, props, offsets)
-        kept_keys = list(zip(tenants, ids, ingested, strict=True))
         late_ms = self.late_ms
         late = sum(1 for t, ing in zip(kept.times_ms, ingested, strict=True) if t < ing - late_ms)
         n_kept = len(kept)
@@ -571,7 +601,8 @@ class BatchProcessor:
 
         result = aggregate(kept, meter_index, threshold)
         link.usage = result.usage
-        link.kept_keys = kept_keys
+        link.kept_keys = keys
+        link.kept_ingested_ms = ingested
         link.events_in = events_in
         link.duplicates = duplicates
         link.value_errors = result.value_errors
@@ -720,7 +751,7 @@ class BatchProcessor:
             v, m = verdicts[k.partition]
             try:
                 if v is Verdict.STORED:
-                    self.index_for(k.partition).record(k.kept_keys, k.last)
+                    self.index_for(k.partition).record_keys(k.kept_keys, k.kept_ingested_ms, k.last)
                 elif v is Verdict.RESYNC:
                     rebuild(
                         self.index_for(k.partition),
