@@ -36,7 +36,7 @@ T0 = 1_700_000_000_000
 
 def meters() -> list[Meter]:
     return [
-        Meter(  # type: ignore[call-arg]
+        Meter(
             id=f"m{t}-{spec['slug']}",
             tenant_id=f"tenant-{t}",
             created_at=datetime(2020, 1, 1, tzinfo=UTC),
@@ -97,7 +97,7 @@ def main() -> None:
 
         proc = BatchProcessor(
             "bench",
-            _NoStore(),  # type: ignore[arg-type]
+            _NoStore(),
             index_for,
             meters=MeterCache(lambda: all_meters, clock_ms=lambda: T0),
             clock_ms=lambda: T0,

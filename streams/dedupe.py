@@ -201,7 +201,7 @@ class DedupeIndex:
         self._pending = {}
         self._pending_wm = None
 
-    def _write(self, rows: list[tuple[str, str, int]], watermark: int, topic: str) -> None:
+    def _write(self, rows: Iterable[tuple[object, ...]], watermark: int, topic: str) -> None:
         """Insert ``rows`` (in key order) and set the watermark of ``topic``, atomically (lock
         held)."""
         self._db.execute("BEGIN")

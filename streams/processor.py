@@ -56,7 +56,7 @@ from schemas.meters import Meter
 from schemas.worker import Claim
 from streams import deadletters
 from streams.activation import NO_MARKER, Activations
-from streams.columnar import KeptEvents, aggregate
+from streams.columnar import ColumnarResult, KeptEvents, Threshold, aggregate_links
 from streams.dedupe import DedupeIndex, rebuild
 from streams.matching import CompiledMeter, MeterIndex
 from streams.metrics import WorkerMetrics
@@ -445,10 +445,16 @@ class BatchProcessor:
         # the per-event tuples, keys and window entries are acyclic (reference counting frees
         # them), but their allocation would otherwise start collections that walk every live
         # object of the process, the buffered envelopes included.
+        # The links' windows are computed in one ``aggregate_links`` call (the link is part of
+        # every window key): its fixed costs are paid once per flush, not once per link.
         with gc_paused():
+            work: list[tuple[KeptEvents, Threshold, Callable[[ColumnarResult], None]]] = []
             for link in todo:
                 link.activation_rows = [r for r in rows if r[3] == link.partition]
-                self._prepare_link(link, meter_index)
+                work.append(self._link_columns(link))
+            results = aggregate_links([(kept, th) for kept, th, _f in work], meter_index)
+            for (_kept, _th, finish), result in zip(work, results, strict=True):
+                finish(result)
 
     def _dead_letter_rows(
         self, link: Link, found: list[tuple[int, DeadLetter]]
@@ -471,8 +477,12 @@ class BatchProcessor:
             self.topic, link.partition, letters, self.dead_letter_max_bytes
         )
 
-    def _prepare_link(self, link: Link, meter_index: MeterIndex) -> None:
-        """Dedupe, ledger columns and minute windows of one link (columnar, no object per event)."""
+    def _link_columns(
+        self, link: Link
+    ) -> tuple[KeptEvents, Threshold, Callable[[ColumnarResult], None]]:
+        """Dedupe and ledger columns of one link (columnar, no object per event): its kept
+        events and meter threshold (the input of its minute windows), and the function that
+        completes the link with its windows (``aggregate_links``' result for it)."""
         topic = self.topic
         p = link.partition
         envs = [
@@ -599,22 +609,24 @@ class BatchProcessor:
             marker = acts.first_markers(p).get(cm.id, NO_MARKER)
             return None if marker >= NO_MARKER else marker
 
-        result = aggregate(kept, meter_index, threshold)
-        link.usage = result.usage
-        link.kept_keys = keys
-        link.kept_ingested_ms = ingested
-        link.events_in = events_in
-        link.duplicates = duplicates
-        link.value_errors = result.value_errors
-        for j, meter_id, message in result.issues:
-            log.debug("event %s/%s: meter %s: %s", kept.tenants[j], kept.ids[j], meter_id, message)
-            ev = EnvelopeEvent(ids[j], types[j], customers[j], times[j], props[j])
-            origin = _Origin(tenants[j], ingested[j])
-            letter = deadletters.of_meter_value(origin, index_in_env[j], ev, meter_id, message)
-            found.append((offsets[j], letter))
-        link.dead_letter_rows = self._dead_letter_rows(link, found)
-        link.late = late
-        link.prepared = True
+        def finish(result: ColumnarResult) -> None:
+            link.usage = result.usage
+            link.kept_keys = keys
+            link.kept_ingested_ms = ingested
+            link.events_in = events_in
+            link.duplicates = duplicates
+            link.value_errors = result.value_errors
+            for j, meter_id, message in result.issues:
+                log.debug("event %s/%s: meter %s: %s", tenants[j], ids[j], meter_id, message)
+                ev = EnvelopeEvent(ids[j], types[j], customers[j], times[j], props[j])
+                origin = _Origin(tenants[j], ingested[j])
+                letter = deadletters.of_meter_value(origin, index_in_env[j], ev, meter_id, message)
+                found.append((offsets[j], letter))
+            link.dead_letter_rows = self._dead_letter_rows(link, found)
+            link.late = late
+            link.prepared = True
+
+        return kept, threshold, finish
 
     def _activate(
         self, markers: list[tuple[int, int, Control]]
