@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -155,8 +156,11 @@ def _json_texts_checked(objs: list[Any]) -> tuple[list[bytes], list[tuple[int, E
 
 
 def _take(positions: list[int], *columns: list[Any]) -> list[list[Any]]:
-    """The rows at ``positions`` of each of the parallel ``columns``."""
-    return [[col[g] for g in positions] for col in columns]
+    """The rows at ``positions`` of each of the parallel ``columns`` (the loops in C)."""
+    if len(positions) < 2:
+        return [[col[g] for g in positions] for col in columns]
+    pick = operator.itemgetter(*positions)
+    return [list(pick(col)) for col in columns]
 
 
 class _Origin(NamedTuple):
