@@ -1,5 +1,6 @@
 """The worker's dedupe index alone: ids recorded per link (``add_many``, one transaction per link)
-against batched writes (``record_keys``, the worker's columns), on random event ids (UUIDs) and a growing index.
+against batched writes (``record_keys``, the worker's columns), on random event ids (UUIDs) and
+a growing index.
 
 Run: python -m benchmarks.dedupe_index [ids] [link_size] — nothing asserted. For every link the
 worker's pattern is replayed: ``contains_many`` of the link's ids, then their insert. Printed:
