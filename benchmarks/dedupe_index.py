@@ -1,5 +1,6 @@
 """The worker's dedupe index alone: ids recorded per link (``add_many``, one transaction per link)
-against batched writes (``record``), on random event ids (UUIDs) and a growing index.
+against batched writes (``record_keys``, the worker's columns), on random event ids (UUIDs) and
+a growing index.
 
 Run: python -m benchmarks.dedupe_index [ids] [link_size] — nothing asserted. For every link the
 worker's pattern is replayed: ``contains_many`` of the link's ids, then their insert. Printed:
@@ -25,14 +26,17 @@ def run(directory: Path, ids: int, link: int, batched: bool) -> float:
     done = 0
     offset = 0
     while done < ids:
-        keys = [(tenant, str(uuid.uuid4()), 1_700_000_000_000) for _ in range(link)]
+        # the worker's columns: (tenant, id) keys and their ingestion times
+        keys = [(tenant, str(uuid.uuid4())) for _ in range(link)]
+        ingested = [1_700_000_000_000] * link
+        rows = [(t, e, ms) for (t, e), ms in zip(keys, ingested, strict=True)]
         t0 = time.process_time()
-        idx.contains_many([(t, e) for t, e, _ms in keys])
+        idx.contains_many(keys)
         offset += 1
         if batched:
-            idx.record(keys, offset)
+            idx.record_keys(keys, ingested, offset)
         else:
-            idx.add_many(keys, offset)
+            idx.add_many(rows, offset)
         if done >= ids // 2:
             cpu += time.process_time() - t0
         done += link

@@ -22,6 +22,7 @@ latest by ``(time_ms, event_id)``.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, Context, Decimal
@@ -405,18 +406,29 @@ def _decimal_sums(lists: pa.ChunkedArray) -> pa.Array:
 class _WindowKeys:
     """The window key of every event of a group as one ``int64`` code (hashing one integer
     column is several times cheaper than customer strings + windows): ``pair`` numbers the
-    distinct ``(customer, minute)`` pairs; a grouped meter's code is ``pair * G + group``."""
+    distinct ``(customer, minute)`` pairs (``(link, customer, minute)`` when the events of several
+    links are aggregated at once); a grouped meter's code is ``pair * G + group``."""
 
-    __slots__ = ("customers", "nwin", "pair", "pairs", "windows")
+    __slots__ = ("customers", "cws", "links", "ncw", "nwin", "pair", "pairs", "windows")
 
-    def __init__(self, customers: list[str], times: np.ndarray) -> None:
+    def __init__(
+        self, customers: list[str], times: np.ndarray, links: np.ndarray | None = None
+    ) -> None:
         enc = pa.array(customers, pa.string()).dictionary_encode()
         self.customers: pa.Array = enc.dictionary
         cust = enc.indices.to_numpy().astype(np.int64)
         self.windows, win = np.unique(times - times % MINUTE_MS, return_inverse=True)
         self.nwin = len(self.windows)
         # cust * nwin + win < len(times) ** 2; the pair numbers < len(times)
-        self.pairs, pair = np.unique(cust * self.nwin + win.reshape(-1), return_inverse=True)
+        key = cust * self.nwin + win.reshape(-1)
+        self.links = links is not None
+        self.cws: np.ndarray | None = None
+        self.ncw = 0
+        if links is not None:  # (customer, minute) numbered first: link * ncw + cw < len ** 2
+            self.cws, cw = np.unique(key, return_inverse=True)
+            self.ncw = len(self.cws)
+            key = links * self.ncw + cw.reshape(-1)
+        self.pairs, pair = np.unique(key, return_inverse=True)
         self.pair: np.ndarray = pair.reshape(-1).astype(np.int64)
 
     def grouped(self, group_keys: pa.Array) -> tuple[np.ndarray, pa.Array]:
@@ -426,15 +438,21 @@ class _WindowKeys:
 
     def decode(
         self, codes: np.ndarray, groups: pa.Array | None
-    ) -> tuple[pa.Array, pa.Array, pa.Array | None]:
-        """Customer, window start and group key (None: not grouped) of window codes."""
+    ) -> tuple[pa.Array, pa.Array, pa.Array | None, np.ndarray | None]:
+        """Customer, window start, group key (None: not grouped) and link (None: one link) of
+        window codes."""
         gkey = None
         if groups is not None:
             codes, gi = np.divmod(codes, len(groups))
             gkey = groups.take(pa.array(gi))
-        cust, win = np.divmod(self.pairs[codes], self.nwin)
+        key = self.pairs[codes]
+        link = None
+        if self.cws is not None:
+            link, cw = np.divmod(key, self.ncw)
+            key = self.cws[cw]
+        cust, win = np.divmod(key, self.nwin)
         customer = self.customers.take(pa.array(cust))
-        return customer, pa.array(self.windows[win]).cast(TIME), gkey
+        return customer, pa.array(self.windows[win]).cast(TIME), gkey, link
 
 
 def _distinct_values(codes: np.ndarray, vals: pa.Array) -> tuple[np.ndarray, np.ndarray, pa.Array]:
@@ -486,10 +504,11 @@ def _meter_windows(
     vals: pa.Array | None,
     latest: tuple[pa.Array, pa.Array] | None,
     gv_of: dict[str, dict[str, str]],
-) -> pa.Table:
-    """The minute windows of one meter as a ``USAGE_SCHEMA`` table. ``codes``: the window codes
-    of the selected events (``_WindowKeys``; ``groups`` the group keys of a grouped meter),
-    ``vals`` their values, ``latest`` their times and ids (latest meters)."""
+) -> tuple[pa.Table, np.ndarray | None]:
+    """The minute windows of one meter as a ``USAGE_SCHEMA`` table, and the link of each window
+    (None: one link). ``codes``: the window codes of the selected events (``_WindowKeys``;
+    ``groups`` the group keys of a grouped meter), ``vals`` their values, ``latest`` their times
+    and ids (latest meters)."""
     agg = cm.aggregation
     latest_arr: pa.Array | None = None
     if agg == Aggregation.UNIQUE_COUNT:
@@ -542,7 +561,7 @@ def _meter_windows(
         uniq = pa.ListArray.from_arrays(
             pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], pa.string())
         )
-    customer, window, gkey = wk.decode(out, groups)
+    customer, window, gkey, link = wk.decode(out, groups)
     if latest_arr is None:
         latest_arr = pa.StructArray.from_arrays(
             [pa.array(np.zeros(n, dtype=np.int64)), pa.array([""] * n, pa.string()), _zeros(n)],
@@ -576,7 +595,7 @@ def _meter_windows(
         latest_arr,
         pa.array(np.zeros(n, dtype=np.int64)),
     ]
-    return pa.Table.from_arrays(arrays, schema=USAGE_SCHEMA)
+    return pa.Table.from_arrays(arrays, schema=USAGE_SCHEMA), link
 
 
 def _col(t: pa.Table, name: str) -> pa.Array:
@@ -609,7 +628,41 @@ def aggregate(
     threshold: Threshold,
 ) -> ColumnarResult:
     """Match every kept event against its tenant's meters and aggregate minute windows."""
+    return aggregate_links([(kept, threshold)], meter_index)[0]
+
+
+def _concat(kepts: list[KeptEvents]) -> KeptEvents:
+    out = KeptEvents()
+    for k in kepts:
+        out.tenants += k.tenants
+        out.ids += k.ids
+        out.types += k.types
+        out.customers += k.customers
+        out.times_ms += k.times_ms
+        out.properties += k.properties
+        out.offsets += k.offsets
+    return out
+
+
+_NEVER = 2**62  # a threshold no offset passes (a meter that feeds no event of a link)
+
+
+def aggregate_links(
+    links: list[tuple[KeptEvents, Threshold]], meter_index: MeterIndex
+) -> list[ColumnarResult]:
+    """``aggregate`` of several links (each its kept events and threshold) at once: the same
+    result per link as one call per link (the link is part of every window key, so a window
+    never mixes links), with the fixed cost of every Arrow/numpy step paid once per
+    ``(tenant, event type, meter)`` of all the links instead of once per link."""
+    if len(links) == 1:
+        kept = links[0][0]
+        link_of: np.ndarray | None = None
+    else:
+        kept = _concat([k for k, _t in links])
+        link_of = np.repeat(np.arange(len(links), dtype=np.int64), [len(k) for k, _t in links])
+    thresholds = [t for _k, t in links]
     parts: list[pa.Table] = []
+    part_links: list[np.ndarray] = []
     issues: list[ValueIssue] = []
     for (tenant, etype), gidx in _groups(kept):
         cands = meter_index.candidates(tenant, etype)
@@ -619,27 +672,39 @@ def aggregate(
         if gidx is None:
             props, offsets = kept.properties, kept.offsets
             customers, times, ids = kept.customers, kept.times_ms, kept.ids
+            glinks = link_of
         else:
             props = [kept.properties[j] for j in gidx]
             offsets = [kept.offsets[j] for j in gidx]
             customers = [kept.customers[j] for j in gidx]
             times = [kept.times_ms[j] for j in gidx]
             ids = [kept.ids[j] for j in gidx]
+            glinks = None if link_of is None else link_of[np.array(gidx, dtype=np.int64)]
         size = len(props)
         cols = _Props(props)
         everyone = range(size)
+        offsets_np: np.ndarray | None = None
         wk: _WindowKeys | None = None
         times_arr: pa.Array | None = None
         ids_arr: pa.Array | None = None
         value_cache: dict[tuple[bool, str], _Values] = {}
         group_cache: dict[Any, tuple[pa.Array, dict[str, dict[str, str]]]] = {}
         for cm in cands:
-            low = threshold(cm)
-            if low is None:
+            lows = [th(cm) for th in thresholds]
+            if all(low is None for low in lows):
                 continue
-            sel: range | list[int] = (
-                everyone if low < 0 else [n for n in everyone if offsets[n] > low]
-            )
+            sel: range | list[int]
+            if all(low is not None and low < 0 for low in lows):
+                sel = everyone
+            elif glinks is None:
+                low = lows[0]
+                assert low is not None
+                sel = [n for n in everyone if offsets[n] > low]
+            else:
+                if offsets_np is None:
+                    offsets_np = np.array(offsets, dtype=np.int64)
+                bound = np.array([_NEVER if low is None else low for low in lows], dtype=np.int64)
+                sel = np.flatnonzero(offsets_np > bound[glinks]).tolist()
             if cm.filters:
                 sel = _select(cm, sel, cols)
             if not sel:
@@ -668,7 +733,7 @@ def aggregate(
             if wk is None:
                 t_np = np.array(times, dtype=np.int64)
                 times_arr = pa.array(t_np)
-                wk = _WindowKeys(customers, t_np)
+                wk = _WindowKeys(customers, t_np, glinks)
             codes = wk.pair
             groups: pa.Array | None = None
             gv_of: dict[str, dict[str, str]] = {}
@@ -699,6 +764,36 @@ def aggregate(
                     if take is None
                     else (times_arr.take(take), ids_arr.take(take))
                 )
-            parts.append(_meter_windows(cm, tenant, codes, wk, groups, varr, latest, gv_of))
+            table, of_link = _meter_windows(cm, tenant, codes, wk, groups, varr, latest, gv_of)
+            parts.append(table)
+            if of_link is not None:
+                part_links.append(of_link)
     usage = pa.concat_tables(parts) if parts else USAGE_SCHEMA.empty_table()
-    return ColumnarResult(usage, issues, usage.num_rows)
+    if link_of is None:
+        return [ColumnarResult(usage, issues, usage.num_rows)]
+    return _split(usage, part_links, issues, [len(k) for k, _t in links])
+
+
+def _split(
+    usage: pa.Table, part_links: list[np.ndarray], issues: list[ValueIssue], sizes: list[int]
+) -> list[ColumnarResult]:
+    """The windows and issues of several links apart (issues renumbered within their link)."""
+    nlinks = len(sizes)
+    starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    by_link: list[list[ValueIssue]] = [[] for _ in range(nlinks)]
+    for issue in issues:
+        k = bisect_right(starts, issue.event) - 1
+        by_link[k].append(issue._replace(event=issue.event - starts[k]))
+    if usage.num_rows:
+        of_link = np.concatenate(part_links)
+        usage = usage.take(pa.array(np.argsort(of_link, kind="stable")))
+        counts = np.bincount(of_link, minlength=nlinks).tolist()
+    else:
+        counts = [0] * nlinks
+    out: list[ColumnarResult] = []
+    at = 0
+    for k in range(nlinks):
+        part = usage.slice(at, counts[k])
+        at += counts[k]
+        out.append(ColumnarResult(part, by_link[k], part.num_rows))
+    return out

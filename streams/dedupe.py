@@ -25,7 +25,9 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Sequence
+from itertools import filterfalse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -132,18 +134,21 @@ class DedupeIndex:
         primary-key searches; a row-value ``(tenant_id, event_id) IN (VALUES ...)`` would scan the
         whole table for every chunk and get slower as the index grows.
         """
-        by_tenant: dict[str, list[str]] = {}
-        for tenant_id, event_id in keys:
-            by_tenant.setdefault(tenant_id, []).append(event_id)
         found: set[Key] = set()
         with self._lock:
             pending = self._pending
-            if pending:
-                for tenant_id, ids in by_tenant.items():
-                    held = [e for e in ids if (tenant_id, e) in pending]
-                    if held:
-                        found.update((tenant_id, e) for e in held)
-                        by_tenant[tenant_id] = [e for e in ids if (tenant_id, e) not in pending]
+            if pending:  # ids held for the batched write: no query for them
+                keys = list(keys)
+                found.update(filter(pending.__contains__, keys))
+                if found:
+                    keys = list(filterfalse(pending.__contains__, keys))
+            by_tenant: dict[str, list[str]] = {}
+            for tenant_id, event_id in keys:
+                ids = by_tenant.get(tenant_id)
+                if ids is None:
+                    by_tenant[tenant_id] = [event_id]
+                else:
+                    ids.append(event_id)
             for tenant_id, ids in by_tenant.items():
                 for i in range(0, len(ids), _CHUNK):
                     chunk = ids[i : i + _CHUNK]
@@ -178,12 +183,18 @@ class DedupeIndex:
         the index is read or changed otherwise (``flush``, ``close``, ``watermark``...). An id
         already held or present keeps its first ingested_ms. If the write fails the ids stay
         held (and the error is raised): the next write takes them."""
+        rows = list(keys_with_ms)
+        self.record_keys([(t, e) for t, e, _ms in rows], [ms for _t, _e, ms in rows], watermark)
+
+    def record_keys(self, keys: Sequence[Key], ingested_ms: Sequence[int], watermark: int) -> None:
+        """``record`` of the ids ``keys[i]`` ingested at ``ingested_ms[i]`` (parallel columns, as
+        the worker has them: no tuple is built per id here)."""
+        if len(keys) != len(ingested_ms):
+            raise ValueError("record_keys: keys and ingested_ms differ in length")
         with self._lock:
             pending = self._pending
-            for tenant_id, event_id, ms in keys_with_ms:
-                key = (tenant_id, event_id)
-                if key not in pending:
-                    pending[key] = ms
+            # setdefault keeps the first ingested_ms of an id already held; the loop runs in C
+            deque(map(pending.setdefault, keys, ingested_ms), maxlen=0)
             self._pending_wm = watermark
             if len(pending) >= self.pending_max:
                 self._write_pending()
@@ -192,12 +203,15 @@ class DedupeIndex:
         """Write the held ids and their watermark (lock held). On failure they stay held."""
         if self._pending_wm is None:
             return
-        rows = sorted((t, e, ms) for (t, e), ms in self._pending.items())
+        pending = self._pending
+        keys = sorted(pending)
+        # (tenant, id) + (ingested_ms,) per key, in key order, built in C
+        rows = list(map(tuple.__add__, keys, zip(map(pending.__getitem__, keys))))
         self._write(rows, self._pending_wm, self.topic)
         self._pending = {}
         self._pending_wm = None
 
-    def _write(self, rows: list[tuple[str, str, int]], watermark: int, topic: str) -> None:
+    def _write(self, rows: Iterable[tuple[object, ...]], watermark: int, topic: str) -> None:
         """Insert ``rows`` (in key order) and set the watermark of ``topic``, atomically (lock
         held)."""
         self._db.execute("BEGIN")

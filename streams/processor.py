@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ from schemas.meters import Meter
 from schemas.worker import Claim
 from streams import deadletters
 from streams.activation import NO_MARKER, Activations
-from streams.columnar import KeptEvents, aggregate
+from streams.columnar import ColumnarResult, KeptEvents, Threshold, aggregate_links
 from streams.dedupe import DedupeIndex, rebuild
 from streams.matching import CompiledMeter, MeterIndex
 from streams.metrics import WorkerMetrics
@@ -154,8 +155,11 @@ def _json_texts_checked(objs: list[Any]) -> tuple[list[bytes], list[tuple[int, E
 
 
 def _take(positions: list[int], *columns: list[Any]) -> list[list[Any]]:
-    """The rows at ``positions`` of each of the parallel ``columns``."""
-    return [[col[g] for g in positions] for col in columns]
+    """The rows at ``positions`` of each of the parallel ``columns`` (the loops in C)."""
+    if len(positions) < 2:
+        return [[col[g] for g in positions] for col in columns]
+    pick = operator.itemgetter(*positions)
+    return [list(pick(col)) for col in columns]
 
 
 class _Origin(NamedTuple):
@@ -163,6 +167,10 @@ class _Origin(NamedTuple):
 
     tenant_id: str
     ingested_at_ms: int
+
+
+_EMPTY_EVENTS = empty_events()
+_EMPTY_USAGE = empty_usage()
 
 
 def _mono() -> float:
@@ -198,9 +206,13 @@ class Link:
     generation: int
     token: str
     prepared: bool = False
-    events: pa.Table = field(default_factory=empty_events)  # schemas.columns.EVENTS_SCHEMA
-    usage: pa.Table = field(default_factory=empty_usage)  # schemas.columns.USAGE_SCHEMA
-    kept_keys: list[tuple[str, str, int]] = field(default_factory=list)
+    # schemas.columns.EVENTS_SCHEMA / USAGE_SCHEMA (one shared empty table each until prepared:
+    # Arrow tables are immutable, and making them per link cost ~0.2 ms each)
+    events: pa.Table = field(default_factory=lambda: _EMPTY_EVENTS)
+    usage: pa.Table = field(default_factory=lambda: _EMPTY_USAGE)
+    # the (tenant, id) of every kept event and its envelope's ingestion time (for the index)
+    kept_keys: list[tuple[str, str]] = field(default_factory=list)
+    kept_ingested_ms: list[int] = field(default_factory=list)
     activation_rows: list[tuple[str, str, str, int, int]] = field(default_factory=list)
     dead_letter_rows: list[DeadLetterRow] = field(default_factory=list)
     events_in: int = 0
@@ -432,9 +444,15 @@ class BatchProcessor:
         )
         meter_index = self.meters.ensure([c.meter for _p, _o, c in markers])
         rows = self._activate(markers)
+        # The links' windows are computed in one ``aggregate_links`` call (the link is part of
+        # every window key): its fixed costs are paid once per flush, not once per link.
+        work: list[tuple[KeptEvents, Threshold, Callable[[ColumnarResult], None]]] = []
         for link in todo:
             link.activation_rows = [r for r in rows if r[3] == link.partition]
-            self._prepare_link(link, meter_index)
+            work.append(self._link_columns(link))
+        results = aggregate_links([(kept, th) for kept, th, _f in work], meter_index)
+        for (_kept, _th, finish), result in zip(work, results, strict=True):
+            finish(result)
 
     def _dead_letter_rows(
         self, link: Link, found: list[tuple[int, DeadLetter]]
@@ -457,8 +475,12 @@ class BatchProcessor:
             self.topic, link.partition, letters, self.dead_letter_max_bytes
         )
 
-    def _prepare_link(self, link: Link, meter_index: MeterIndex) -> None:
-        """Dedupe, ledger columns and minute windows of one link (columnar, no object per event)."""
+    def _link_columns(
+        self, link: Link
+    ) -> tuple[KeptEvents, Threshold, Callable[[ColumnarResult], None]]:
+        """Dedupe and ledger columns of one link (columnar, no object per event): its kept
+        events and meter threshold (the input of its minute windows), and the function that
+        completes the link with its windows (``aggregate_links``' result for it)."""
         topic = self.topic
         p = link.partition
         envs = [
@@ -492,8 +514,29 @@ class BatchProcessor:
         )
         if len(first) - len(seen) < events_in:  # something to drop: keep the first copies only
             pos = sorted(g for k, g in first.items() if k not in seen)
-            tenants, ids, types, customers, times, props, offsets, ingested, index_in_env = _take(
-                pos, tenants, ids, types, customers, times, props, offsets, ingested, index_in_env
+            (
+                keys,
+                tenants,
+                ids,
+                types,
+                customers,
+                times,
+                props,
+                offsets,
+                ingested,
+                index_in_env,
+            ) = _take(
+                pos,
+                keys,
+                tenants,
+                ids,
+                types,
+                customers,
+                times,
+                props,
+                offsets,
+                ingested,
+                index_in_env,
             )
         # the ledger's properties as JSON; an event whose properties cannot be written (nested
         # deeper than the encoder allows) is not kept: it goes to the dead letters
@@ -508,6 +551,7 @@ class BatchProcessor:
             drop = {g for g, _exc in unencodable}
             pos = [g for g in range(len(ids)) if g not in drop]
             (
+                keys,
                 tenants,
                 ids,
                 types,
@@ -520,6 +564,7 @@ class BatchProcessor:
                 texts,
             ) = _take(
                 pos,
+                keys,
                 tenants,
                 ids,
                 types,
@@ -532,7 +577,6 @@ class BatchProcessor:
                 texts,
             )
         kept = KeptEvents(tenants, ids, types, customers, times, props, offsets)
-        kept_keys = list(zip(tenants, ids, ingested, strict=True))
         late_ms = self.late_ms
         late = sum(1 for t, ing in zip(kept.times_ms, ingested, strict=True) if t < ing - late_ms)
         n_kept = len(kept)
@@ -563,21 +607,24 @@ class BatchProcessor:
             marker = acts.first_markers(p).get(cm.id, NO_MARKER)
             return None if marker >= NO_MARKER else marker
 
-        result = aggregate(kept, meter_index, threshold)
-        link.usage = result.usage
-        link.kept_keys = kept_keys
-        link.events_in = events_in
-        link.duplicates = duplicates
-        link.value_errors = result.value_errors
-        for j, meter_id, message in result.issues:
-            log.debug("event %s/%s: meter %s: %s", kept.tenants[j], kept.ids[j], meter_id, message)
-            ev = EnvelopeEvent(ids[j], types[j], customers[j], times[j], props[j])
-            origin = _Origin(tenants[j], ingested[j])
-            letter = deadletters.of_meter_value(origin, index_in_env[j], ev, meter_id, message)
-            found.append((offsets[j], letter))
-        link.dead_letter_rows = self._dead_letter_rows(link, found)
-        link.late = late
-        link.prepared = True
+        def finish(result: ColumnarResult) -> None:
+            link.usage = result.usage
+            link.kept_keys = keys
+            link.kept_ingested_ms = ingested
+            link.events_in = events_in
+            link.duplicates = duplicates
+            link.value_errors = result.value_errors
+            for j, meter_id, message in result.issues:
+                log.debug("event %s/%s: meter %s: %s", tenants[j], ids[j], meter_id, message)
+                ev = EnvelopeEvent(ids[j], types[j], customers[j], times[j], props[j])
+                origin = _Origin(tenants[j], ingested[j])
+                letter = deadletters.of_meter_value(origin, index_in_env[j], ev, meter_id, message)
+                found.append((offsets[j], letter))
+            link.dead_letter_rows = self._dead_letter_rows(link, found)
+            link.late = late
+            link.prepared = True
+
+        return kept, threshold, finish
 
     def _activate(
         self, markers: list[tuple[int, int, Control]]
@@ -714,7 +761,7 @@ class BatchProcessor:
             v, m = verdicts[k.partition]
             try:
                 if v is Verdict.STORED:
-                    self.index_for(k.partition).record(k.kept_keys, k.last)
+                    self.index_for(k.partition).record_keys(k.kept_keys, k.kept_ingested_ms, k.last)
                 elif v is Verdict.RESYNC:
                     rebuild(
                         self.index_for(k.partition),

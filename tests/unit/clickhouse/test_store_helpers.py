@@ -9,8 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clickhouse.repo import hash_secret, is_tenant_id, new_tenant_id, tenant_of_key
-from clickhouse.sink import EPOCH, USAGE_COLUMNS, progress_row
+from clickhouse.sink import EPOCH, USAGE_COLUMNS, progress_row, progress_table
 from clickhouse.store import check_identifier, split_statements
+from schemas.columns import usage_table
 from tally.errors import ValidationError
 
 
@@ -75,3 +76,19 @@ def test_progress_row_shape() -> None:
     )
     assert r["window_start"] == EPOCH and r["origin"] == "s" and r["source_offset"] == 1234
     assert r["events"] == 0 and r["value_sum"] == Decimal(0) and r["value_min"] is None
+
+
+@given(
+    topic=st.text(max_size=30),
+    partition=st.integers(0, 2**31 - 1),
+    offset=st.integers(-1, 2**63 - 1),
+)
+def test_progress_table_equals_the_converted_progress_row(
+    topic: str, partition: int, offset: int
+) -> None:
+    """The template-built progress row (the worker's commit) is the row ``usage_table`` makes."""
+    want = usage_table([progress_row(topic, partition, offset)])
+    got = progress_table(topic, partition, offset)
+    assert got.schema == want.schema
+    assert got.equals(want)
+    assert got.to_pylist() == want.to_pylist()

@@ -15,7 +15,7 @@ from schemas.columns import usage_rows, usage_table
 from schemas.envelope import EnvelopeEvent
 from schemas.meters import Meter
 from streams.aggregation import WindowTable, merge_rows
-from streams.columnar import KeptEvents, aggregate
+from streams.columnar import KeptEvents, aggregate, aggregate_links
 from streams.matching import MAX_ABS, CompiledMeter, MeterIndex, ValueProblem
 from tests.unit.streams.fakes import meter
 
@@ -264,6 +264,51 @@ def test_typed_columns_equal_the_per_event_reference(
         for n, (agg, path, group, filters, topic) in enumerate(specs)
     ]
     _check(events, meters, markers)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    links=st.lists(st.lists(st.one_of(event, typed_event), max_size=40), min_size=1, max_size=4),
+    specs=st.lists(meter_spec, min_size=1, max_size=5),
+    markers=st.lists(
+        st.lists(st.one_of(st.none(), st.integers(-1, 20)), min_size=5, max_size=5),
+        min_size=4,
+        max_size=4,
+    ),
+)
+def test_links_aggregated_together_equal_one_call_per_link(
+    links: list[list[tuple[Any, ...]]],
+    specs: list[tuple[Any, ...]],
+    markers: list[list[int | None]],
+) -> None:
+    """``aggregate_links`` (one call for a flush's links, the worker's path) gives every link
+    exactly the rows, issues and counts of ``aggregate`` on that link alone (each link with its
+    own thresholds: activation markers differ by partition)."""
+    meters = [_meter(n, *spec) for n, spec in enumerate(specs)]
+    index = MeterIndex(meters)
+
+    def threshold_of(k: int) -> Any:
+        by_id = {m.id: markers[k][n] for n, m in enumerate(meters)}
+
+        def threshold(cm: CompiledMeter) -> int | None:
+            return -1 if cm.activation_topic == "" else by_id[cm.id]
+
+        return threshold
+
+    kepts = [_kept(evs) for evs in links]
+    try:
+        alone = [aggregate(kept, index, threshold_of(k)) for k, kept in enumerate(kepts)]
+    except pa.ArrowInvalid:  # a window sum past Decimal(38, 9): the joint call fails too
+        with pytest.raises(pa.ArrowInvalid):
+            aggregate_links([(kept, threshold_of(k)) for k, kept in enumerate(kepts)], index)
+        return
+    together = aggregate_links([(kept, threshold_of(k)) for k, kept in enumerate(kepts)], index)
+    assert len(together) == len(kepts)
+    for one, joint in zip(alone, together, strict=True):
+        assert sorted(usage_rows(joint.usage)) == sorted(usage_rows(one.usage))
+        assert joint.usage.schema == one.usage.schema
+        assert sorted(joint.issues) == sorted(one.issues)
+        assert joint.windows == one.windows == joint.usage.num_rows
 
 
 def test_int64_sums_past_the_int64_range_stay_exact() -> None:

@@ -137,6 +137,23 @@ def test_new_topic_generation_still_knows_ids_stored_by_the_old_one(tmp_path: Pa
     assert fresh.watermark == -1
 
 
+def test_record_keys_keeps_the_first_ingested_ms_of_an_id(tmp_path: Path) -> None:
+    idx = DedupeIndex.open(tmp_path, "tp", 0)
+    idx.record_keys([("t", "a"), ("t", "b")], [5, 5], watermark=1)
+    idx.record_keys([("t", "b"), ("t", "c")], [9, 9], watermark=2)  # "b" held: keeps 5
+    idx.flush()
+    assert idx.watermark == 2
+    assert idx.contains_many([("t", "a"), ("t", "b"), ("t", "c")]) == {
+        ("t", "a"),
+        ("t", "b"),
+        ("t", "c"),
+    }
+    assert idx.purge_older_than(9) == 2  # a and b (5), not c (9)
+    with pytest.raises(ValueError, match="differ in length"):
+        idx.record_keys([("t", "d")], [], watermark=3)
+    assert idx.pending == 0
+
+
 def test_recorded_ids_are_held_then_written_with_their_watermark(tmp_path: Path) -> None:
     idx = DedupeIndex.open(tmp_path, "tp", 0)
     idx.pending_max = 4
@@ -262,7 +279,10 @@ def test_held_ids_behave_like_the_file(
 
     for wm, (op, keys) in enumerate(ops):
         if op == "record":
-            idx.record(((t, e, 1) for t, e in keys), wm)
+            if wm % 2:  # the worker's form: keys and ingested_ms as parallel columns
+                idx.record_keys(list(keys), [1] * len(keys), wm)
+            else:
+                idx.record(((t, e, 1) for t, e in keys), wm)
             known |= set(keys)
             held |= set(keys)
             held_wm = wm
