@@ -33,10 +33,12 @@ import logging
 import os
 import secrets
 import shutil
+import socket
+import stat
 import sys
 import tempfile
 import threading
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import orjson
 
@@ -199,9 +201,8 @@ class _ServerConnection(asyncio.Protocol):
         self.writer: _Writer | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.writer = _Writer(asyncio.get_running_loop(), transport)
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's: not a subclass
+        self.writer = _Writer(asyncio.get_running_loop(), self.transport)
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -256,9 +257,7 @@ class WaitServer:
             self._loop = loop
             try:
                 self._server = loop.run_until_complete(
-                    loop.create_unix_server(
-                        lambda: _ServerConnection(self), _os_address(self.address)
-                    )
+                    loop.create_unix_server(lambda: _ServerConnection(self), sock=self._listen())
                 )
             except BaseException as exc:
                 failure.append(exc)
@@ -282,6 +281,23 @@ class WaitServer:
             reason = failure[0] if failure else "timed out"
             raise TallyError(f"cannot serve the wait socket {self.address}: {reason}")
         return self
+
+    def _listen(self) -> socket.socket:
+        # bound here, not by the event loop: uvloop refuses abstract names given as a path
+        path = _os_address(self.address)
+        if not path.startswith("\0"):
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.stat(path).st_mode):
+                    os.unlink(path)  # left by a killed server
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock
 
     def _shutdown(self) -> None:
         assert self._loop is not None
@@ -319,9 +335,8 @@ class _ClientConnection(asyncio.Protocol):
         self.writer: _Writer | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.writer = _Writer(self.loop, transport)
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's: not a subclass
+        self.writer = _Writer(self.loop, self.transport)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -383,18 +398,28 @@ class SocketProgressWaiter:
         self._conns: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = {}
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> _ClientConnection:
+        # connected here, not by the event loop: uvloop (uvicorn's) refuses abstract names given
+        # as a path. A UNIX-socket connect does not block: it succeeds, is refused, or (backlog
+        # full) fails with EAGAIN at once.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            sock.setblocking(False)
+            sock.connect(_os_address(self.address))
             _transport, conn = await asyncio.wait_for(
                 loop.create_unix_connection(
-                    lambda: _ClientConnection(loop, self.address), _os_address(self.address)
+                    lambda: _ClientConnection(loop, self.address), sock=sock
                 ),
                 CONNECT_TIMEOUT_S,
             )
         except (OSError, TimeoutError) as exc:
+            sock.close()
             raise Unavailable(
                 "cannot reach the main process of tally run to wait for the worker "
                 f"({exc or type(exc).__name__}); the events are accepted, retrying is safe"
             ) from exc
+        except BaseException:
+            sock.close()
+            raise
         return conn
 
     async def _connection(self) -> _ClientConnection:

@@ -16,8 +16,9 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -27,6 +28,24 @@ from tally.errors import Unavailable
 
 LONG = 600.0  # a wait's own timeout when the test must end it some other way
 HANG = 60.0  # a wait still pending after this is a hang: the test fails
+T = TypeVar("T")
+
+
+Run = Callable[[Coroutine[Any, Any, T]], T]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Run[Any]:
+    """Runs a coroutine on a new loop: asyncio's, or uvloop (what uvicorn runs the API child on)."""
+    import uvloop
+
+    factory = asyncio.new_event_loop if request.param == "asyncio" else uvloop.new_event_loop
+
+    def go(coro: Coroutine[Any, Any, Any]) -> Any:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(coro)
+
+    return go
 
 
 @pytest.fixture
@@ -59,7 +78,7 @@ async def _until(cond: object, what: str) -> None:
 
 
 def test_concurrent_waits_on_one_connection_resolve_independently(
-    board: ProgressBoard, server: WaitServer
+    run: Run[Any], board: ProgressBoard, server: WaitServer
 ) -> None:
     waiter = SocketProgressWaiter(server.address)
 
@@ -83,11 +102,11 @@ def test_concurrent_waits_on_one_connection_resolve_independently(
         assert len(server.connections) == 1
         assert not board._waiters  # nothing left behind on the board
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_many_concurrent_waits_each_get_their_own_answer(
-    board: ProgressBoard, server: WaitServer
+    run: Run[Any], board: ProgressBoard, server: WaitServer
 ) -> None:
     waiter = SocketProgressWaiter(server.address)
 
@@ -107,10 +126,12 @@ def test_many_concurrent_waits_each_get_their_own_answer(
         assert got == [bool(i % 2) for i in range(1, 201)]
         assert len(server.connections) == 1
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_a_wait_answers_false_at_its_timeout(board: ProgressBoard, server: WaitServer) -> None:
+def test_a_wait_answers_false_at_its_timeout(
+    run: Run[Any], board: ProgressBoard, server: WaitServer
+) -> None:
     waiter = SocketProgressWaiter(server.address)
     board.notify("t", 0, 4)
 
@@ -118,11 +139,13 @@ def test_a_wait_answers_false_at_its_timeout(board: ProgressBoard, server: WaitS
         assert await asyncio.wait_for(waiter.wait_for("t", {0: 5}, 0.2), HANG) is False
         assert await asyncio.wait_for(waiter.wait_for("t", {0: 4}, 0.2), HANG) is True
 
-    asyncio.run(main())
+    run(main())
     assert not board._waiters
 
 
-def test_a_remote_wait_wakes_the_worker(board: ProgressBoard, server: WaitServer) -> None:
+def test_a_remote_wait_wakes_the_worker(
+    run: Run[Any], board: ProgressBoard, server: WaitServer
+) -> None:
     woken = threading.Event()
     board.add_wake(woken.set)  # what the worker registers: flush now, someone waits
     waiter = SocketProgressWaiter(server.address)
@@ -134,10 +157,11 @@ def test_a_remote_wait_wakes_the_worker(board: ProgressBoard, server: WaitServer
         board.notify("t", 2, 9)
         assert await asyncio.wait_for(task, HANG) is True
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_stopping_the_server_fails_pending_waits_and_a_new_server_is_reached(
+    run: Run[Any],
     board: ProgressBoard,
 ) -> None:
     first = WaitServer(board).start()
@@ -162,7 +186,7 @@ def test_stopping_the_server_fails_pending_waits_and_a_new_server_is_reached(
         finally:
             await asyncio.to_thread(second.stop)
 
-    asyncio.run(main())
+    run(main())
 
 
 SERVE = """
@@ -190,7 +214,9 @@ def _serve_in_process(address: str) -> subprocess.Popen[str]:
     return proc
 
 
-def test_kill9_of_the_main_process_fails_pending_waits_then_a_new_one_is_reached() -> None:
+def test_kill9_of_the_main_process_fails_pending_waits_then_a_new_one_is_reached(
+    run: Run[Any],
+) -> None:
     address, _dir = new_address()
     waiter = SocketProgressWaiter(address)
     proc = _serve_in_process(address)
@@ -210,7 +236,7 @@ def test_kill9_of_the_main_process_fails_pending_waits_then_a_new_one_is_reached
             again = await asyncio.to_thread(_serve_in_process, address)
             assert await asyncio.wait_for(waiter.wait_for("t", {0: 50}, LONG), HANG) is True
 
-        asyncio.run(main())
+        run(main())
     finally:
         for p in (proc, again):
             if p is not None and p.poll() is None:
@@ -218,7 +244,9 @@ def test_kill9_of_the_main_process_fails_pending_waits_then_a_new_one_is_reached
                 p.wait()
 
 
-def test_one_connection_per_event_loop(board: ProgressBoard, server: WaitServer) -> None:
+def test_one_connection_per_event_loop(
+    run: Run[Any], board: ProgressBoard, server: WaitServer
+) -> None:
     """uvicorn's loop in a restarted API child, or two loops in one process: each its own."""
     waiter = SocketProgressWaiter(server.address)
     board.notify("t", 0, 1)
@@ -226,17 +254,17 @@ def test_one_connection_per_event_loop(board: ProgressBoard, server: WaitServer)
     async def once() -> bool:
         return await asyncio.wait_for(waiter.wait_for("t", {0: 1}, LONG), HANG)
 
-    assert asyncio.run(once()) is True
-    assert asyncio.run(once()) is True  # a new loop: the old loop's connection is not reused
+    assert run(once()) is True
+    assert run(once()) is True  # a new loop: the old loop's connection is not reused
     results: list[bool] = []
-    t = threading.Thread(target=lambda: results.append(asyncio.run(once())))
+    t = threading.Thread(target=lambda: results.append(run(once())))
     t.start()
     t.join(HANG)
     assert results == [True]
 
 
 def test_a_broken_peer_is_dropped_and_others_are_still_served(
-    board: ProgressBoard, server: WaitServer
+    run: Run[Any], board: ProgressBoard, server: WaitServer
 ) -> None:
     waiter = SocketProgressWaiter(server.address)
     address = "\0" + server.address[1:] if server.address.startswith("@") else server.address
@@ -253,10 +281,12 @@ def test_a_broken_peer_is_dropped_and_others_are_still_served(
         board.notify("t", 0, 1)
         assert await asyncio.wait_for(good, HANG) is True
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_a_filesystem_socket_path_works_too(board: ProgressBoard, tmp_path: Path) -> None:
+def test_a_filesystem_socket_path_works_too(
+    run: Run[Any], board: ProgressBoard, tmp_path: Path
+) -> None:
     base = tmp_path
     if len(str(tmp_path)) > 90:  # the AF_UNIX path limit (108): a short private directory
         base = Path(tempfile.mkdtemp(prefix="tw-"))
@@ -270,7 +300,7 @@ def test_a_filesystem_socket_path_works_too(board: ProgressBoard, tmp_path: Path
                 SocketProgressWaiter(path).wait_for("t", {0: 1}, LONG), HANG
             )
 
-        assert asyncio.run(main()) is True
+        assert run(main()) is True
     finally:
         srv.stop()
         if base != tmp_path:
