@@ -10,8 +10,9 @@ main process's ``ProgressBoard``, old HTTP hop against the new socket hop, in th
 
 The server side runs in a process of its own (as the main process of `tally run` does) with a
 real ``ProgressBoard`` and a "worker" thread that stores a new offset on every partition every
-``TICK_S`` (each wait's target is the next offset, so it is answered at the next tick, after
-really waiting on the board); ``clients`` tasks on one event loop (as in uvicorn) wait in a loop.
+``TICK_S`` (each wait's target is the offset of the next tick, so it is answered then, after
+really waiting on the board); ``clients`` tasks on one uvloop event loop (as in the API child's
+uvicorn) wait in a loop.
 Two shapes: ``pending`` (as above) and ``stored`` (the offsets are stored already: the answer is
 immediate, the round trip alone). Rounds alternate the hops; per round: waits/s and CPU per wait
 of the client process and of the server process. One JSON line per measurement, then the
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.target import cpu_s
-from runtime.waithop import SocketProgressWaiter, WaitServer, new_address
+from runtime.waithop import SocketProgressWaiter, WaitServer
 
 TICK_S = 0.005
 PARTITIONS = 4
@@ -82,6 +83,12 @@ class HttpWaiter:
         return bool(resp.json()["stored"])
 
 
+def _tick() -> int:
+    """The offset the "worker" has stored by now (CLOCK_MONOTONIC is one clock for every process
+    of the machine): a wait for ``_tick() + 1`` is answered at the next tick, never at once."""
+    return int(time.monotonic() / TICK_S)
+
+
 # ---- the server process ------------------------------------------------------------------------
 
 
@@ -97,9 +104,8 @@ def serve(kind: str) -> None:
     stop = threading.Event()
 
     def worker() -> None:
-        offset = 0
         while not stop.wait(TICK_S):
-            offset += 1
+            offset = _tick()
             for p in range(PARTITIONS):
                 board.notify(TOPIC, p, offset)
 
@@ -128,9 +134,8 @@ async def _measure(waiter: Any, seconds: float, clients: int, topic: str) -> int
 
     async def one(i: int) -> None:
         nonlocal done
-        offset = 0
         while time.monotonic() < deadline:
-            offset += 1  # the next offset the worker stores (ticks run ahead: answered quickly)
+            offset = _tick() + 1 if topic == TOPIC else 1  # pending: the next tick's offset
             stored = await waiter.wait_for(topic, {i % PARTITIONS: offset}, 10.0)
             assert stored, "a wait timed out"
             done += 1
@@ -170,7 +175,10 @@ def measure(kind: str, shape: str, seconds: float, clients: int) -> dict[str, An
                 "server_cpu_us_per_wait": round(srv / n * 1e6, 1),
             }
 
-        return asyncio.run(main())
+        import uvloop  # what uvicorn runs the API child on
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main())
     finally:
         proc.stdin.close()
         try:
