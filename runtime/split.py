@@ -7,12 +7,12 @@ about one core. In split mode `tally run` is:
   directory (chDB allows one process per directory), runs the stream worker in process exactly as
   ``single`` mode does (the commit protocol and its store client are unchanged), supervises the
   embedded broker (``runtime.supervisor``), and serves on loopback
-  - the store (``clickhouse.server.StoreServer``: the ClickHouse HTTP protocol over its chDB), and
+  - the store (``clickhouse.server.StoreServer``: the ClickHouse HTTP protocol over its chDB),
   - the wait socket (``runtime.waithop.WaitServer``: a ``wait=stored`` request waiting on the
     worker's ``ProgressBoard``, which also wakes the worker as in ``single`` mode; one persistent
     UNIX-domain connection per API child, many waits multiplexed on it), and
-  - a small control app (``create_control_app``): ``GET /generation`` (the broker and topic the API must produce to), ``GET /status`` and
-    ``GET /lag`` (the worker's status and lag for ``/readyz``) and ``GET /metrics`` (the worker's
+  - a small control app (``create_control_app``): ``GET /generation`` (the broker and topic the
+    API must produce to), ``GET /status`` and ``GET /lag`` (the worker's status and lag for ``/readyz``) and ``GET /metrics`` (the worker's
     metrics, which the API's ``/metrics`` re-exports);
 - **the API process** (a child): the HTTP API on the user's host and port, with the store at the
   store server's URL, its own producer on the current topic generation (it follows
