@@ -12,8 +12,9 @@ about one core. In split mode `tally run` is:
     worker's ``ProgressBoard``, which also wakes the worker as in ``single`` mode; one persistent
     UNIX-domain connection per API child, many waits multiplexed on it), and
   - a small control app (``create_control_app``): ``GET /generation`` (the broker and topic the
-    API must produce to), ``GET /status`` and ``GET /lag`` (the worker's status and lag for ``/readyz``) and ``GET /metrics`` (the worker's
-    metrics, which the API's ``/metrics`` re-exports);
+    API must produce to), ``GET /status`` and ``GET /lag`` (the worker's status and lag for
+    ``/readyz``) and ``GET /metrics`` (the worker's metrics, which the API's ``/metrics``
+    re-exports);
 - **the API process** (a child): the HTTP API on the user's host and port, with the store at the
   store server's URL, its own producer on the current topic generation (it follows
   ``/generation``), ``runtime.waithop.SocketProgressWaiter`` for ``wait=stored``.
