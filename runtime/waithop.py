@@ -442,12 +442,3 @@ class SocketProgressWaiter:
         if conn.closed:  # lost between connecting and now: the next call reconnects
             raise Unavailable("lost the connection to the main process of tally run")
         return await conn.wait_for(topic, targets, timeout)
-
-    def close(self) -> None:
-        """Close the connection of every loop (from the loop's thread or after it stopped)."""
-        for _loop, task in self._conns.values():
-            if task.done() and not task.cancelled() and task.exception() is None:
-                transport = task.result().transport
-                if transport is not None:
-                    transport.close()
-        self._conns.clear()
