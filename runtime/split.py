@@ -7,15 +7,17 @@ about one core. In split mode `tally run` is:
   directory (chDB allows one process per directory), runs the stream worker in process exactly as
   ``single`` mode does (the commit protocol and its store client are unchanged), supervises the
   embedded broker (``runtime.supervisor``), and serves on loopback
-  - the store (``clickhouse.server.StoreServer``: the ClickHouse HTTP protocol over its chDB), and
-  - a small control app (``ControlApp``): ``POST /wait`` (a ``wait=stored`` request waiting on the
-    worker's ``ProgressBoard``, which also wakes the worker as in ``single`` mode),
-    ``GET /generation`` (the broker and topic the API must produce to), ``GET /status`` and
-    ``GET /lag`` (the worker's status and lag for ``/readyz``) and ``GET /metrics`` (the worker's
-    metrics, which the API's ``/metrics`` re-exports);
+  - the store (``clickhouse.server.StoreServer``: the ClickHouse HTTP protocol over its chDB),
+  - the wait socket (``runtime.waithop.WaitServer``: a ``wait=stored`` request waiting on the
+    worker's ``ProgressBoard``, which also wakes the worker as in ``single`` mode; one persistent
+    UNIX-domain connection per API child, many waits multiplexed on it), and
+  - a small control app (``create_control_app``): ``GET /generation`` (the broker and topic the
+    API must produce to), ``GET /status`` and ``GET /lag`` (the worker's status and lag for
+    ``/readyz``) and ``GET /metrics`` (the worker's metrics, which the API's ``/metrics``
+    re-exports);
 - **the API process** (a child): the HTTP API on the user's host and port, with the store at the
   store server's URL, its own producer on the current topic generation (it follows
-  ``/generation``), ``RemoteProgressWaiter`` for ``wait=stored``.
+  ``/generation``), ``runtime.waithop.SocketProgressWaiter`` for ``wait=stored``.
 
 Guarantees: the API child and the broker child die with the main process (``PR_SET_PDEATHSIG``,
 spawned from the main thread, which lives as long as the process), so a kill -9 of `tally run`
@@ -56,6 +58,7 @@ from tally.settings import Settings
 log = logging.getLogger(__name__)
 
 CONTROL_ENV = "TALLY_RUN_CONTROL_URL"  # not a setting: where the API child finds the main process
+WAIT_ENV = "TALLY_RUN_WAIT_SOCKET"  # not a setting: the main process's wait socket (waithop)
 PORT_FD_ENV = "TALLY_RUN_PORT_FD"  # the pipe on which the API child reports its bound port
 GENERATION_POLL_S = 0.5
 API_START_TIMEOUT_S = 90.0
@@ -111,19 +114,13 @@ def _lag_from(data: dict[str, Any] | None) -> Any:
     return LagReport(**{**data, "partitions": parts})
 
 
-def create_control_app(pipeline: Any, board: Any, registry: Any) -> Any:
+def create_control_app(pipeline: Any, registry: Any) -> Any:
     """The main process's loopback endpoints for its API child (see the module docstring)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
-
-    async def wait(request: Request) -> Response:
-        body = await request.json()
-        targets = {int(p): int(o) for p, o in body["targets"].items()}
-        stored = await board.wait_for(str(body["topic"]), targets, float(body["timeout"]))
-        return JSONResponse({"stored": stored})
 
     async def generation(_request: Request) -> Response:
         gen = pipeline.current
@@ -151,7 +148,6 @@ def create_control_app(pipeline: Any, board: Any, registry: Any) -> Any:
 
     return Starlette(
         routes=[
-            Route("/wait", wait, methods=["POST"]),
             Route("/generation", generation),
             Route("/status", status),
             Route("/lag", lag),
@@ -161,54 +157,6 @@ def create_control_app(pipeline: Any, board: Any, registry: Any) -> Any:
 
 
 # ---- the API child's side ----------------------------------------------------------------------
-
-
-class RemoteProgressWaiter:
-    """``wait_for`` through the main process's ``POST /wait`` (its ``ProgressBoard``, which wakes
-    the worker). One HTTP connection per waiting request, kept alive for the next."""
-
-    def __init__(self, control_url: str) -> None:
-        self.url = control_url + "/wait"
-        self._clients: dict[int, Any] = {}
-
-    def _client(self) -> Any:
-        import httpx
-
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(id(loop))
-        if client is None:
-            client = httpx.AsyncClient(
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-                timeout=httpx.Timeout(10.0, pool=None),
-            )
-            self._clients[id(loop)] = client
-        return client
-
-    async def wait_for(self, topic: str, targets: dict[int, int], timeout: float) -> bool:
-        import httpx
-
-        from tally.errors import Unavailable
-
-        try:
-            return await self._wait(topic, targets, timeout)
-        except httpx.HTTPError as exc:
-            # the main process restarting or stopping: the events are accepted, retrying is safe
-            raise Unavailable(
-                f"cannot wait for the worker (the main process of tally run): {exc}"
-            ) from exc
-
-    async def _wait(self, topic: str, targets: dict[int, int], timeout: float) -> bool:
-        resp = await self._client().post(
-            self.url,
-            json={
-                "topic": topic,
-                "targets": {str(p): o for p, o in targets.items()},
-                "timeout": timeout,
-            },
-            timeout=timeout + 10,
-        )
-        resp.raise_for_status()
-        return bool(resp.json()["stored"])
 
 
 class RemoteWorkerMetrics:
@@ -244,6 +192,7 @@ def run_api_child() -> None:
     from api.producer import EventProducer
     from api.state import Metrics
     from runtime.roles import Core, _build_app, _serve
+    from runtime.waithop import SocketProgressWaiter
     from tally import log as logsetup
     from tally.gcpause import tune_gc
     from tally.metrics import process_registry
@@ -281,7 +230,7 @@ def run_api_child() -> None:
         settings,
         core,
         producer,
-        RemoteProgressWaiter(control),
+        SocketProgressWaiter(os.environ[WAIT_ENV]),
         worker_status,
         lag_source=lag_report,
         metrics=Metrics(registry, settings),
@@ -423,6 +372,7 @@ def run_split(settings: Settings) -> None:
     from clickhouse.sink import ClickHouseSink
     from runtime.roles import RUN_FILE, Core, announce, embedded_settings, serve_in_thread
     from runtime.supervisor import BrokerSupervisor, EmbeddedPipeline
+    from runtime.waithop import WaitServer
     from streams.metrics import WorkerMetrics
     from streams.progress import ProgressBoard
     from tally.metrics import process_registry
@@ -460,6 +410,7 @@ def run_split(settings: Settings) -> None:
     pipeline: EmbeddedPipeline | None = None
     supervisor: BrokerSupervisor | None = None
     control: Any = None
+    waits: WaitServer | None = None
     api: ApiChild | None = None
     try:
         core = Core.open(settings)
@@ -479,13 +430,15 @@ def run_split(settings: Settings) -> None:
         pipeline.spawner = spawn_on_main_thread  # type: ignore[method-assign]
         gen = pipeline.start()
         control, control_port = serve_in_thread(
-            create_control_app(pipeline, board, registry), "127.0.0.1", 0
+            create_control_app(pipeline, registry), "127.0.0.1", 0
         )
+        waits = WaitServer(board).start()
         child_settings = pipeline.settings_for(gen.broker.bootstrap, gen.topic).model_copy(
             update={"clickhouse_url": store_server.url}
         )
         env = settings_env(child_settings)
         env[CONTROL_ENV] = f"http://127.0.0.1:{control_port}"
+        env[WAIT_ENV] = waits.address
         api = ApiChild(child_settings, env, lambda: pipeline.current if pipeline else None)
         port = api.start()
         supervisor = BrokerSupervisor(pipeline, lambda _producer: None, on_fatal).start()
@@ -522,6 +475,8 @@ def run_split(settings: Settings) -> None:
                 fatal.append(supervisor.fatal)
         if control is not None:
             control.should_exit = True
+        if waits is not None:
+            waits.stop()
         if pipeline is not None:
             pipeline.stop()
         if store_server is not None:
