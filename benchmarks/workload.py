@@ -188,7 +188,8 @@ RECENT_MAX = 5000  # duplicates are copies of one of the last RECENT_MAX new eve
 SEQ_DIGITS = 10  # ids end in a 10-digit sequence number, as EventFactory's do
 _TOKENS_TABLE = 1 << 14  # tokens below this come from a table (P(tokens >= 16384) ~ 1e-18)
 _SECONDS_CACHE_MAX = 1 << 16
-_POW10 = 10 ** np.arange(SEQ_DIGITS - 1, -1, -1, dtype=np.int64)
+# "0000".."9999" as 4 ASCII bytes in one uint32 each (the sequence digits are built from them)
+_DIGITS4 = np.frombuffer(b"".join(b"%04d" % i for i in range(10_000)), dtype=np.uint32)
 # Columns of a drawn event (one int64 row): its content is a pure function of the row, so a
 # duplicate (the same row again) is an exact copy.
 _SEQ, _CUST, _ER, _TOK, _USER, _TIME = range(6)
@@ -214,6 +215,17 @@ def alias_table(weights: list[float]) -> tuple[npt.NDArray[np.float64], npt.NDAr
         (small if scaled[g] < 1.0 else large).append(g)
     # Whatever is left is 1 up to rounding: prob stays 1.0, alias itself.
     return np.array(prob), np.array(alias, dtype=np.int64)
+
+
+def seq_digits(seq: npt.NDArray[np.int64]) -> npt.NDArray[np.bytes_]:
+    """``b"%010d" % s`` for every ``s`` in ``seq`` (0 <= s < 10**10), as an array."""
+    quads = np.empty((len(seq), 3), dtype=np.uint32)
+    high, low = np.divmod(seq, 10_000)
+    quads[:, 0], quads[:, 1] = np.divmod(high, 10_000)
+    quads[:, 0] = _DIGITS4[quads[:, 0]]
+    quads[:, 1] = _DIGITS4[quads[:, 1]]
+    quads[:, 2] = _DIGITS4[low]
+    return quads.view(np.uint8)[:, 12 - SEQ_DIGITS :].copy().view(f"S{SEQ_DIGITS}").ravel()
 
 
 def _js(s: str) -> bytes:
@@ -390,8 +402,7 @@ class BodyFactory:
         big = tok >= _TOKENS_TABLE
         user = rows[:, _USER]
         parts = np.empty((n, 6), dtype=object)
-        digits = (rows[:, _SEQ, None] // _POW10 % 10 + 48).astype(np.uint8)
-        parts[:, 0] = digits.view(f"S{SEQ_DIGITS}").ravel()
+        parts[:, 0] = seq_digits(rows[:, _SEQ])
         parts[:, 1] = self._cust[rows[:, _CUST]]
         parts[:, 2] = second[inv]
         parts[:, 3] = self._ms_er[t % 1000 * _ENDPOINT_REGIONS + rows[:, _ER]]
