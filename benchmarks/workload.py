@@ -285,8 +285,8 @@ class BodyFactory:
 
     How: every field of a batch is drawn at once with numpy (one int64 row per event), and the
     body is one ``bytes.join`` of pre-serialised pieces picked by those numbers (e.g. one piece
-    per customer, one per (endpoint, region), one per millisecond digit group, one per second
-    of the event time); the sequence digits are computed as an array.
+    per customer, one per (millisecond, endpoint, region), one per second of the event time);
+    the sequence digits are computed as an array.
     """
 
     def __init__(
@@ -309,8 +309,8 @@ class BodyFactory:
         self.seq = 0
         self._recent: dict[int, _Recent] = {}
         self._seconds: dict[int, bytes] = {}
-        # An event is 6 pieces: seq digits | customer | second | millisecond + endpoint +
-        # region | tokens | user + the head of the next event (per tenant: '},{"id":"<prefix>').
+        # An event is 6 pieces: seq digits | type + customer | second | millisecond + endpoint
+        # + region | tokens | user + the next event's head ('"}},{"id":"<prefix><tenant>-').
         self._cust = _table(
             [
                 b'","type":"' + _js(EVENT_TYPE) + b'","customer":"'

@@ -207,6 +207,15 @@ def test_properties_follow_the_spec(sample: Sample) -> None:
     assert chi2(observed, expected) < 40  # 6 degrees of freedom: p < 1e-6
 
 
+def test_tokens_beyond_the_table_are_written_out() -> None:
+    f = BodyFactory(1, "p-", 10, 1.1, 0.0, 0.0)
+    rows, _new = f.rows(0, 3, NOW)
+    rows[1, 3] = 123_456_789  # the tokens column; P ~ 1e-18 per event in a real draw
+    events = orjson.loads(f.encode(0, rows))
+    assert [e["properties"]["tokens"] for e in events][1] == 123_456_789
+    assert parse_native(events, NOW, LIMITS).errors == []
+
+
 def test_a_batch_is_the_same_for_the_same_seed() -> None:
     def bodies(seed: int) -> list[bytes]:
         f = BodyFactory(seed, "p-", 10, 1.1, 0.05, 0.05)
