@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import orjson
 
-from benchmarks.workload import EventFactory
+from benchmarks.workload import BodyFactory
 
 MAX_ATTEMPTS = 6
 RETRY_SLEEP_MAX_S = 1.0
@@ -119,7 +119,7 @@ class _Client:
         self.cfg = cfg
         self.proc = proc
         self.procs = procs
-        self.factory = EventFactory(
+        self.factory = BodyFactory(
             seed=cfg.seed * 1000 + proc,
             prefix=f"{cfg.run_id}-{proc}-",
             customers=cfg.customers,
@@ -153,7 +153,10 @@ class _Client:
 
             async def one(worker: int) -> None:
                 tenant = (self.proc + worker * self.procs) % n_tenants
-                url = spec.urls[(self.proc + worker) % n_urls] + "/v1/events"
+                # Built once: httpx parses a URL string (and merges params) on every request.
+                url = httpx.URL(
+                    spec.urls[(self.proc + worker) % n_urls] + "/v1/events", params=params
+                )
                 headers = self.headers[tenant]
                 while True:
                     now = time.time()
@@ -168,13 +171,9 @@ class _Client:
                             await asyncio.sleep(slot - now)
                             if time.time() >= deadline or stop.is_set():
                                 return
-                    events, new = self.factory.batch(
-                        tenant, self.cfg.batch, int(time.time() * 1000)
-                    )
-                    body = orjson.dumps(events)
-                    await self._send(
-                        http, url, headers, params, body, len(events), new, st, deadline
-                    )
+                    n = self.cfg.batch
+                    body, new = self.factory.body(tenant, n, int(time.time() * 1000))
+                    await self._send(http, url, headers, body, n, new, st, deadline)
 
             await asyncio.gather(*(one(i) for i in range(clients)))
         st.ended = min(time.time(), deadline)
@@ -184,9 +183,8 @@ class _Client:
     async def _send(
         self,
         http: httpx.AsyncClient,
-        url: str,
+        url: httpx.URL,
         headers: dict[str, str],
-        params: dict[str, str] | None,
         body: bytes,
         n: int,
         new: int,
@@ -198,7 +196,7 @@ class _Client:
             t = time.perf_counter()
             retry_after = 0.2 * (attempt + 1)
             try:
-                r = await http.post(url, content=body, headers=headers, params=params)
+                r = await http.post(url, content=body, headers=headers)
             except httpx.TimeoutException:
                 kind = "timeout"
             except httpx.HTTPError as exc:
