@@ -90,14 +90,19 @@ def _int(value: Any, name: str) -> int:
     return value
 
 
-def decode_want(line: bytes) -> Want:
-    """One ``want`` line (without its newline). ``ValueError`` names what is wrong."""
+def _object(line: bytes, what: str) -> dict[str, Any]:
     try:
         doc = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         raise ValueError(f"not JSON: {exc}") from None
     if not isinstance(doc, dict):
-        raise ValueError("a want must be a JSON object")
+        raise ValueError(f"{what} must be a JSON object")
+    return doc
+
+
+def decode_want(line: bytes) -> Want:
+    """One ``want`` line (without its newline). ``ValueError`` names what is wrong."""
+    doc = _object(line, "a want")
     topic = doc.get("topic")
     if not isinstance(topic, str) or not topic:
         raise ValueError("topic must be a non-empty string")
@@ -120,12 +125,7 @@ def decode_want(line: bytes) -> Want:
 
 def decode_answer(line: bytes) -> Answer:
     """One answer line (without its newline). ``ValueError`` names what is wrong."""
-    try:
-        doc = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ValueError("an answer must be a JSON object")
+    doc = _object(line, "an answer")
     wid = _int(doc.get("id"), "id")
     if "error" in doc:
         return Answer(wid, None, str(doc["error"]))

@@ -162,6 +162,25 @@ def _take(positions: list[int], *columns: list[Any]) -> list[list[Any]]:
     return [list(pick(col)) for col in columns]
 
 
+class _LinkRows(NamedTuple):
+    """A link's events as parallel columns, in (offset, index in envelope) order."""
+
+    keys: list[tuple[str, str]]
+    tenants: list[str]
+    ids: list[str]
+    types: list[str]
+    customers: list[str]
+    times: list[int]
+    props: list[Any]
+    offsets: list[int]
+    ingested: list[int]
+    index_in_env: list[int]
+
+    def take(self, positions: list[int]) -> _LinkRows:
+        """The rows at ``positions``."""
+        return _LinkRows(*_take(positions, *self))
+
+
 class _Origin(NamedTuple):
     """An event's envelope (tenant, ingestion time), for its dead letter."""
 
@@ -512,70 +531,28 @@ class BatchProcessor:
         index_in_env = list(
             chain(range(len(env)) if env.positions is None else env.positions for _o, env in envs)
         )
+        rows = _LinkRows(
+            keys, tenants, ids, types, customers, times, props, offsets, ingested, index_in_env
+        )
         if len(first) - len(seen) < events_in:  # something to drop: keep the first copies only
-            pos = sorted(g for k, g in first.items() if k not in seen)
-            (
-                keys,
-                tenants,
-                ids,
-                types,
-                customers,
-                times,
-                props,
-                offsets,
-                ingested,
-                index_in_env,
-            ) = _take(
-                pos,
-                keys,
-                tenants,
-                ids,
-                types,
-                customers,
-                times,
-                props,
-                offsets,
-                ingested,
-                index_in_env,
-            )
+            rows = rows.take(sorted(g for k, g in first.items() if k not in seen))
         # the ledger's properties as JSON; an event whose properties cannot be written (nested
         # deeper than the encoder allows) is not kept: it goes to the dead letters
-        texts, unencodable = _json_texts_checked(props)
+        texts, unencodable = _json_texts_checked(rows.props)
         found: list[tuple[int, DeadLetter]] = []  # dead letters met on the way
         if unencodable:
             for g, exc in unencodable:
-                ev = EnvelopeEvent(ids[g], types[g], customers[g], times[g], props[g])
-                origin = _Origin(tenants[g], ingested[g])
-                letter = deadletters.of_unencodable(origin, index_in_env[g], ev, exc)
-                found.append((offsets[g], letter))
+                ev = EnvelopeEvent(
+                    rows.ids[g], rows.types[g], rows.customers[g], rows.times[g], rows.props[g]
+                )
+                origin = _Origin(rows.tenants[g], rows.ingested[g])
+                letter = deadletters.of_unencodable(origin, rows.index_in_env[g], ev, exc)
+                found.append((rows.offsets[g], letter))
             drop = {g for g, _exc in unencodable}
-            pos = [g for g in range(len(ids)) if g not in drop]
-            (
-                keys,
-                tenants,
-                ids,
-                types,
-                customers,
-                times,
-                props,
-                offsets,
-                ingested,
-                index_in_env,
-                texts,
-            ) = _take(
-                pos,
-                keys,
-                tenants,
-                ids,
-                types,
-                customers,
-                times,
-                props,
-                offsets,
-                ingested,
-                index_in_env,
-                texts,
-            )
+            pos = [g for g in range(len(rows.ids)) if g not in drop]
+            rows = rows.take(pos)
+            (texts,) = _take(pos, texts)
+        keys, tenants, ids, types, customers, times, props, offsets, ingested, index_in_env = rows
         kept = KeptEvents(tenants, ids, types, customers, times, props, offsets)
         late_ms = self.late_ms
         late = sum(1 for t, ing in zip(kept.times_ms, ingested, strict=True) if t < ing - late_ms)
