@@ -5,7 +5,8 @@ a growing index.
 Run: python -m benchmarks.dedupe_index [ids] [link_size] — nothing asserted. For every link the
 worker's pattern is replayed: ``contains_many`` of the link's ids, then their insert. Printed:
 ids per CPU-second of this process over the second half of the run (the index then holds
-ids/2 .. ids entries), for each way, one after the other, each on a fresh index file.
+ids/2 .. ids entries), split into lookups and writes, and the longest single write call (what
+one flush waits for it), for each way, one after the other, each on a fresh index file.
 """
 
 from __future__ import annotations
@@ -15,14 +16,28 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 from streams.dedupe import DedupeIndex
 
 
-def run(directory: Path, ids: int, link: int, batched: bool) -> float:
+class Cost(NamedTuple):
+    """Over the second half of a run: CPU per id of the lookups and of the writes, and the
+    longest single write call (wall: what one flush waits)."""
+
+    lookup_us: float
+    write_us: float
+    longest_write_ms: float
+
+    @property
+    def ids_per_cpu_s(self) -> float:
+        return 1e6 / (self.lookup_us + self.write_us)
+
+
+def run(directory: Path, ids: int, link: int, batched: bool) -> Cost:
     idx = DedupeIndex.open(directory, "bench", 0)
     tenant = str(uuid.uuid4())
-    cpu = 0.0
+    lookup = write = longest = 0.0
     done = 0
     offset = 0
     while done < ids:
@@ -32,18 +47,22 @@ def run(directory: Path, ids: int, link: int, batched: bool) -> float:
         rows = [(t, e, ms) for (t, e), ms in zip(keys, ingested, strict=True)]
         t0 = time.process_time()
         idx.contains_many(keys)
+        t1, w1 = time.process_time(), time.perf_counter()
         offset += 1
         if batched:
             idx.record_keys(keys, ingested, offset)
         else:
             idx.add_many(rows, offset)
         if done >= ids // 2:
-            cpu += time.process_time() - t0
+            lookup += t1 - t0
+            write += time.process_time() - t1
+            longest = max(longest, time.perf_counter() - w1)
         done += link
     t0 = time.process_time()
     idx.close()  # writes what is still held
-    cpu += time.process_time() - t0
-    return (ids - ids // 2) / cpu
+    write += time.process_time() - t0
+    half = ids - ids // 2
+    return Cost(lookup / half * 1e6, write / half * 1e6, longest * 1000)
 
 
 def main() -> None:
@@ -51,9 +70,13 @@ def main() -> None:
     link = int(sys.argv[2]) if len(sys.argv) > 2 else 12_000
     for batched in (False, True):
         with tempfile.TemporaryDirectory() as d:
-            rate = run(Path(d), ids, link, batched)
+            cost = run(Path(d), ids, link, batched)
         way = "record (batched)" if batched else "add_many per link"
-        print(f"{way:18s} ids={ids} link={link}: {rate:,.0f} ids per CPU-second")
+        print(
+            f"{way:18s} ids={ids} link={link}: {cost.ids_per_cpu_s:,.0f} ids per CPU-second "
+            f"(lookups {cost.lookup_us:.2f} us/id, writes {cost.write_us:.2f} us/id, longest "
+            f"write {cost.longest_write_ms:.0f} ms)"
+        )
 
 
 if __name__ == "__main__":

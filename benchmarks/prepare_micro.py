@@ -3,8 +3,9 @@
 update of the stored links (``DedupeIndex.record``), flush after flush, on what `tally run` sees
 under load.
 
-Run: python -m benchmarks.prepare_micro [flushes] [events_per_flush] — nothing asserted. Each
-flush holds ``events_per_flush`` events over 8 partitions (one link each), in envelopes of ~125
+Run: python -m benchmarks.prepare_micro [flushes] [events_per_flush] [partitions] — nothing
+asserted. Each flush holds ``events_per_flush`` events over ``partitions`` partitions (default:
+`tally run`'s, ``runtime.roles.EMBEDDED_PARTITIONS``; one link each), in envelopes of ~125
 events (requests of 1000 events of one tenant, grouped by partition as the API does), 4 tenants
 with the benchmark workload's 5 meters each (``benchmarks.workload``: count, sum, max,
 unique_count, latest), 1000 Zipf-distributed customers per tenant, 2 % client retries (duplicate
@@ -23,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.workload import METERS, EventFactory
+from runtime.roles import EMBEDDED_PARTITIONS
 from schemas.envelope import group_rows
 from schemas.meters import Meter
 from streams.dedupe import DedupeIndex
 from streams.processor import BatchProcessor, MeterCache
 
-PARTITIONS = 8
 TENANTS = 4
 REQUEST = 1000
 T0 = 1_700_000_000_000
@@ -54,7 +55,7 @@ class _NoStore:
         raise AssertionError(f"prepare_micro: the store was called ({name})")
 
 
-def payloads(flushes: int, per_flush: int) -> list[list[tuple[int, bytes]]]:
+def payloads(flushes: int, per_flush: int, partitions: int) -> list[list[tuple[int, bytes]]]:
     """(partition, envelope payload) of every flush."""
     factory = EventFactory(1, "e", 1000, 1.1, 0.02, 0.01)
     out: list[list[tuple[int, bytes]]] = []
@@ -74,7 +75,7 @@ def payloads(flushes: int, per_flush: int) -> list[list[tuple[int, bytes]]]:
                 )
                 for e in events
             ]
-            for env in group_rows(f"tenant-{tenant}", now, rows, PARTITIONS):
+            for env in group_rows(f"tenant-{tenant}", now, rows, partitions):
                 batch.append((env.partition, env.payload))
             tenant = (tenant + 1) % TENANTS
             now += 35
@@ -85,7 +86,8 @@ def payloads(flushes: int, per_flush: int) -> list[list[tuple[int, bytes]]]:
 def main() -> None:
     flushes = int(sys.argv[1]) if len(sys.argv) > 1 else 30
     per_flush = int(sys.argv[2]) if len(sys.argv) > 2 else 14_000
-    data = payloads(flushes + 1, per_flush)
+    partitions = int(sys.argv[3]) if len(sys.argv) > 3 else EMBEDDED_PARTITIONS
+    data = payloads(flushes + 1, per_flush, partitions)
     all_meters = meters()
     with tempfile.TemporaryDirectory() as d:
         indexes: dict[int, DedupeIndex] = {}
@@ -102,10 +104,10 @@ def main() -> None:
             meters=MeterCache(lambda: all_meters, clock_ms=lambda: T0),
             clock_ms=lambda: T0,
         )
-        for p in range(PARTITIONS):
+        for p in range(partitions):
             proc.assign(p, -1)
             proc.activations.load(p, {})
-        offsets = dict.fromkeys(range(PARTITIONS), -1)
+        offsets = dict.fromkeys(range(partitions), -1)
         decode_s: list[float] = []
         prepare_s: list[float] = []
         record_s: list[float] = []
@@ -135,7 +137,7 @@ def main() -> None:
     per = events / flushes
     med_p, med_r = statistics.median(prepare_s), statistics.median(record_s)
     print(
-        f"{flushes} flushes of {per:,.0f} events: CPU per flush (median): decode "
+        f"{flushes} flushes of {per:,.0f} events over {partitions} partitions: CPU per flush (median): decode "
         f"{statistics.median(decode_s) * 1000:.1f} ms, prepare {med_p * 1000:.1f} ms, index "
         f"{med_r * 1000:.1f} ms; prepare + index: {per / (med_p + med_r):,.0f} events per "
         f"CPU-second; total CPU {sum(prepare_s) + sum(record_s):.2f} s"

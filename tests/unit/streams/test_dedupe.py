@@ -10,7 +10,7 @@ from _pytest.monkeypatch import MonkeyPatch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streams.dedupe import DedupeIndex, index_path, rebuild
+from streams.dedupe import PAGE_SIZE, DedupeIndex, index_path, rebuild
 from tests.unit.streams.fakes import MemorySink, envelope_rows
 
 DAY = 86_400_000
@@ -253,16 +253,17 @@ def test_a_failed_write_keeps_the_held_ids(tmp_path: Path, monkeypatch: MonkeyPa
         max_size=12,
     ),
     st.integers(min_value=1, max_value=6),
+    st.integers(min_value=1, max_value=8),
 )
 def test_held_ids_behave_like_the_file(
-    tmp_path: Path, ops: list[tuple[str, list[tuple[str, str]]]], pending_max: int
+    tmp_path: Path, ops: list[tuple[str, list[tuple[str, str]]]], pending_max: int, recent: int
 ) -> None:
     """Whatever the batching, ``contains_many`` answers as if every id were written at once;
     after a crash the file holds exactly the ids written, and its watermark is the last one
     written with them."""
     path = tmp_path / "held.sqlite"
     path.unlink(missing_ok=True)
-    idx = DedupeIndex(path, "tp", pending_max=pending_max)
+    idx = DedupeIndex(path, "tp", pending_max=pending_max, recent_max=recent)
     known: set[tuple[str, str]] = set()  # every id recorded or added (what contains_many sees)
     on_file: set[tuple[str, str]] = set()
     wm_on_file = -1
@@ -283,6 +284,7 @@ def test_held_ids_behave_like_the_file(
                 idx.record_keys(list(keys), [1] * len(keys), wm)
             else:
                 idx.record(((t, e, 1) for t, e in keys), wm)
+            idx.wait_moved()  # a move runs behind: let it end (the model has no timing)
             known |= set(keys)
             held |= set(keys)
             held_wm = wm
@@ -298,8 +300,9 @@ def test_held_ids_behave_like_the_file(
             idx.flush()
             write_held()
         else:  # crash: a new process opens the file; the held ids are gone
+            idx.wait_moved()  # (a move is one transaction: before or after it, never within)
             idx._db.close()
-            idx = DedupeIndex(path, "tp", pending_max=pending_max)
+            idx = DedupeIndex(path, "tp", pending_max=pending_max, recent_max=recent)
             known = set(on_file)
             held, held_wm = set(), None
         assert idx.pending == len(held)
@@ -308,4 +311,96 @@ def test_held_ids_behave_like_the_file(
     assert reader.contains_many(universe) == on_file
     assert reader.watermark == wm_on_file
     reader.close()
+    idx.close()
+
+
+def test_new_files_get_large_pages_and_old_ones_keep_theirs(tmp_path: Path) -> None:
+    def page_size(path: Path) -> int:
+        db = sqlite3.connect(str(path))
+        try:
+            return int(db.execute("PRAGMA page_size").fetchone()[0])
+        finally:
+            db.close()
+
+    new = DedupeIndex.open(tmp_path, "tp", 0)
+    new.add_many([("t", "a", 1)], watermark=0)
+    new.close()
+    assert page_size(index_path(tmp_path, 0)) == PAGE_SIZE
+    # a file made by an older version (sqlite's default pages) is used as it is
+    old_path = index_path(tmp_path, 1)
+    db = sqlite3.connect(str(old_path))
+    db.execute("PRAGMA page_size=4096")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(
+        "CREATE TABLE seen (tenant_id TEXT NOT NULL, event_id TEXT NOT NULL, "
+        "ingested_ms INTEGER NOT NULL, PRIMARY KEY (tenant_id, event_id)) WITHOUT ROWID;"
+        "CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;"
+        "INSERT INTO seen VALUES ('t', 'old', 1); INSERT INTO meta VALUES ('wm:tp', 5);"
+    )
+    db.close()
+    old = DedupeIndex.open(tmp_path, "tp", 1)
+    assert old.watermark == 5
+    old.add_many([("t", "b", 1)], watermark=6)
+    assert old.contains_many([("t", "old"), ("t", "b"), ("t", "c")]) == {("t", "old"), ("t", "b")}
+    old.close()
+    assert page_size(old_path) == 4096
+
+
+def test_ids_of_any_text_are_found(tmp_path: Path) -> None:
+    """Lookups pass the ids as one JSON array (sqlite's ``json_each``), which would cut an id at
+    a NUL character: such ids are looked up one by one, and every other text goes through."""
+    idx = DedupeIndex(tmp_path / "p.sqlite", "tp")
+    odd = ["a\x00b", "\x00", 'q"uo\\te', "é€😀", "tab\tnl\n", " ", "[1]", "null"]
+    idx.add_many([("t", e, 1) for e in odd], 0)
+    others = [("t", "a\x00c"), ("t", "a"), ("t", "1"), ("u", "null")]
+    assert idx.contains_many([("t", e) for e in odd] + others) == {("t", e) for e in odd}
+    clean = [e for e in odd if "\x00" not in e]  # the JSON path alone
+    assert idx.contains_many([("t", e) for e in clean] + others[1:]) == {("t", e) for e in clean}
+    idx.close()
+
+
+def test_recent_ids_move_into_the_main_table(tmp_path: Path) -> None:
+    """Batches go into the small ``recent`` table; once it holds ``recent_max`` ids they are
+    moved into ``seen`` in the background. Every id is found before, during and after."""
+    path = tmp_path / "p.sqlite"
+    idx = DedupeIndex(path, "tp", pending_max=3, recent_max=5)
+    ids = [("t", f"e{n}") for n in range(20)]
+    for n, key in enumerate(ids):
+        idx.record_keys([key], [n], n)
+        assert idx.contains_many(ids) == set(ids[: n + 1])
+    idx.wait_moved()
+    db = sqlite3.connect(str(path))
+    in_seen = db.execute("SELECT count(*) FROM seen").fetchone()[0]
+    in_recent = db.execute("SELECT count(*) FROM recent").fetchone()[0]
+    db.close()
+    assert in_seen >= 5 and in_seen + in_recent + idx.pending == 20  # moved, nothing twice
+    assert idx.recent == in_recent and idx.entries == in_seen + in_recent
+    idx.close()
+    again = DedupeIndex(path, "tp")
+    assert again.watermark == 19 and len(again) == 20
+    assert again.contains_many(ids) == set(ids)
+    assert again.purge_older_than(10) == 10  # from both tables
+    assert again.contains_many(ids) == set(ids[10:])
+    again.close()
+
+
+def test_a_failed_move_keeps_the_ids_where_they_were(
+    tmp_path: Path, monkeypatch: MonkeyPatch
+) -> None:
+    idx = DedupeIndex(tmp_path / "p.sqlite", "tp", pending_max=2, recent_max=2)
+
+    def failing() -> int:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(idx, "_move_recent", failing)
+    idx.record_keys([("t", "a"), ("t", "b")], [1, 1], 1)  # written, then the move fails behind
+    assert idx.contains_many([("t", "a"), ("t", "b")]) == {("t", "a"), ("t", "b")}
+    with pytest.raises(sqlite3.OperationalError):
+        idx.wait_moved()
+    assert idx.recent == 2  # still in ``recent``, found there
+    assert idx.contains_many([("t", "a"), ("t", "c")]) == {("t", "a")}
+    monkeypatch.undo()
+    idx.record_keys([("t", "c"), ("t", "d")], [2, 2], 2)  # the next full write moves them
+    idx.wait_moved()
+    assert idx.recent == 0 and len(idx) == 4 and idx.watermark == 2
     idx.close()
