@@ -1,6 +1,6 @@
 """Micro-benchmark of the worker's flush path without broker or store: ``BatchProcessor.prepare``
 (dedupe against the on-disk index, ledger columns, matching and minute windows) and the index
-update of the stored links (``DedupeIndex.record``), flush after flush, on what `tally run` sees
+update of the stored links (``DedupeIndex.record_keys``), flush after flush, on what `tally run` sees
 under load.
 
 Run: python -m benchmarks.prepare_micro [flushes] [events_per_flush] [partitions] — nothing

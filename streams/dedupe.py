@@ -12,7 +12,7 @@ The index is never the truth: ``rebuild`` brings it in line with the store's pro
 partition assignment and when the worker resyncs to another writer's link (re-reading ids with ``W < source_offset <= M`` from the store, or starting
 over when the store is behind the index, e.g. after a store reset).
 
-The ids of stored links are written in batches (``record``): they wait in memory, where
+The ids of stored links are written in batches (``record_keys``): they wait in memory, where
 ``contains_many`` sees them, until ``pending_max`` of them are held or anything else reads or
 changes the index; then they go to the file in one transaction with the watermark of the last
 link. A crash loses only ids the watermark does not cover yet: ``rebuild`` reads them back from
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
 _CHUNK = 8000  # ids per IN (...) query, below sqlite's 32766 variable limit
-PENDING_MAX = 50_000  # recorded ids held in memory before they are written (``record``)
+PENDING_MAX = 50_000  # recorded ids held in memory before they are written (``record_keys``)
 # Pages of new index files. A batch of random ids touches most leaf pages of the B-tree, and the
 # cost of a write goes with the number of pages more than with their bytes: 64 KiB pages write
 # a batch 1.56x cheaper than sqlite's default 4 KiB at 3-6M ids (``benchmarks.dedupe_index``).
@@ -127,7 +127,7 @@ class DedupeIndex:
         self.topic = topic  # the topic whose watermark ``watermark``/``add_many`` use
         self.pending_max = pending_max
         self.recent_max = recent_max
-        # ``record``ed ids not written yet (key -> ingested_ms) and the watermark they move to
+        # recorded ids (``record_keys``) not written yet (key -> ingested_ms) and the watermark they move to
         self._pending: dict[Key, int] = {}
         self._pending_wm: int | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -264,18 +264,14 @@ class DedupeIndex:
             self._write_pending()
             self._write(sorted(keys_with_ms), watermark, topic or self.topic)
 
-    def record(self, keys_with_ms: Iterable[tuple[str, str, int]], watermark: int) -> None:
-        """``add_many`` for the current topic, batched: the ids are held in memory (seen by
-        ``contains_many``) and written with ``watermark`` once ``pending_max`` ids are held or
-        the index is read or changed otherwise (``flush``, ``close``, ``watermark``...). An id
-        already held or present keeps its first ingested_ms. If the write fails the ids stay
-        held (and the error is raised): the next write takes them."""
-        rows = list(keys_with_ms)
-        self.record_keys([(t, e) for t, e, _ms in rows], [ms for _t, _e, ms in rows], watermark)
-
     def record_keys(self, keys: Sequence[Key], ingested_ms: Sequence[int], watermark: int) -> None:
-        """``record`` of the ids ``keys[i]`` ingested at ``ingested_ms[i]`` (parallel columns, as
-        the worker has them: no tuple is built per id here)."""
+        """``add_many`` for the current topic, batched: the ids ``keys[i]`` ingested at
+        ``ingested_ms[i]`` (parallel columns, as the worker has them: no tuple is built per id
+        here) are held in memory (seen by ``contains_many``) and written with ``watermark`` once
+        ``pending_max`` ids are held or the index is read or changed otherwise (``flush``,
+        ``close``, ``watermark``...). An id already held or present keeps its first
+        ingested_ms. If the write fails the ids stay held (and the error is raised): the next
+        write takes them."""
         if len(keys) != len(ingested_ms):
             raise ValueError("record_keys: keys and ingested_ms differ in length")
         with self._lock:

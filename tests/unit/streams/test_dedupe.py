@@ -16,6 +16,11 @@ from tests.unit.streams.fakes import MemorySink, envelope_rows
 DAY = 86_400_000
 
 
+def record(idx: DedupeIndex, rows: list[tuple[str, str, int]], watermark: int) -> None:
+    """``record_keys`` of (tenant, id, ingested_ms) rows."""
+    idx.record_keys([(t, e) for t, e, _ms in rows], [ms for _t, _e, ms in rows], watermark)
+
+
 def test_contains_and_add(tmp_path: Path) -> None:
     idx = DedupeIndex.open(tmp_path, "tally.events", 3)
     assert idx.watermark == -1
@@ -158,14 +163,14 @@ def test_recorded_ids_are_held_then_written_with_their_watermark(tmp_path: Path)
     idx = DedupeIndex.open(tmp_path, "tp", 0)
     idx.pending_max = 4
     other = DedupeIndex.open(tmp_path, "tp", 0)  # a second reader of the same file
-    idx.record([("t", "a", 1), ("t", "b", 1)], watermark=3)
+    record(idx, [("t", "a", 1), ("t", "b", 1)], watermark=3)
     assert idx.pending == 2
     assert idx.contains_many([("t", "a"), ("t", "c"), ("u", "a")]) == {("t", "a")}
     assert other.contains_many([("t", "a"), ("t", "b")]) == set()  # not in the file yet
     assert other.watermark == -1
-    idx.record([("t", "b", 9), ("t", "c", 2)], watermark=5)  # "b" again: held once
+    record(idx, [("t", "b", 9), ("t", "c", 2)], watermark=5)  # "b" again: held once
     assert idx.pending == 3
-    idx.record([("u", "a", 2)], watermark=6)  # the 4th id: written, with the last watermark
+    record(idx, [("u", "a", 2)], watermark=6)  # the 4th id: written, with the last watermark
     assert idx.pending == 0
     assert other.watermark == 6
     assert other.contains_many([("t", "a"), ("t", "b"), ("t", "c"), ("u", "a")]) == {
@@ -181,22 +186,22 @@ def test_recorded_ids_are_held_then_written_with_their_watermark(tmp_path: Path)
 
 def test_reads_and_changes_write_the_held_ids_first(tmp_path: Path) -> None:
     idx = DedupeIndex.open(tmp_path, "tp", 0)
-    idx.record([("t", "a", 1)], watermark=0)
+    record(idx, [("t", "a", 1)], watermark=0)
     assert idx.watermark == 0 and idx.pending == 0
-    idx.record([("t", "b", 1)], watermark=1)
+    record(idx, [("t", "b", 1)], watermark=1)
     assert len(idx) == 2
-    idx.record([("t", "c", 1)], watermark=2)
+    record(idx, [("t", "c", 1)], watermark=2)
     idx.add_many([("t", "d", 1)], watermark=3)  # written after the held ones: 3 wins
     assert idx.watermark == 3
-    idx.record([("t", "e", 5)], watermark=4)
+    record(idx, [("t", "e", 5)], watermark=4)
     assert idx.purge_older_than(2) == 4
     assert idx.contains_many([("t", "e")]) == {("t", "e")}
-    idx.record([("t", "f", 5)], watermark=5)
+    record(idx, [("t", "f", 5)], watermark=5)
     idx.reset()  # forgets the held ids too
     assert idx.pending == 0
     assert idx.watermark == -1
     assert idx.contains_many([("t", "e"), ("t", "f")]) == set()
-    idx.record([("t", "g", 5)], watermark=7)
+    record(idx, [("t", "g", 5)], watermark=7)
     idx.close()  # a clean close writes them
     again = DedupeIndex.open(tmp_path, "tp", 0)
     assert again.watermark == 7
@@ -210,9 +215,9 @@ def test_a_crash_loses_only_ids_the_watermark_does_not_cover(tmp_path: Path) -> 
     sink = MemorySink()
     sink.commit("tp", envelope_rows("tp", 0, [(0, "a"), (1, "b"), (2, "c")]), [], {0: 2})
     idx = DedupeIndex.open(tmp_path, "tp", 0)
-    idx.record([("t1", "a", 1)], watermark=0)
+    record(idx, [("t1", "a", 1)], watermark=0)
     idx.flush()
-    idx.record([("t1", "b", 1), ("t1", "c", 1)], watermark=2)  # held when the process dies
+    record(idx, [("t1", "b", 1), ("t1", "c", 1)], watermark=2)  # held when the process dies
     after = DedupeIndex.open(tmp_path, "tp", 0)  # the restarted process: same file
     assert after.watermark == 0
     assert after.contains_many([("t1", "a"), ("t1", "b")]) == {("t1", "a")}
@@ -231,7 +236,7 @@ def test_a_failed_write_keeps_the_held_ids(tmp_path: Path, monkeypatch: MonkeyPa
 
     monkeypatch.setattr(idx, "_write", failing)
     with pytest.raises(sqlite3.OperationalError):
-        idx.record([("t", "a", 1), ("t", "b", 1)], watermark=4)
+        record(idx, [("t", "a", 1), ("t", "b", 1)], watermark=4)
     assert idx.pending == 2
     assert idx.contains_many([("t", "a"), ("t", "b")]) == {("t", "a"), ("t", "b")}
     monkeypatch.setattr(idx, "_write", real)
@@ -280,10 +285,7 @@ def test_held_ids_behave_like_the_file(
 
     for wm, (op, keys) in enumerate(ops):
         if op == "record":
-            if wm % 2:  # the worker's form: keys and ingested_ms as parallel columns
-                idx.record_keys(list(keys), [1] * len(keys), wm)
-            else:
-                idx.record(((t, e, 1) for t, e in keys), wm)
+            idx.record_keys(list(keys), [1] * len(keys), wm)
             idx.wait_moved()  # a move runs behind: let it end (the model has no timing)
             known |= set(keys)
             held |= set(keys)
