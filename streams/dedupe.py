@@ -9,8 +9,9 @@ horizon, with its ``ingested_ms``, and one watermark per topic: the last offset 
 whose events are all recorded. Memory stays bounded as ids grow because the ids live on disk.
 
 The index is never the truth: ``rebuild`` brings it in line with the store's progress ``M`` on
-partition assignment and when the worker resyncs to another writer's link (re-reading ids with ``W < source_offset <= M`` from the store, or starting
-over when the store is behind the index, e.g. after a store reset).
+partition assignment and when the worker resyncs to another writer's link (re-reading ids with
+``W < source_offset <= M`` from the store, or starting over when the store is behind the index,
+e.g. after a store reset).
 
 The ids of stored links are written in batches (``record_keys``): they wait in memory, where
 ``contains_many`` sees them, until ``pending_max`` of them are held or anything else reads or
@@ -114,7 +115,9 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 class DedupeIndex:
-    """Seen ids of one partition. Thread-safe (one connection behind a lock)."""
+    """Seen ids of one partition. Thread-safe: one connection behind a lock, plus the mover
+    thread's own connection, the only writer while a move runs (every write of the other one
+    first waits for the move)."""
 
     def __init__(
         self,
@@ -127,7 +130,7 @@ class DedupeIndex:
         self.topic = topic  # the topic whose watermark ``watermark``/``add_many`` use
         self.pending_max = pending_max
         self.recent_max = recent_max
-        # recorded ids (``record_keys``) not written yet (key -> ingested_ms) and the watermark they move to
+        # recorded ids not written yet (key -> ingested_ms) and the watermark they move to
         self._pending: dict[Key, int] = {}
         self._pending_wm: int | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
