@@ -95,10 +95,12 @@ def test_events_send_resumes_after_ctrl_c_and_counts_exactly(
                                 "properties": {"i": i}}) + "\n")  # fmt: skip
             want[customer] += 1
         f.write('{"type": "api.call"}\n')  # rejected: no customer
-    # one request at a time: the interrupt must land while the file is being sent, even when
-    # this process is not scheduled for a moment (CI shares 2 cores with the server and sender)
+    # one request at a time, each answered once stored: sending the file takes seconds, so the
+    # interrupt lands while it is being sent even when this process is not scheduled for a
+    # while (CI shares 2 cores with the server and the sender; with 4 requests in flight
+    # answered at the broker ack the whole file went in under a second)
     args = ("events", "send", str(path), "--url", url, "--api-key", key, "--batch-size", "500",
-            "--concurrency", "1")  # fmt: skip
+            "--concurrency", "1", "--wait", "stored")  # fmt: skip
     checkpoint = Path(str(path) + ".tally-checkpoint.json")
     first = tally_cli(*args)
     deadline = time.monotonic() + 120
