@@ -35,12 +35,15 @@ from schemas.meters import Aggregation
 from schemas.timeutil import epoch_ms
 from schemas.usage import CUSTOMER, UsageQuery, WindowSize
 
+# Sums of windows in Decimal(76, 9): ClickHouse's sum of a Decimal(38, 9) column is a
+# Decimal(38, 9) that wraps without an error past 10^29 (a month of large values can get there).
+_WIDE_SUM = "sum(toDecimal256(value_sum, 9))"
 VALUE_SQL: dict[Aggregation, str] = {
     Aggregation.COUNT: "sum(events)",
-    Aggregation.SUM: "sum(value_sum)",
+    Aggregation.SUM: _WIDE_SUM,
     Aggregation.MIN: "min(value_min)",
     Aggregation.MAX: "max(value_max)",
-    Aggregation.AVG: "sum(value_sum) / nullIf(sum(value_count), 0)",
+    Aggregation.AVG: f"{_WIDE_SUM} / nullIf(sum(value_count), 0)",
     Aggregation.UNIQUE_COUNT: "length(groupUniqArrayArray(uniq_values))",
     # latest = max of (time_ms, event_id, value): the newest event, ties broken by the larger id;
     # rows without any value carry (0, '', 0) and give NULL.

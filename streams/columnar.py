@@ -10,8 +10,9 @@ the group keys of a ``group_by`` (once per distinct value combination), the wind
 event (``_WindowKeys``: customer, minute and group key as one ``int64``). Each meter's windows
 are an Arrow group-by of those codes (count, sum, min, max, the latest time), unique values a
 sort of integer (window, value rank) pairs; the ``schemas.columns.USAGE_SCHEMA`` table is
-assembled from those arrays. Sums never wrap: a native sum is used only where the values'
-bound times their count fits (``_sums_fit``), exact ``Decimal`` sums otherwise.
+assembled from those arrays. Sums never wrap: an ``int64`` sum is used only where the values'
+bound times their count fits (``_sums_fit``), a ``decimal128`` one otherwise (a meter's values
+are below ``VALUE_LIMIT``, so it cannot leave ``Decimal(38, 9)``).
 
 Semantics are exactly those of ``MeterIndex``/``CompiledMeter.match`` and ``WindowTable`` (the
 per-event reference; ``tests/unit/streams/test_columnar.py`` checks equality on random batches):
@@ -25,7 +26,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import ROUND_CEILING, ROUND_FLOOR, Context, Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from itertools import repeat
 from typing import Any, NamedTuple
 
@@ -38,6 +39,7 @@ from schemas.jsonpath import MISSING, JsonPath, compile_path
 from schemas.meters import Aggregation, FilterOp, PropertyFilter
 from streams.aggregation import MINUTE_MS, ORIGIN_STREAM
 from streams.matching import (
+    VALUE_LIMIT,
     CompiledMeter,
     MeterIndex,
     ValueProblem,
@@ -47,11 +49,9 @@ from streams.matching import (
     to_decimal,
 )
 
-_CTX = Context(prec=80)
 _NUMERIC = frozenset(
     {Aggregation.SUM, Aggregation.MIN, Aggregation.MAX, Aggregation.AVG, Aggregation.LATEST}
 )
-_ZERO = Decimal(0)
 
 
 class _Bad:
@@ -65,7 +65,7 @@ class _Bad:
 
 # integers below this (in absolute value) take a short cut past ``to_decimal`` (same result);
 # wider ones go through it and its range check
-_INT_LIMIT = 10**28
+_INT_LIMIT = int(VALUE_LIMIT)
 
 
 @dataclass(slots=True)
@@ -200,7 +200,7 @@ def _numeric_one(v: Any) -> Any:
     if type(v) is int and -_INT_LIMIT < v < _INT_LIMIT:
         return Decimal(v)
     try:
-        return to_decimal(v)
+        return to_decimal(v, VALUE_LIMIT)
     except ValueProblem as exc:
         return _Bad(str(exc))
 
@@ -227,8 +227,9 @@ def _bad_at(
 def _numeric_values(path: JsonPath, cols: _Props) -> _Values:
     """``to_decimal`` of every event's value. A column of plain integers (Arrow infers ``int64``:
     no bool, float, string or out-of-range integer in it) stays ``int64`` (exact: every such
-    integer is in range, its ``Decimal(38, 9)`` is the integer itself); any other column goes
-    through ``to_decimal`` per value (the reference's own conversion) into ``decimal128(38, 9)``."""
+    integer is below ``VALUE_LIMIT``, its ``Decimal(38, 9)`` is the integer itself); any other
+    column goes through ``to_decimal`` per value (the reference's own conversion) into
+    ``decimal128(38, 9)``."""
     arr = cols.inferred(path)
     if arr is not None and arr.type == pa.int64():
         return _Values(arr, _bad_at(path, cols.props, _null_positions(arr), _numeric_one))
@@ -376,31 +377,18 @@ def _native_group_columns(
 
 
 _I64_MAX = 2**63 - 1
-# a decimal128(38, 9) sum of values below this bound (in absolute value, times their count)
-# cannot leave Decimal(38, 9)
-_DEC_LIMIT = Decimal(10) ** 29
+# a decimal128(38, 9) sum of fewer values than this, each below VALUE_LIMIT, stays inside
+# Decimal(38, 9) (10^29): a count check, no pass over the values
+_DEC_MAX_COUNT = int(Decimal(10) ** 29 / VALUE_LIMIT)
 
 
-def _sums_fit(v: pa.Array, limit: int | Decimal) -> bool:
+def _sums_fit(v: pa.Array, limit: int) -> bool:
     """Whether no sum of any subset of ``v`` can reach ``limit`` (so a native sum is exact)."""
     mm = pc.min_max(v)
     lo, hi = mm["min"].as_py(), mm["max"].as_py()
     if lo is None:
         return True
     return bool(max(abs(lo), abs(hi)) * len(v) < limit)
-
-
-def _decimal_sums(lists: pa.ChunkedArray) -> pa.Array:
-    """Group sums in Python ``Decimal`` (prec 80) for values whose native sum could overflow;
-    a sum outside ``Decimal(38, 9)`` raises, as the store could not hold it."""
-    add = _CTX.add
-    sums = []
-    for vs in lists.to_pylist():
-        total = _ZERO
-        for x in vs:
-            total = add(total, x)
-        sums.append(total)
-    return pa.array(sums, DECIMAL)
 
 
 class _WindowKeys:
@@ -524,13 +512,12 @@ def _meter_windows(
         aggs: list[tuple[Any, ...]] = [([], "count_all")]
         if vals is not None:
             v = vals
-            native_sum = True
             if v.type == pa.int64() and not _sums_fit(v, _I64_MAX):
                 v = v.cast(DECIMAL)
-            if v.type != pa.int64():
-                native_sum = _sums_fit(v, _DEC_LIMIT)
+            if v.type != pa.int64() and len(v) >= _DEC_MAX_COUNT:  # no flush holds 10^10
+                raise OverflowError(f"{len(v)} values could sum past Decimal(38, 9)")
             t = t.append_column("v", v)
-            aggs.append(("v", "sum" if native_sum else "list"))
+            aggs.append(("v", "sum"))
             aggs += [("v", "min"), ("v", "max")]
             if latest is not None:
                 t = t.append_column("t", latest[0])
@@ -541,10 +528,7 @@ def _meter_windows(
         n = len(out)
         events = _col(g, "count_all").cast(pa.uint64())
         if vals is not None:
-            if "v_sum" in g.column_names:
-                vsum = _col(g, "v_sum").cast(DECIMAL)
-            else:  # sums that 128 bits might not hold: exact Decimal sums of the same groups
-                vsum = _decimal_sums(_col(g, "v_list"))
+            vsum = _col(g, "v_sum").cast(DECIMAL)
             vcount = events
             vmin = _col(g, "v_min").cast(DECIMAL)
             vmax = _col(g, "v_max").cast(DECIMAL)

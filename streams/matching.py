@@ -11,8 +11,11 @@ Rules:
   and everything else by JSON equality; a missing property fails ``eq``/``in``/``gt``... and passes
   ``ne``/``nin``. ``gt``/``gte``/``lt``/``lte`` need a number or a numeric string. ``exists`` (true by
   default) holds when the path resolves to a non-null value;
-- the value (``value_property``) must be a finite number or numeric string (bools are not numbers);
-  it is rounded half-even to 9 decimals (the store's Decimal(38, 9)). ``unique_count`` instead takes
+- the value (``value_property``) must be a finite number or numeric string (bools are not numbers)
+  below 10^19 in magnitude (``VALUE_LIMIT``); it is rounded half-even to 9 decimals (the store's
+  Decimal(38, 9)). The bound leaves every minute window 10 digits of headroom: a window's sum
+  cannot leave Decimal(38, 9) below 10^10 events, so preparing a flush never fails on a sum
+  (usage queries sum windows in Decimal(76, 9)). ``unique_count`` instead takes
   the canonical string of any scalar (see ``canonical_scalar``). An event whose value is missing or
   unusable does not feed that meter (``ValueProblem`` is reported to the caller, who counts it);
 - group values: scalars as canonical strings, missing or null as ``""``, objects/arrays as
@@ -38,7 +41,8 @@ log = logging.getLogger(__name__)
 
 QUANTUM = Decimal("0.000000001")
 _CTX = Context(prec=80)
-MAX_ABS = Decimal(10) ** 29  # Decimal(38, 9) holds 29 integer digits
+MAX_ABS = Decimal(10) ** 29  # Decimal(38, 9) holds 29 integer digits (filter numbers)
+VALUE_LIMIT = Decimal(10) ** 19  # a meter's value: window sums keep 10 digits of headroom
 
 _NUMERIC_AGGS = frozenset(
     {Aggregation.SUM, Aggregation.MIN, Aggregation.MAX, Aggregation.AVG, Aggregation.LATEST}
@@ -49,8 +53,9 @@ class ValueProblem(ValueError):
     """The event matched the meter but its value is missing or not usable."""
 
 
-def to_decimal(value: Any) -> Decimal:
-    """A JSON number or numeric string as a Decimal with 9 decimals; ValueProblem otherwise."""
+def to_decimal(value: Any, limit: Decimal = MAX_ABS) -> Decimal:
+    """A JSON number or numeric string as a Decimal with 9 decimals, below ``limit`` in magnitude
+    (``VALUE_LIMIT`` for a meter's value); ValueProblem otherwise."""
     if isinstance(value, bool) or value is None or value is MISSING:
         raise ValueProblem(f"not a number: {value!r}")
     if isinstance(value, int):
@@ -72,12 +77,16 @@ def to_decimal(value: Any) -> Decimal:
         d = value
     else:
         raise ValueProblem(f"not a number: {type(value).__name__}")
-    # copy_abs, not abs(): abs() rounds to the default 28 digits (29 nines would become 1E+29)
-    if d.copy_abs() >= MAX_ABS:
-        raise ValueProblem(f"number out of range: {value!r}")
-    q = d.quantize(QUANTUM, rounding=ROUND_HALF_EVEN, context=_CTX)
-    if q.copy_abs() >= MAX_ABS:  # rounded up to 10**29 by the quantum
-        raise ValueProblem(f"number out of range: {value!r}")
+    # copy_abs, not abs(): abs() rounds to the default 28 digits (29 nines would become 1E+29);
+    # checked before quantize (which cannot take a number past its precision) and after it (the
+    # quantum can round up to the limit)
+    if (
+        d.copy_abs() >= limit
+        or (q := d.quantize(QUANTUM, rounding=ROUND_HALF_EVEN, context=_CTX)).copy_abs() >= limit
+    ):
+        raise ValueProblem(
+            f"number out of range: {value!r} (must be below 1e{limit.adjusted()} in magnitude)"
+        )
     return q
 
 
@@ -246,7 +255,7 @@ class CompiledMeter:
         agg = self.aggregation
         if agg in _NUMERIC_AGGS:
             assert self.value_path is not None
-            value = to_decimal(self.value_path.extract(properties))
+            value = to_decimal(self.value_path.extract(properties), VALUE_LIMIT)
         elif agg == Aggregation.UNIQUE_COUNT:
             assert self.value_path is not None
             raw = self.value_path.extract(properties)

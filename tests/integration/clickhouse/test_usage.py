@@ -125,6 +125,25 @@ def test_every_aggregation_matches_ground_truth(tenant, aggregation: Aggregation
             assert got == want, (aggregation, case, from_, to)
 
 
+@pytest.mark.parametrize("aggregation", [Aggregation.SUM, Aggregation.AVG])
+def test_sums_past_decimal_38_9_are_exact(tenant, aggregation: Aggregation) -> None:
+    """Windows each within Decimal(38, 9) whose total is not: the store's own sum of that
+    column would wrap to a negative number without an error; the query sums in 76 digits."""
+    repo, sink, tid, _ = tenant
+    meter = _meter(repo, tid, aggregation, "big")
+    t0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    big = Decimal("60000000000000000000000000000")  # 6e28: three windows sum past 10^29
+    events = [Ev(f"e{i}", "c1", t0 + timedelta(minutes=i), big, {}) for i in range(3)]
+    events.append(Ev("e3", "c1", t0 + timedelta(minutes=3), Decimal(4), {}))
+    _store_events(sink, tid, meter, events, flushes=2)
+    q = UsageQuery(tenant_id=tid, meter=meter, from_=t0, to=t0 + timedelta(days=1))
+    (got,) = run_usage(sink.store, q)
+    if aggregation == Aggregation.SUM:
+        assert got.value == Decimal("180000000000000000000000000004")
+    else:
+        assert got.value == Decimal("45000000000000000000000000001")
+
+
 def test_unique_count_across_rows_and_latest_ties(tenant) -> None:
     repo, sink, tid, _ = tenant
     t0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)

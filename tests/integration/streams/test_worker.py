@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from clickhouse.deadletters import DeadLetterRepo
+from clickhouse.repo import Repo
 from clickhouse.sink import ClickHouseSink
 from clickhouse.store import Store
+from schemas.events import Event
+from schemas.meters import MeterSpec
+from schemas.timeutil import utc_now
 from streams.progress import ProgressBoard
 from streams.worker import WorkerRunner
 from tests.integration.streams.helpers import (
@@ -56,6 +62,54 @@ def test_exact_with_duplicates_and_late_events(setup, broker, topic, store, tmp_
     assert runner.error is None
     assert truth.produced > len(truth.first)  # there were duplicates
     check(store, truth, meters)
+
+
+def test_values_past_the_meter_limit_do_not_stall_the_worker(  # type: ignore[no-untyped-def]
+    setup, broker, topic, store, tmp_path
+) -> None:
+    """Two events of 6e28 in one minute window: each is inside Decimal(38, 9), their sum is not.
+    Before the value limit the worker stored a window sum of 1.2e29 here (past the column's 38
+    digits; the columnar aggregation raises on such windows in other paths, failing the flush).
+    Now such a value is a meter_value dead letter of the sum meter, the events are counted by
+    the count meter, and the other tenant's events are stored exactly."""
+    settings, sink, truth, meters, src = setup
+    repo = Repo(store)
+    other = repo.create_tenant("mallory")[0].tenant_id
+    spec = {"event_type": "api", "aggregation": "sum", "value_property": "$.v"}
+    vsum = repo.create_meter(other, MeterSpec(slug="v", **spec))  # type: ignore[arg-type]
+    calls = repo.create_meter(other, MeterSpec(slug="n", event_type="api", aggregation="count"))  # type: ignore[arg-type]
+    time.sleep(0.01)
+    now = utc_now()
+    values: list[object] = ["6e28", 6e28, 1e19, 5, "9999999999999999999.5"]  # JSON: 6e28 is a float
+    evs = [
+        Event(id=f"v{i}", type="api", customer="c", time=now, properties={"v": v})
+        for i, v in enumerate(values)
+    ]
+    runner = WorkerRunner(settings, sink, ProgressBoard(), dedupe_dir=tmp_path / "dedupe")
+    assert runner.start(timeout=90)
+    try:
+        mallory = Truth(other)
+        produce(broker.bootstrap, topic, mallory, evs)
+        produce(broker.bootstrap, topic, truth, src.batch(2_000))
+        wait_stored(sink, topic, {**mallory.last_offsets, **truth.last_offsets})
+    finally:
+        runner.stop(timeout=30)
+    assert runner.error is None
+    check(store, truth, meters)
+
+    def total(meter_id: str, col: str) -> Any:
+        return store.query_rows(
+            f"SELECT sum({col}) FROM {store.database}.usage_minute "
+            "WHERE tenant_id = {t:String} AND meter_id = {m:String}",
+            {"t": other, "m": meter_id},
+        )[0][0]
+
+    assert total(calls.id, "events") == 5
+    assert total(vsum.id, "value_sum") == Decimal("9999999999999999999.5") + 5
+    dead = DeadLetterRepo(store).list(other, reason="meter_value")
+    assert sorted(d.event_id for d in dead) == ["v0", "v1", "v2"]
+    assert {d.meter_id for d in dead} == {vsum.id}
+    assert all("below 1e19 in magnitude" in d.message for d in dead)
 
 
 def test_restart_mid_stream_same_group(setup, broker, topic, store, tmp_path) -> None:  # type: ignore[no-untyped-def]

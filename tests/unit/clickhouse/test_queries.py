@@ -119,10 +119,10 @@ def query(**kw: object) -> UsageQuery:
 
 EXPECTED_VALUE = {
     Aggregation.COUNT: "sum(events)",
-    Aggregation.SUM: "sum(value_sum)",
+    Aggregation.SUM: "sum(toDecimal256(value_sum, 9))",
     Aggregation.MIN: "min(value_min)",
     Aggregation.MAX: "max(value_max)",
-    Aggregation.AVG: "sum(value_sum) / nullIf(sum(value_count), 0)",
+    Aggregation.AVG: "sum(toDecimal256(value_sum, 9)) / nullIf(sum(value_count), 0)",
     Aggregation.UNIQUE_COUNT: "length(groupUniqArrayArray(uniq_values))",
     Aggregation.LATEST: (
         "if(tupleElement(max(latest), 2) = '', NULL, tupleElement(max(latest), 3))"
@@ -155,7 +155,7 @@ def test_minute_window_needs_no_tz() -> None:
     sql, params = usage_sql(query(window=WindowSize.MINUTE, tz="Asia/Kolkata"), "tally")
     assert sql == (
         "SELECT toStartOfMinute(window_start) AS bucket, toUnixTimestamp(bucket) AS window_start_s,"
-        " toUnixTimestamp(bucket + toIntervalMinute(1)) AS window_end_s, sum(value_sum) AS value"
+        " toUnixTimestamp(bucket + toIntervalMinute(1)) AS window_end_s, sum(toDecimal256(value_sum, 9)) AS value"
         + WHERE
         + " GROUP BY bucket ORDER BY bucket"
     )
@@ -169,7 +169,7 @@ def test_hour_window_in_half_hour_zone() -> None:
         "toStartOfFifteenMinutes(window_start) - toIntervalMinute(15 * k), range(9))) AS bucket,"
         " toUnixTimestamp(bucket) AS window_start_s,"
         " toUnixTimestamp(arrayFirst(x -> toMinute(x, {tz:String}) = 0, arrayMap(k -> bucket"
-        " + toIntervalMinute(15 * k), range(1, 10)))) AS window_end_s, sum(value_sum) AS value"
+        " + toIntervalMinute(15 * k), range(1, 10)))) AS window_end_s, sum(toDecimal256(value_sum, 9)) AS value"
         + WHERE
         + " GROUP BY bucket ORDER BY bucket"
     )
@@ -182,7 +182,9 @@ def test_day_window() -> None:
         "SELECT toStartOfInterval(window_start, INTERVAL 1 DAY, {tz:String}) AS bucket,"
         " toUnixTimestamp(bucket) AS window_start_s,"
         " toUnixTimestamp(toStartOfInterval(bucket + INTERVAL 1 DAY, INTERVAL 1 DAY, {tz:String}))"
-        " AS window_end_s, sum(value_sum) AS value" + WHERE + " GROUP BY bucket ORDER BY bucket"
+        " AS window_end_s, sum(toDecimal256(value_sum, 9)) AS value"
+        + WHERE
+        + " GROUP BY bucket ORDER BY bucket"
     )
     assert params == {**BASE_PARAMS, "tz": "Europe/Berlin"}
 
@@ -192,7 +194,7 @@ def test_month_window() -> None:
     assert sql == (
         "SELECT toDateTime(toStartOfInterval(window_start, INTERVAL 1 MONTH, {tz:String}),"
         " {tz:String}) AS bucket, toUnixTimestamp(bucket) AS window_start_s,"
-        " toUnixTimestamp(bucket + INTERVAL 1 MONTH) AS window_end_s, sum(value_sum) AS value"
+        " toUnixTimestamp(bucket + INTERVAL 1 MONTH) AS window_end_s, sum(toDecimal256(value_sum, 9)) AS value"
         + WHERE
         + " GROUP BY bucket ORDER BY bucket"
     )
@@ -235,7 +237,7 @@ def test_group_by_customer_dimensions_and_filters() -> None:
 def test_by_customer_flag_without_window() -> None:
     sql, params = usage_sql(query(by_customer=True, group_by=["region"]), "tally")
     assert sql == (
-        "SELECT customer, group_values[{g0:String}] AS d0, sum(value_sum) AS value"
+        "SELECT customer, group_values[{g0:String}] AS d0, sum(toDecimal256(value_sum, 9)) AS value"
         + WHERE
         + " GROUP BY customer, d0 ORDER BY customer, d0"
     )

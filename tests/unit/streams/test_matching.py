@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from schemas.envelope import EnvelopeEvent
 from streams.matching import (
     MAX_ABS,
+    VALUE_LIMIT,
     CompiledMeter,
     MeterIndex,
     ValueProblem,
@@ -230,3 +231,34 @@ def test_to_decimal_range_is_decimal_38_9(value: object, ok: bool) -> None:
     else:
         with pytest.raises(ValueProblem, match="out of range"):
             to_decimal(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        (10**19 - 1, True),
+        (2**63 - 1, True),  # every int64 is in range
+        ("9999999999999999999.999999999", True),
+        (-(10**19) + 1, True),
+        (10**19, False),
+        ("1e19", False),
+        ("9999999999999999999.9999999995", False),  # the quantum rounds it to 10**19
+        (6 * 10**28, False),  # in Decimal(38, 9), but two of them would not sum in it
+    ],
+)
+def test_meter_values_stay_below_value_limit(value: object, ok: bool) -> None:
+    cm = CompiledMeter(meter(aggregation="sum", value_property="$.v"))
+    if ok:
+        c = cm.match(ev({"v": value}))
+        assert c is not None and c.value == Decimal(str(value))
+        assert c.value.copy_abs() < VALUE_LIMIT
+    else:
+        with pytest.raises(ValueProblem, match="below 1e19 in magnitude"):
+            cm.match(ev({"v": value}))
+
+
+def test_filters_compare_numbers_past_value_limit() -> None:
+    """The value limit is the meter value's: a filter still compares any Decimal(38, 9) number."""
+    assert matches({"property": "$.n", "op": "gt", "value": 10**20}, {"n": 6 * 10**28})
+    assert not matches({"property": "$.n", "op": "lt", "value": 10**20}, {"n": 6 * 10**28})
+    assert matches({"property": "$.n", "op": "eq", "value": 10**25}, {"n": 1e25})
