@@ -18,26 +18,43 @@ import os
 import signal
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
 from tally.errors import TallyError
 from tally.settings import Settings
 
+if TYPE_CHECKING:
+    from clickhouse.repo import Repo
+
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 
 
-def announce(url: str, data_dir: Path, token: str | None) -> None:
+def admin_token_line(repo: Repo, settings: Settings) -> str | None:
+    """Store the admin token if needed (``Repo.ensure_admin_token``) and return the line to print
+    at start: the plaintext of a token generated now (shown once), a mention of a token stored
+    now from ``TALLY_ADMIN_TOKEN`` (the operator has it: a secret given is never echoed into
+    logs), else None."""
+    token = repo.ensure_admin_token(settings.admin_token or None)
+    if token is None:
+        return None
+    if settings.admin_token:
+        return "Admin token: the one in TALLY_ADMIN_TOKEN (stored hashed)"
+    return f"Admin token (shown once, keep it): {token}"
+
+
+def announce(url: str, data_dir: Path, token_line: str | None) -> None:
     """`tally run` is up: write the run file (url, pid) and tell the user where and how."""
     (data_dir / RUN_FILE).write_text(json.dumps({"url": url, "pid": os.getpid()}))
     print(f"Tally is running at {url}  (data: {data_dir})", flush=True)
-    if token:
-        print(f"Admin token (shown once, keep it): {token}", flush=True)
+    if token_line:
+        print(token_line, flush=True)
     print("Create a tenant: tally tenant create NAME   Stop: Ctrl-C", flush=True)
 
 
@@ -242,7 +259,7 @@ def run_embedded(settings: Settings) -> None:
         # The embedded broker keeps messages in memory only: every start is a new log, so it
         # gets a new topic generation (worker progress is kept per topic in ClickHouse).
         core = Core.open(settings)
-        token = core.repo.ensure_admin_token(settings.admin_token or None)
+        token_line = admin_token_line(core.repo, settings)
         board = ProgressBoard()
         registry = process_registry()  # API and worker metrics, served together on /metrics
         pipeline = EmbeddedPipeline(
@@ -293,7 +310,7 @@ def run_embedded(settings: Settings) -> None:
 
         def started(port: int) -> None:
             main_loop.append(asyncio.get_running_loop())
-            announce(f"http://{settings.api_host}:{port}", data_dir, token)
+            announce(f"http://{settings.api_host}:{port}", data_dir, token_line)
 
         _serve(app, settings, started, server_ref.append)
     finally:
@@ -336,9 +353,9 @@ def run_api(settings: Settings) -> None:
     _require_external(settings)
     core = Core.open(settings)
     create_topic(settings.kafka_bootstrap, settings.events_topic, settings.events_partitions)
-    token = core.repo.ensure_admin_token(settings.admin_token or None)
-    if token:
-        print(f"Admin token (shown once, keep it): {token}", flush=True)
+    token_line = admin_token_line(core.repo, settings)
+    if token_line:
+        print(token_line, flush=True)
     producer = EventProducer(
         settings.kafka_bootstrap, settings.events_topic, timeout_s=settings.produce_timeout_s
     )
@@ -379,6 +396,10 @@ def run_api(settings: Settings) -> None:
         probe.close()
 
 
+# the thread of each ``serve_in_thread`` server (``stop_served`` joins it)
+_SERVER_THREADS: weakref.WeakKeyDictionary[Any, threading.Thread] = weakref.WeakKeyDictionary()
+
+
 def serve_in_thread(app: Any, host: str, port: int, timeout: float = 15.0) -> tuple[Any, int]:
     """Serve ``app`` with uvicorn in a daemon thread; returns the server and its port once it
     listens. Raises ``TallyError`` when it cannot (e.g. the port is taken)."""
@@ -389,6 +410,7 @@ def serve_in_thread(app: Any, host: str, port: int, timeout: float = 15.0) -> tu
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="tally-health", daemon=True)
+    _SERVER_THREADS[server] = thread
     thread.start()
     deadline = time.monotonic() + timeout
     while not server.started:
@@ -404,6 +426,17 @@ def serve_in_thread(app: Any, host: str, port: int, timeout: float = 15.0) -> tu
         for sock in srv.sockets:
             bound = sock.getsockname()[1]
     return server, int(bound)
+
+
+def stop_served(server: Any, timeout: float = 10.0) -> None:
+    """Stop a ``serve_in_thread`` server and wait (up to ``timeout``) for its thread: requests
+    in flight finish first, so what they use can be closed after this."""
+    server.should_exit = True
+    thread = _SERVER_THREADS.get(server)
+    if thread is not None:
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("the HTTP server thread did not stop within %.0f s", timeout)
 
 
 def run_worker(settings: Settings) -> None:
@@ -451,7 +484,8 @@ def run_worker(settings: Settings) -> None:
     try:
         code = runner.run_forever()
     finally:
-        server.should_exit = True
+        # a readiness request in flight pings the broker with ``pinger``: let it finish first
+        stop_served(server)
         pinger.close()
     if code != 0:
         err = runner.error

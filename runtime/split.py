@@ -370,7 +370,15 @@ def run_split(settings: Settings) -> None:
     from api.topics import create_topic  # noqa: F401  (imported here: fail early if missing)
     from clickhouse.server import StoreServer
     from clickhouse.sink import ClickHouseSink
-    from runtime.roles import RUN_FILE, Core, announce, embedded_settings, serve_in_thread
+    from runtime.roles import (
+        RUN_FILE,
+        Core,
+        admin_token_line,
+        announce,
+        embedded_settings,
+        serve_in_thread,
+        stop_served,
+    )
     from runtime.supervisor import BrokerSupervisor, EmbeddedPipeline
     from runtime.waithop import WaitServer
     from streams.metrics import WorkerMetrics
@@ -414,7 +422,7 @@ def run_split(settings: Settings) -> None:
     api: ApiChild | None = None
     try:
         core = Core.open(settings)
-        token = core.repo.ensure_admin_token(settings.admin_token or None)
+        token_line = admin_token_line(core.repo, settings)
         store_server = StoreServer(settings.chdb_dir.resolve()).start()
         board = ProgressBoard()
         registry = process_registry()
@@ -442,7 +450,7 @@ def run_split(settings: Settings) -> None:
         api = ApiChild(child_settings, env, lambda: pipeline.current if pipeline else None)
         port = api.start()
         supervisor = BrokerSupervisor(pipeline, lambda _producer: None, on_fatal).start()
-        announce(f"http://{settings.api_host}:{port}", data_dir, token)
+        announce(f"http://{settings.api_host}:{port}", data_dir, token_line)
         restarts: deque[float] = deque()
         while not stop.is_set():
             try:
@@ -474,7 +482,7 @@ def run_split(settings: Settings) -> None:
             if supervisor.fatal is not None and not fatal:
                 fatal.append(supervisor.fatal)
         if control is not None:
-            control.should_exit = True
+            stop_served(control)  # its requests in flight read the pipeline: let them finish
         if waits is not None:
             waits.stop()
         if pipeline is not None:

@@ -133,9 +133,14 @@ class LogProbe:
         self.topic = topic
         self.group = group
         self._consumer: Any = None
+        self._closed = False
         self._lock = threading.Lock()
 
     def _client(self) -> Any:
+        if self._closed:
+            # a client made after close() would never be closed: librdkafka then tears it down
+            # at interpreter exit, which can crash the process
+            raise RuntimeError("the log probe is closed")
         if self._consumer is None:
             from confluent_kafka import Consumer
 
@@ -240,5 +245,7 @@ class LogProbe:
                 log.debug("closing the lag probe consumer: %r", exc)
 
     def close(self) -> None:
+        """Close the client (after any probe in flight); later probes raise, pings say False."""
         with self._lock:
+            self._closed = True
             self._reset()

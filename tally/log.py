@@ -16,6 +16,7 @@ Secrets never go into a context or an ``extra``: API keys and tokens are not log
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import re
@@ -147,6 +148,9 @@ class TextFormatter(logging.Formatter):
 
 
 def configure(level: str = "INFO", fmt: str = "text") -> None:
+    # a crash in native code (SIGSEGV, SIGABRT...) prints every thread's Python stack to stderr
+    # instead of dying silently
+    faulthandler.enable(sys.stderr, all_threads=True)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if str(fmt) == "json" else TextFormatter())
     handler.addFilter(ContextFilter())

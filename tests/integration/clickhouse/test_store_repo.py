@@ -8,9 +8,10 @@ import pytest
 
 from clickhouse.repo import Repo, hash_secret
 from clickhouse.store import MIGRATIONS_DIR, Store, migration_files, open_store
+from runtime.roles import admin_token_line
 from schemas.meters import Aggregation, MeterSpec
 from tally.errors import Conflict, NotFound, StoreUnavailable, ValidationError
-from tally.settings import Settings
+from tally.settings import Settings, get_settings
 
 
 def _all_text(store: Store, table: str) -> str:
@@ -216,3 +217,20 @@ def test_meters_crud_conflict_and_isolation(store: Store) -> None:
     assert m3.id != m.id and repo.get_meter(a.tenant_id, "api-calls") == m3
     with pytest.raises(NotFound):
         repo.create_meter("nosuchtenant", _spec("x"))
+
+
+def test_the_start_line_never_echoes_a_given_admin_token(store: Store) -> None:
+    """`tally run` prints a token it generated (once); one given in TALLY_ADMIN_TOKEN is stored
+    but not printed (stdout ends up in logs; the operator already has it)."""
+    given = get_settings(admin_token="tla_given-by-the-operator")
+    line = admin_token_line(Repo(store), given)
+    assert line is not None and "TALLY_ADMIN_TOKEN" in line and "tla_given" not in line
+    assert admin_token_line(Repo(store), given) is None  # stored already: nothing to say
+    assert Repo(store).check_admin_token("tla_given-by-the-operator")
+
+
+def test_the_start_line_shows_a_generated_admin_token_once(store: Store) -> None:
+    line = admin_token_line(Repo(store), get_settings(admin_token=""))
+    assert line is not None and line.startswith("Admin token (shown once, keep it): ")
+    assert Repo(store).check_admin_token(line.rsplit(" ", 1)[1])
+    assert admin_token_line(Repo(store), get_settings(admin_token="")) is None

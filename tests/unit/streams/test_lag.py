@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.lag import LagReport, PartitionLag, log_end
+from streams.lag import LagReport, LogProbe, PartitionLag, log_end
 
 NOW = 1_700_000_000_000
 
@@ -63,3 +64,14 @@ def test_lag_and_freshness_invariants(stored: int, lag: int, age_ms: int) -> Non
     assert p.lag == lag
     assert (p.freshness_s(NOW) == 0) == (lag == 0 or age_ms == 0)
     assert p.freshness_s(NOW) == (age_ms / 1000 if lag else 0)
+
+
+def test_a_closed_probe_makes_no_new_client() -> None:
+    """After close() a ping (e.g. a readiness request still in flight at shutdown) must not
+    create a client nobody closes: librdkafka tearing it down at exit can crash the process."""
+    probe = LogProbe("127.0.0.1:1", "events")
+    probe.close()
+    assert probe.ping(timeout=0.1) is False
+    with pytest.raises(RuntimeError, match="closed"):
+        probe.measure({0: -1}, timeout=0.1)
+    assert probe._consumer is None
