@@ -111,8 +111,8 @@ def serve(kind: str) -> None:
 
     threading.Thread(target=worker, daemon=True).start()
     if kind == "http":
-        server, port = serve_in_thread(old_control_app(board), "127.0.0.1", 0)
-        address = f"http://127.0.0.1:{port}"
+        served = serve_in_thread(old_control_app(board), "127.0.0.1", 0)
+        address = f"http://127.0.0.1:{served.port}"
     else:
         server = WaitServer(board).start()
         address = server.address
@@ -120,7 +120,7 @@ def serve(kind: str) -> None:
     sys.stdin.read()
     stop.set()
     if kind == "http":
-        server.should_exit = True
+        served.stop()
     else:
         server.stop()
 

@@ -18,7 +18,6 @@ import os
 import signal
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -396,13 +395,29 @@ def run_api(settings: Settings) -> None:
         probe.close()
 
 
-# the thread of each ``serve_in_thread`` server (``stop_served`` joins it)
-_SERVER_THREADS: weakref.WeakKeyDictionary[Any, threading.Thread] = weakref.WeakKeyDictionary()
+@dataclass
+class Served:
+    """A uvicorn server running in its own thread (``serve_in_thread``)."""
+
+    server: Any
+    port: int
+    thread: threading.Thread
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving and wait (up to ``timeout``) for the thread: requests in flight finish
+        first, so what they use can be closed after this."""
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            log.warning("the HTTP server thread did not stop within %.0f s", timeout)
 
 
-def serve_in_thread(app: Any, host: str, port: int, timeout: float = 15.0) -> tuple[Any, int]:
-    """Serve ``app`` with uvicorn in a daemon thread; returns the server and its port once it
-    listens. Raises ``TallyError`` when it cannot (e.g. the port is taken)."""
+def serve_in_thread(
+    app: Any, host: str, port: int, timeout: float = 15.0, what: str = "HTTP", hint: str = ""
+) -> Served:
+    """Serve ``app`` with uvicorn in a daemon thread; returns once it listens. Raises
+    ``TallyError`` naming ``what`` when it cannot (e.g. the port is taken; ``hint`` says how to
+    choose another)."""
     import uvicorn
 
     config = uvicorn.Config(
@@ -410,33 +425,18 @@ def serve_in_thread(app: Any, host: str, port: int, timeout: float = 15.0) -> tu
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="tally-health", daemon=True)
-    _SERVER_THREADS[server] = thread
     thread.start()
     deadline = time.monotonic() + timeout
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             server.should_exit = True
-            raise TallyError(
-                f"cannot serve /metrics on {host}:{port} (is the port taken? set "
-                "TALLY_WORKER_METRICS_PORT, 0 = any free port)"
-            )
+            raise TallyError(f"cannot serve {what} on {host}:{port} (is the port taken?{hint})")
         time.sleep(0.02)
     bound = port
     for srv in server.servers:
         for sock in srv.sockets:
             bound = sock.getsockname()[1]
-    return server, int(bound)
-
-
-def stop_served(server: Any, timeout: float = 10.0) -> None:
-    """Stop a ``serve_in_thread`` server and wait (up to ``timeout``) for its thread: requests
-    in flight finish first, so what they use can be closed after this."""
-    server.should_exit = True
-    thread = _SERVER_THREADS.get(server)
-    if thread is not None:
-        thread.join(timeout)
-        if thread.is_alive():
-            log.warning("the HTTP server thread did not stop within %.0f s", timeout)
+    return Served(server, int(bound), thread)
 
 
 def run_worker(settings: Settings) -> None:
@@ -477,15 +477,22 @@ def run_worker(settings: Settings) -> None:
         metrics=Metrics(registry, settings),
     )
     host = settings.worker_metrics_host
-    server, port = serve_in_thread(create_health_app(state), host, settings.worker_metrics_port)
+    served = serve_in_thread(
+        create_health_app(state),
+        host,
+        settings.worker_metrics_port,
+        what="/metrics",
+        hint=" set TALLY_WORKER_METRICS_PORT, 0 = any free port",
+    )
     print(
-        f"Tally worker: metrics, health and readiness on http://{host}:{port}/metrics", flush=True
+        f"Tally worker: metrics, health and readiness on http://{host}:{served.port}/metrics",
+        flush=True,
     )
     try:
         code = runner.run_forever()
     finally:
         # a readiness request in flight pings the broker with ``pinger``: let it finish first
-        stop_served(server)
+        served.stop()
         pinger.close()
     if code != 0:
         err = runner.error

@@ -48,12 +48,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from datetime import timedelta
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
 from tally.errors import TallyError
 from tally.settings import Settings
+
+if TYPE_CHECKING:
+    from runtime.roles import Served
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +380,6 @@ def run_split(settings: Settings) -> None:
         announce,
         embedded_settings,
         serve_in_thread,
-        stop_served,
     )
     from runtime.supervisor import BrokerSupervisor, EmbeddedPipeline
     from runtime.waithop import WaitServer
@@ -417,7 +419,7 @@ def run_split(settings: Settings) -> None:
     store_server: StoreServer | None = None
     pipeline: EmbeddedPipeline | None = None
     supervisor: BrokerSupervisor | None = None
-    control: Any = None
+    control: Served | None = None
     waits: WaitServer | None = None
     api: ApiChild | None = None
     try:
@@ -437,15 +439,13 @@ def run_split(settings: Settings) -> None:
         )
         pipeline.spawner = spawn_on_main_thread  # type: ignore[method-assign]
         gen = pipeline.start()
-        control, control_port = serve_in_thread(
-            create_control_app(pipeline, registry), "127.0.0.1", 0
-        )
+        control = serve_in_thread(create_control_app(pipeline, registry), "127.0.0.1", 0)
         waits = WaitServer(board).start()
         child_settings = pipeline.settings_for(gen.broker.bootstrap, gen.topic).model_copy(
             update={"clickhouse_url": store_server.url}
         )
         env = settings_env(child_settings)
-        env[CONTROL_ENV] = f"http://127.0.0.1:{control_port}"
+        env[CONTROL_ENV] = f"http://127.0.0.1:{control.port}"
         env[WAIT_ENV] = waits.address
         api = ApiChild(child_settings, env, lambda: pipeline.current if pipeline else None)
         port = api.start()
@@ -482,7 +482,7 @@ def run_split(settings: Settings) -> None:
             if supervisor.fatal is not None and not fatal:
                 fatal.append(supervisor.fatal)
         if control is not None:
-            stop_served(control)  # its requests in flight read the pipeline: let them finish
+            control.stop()  # its requests in flight read the pipeline: let them finish
         if waits is not None:
             waits.stop()
         if pipeline is not None:
