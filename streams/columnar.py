@@ -39,6 +39,7 @@ from schemas.jsonpath import MISSING, JsonPath, compile_path
 from schemas.meters import Aggregation, FilterOp, PropertyFilter
 from streams.aggregation import MINUTE_MS, ORIGIN_STREAM
 from streams.matching import (
+    MAX_ABS,
     VALUE_LIMIT,
     CompiledMeter,
     MeterIndex,
@@ -378,8 +379,8 @@ def _native_group_columns(
 
 _I64_MAX = 2**63 - 1
 # a decimal128(38, 9) sum of fewer values than this, each below VALUE_LIMIT, stays inside
-# Decimal(38, 9) (10^29): a count check, no pass over the values
-_DEC_MAX_COUNT = int(Decimal(10) ** 29 / VALUE_LIMIT)
+# Decimal(38, 9) (``MAX_ABS``): a count check, no pass over the values
+_DEC_MAX_COUNT = int(MAX_ABS / VALUE_LIMIT)
 
 
 def _sums_fit(v: pa.Array, limit: int) -> bool:
