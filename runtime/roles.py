@@ -232,10 +232,10 @@ def run_embedded(settings: Settings) -> None:
     ``embedded_processes = "split"`` (the default) runs the API in a child process instead
     (``runtime.split``); this function is the ``single`` mode.
     """
-    from tally.gcpause import tune_gc
+    from tally.process import tune_process
     from tally.settings import EmbeddedProcesses
 
-    tune_gc(settings.gc_threshold)
+    tune_process(settings)
     if settings.embedded_processes == EmbeddedProcesses.SPLIT:
         from runtime.split import run_split
 
@@ -345,10 +345,10 @@ def run_api(settings: Settings) -> None:
     from streams.lag import LogProbe
     from streams.progress import StoreProgressWaiter
     from streams.status import stale_after_s
-    from tally.gcpause import tune_gc
     from tally.metrics import process_registry
+    from tally.process import tune_process
 
-    tune_gc(settings.gc_threshold)
+    tune_process(settings)
     _require_external(settings)
     core = Core.open(settings)
     create_topic(settings.kafka_bootstrap, settings.events_topic, settings.events_partitions)
@@ -447,10 +447,10 @@ def run_worker(settings: Settings) -> None:
     from streams.lag import LogProbe
     from streams.metrics import WorkerMetrics
     from streams.worker import WorkerRunner
-    from tally.gcpause import tune_gc
     from tally.metrics import process_registry
+    from tally.process import tune_process
 
-    tune_gc(settings.gc_threshold)
+    tune_process(settings)
     _require_external(settings)
     core = Core.open(settings)
     create_topic(settings.kafka_bootstrap, settings.events_topic, settings.events_partitions)

@@ -197,12 +197,12 @@ def run_api_child() -> None:
     from runtime.roles import Core, _build_app, _serve
     from runtime.waithop import SocketProgressWaiter
     from tally import log as logsetup
-    from tally.gcpause import tune_gc
     from tally.metrics import process_registry
+    from tally.process import tune_process
 
     settings = Settings()  # type: ignore[call-arg]  # from the TALLY_* env
     logsetup.configure(settings.log_level, settings.log_format.value)
-    tune_gc(settings.gc_threshold)
+    tune_process(settings)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per control call otherwise
     control = os.environ[CONTROL_ENV]
     port_fd = int(os.environ[PORT_FD_ENV])

@@ -271,6 +271,14 @@ class Settings(BaseSettings):
         "net allocations in tally run/api/worker (start-up objects are frozen); 0 keeps "
         "Python's default (700), which makes bulk JSON decoding much slower (tally.gcpause)",
     )
+    switch_interval_ms: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="Python's thread switch interval in tally run/api/worker: a thread back "
+        "from chDB, sqlite or a socket waits at most about this long for the interpreter lock "
+        "(Python's default is 5 ms; tally.process)",
+    )
 
     # --- logging -----------------------------------------------------------------------------
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _pytest.monkeypatch import MonkeyPatch
@@ -170,7 +172,9 @@ def test_recorded_ids_are_held_then_written_with_their_watermark(tmp_path: Path)
     assert other.watermark == -1
     record(idx, [("t", "b", 9), ("t", "c", 2)], watermark=5)  # "b" again: held once
     assert idx.pending == 3
-    record(idx, [("u", "a", 2)], watermark=6)  # the 4th id: written, with the last watermark
+    record(idx, [("u", "a", 2)], watermark=6)  # the 4th id: written behind, last watermark
+    assert idx.contains_many([("t", "b"), ("u", "a"), ("u", "b")]) == {("t", "b"), ("u", "a")}
+    idx.wait_behind()
     assert idx.pending == 0
     assert other.watermark == 6
     assert other.contains_many([("t", "a"), ("t", "b"), ("t", "c"), ("u", "a")]) == {
@@ -227,23 +231,62 @@ def test_a_crash_loses_only_ids_the_watermark_does_not_cover(tmp_path: Path) -> 
 
 
 def test_a_failed_write_keeps_the_held_ids(tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    """A write behind that fails: its ids are held again (and found), its error is raised by
+    the next call that waits for it, and the next write takes them with the latest watermark."""
     idx = DedupeIndex.open(tmp_path, "tp", 0)
     idx.pending_max = 2
-    real = idx._write
+    real = idx._write_json
 
-    def failing(*args: object) -> None:
+    def failing(*args: object) -> int:
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(idx, "_write", failing)
+    monkeypatch.setattr(idx, "_write_json", failing)
+    record(idx, [("t", "a", 1), ("t", "b", 1)], watermark=4)  # handed to the writer, fails
+    assert idx.contains_many([("t", "a"), ("t", "b")]) == {("t", "a"), ("t", "b")}
     with pytest.raises(sqlite3.OperationalError):
-        record(idx, [("t", "a", 1), ("t", "b", 1)], watermark=4)
+        idx.wait_behind()
     assert idx.pending == 2
     assert idx.contains_many([("t", "a"), ("t", "b")]) == {("t", "a"), ("t", "b")}
-    monkeypatch.setattr(idx, "_write", real)
+    record(idx, [("t", "a", 7), ("t", "c", 7)], watermark=5)  # "a" keeps 1; fails again
+    with pytest.raises(sqlite3.OperationalError):
+        idx.flush()  # waits for the write in flight first: its error, nothing lost
+    assert idx.pending == 3
+    monkeypatch.setattr(idx, "_write_json", real)
     idx.flush()
     assert idx.pending == 0
-    assert idx.watermark == 4
+    assert idx.watermark == 5
+    assert idx.purge_older_than(2) == 2  # a and b (1), not c (7)
     idx.close()
+
+
+def test_ids_being_written_are_found_and_the_writer_runs_without_the_caller(
+    tmp_path: Path, monkeypatch: MonkeyPatch
+) -> None:
+    """``record_keys`` hands a full batch to the background thread and returns: lookups find
+    its ids meanwhile, and further ids are held until it is done."""
+    idx = DedupeIndex.open(tmp_path, "tp", 0)
+    idx.pending_max = 2
+    gate = threading.Event()
+    real = idx._write_json
+
+    def slow(*args: Any) -> int:
+        assert gate.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(idx, "_write_json", slow)
+    record(idx, [("t", "a", 1), ("t", "b", 1)], watermark=1)  # returns while the write waits
+    record(idx, [("t", "c", 1), ("t", "d", 1)], watermark=2)  # held: a write is in flight
+    other = DedupeIndex.open(tmp_path, "tp", 0)
+    assert other.contains_many([("t", "a")]) == set()  # not committed yet
+    assert idx.contains_many([("t", x) for x in "abcde"]) == {("t", x) for x in "abcd"}
+    assert idx.pending == 4
+    gate.set()
+    idx.wait_behind()
+    assert other.contains_many([("t", x) for x in "abcd"]) == {("t", "a"), ("t", "b")}
+    assert other.watermark == 1 and idx.pending == 2
+    idx.close()  # writes the held ones
+    assert other.watermark == 2 and len(other) == 4
+    other.close()
 
 
 @settings(
@@ -286,7 +329,7 @@ def test_held_ids_behave_like_the_file(
     for wm, (op, keys) in enumerate(ops):
         if op == "record":
             idx.record_keys(list(keys), [1] * len(keys), wm)
-            idx.wait_moved()  # a move runs behind: let it end (the model has no timing)
+            idx.wait_behind()  # a move runs behind: let it end (the model has no timing)
             known |= set(keys)
             held |= set(keys)
             held_wm = wm
@@ -302,7 +345,7 @@ def test_held_ids_behave_like_the_file(
             idx.flush()
             write_held()
         else:  # crash: a new process opens the file; the held ids are gone
-            idx.wait_moved()  # (a move is one transaction: before or after it, never within)
+            idx.wait_behind()  # (a move is one transaction: before or after it, never within)
             idx._db.close()
             idx = DedupeIndex(path, "tp", pending_max=pending_max, recent_max=recent)
             known = set(on_file)
@@ -370,7 +413,7 @@ def test_recent_ids_move_into_the_main_table(tmp_path: Path) -> None:
     for n, key in enumerate(ids):
         idx.record_keys([key], [n], n)
         assert idx.contains_many(ids) == set(ids[: n + 1])
-    idx.wait_moved()
+    idx.wait_behind()
     db = sqlite3.connect(str(path))
     in_seen = db.execute("SELECT count(*) FROM seen").fetchone()[0]
     in_recent = db.execute("SELECT count(*) FROM recent").fetchone()[0]
@@ -398,11 +441,11 @@ def test_a_failed_move_keeps_the_ids_where_they_were(
     idx.record_keys([("t", "a"), ("t", "b")], [1, 1], 1)  # written, then the move fails behind
     assert idx.contains_many([("t", "a"), ("t", "b")]) == {("t", "a"), ("t", "b")}
     with pytest.raises(sqlite3.OperationalError):
-        idx.wait_moved()
+        idx.wait_behind()
     assert idx.recent == 2  # still in ``recent``, found there
     assert idx.contains_many([("t", "a"), ("t", "c")]) == {("t", "a")}
     monkeypatch.undo()
     idx.record_keys([("t", "c"), ("t", "d")], [2, 2], 2)  # the next full write moves them
-    idx.wait_moved()
+    idx.wait_behind()
     assert idx.recent == 0 and len(idx) == 4 and idx.watermark == 2
     idx.close()
