@@ -45,7 +45,7 @@ import logging
 import sqlite3
 import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import filterfalse
 from pathlib import Path
@@ -92,6 +92,7 @@ _INSERT_JSON = (
     "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
     "json_extract(value, '$[2]') FROM json_each(?) ORDER BY 1, 2"
 )
+_INSERT_ROWS = "INSERT OR IGNORE INTO recent (tenant_id, event_id, ingested_ms) VALUES (?,?,?)"
 _SET_WATERMARK = (
     "INSERT INTO meta (name, value) VALUES (?, ?) "
     "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
@@ -132,13 +133,46 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+@contextlib.contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction: committed at the end of the block, rolled back if it raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _write_batch(
+    db: sqlite3.Connection,
+    rows: bytes | Iterable[tuple[object, ...]],
+    watermark: int,
+    topic: str,
+) -> int:
+    """One transaction: ids into ``recent`` (``rows``: (tenant, id, ingested_ms) tuples in key
+    order, or ONE JSON array of them, one statement that sqlite sorts) and the watermark of
+    ``topic``. Returns the ids added."""
+    with _immediate(db):
+        before = db.total_changes
+        if isinstance(rows, bytes):
+            db.execute(_INSERT_JSON, (rows.decode(),))
+        else:
+            db.executemany(_INSERT_ROWS, rows)
+        added = db.total_changes - before
+        db.execute(_SET_WATERMARK, (_wm(topic), watermark))
+    return added
+
+
 class _Job(NamedTuple):
     """The background thread's work in flight: a write of held ids (``ids``: what it writes,
-    still seen by ``contains_many``; ``watermark``: theirs) and/or a move of ``recent``."""
+    still seen by ``contains_many``; ``watermark``: theirs), then the move of ``recent`` if
+    that write fills it."""
 
     future: Future[tuple[int, int, BaseException | None]]
     ids: dict[Key, int]
-    watermark: int | None
+    watermark: int
 
 
 class DedupeIndex:
@@ -322,14 +356,12 @@ class DedupeIndex:
             if job is not None and not job.future.done() and len(pending) < 4 * self.pending_max:
                 return  # handed over once the job in flight is done
             self._settle()
-            self._write_behind()
+            self._write_behind(watermark)
 
-    def _write_behind(self) -> None:
-        """Hand the held ids to the background thread (lock held, nothing in flight): one write,
-        then the move of ``recent`` if the write fills it."""
-        pending, wm = self._pending, self._pending_wm
-        if wm is None:
-            return
+    def _write_behind(self, wm: int) -> None:
+        """Hand the held ids and their watermark ``wm`` to the background thread (lock held,
+        nothing in flight): one write, then the move of ``recent`` if the write fills it."""
+        pending = self._pending
         # [tenant_id, event_id, ingested_ms] per id, built in C
         param = orjson.dumps(list(map(tuple.__add__, pending, zip(pending.values()))))
         if b"\\u0000" in param:  # sqlite's JSON cuts a string at NUL: bind those one by one
@@ -363,35 +395,19 @@ class DedupeIndex:
     def _write_json(self, param: bytes, watermark: int, topic: str) -> int:
         """(background thread) One transaction: the batch (a JSON array) into ``recent`` and
         the watermark of ``topic``. Returns the ids added."""
-        db = self._background_db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            before = db.total_changes
-            db.execute(_INSERT_JSON, (param.decode(),))
-            added = db.total_changes - before
-            db.execute(_SET_WATERMARK, (_wm(topic), watermark))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return added
+        return _write_batch(self._background_db(), param, watermark, topic)
 
     def _move_recent(self) -> int:
         """(background thread) One transaction: ``recent``'s ids into ``seen`` (an id already
         there keeps its first ingested_ms), ``recent`` emptied. Returns the ids ``recent``
         held."""
         db = self._background_db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(db):
             db.execute(
                 "INSERT OR IGNORE INTO seen (tenant_id, event_id, ingested_ms) "
                 "SELECT tenant_id, event_id, ingested_ms FROM recent"
             )
             moved = db.execute("DELETE FROM recent").rowcount
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return int(moved)
 
     def _settle(self) -> None:
@@ -436,19 +452,7 @@ class DedupeIndex:
     def _write(self, rows: Iterable[tuple[object, ...]], watermark: int, topic: str) -> None:
         """Insert ``rows`` (in key order) into ``recent`` and set the watermark of ``topic``,
         atomically (lock held, no job in flight)."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            before = self._db.total_changes
-            self._db.executemany(
-                "INSERT OR IGNORE INTO recent (tenant_id, event_id, ingested_ms) VALUES (?,?,?)",
-                rows,
-            )
-            added = self._db.total_changes - before
-            self._db.execute(_SET_WATERMARK, (_wm(topic), watermark))
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+        added = _write_batch(self._db, rows, watermark, topic)
         self.entries += added
         self.recent += added
 
@@ -476,10 +480,9 @@ class DedupeIndex:
                 self._settle()
             self._pending = {}
             self._pending_wm = None
-            self._db.execute("BEGIN IMMEDIATE")
-            for table in (*_TABLES, "meta"):
-                self._db.execute(f"DELETE FROM {table}")
-            self._db.execute("COMMIT")
+            with _immediate(self._db):
+                for table in (*_TABLES, "meta"):
+                    self._db.execute(f"DELETE FROM {table}")
             self.entries = 0
             self.recent = 0
 
