@@ -106,6 +106,7 @@ async def list_keys_admin(tenant_id: str, st: State) -> Response:
     "/v1/admin/tenants/{tenant_id}/keys/{key_id}", tags=["admin"], **doc(ok={200: A.API_KEY})
 )
 async def get_key_admin(tenant_id: str, key_id: str, st: State) -> Response:
+    """A key of the tenant, never its secret; a revoked key stays readable as ``revoked``."""
     return await get_key(st, tenant_id, key_id)
 
 

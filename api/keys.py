@@ -108,12 +108,16 @@ async def list_(tenant_id: Tenant, st: State) -> Response:
 
 @router.get("/v1/api-keys/{key_id}", tags=["keys"], **doc(ok={200: A.API_KEY}))
 async def get(key_id: str, tenant_id: Tenant, st: State) -> Response:
+    """A key of the calling tenant, never its secret. A revoked key stays readable (``status:
+    revoked``, ``revoked_at``) here and in the list: revoking stops it at once but keeps the
+    record of which key could write when."""
     return await get_key(st, tenant_id, key_id)
 
 
 @router.delete("/v1/api-keys/{key_id}", tags=["keys"], **doc(ok={200: A.API_KEY}))
 async def revoke(key_id: str, tenant_id: Tenant, st: State) -> Response:
-    """Revoke a key (idempotent); answers the key with its ``revoked_at``."""
+    """Revoke a key (idempotent); answers the key with its ``revoked_at``. The key stops
+    authenticating at once; its record is kept (a later GET answers it as revoked)."""
     return await revoke_key(st, tenant_id, key_id)
 
 

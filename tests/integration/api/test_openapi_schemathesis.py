@@ -139,3 +139,49 @@ def test_schemathesis_finds_nothing(
     print(f"schemathesis: {summary}\n{out[-6000:]}")
     assert proc.returncode == 0, out[-20000:]
     assert summary.get("operations") == served, (served, summary)  # every operation tried
+
+
+def _op_doc(path: str) -> dict[str, Any]:
+    names = [seg[1:-1] for seg in path.split("/") if seg.startswith("{")]
+    params = [
+        {"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names
+    ]
+    return {"parameters": params, "responses": {"200": {"description": "ok"}}}
+
+
+def test_use_after_free_is_off_only_for_reading_a_revoked_key() -> None:
+    """A revoked key stays readable on purpose; every other read after a DELETE is still checked
+    (separate include-path and include-method filters would have matched every GET)."""
+    import tomllib
+
+    import schemathesis
+    from schemathesis.config import SchemathesisConfig
+    from schemathesis.core.result import Ok
+
+    from tests.integration.api.schemathesis_config import _KEPT_AFTER_REVOKE
+
+    keys, admin_keys, meter = (
+        "/v1/api-keys/{key_id}",
+        "/v1/admin/tenants/{tenant_id}/keys/{key_id}",
+        "/v1/meters/{slug}",
+    )
+    paths = {
+        keys: {"get": _op_doc(keys), "delete": _op_doc(keys)},
+        admin_keys: {"get": _op_doc(admin_keys)},
+        meter: {"get": _op_doc(meter)},
+    }
+    raw = {"openapi": "3.0.0", "info": {"title": "t", "version": "1"}, "paths": paths}
+    cfg = SchemathesisConfig.from_dict(tomllib.loads(_KEPT_AFTER_REVOKE))
+    schema = schemathesis.openapi.from_dict(raw, config=cfg)
+    enabled = {}
+    for result in schema.get_all_operations():
+        assert isinstance(result, Ok), result
+        op = result.ok()
+        checks = schema.config.checks_config_for(operation=op, phase="stateful")
+        enabled[op.label] = checks.use_after_free.enabled
+    assert enabled == {
+        f"GET {keys}": False,
+        f"DELETE {keys}": True,
+        f"GET {admin_keys}": False,
+        f"GET {meter}": True,
+    }
