@@ -26,6 +26,16 @@ thread. A crash loses only ids the watermark does not cover yet: ``rebuild`` rea
 from the store. A failed write keeps its ids held (its error is raised by the next call that
 settles it), and the next write takes them.
 
+An in-memory id filter (``streams.idfilter``) sits in front of the file: ``contains_many`` asks
+the file only about ids the filter may have got (the real duplicates and ~0.5 % of the new
+ids), where a lookup in the file costs 3-7 us per id and grows with it. The filter must hold
+every id of the file: the index adds each id it records, and builds the filter from the file
+(one read snapshot in a background thread, plus a backlog of the ids recorded meanwhile) when it
+is opened, at the end of every ``rebuild`` (the file may hold ids another owner of the
+partition wrote) and, larger, when the filter is full (the old one answers meanwhile). Until
+one is built, lookups ask the file about every id. An object that only reads a file another
+one writes (tests, tools) opens it with ``filter_max_bytes=0``.
+
 Two tables, like a small log-structured tree: with event ids spread at random, a batch touches
 most leaf pages of the B-tree it goes into, so a write costs about the size of that table, not
 of the batch. Batches therefore go into ``recent``, which stays small (``recent_max`` ids), and a
@@ -44,14 +54,17 @@ import contextlib
 import logging
 import sqlite3
 import threading
+import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import filterfalse
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import orjson
+
+from streams.idfilter import IdFilter, words_for
 
 if TYPE_CHECKING:
     from streams.sink import Sink
@@ -67,6 +80,12 @@ PENDING_MAX = 50_000  # recorded ids held in memory before they are written (``r
 PAGE_SIZE = 65_536
 WAL_LIMIT = 64 << 20  # the write-ahead log is truncated to this after a checkpoint
 RECENT_MAX = 1_000_000  # ids in ``recent`` before they are moved into ``seen``
+# The in-memory id filter in front of the file (``streams.idfilter``): at most this many bytes
+# per partition (16 bits per id: 8M ids at its planned false-positive rate, more at a higher
+# one), planned for twice the ids of the file and at least FILTER_MIN_IDS. 0 = no filter.
+FILTER_MAX_BYTES = 16 << 20
+FILTER_MIN_IDS = 1 << 20
+_SCAN_CHUNK = 50_000  # ids per fetch while a filter is built from the file
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen (
@@ -186,6 +205,7 @@ class DedupeIndex:
         topic: str,
         pending_max: int = PENDING_MAX,
         recent_max: int = RECENT_MAX,
+        filter_max_bytes: int = FILTER_MAX_BYTES,
     ) -> None:
         self.path = path
         self.topic = topic  # the topic whose watermark ``watermark``/``add_many`` use
@@ -208,15 +228,38 @@ class DedupeIndex:
         # count twice)
         self.recent = self._count("recent")
         self.entries = self.recent + self._count("seen")
+        # The id filter (``streams.idfilter``): None until it is built from the file (lookups
+        # then ask the file for every id). ``_filter_gen`` is bumped by every new build (a build
+        # of an older one is dropped); ``_backlog`` collects the ids recorded while one runs.
+        self.filter_max_bytes = filter_max_bytes
+        self._filter: IdFilter | None = None
+        self._filter_gen = 0
+        self._backlog: list[Key] | None = None
+        self._builder: threading.Thread | None = None
+        self._grow = True  # False after a failed build: no larger one until the next refresh
+        if filter_max_bytes > 0:
+            with self._lock:
+                self._build_filter(keep=False)
 
     def _count(self, table: str) -> int:
         return int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
     @classmethod
-    def open(cls, directory: Path, topic: str, partition: int) -> DedupeIndex:
-        return cls(index_path(directory, partition), topic)
+    def open(
+        cls,
+        directory: Path,
+        topic: str,
+        partition: int,
+        filter_max_bytes: int = FILTER_MAX_BYTES,
+    ) -> DedupeIndex:
+        return cls(index_path(directory, partition), topic, filter_max_bytes=filter_max_bytes)
 
     def close(self) -> None:
+        with self._lock:
+            self._filter_gen += 1  # a build in flight stops at its next chunk
+            builder = self._builder
+        if builder is not None:
+            builder.join()
         with self._lock:
             try:
                 self._write_pending()
@@ -278,6 +321,10 @@ class DedupeIndex:
         """
         found: set[Key] = set()
         with self._lock:
+            # ids the filter has certainly never got are not in the index: no query for them
+            flt = self._filter
+            if flt is not None:
+                keys = flt.maybe(keys if isinstance(keys, Collection) else list(keys))
             # ids held for the batched write, or being written: no query for them. (The job's
             # ids are dropped from memory only under this lock, once its transaction is over.)
             job = self._job
@@ -330,9 +377,11 @@ class DedupeIndex:
         ingested_ms. The keys are inserted in key order: the primary-key B-tree is then written
         page after page instead of at random places (1.7x faster on a large index).
         """
+        rows = sorted(keys_with_ms)
         with self._lock:
             self._write_pending()
-            self._write(sorted(keys_with_ms), watermark, topic or self.topic)
+            self._write(rows, watermark, topic or self.topic)
+            self._note([(t, e) for t, e, _ms in rows])
 
     def record_keys(self, keys: Sequence[Key], ingested_ms: Sequence[int], watermark: int) -> None:
         """``add_many`` for the current topic, batched: the ids ``keys[i]`` ingested at
@@ -350,6 +399,7 @@ class DedupeIndex:
             # setdefault keeps the first ingested_ms of an id already held; the loop runs in C
             deque(map(pending.setdefault, keys, ingested_ms), maxlen=0)
             self._pending_wm = watermark
+            self._note(keys)
             if len(pending) < self.pending_max:
                 return
             job = self._job
@@ -485,6 +535,122 @@ class DedupeIndex:
                     self._db.execute(f"DELETE FROM {table}")
             self.entries = 0
             self.recent = 0
+            if self.filter_max_bytes > 0:  # the file is empty: so is its filter
+                self._filter_gen += 1
+                self._backlog = None
+                self._filter = IdFilter(words_for(FILTER_MIN_IDS, self.filter_max_bytes))
+
+    # --- the id filter ----------------------------------------------------------------------
+    @property
+    def filter_ready(self) -> bool:
+        return self._filter is not None
+
+    def wait_filter(self, timeout: float | None = None) -> bool:
+        """Wait until no filter build is in flight (one may start the next); True when a
+        filter is in use."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (builder := self._builder) is not None and builder.is_alive():
+            builder.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        return self._filter is not None
+
+    def refresh_filter(self) -> None:
+        """Build the filter again from the file (in the background; meanwhile lookups ask the
+        file). For when the file may hold ids this object did not record: another process
+        wrote it while the partition was elsewhere. ``rebuild`` calls it."""
+        if self.filter_max_bytes > 0:
+            with self._lock:
+                self._build_filter(keep=False)
+
+    def _note(self, keys: Sequence[Key]) -> None:
+        """Ids recorded (lock held): into the filter, or the backlog of the build in flight.
+        A filter past its capacity is built again, larger, while it stays in use."""
+        flt = self._filter
+        if flt is not None:
+            flt.add(keys)
+        if self._backlog is not None:
+            self._backlog.extend(keys)
+        else:
+            self._maybe_grow()
+
+    def _maybe_grow(self) -> None:
+        """Build a larger filter if the one in use is past its capacity and may grow (lock
+        held, no build in flight)."""
+        flt = self._filter
+        if (
+            flt is not None
+            and self._grow
+            and flt.added > flt.capacity
+            and words_for(2 * flt.added, self.filter_max_bytes) > len(flt.words)
+        ):
+            self._build_filter(keep=True)
+
+    def _build_filter(self, *, keep: bool) -> None:
+        """Start building a filter of every id of the file and of those held (lock held).
+        ``keep``: the current filter stays in use until the new one replaces it."""
+        self._filter_gen += 1
+        if not keep:
+            self._filter = None
+            self._grow = True
+        job = self._job
+        # held ids (in the file or not by the time the scan reads it) and, from now on, every
+        # recorded id: with the file's ids at the scan's snapshot, nothing is left out
+        self._backlog = [*self._pending, *(job.ids if job is not None else ())]
+        capacity = max(FILTER_MIN_IDS, 2 * (self.entries + len(self._backlog)))
+        self._builder = threading.Thread(
+            target=self._build,
+            args=(self._filter_gen, words_for(capacity, self.filter_max_bytes)),
+            name="tally-dedupe-filter",
+            daemon=True,
+        )
+        self._builder.start()
+
+    def _build(self, gen: int, words: int) -> None:
+        """(builder thread) Scan the file in one read snapshot into a new filter; install it
+        with the backlog unless a newer build or a close came meanwhile."""
+        started = time.perf_counter()
+        flt = IdFilter(words)
+        try:
+            db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            try:
+                db.execute("PRAGMA busy_timeout=60000")
+                db.execute("BEGIN")  # one snapshot of both tables, from the first read
+                for table in _TABLES:
+                    cur = db.execute(f"SELECT tenant_id, event_id FROM {table}")
+                    while rows := cur.fetchmany(_SCAN_CHUNK):
+                        if self._filter_gen != gen:
+                            return
+                        flt.add(rows)
+                db.execute("COMMIT")
+            finally:
+                db.close()
+        except Exception as exc:
+            with self._lock:
+                if self._filter_gen == gen:  # the filter in use (if any) stays; no backlog
+                    self._backlog = None
+                    self._grow = False
+            log.warning(
+                "dedupe index %s: building its id filter failed (%s): %r",
+                self.path,
+                "the full one stays in use" if self._filter else "lookups ask the file",
+                exc,
+            )
+            return
+        with self._lock:
+            if self._filter_gen != gen:
+                return
+            flt.add(self._backlog or [])
+            self._backlog = None
+            self._filter = flt
+            self._maybe_grow()  # ids that came during the build may have filled it already
+        log.info(
+            "dedupe index %s: id filter of %d ids, %.1f MB, built in %.2f s",
+            self.path,
+            flt.added,
+            flt.nbytes / 2**20,
+            time.perf_counter() - started,
+        )
 
 
 def rebuild(
@@ -523,4 +689,8 @@ def rebuild(
         log.info(
             "dedupe index of %s[%d] rebuilt: %d ids, offsets %d..%d", x, partition, added, w, m
         )
+    # Last: its scan then sees every id written before (by this rebuild, or by the partition's
+    # previous owner, whose late writes hold ids of offsets <= M that the rebuild read from the
+    # store unless the watermark it read covered them already).
+    index.refresh_filter()
     return added

@@ -169,7 +169,12 @@ class StreamWorker:
     def _index_for(self, partition: int) -> DedupeIndex:
         idx = self.indexes.get(partition)
         if idx is None:
-            idx = self.indexes[partition] = DedupeIndex.open(self.dedupe_dir, self.topic, partition)
+            idx = self.indexes[partition] = DedupeIndex.open(
+                self.dedupe_dir,
+                self.topic,
+                partition,
+                filter_max_bytes=int(self.settings.dedupe_filter_max_mb * 2**20),
+            )
         return idx
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:

@@ -137,6 +137,14 @@ class Settings(BaseSettings):
 
     # --- worker ------------------------------------------------------------------------------
     dedupe_horizon: timedelta = Field(timedelta(days=35))
+    dedupe_filter_max_mb: float = Field(
+        16.0,
+        ge=0,
+        le=4096,
+        description="Memory per partition for the in-memory id filter in front of the dedupe "
+        "index (2 bytes per id; past its size it answers 'ask the index' more often). 0 = no "
+        "filter: every lookup reads the index file",
+    )
     flush_interval_s: float = Field(0.5, gt=0, le=1.0)
     flush_max_events: int = Field(50_000, ge=1)
     meters_file: Path | None = None

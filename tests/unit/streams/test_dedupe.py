@@ -12,6 +12,7 @@ from _pytest.monkeypatch import MonkeyPatch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from streams import dedupe
 from streams.dedupe import PAGE_SIZE, DedupeIndex, index_path, rebuild
 from tests.unit.streams.fakes import MemorySink, envelope_rows
 
@@ -164,7 +165,8 @@ def test_record_keys_keeps_the_first_ingested_ms_of_an_id(tmp_path: Path) -> Non
 def test_recorded_ids_are_held_then_written_with_their_watermark(tmp_path: Path) -> None:
     idx = DedupeIndex.open(tmp_path, "tp", 0)
     idx.pending_max = 4
-    other = DedupeIndex.open(tmp_path, "tp", 0)  # a second reader of the same file
+    # a second reader of the same file, without an id filter: it sees the file as it is
+    other = DedupeIndex.open(tmp_path, "tp", 0, filter_max_bytes=0)
     record(idx, [("t", "a", 1), ("t", "b", 1)], watermark=3)
     assert idx.pending == 2
     assert idx.contains_many([("t", "a"), ("t", "c"), ("u", "a")]) == {("t", "a")}
@@ -276,7 +278,7 @@ def test_ids_being_written_are_found_and_the_writer_runs_without_the_caller(
     monkeypatch.setattr(idx, "_write_json", slow)
     record(idx, [("t", "a", 1), ("t", "b", 1)], watermark=1)  # returns while the write waits
     record(idx, [("t", "c", 1), ("t", "d", 1)], watermark=2)  # held: a write is in flight
-    other = DedupeIndex.open(tmp_path, "tp", 0)
+    other = DedupeIndex.open(tmp_path, "tp", 0, filter_max_bytes=0)  # reads the file as it is
     assert other.contains_many([("t", "a")]) == set()  # not committed yet
     assert idx.contains_many([("t", x) for x in "abcde"]) == {("t", x) for x in "abcd"}
     assert idx.pending == 4
@@ -295,23 +297,40 @@ def test_ids_being_written_are_found_and_the_writer_runs_without_the_caller(
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(["record", "add", "flush", "crash"]),
+            st.sampled_from(
+                ["record", "add", "flush", "crash", "filter", "refresh", "purge", "reset"]
+            ),
             st.lists(st.tuples(st.sampled_from(["t1", "t2"]), st.sampled_from("abcdefgh"))),
         ),
         max_size=12,
     ),
     st.integers(min_value=1, max_value=6),
     st.integers(min_value=1, max_value=8),
+    st.sampled_from([0, 1, 4, 1 << 20]),
 )
 def test_held_ids_behave_like_the_file(
-    tmp_path: Path, ops: list[tuple[str, list[tuple[str, str]]]], pending_max: int, recent: int
+    tmp_path: Path,
+    monkeypatch: MonkeyPatch,
+    ops: list[tuple[str, list[tuple[str, str]]]],
+    pending_max: int,
+    recent: int,
+    filter_min_ids: int,
 ) -> None:
-    """Whatever the batching, ``contains_many`` answers as if every id were written at once;
-    after a crash the file holds exactly the ids written, and its watermark is the last one
-    written with them."""
+    """Whatever the batching and the id filter (none, built or being built, one that outgrows
+    its size and is built again larger), ``contains_many`` answers as if every id were written
+    at once; after a crash the file holds exactly the ids written, and its watermark is the
+    last one written with them."""
+    monkeypatch.setattr(dedupe, "FILTER_MIN_IDS", max(filter_min_ids, 1))
+    filter_bytes = 0 if filter_min_ids == 0 else dedupe.FILTER_MAX_BYTES
     path = tmp_path / "held.sqlite"
     path.unlink(missing_ok=True)
-    idx = DedupeIndex(path, "tp", pending_max=pending_max, recent_max=recent)
+
+    def open_index() -> DedupeIndex:
+        return DedupeIndex(
+            path, "tp", pending_max=pending_max, recent_max=recent, filter_max_bytes=filter_bytes
+        )
+
+    idx = open_index()
     known: set[tuple[str, str]] = set()  # every id recorded or added (what contains_many sees)
     on_file: set[tuple[str, str]] = set()
     wm_on_file = -1
@@ -344,10 +363,23 @@ def test_held_ids_behave_like_the_file(
         elif op == "flush":
             idx.flush()
             write_held()
+        elif op == "filter":  # the filter in use from here on (when there is one)
+            assert idx.wait_filter(10) is (filter_bytes > 0)
+        elif op == "refresh":  # built again from the file (in the background)
+            idx.refresh_filter()
+        elif op == "purge":  # every id is older (ingested at 1): the held ones are written first
+            idx.purge_older_than(2)
+            write_held()
+            known, on_file = set(), set()
+        elif op == "reset":
+            idx.reset()
+            known, on_file, wm_on_file = set(), set(), -1
+            held, held_wm = set(), None
         else:  # crash: a new process opens the file; the held ids are gone
             idx.wait_behind()  # (a move is one transaction: before or after it, never within)
+            idx.wait_filter()
             idx._db.close()
-            idx = DedupeIndex(path, "tp", pending_max=pending_max, recent_max=recent)
+            idx = open_index()
             known = set(on_file)
             held, held_wm = set(), None
         assert idx.pending == len(held)
@@ -448,4 +480,132 @@ def test_a_failed_move_keeps_the_ids_where_they_were(
     idx.record_keys([("t", "c"), ("t", "d")], [2, 2], 2)  # the next full write moves them
     idx.wait_behind()
     assert idx.recent == 0 and len(idx) == 4 and idx.watermark == 2
+    idx.close()
+
+
+# --- the id filter in front of the file ----------------------------------------------------------
+
+
+def _lookups(idx: DedupeIndex) -> list[str]:
+    """The statements the index's connection runs from now on."""
+    seen: list[str] = []
+    idx._db.set_trace_callback(seen.append)
+    return seen
+
+
+def test_new_ids_are_answered_by_the_filter_without_reading_the_file(tmp_path: Path) -> None:
+    idx = DedupeIndex.open(tmp_path, "tp", 0)
+    idx.add_many([("t", f"old-{n}", 1) for n in range(1000)], watermark=0)
+    assert idx.wait_filter(10)
+    statements = _lookups(idx)
+    new = [("t", f"new-{n}") for n in range(1000)]
+    # (the filter is planned for FILTER_MIN_IDS: at 1,000 ids a false positive is ~1e-10)
+    assert idx.contains_many(new) == set() and statements == []
+    assert idx.contains_many([*new, ("t", "old-7")]) == {("t", "old-7")}
+    assert len(statements) == 1  # "old-7" alone is asked of the file
+    idx.close()
+    # without a filter, every lookup reads the file
+    bare = DedupeIndex.open(tmp_path, "tp", 0, filter_max_bytes=0)
+    statements = _lookups(bare)
+    assert bare.contains_many(new) == set() and len(statements) == 1
+    assert not bare.wait_filter() and not bare.filter_ready
+    bare.close()
+
+
+def test_ids_recorded_while_the_filter_is_built_are_in_it(
+    tmp_path: Path, monkeypatch: MonkeyPatch
+) -> None:
+    """The build reads the file in one snapshot; ids recorded after it began (and written to
+    the file after that snapshot) come from its backlog."""
+    DedupeIndex.open(tmp_path, "tp", 0, filter_max_bytes=0).add_many([("t", "old", 1)], 0)
+    in_scan = threading.Event()
+    go_on = threading.Event()
+
+    class GatedFilter(dedupe.IdFilter):
+        def add(self, keys: Any) -> None:
+            if threading.current_thread().name == "tally-dedupe-filter" and not go_on.is_set():
+                in_scan.set()
+                assert go_on.wait(10)
+            super().add(keys)
+
+    monkeypatch.setattr(dedupe, "IdFilter", GatedFilter)
+    idx = DedupeIndex.open(tmp_path, "tp", 0)
+    assert in_scan.wait(10) and not idx.filter_ready  # the snapshot is taken: "old" only
+    record(idx, [("t", "a", 1), ("t", "b", 1)], watermark=1)
+    idx.flush()  # in the file now, after the snapshot
+    go_on.set()
+    assert idx.wait_filter(10)
+    assert idx.contains_many([("t", "a"), ("t", "b"), ("t", "old"), ("t", "c")]) == {
+        ("t", "a"),
+        ("t", "b"),
+        ("t", "old"),
+    }
+    idx.close()
+
+
+def test_a_full_filter_is_built_again_larger_and_stays_in_use_meanwhile(
+    tmp_path: Path, monkeypatch: MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dedupe, "FILTER_MIN_IDS", 16)
+    idx = DedupeIndex.open(tmp_path, "tp", 0)
+    assert idx.wait_filter(10)
+    small = idx._filter
+    assert small is not None and small.capacity < 100
+    ids = [("t", f"e{n}") for n in range(100)]
+    for n in range(0, 100, 10):
+        idx.add_many([(t, e, 1) for t, e in ids[n : n + 10]], watermark=n)
+        assert idx.filter_ready  # the old one answers until the larger one is there
+        assert idx.contains_many(ids) == set(ids[: n + 10])
+    assert idx.wait_filter(10)
+    assert idx._filter is not None and idx._filter.capacity >= 100
+    statements = _lookups(idx)
+    assert idx.contains_many([("t", f"x{n}") for n in range(100)]) == set()
+    assert len(statements) <= 1
+    idx.close()
+
+
+def test_rebuild_refreshes_the_filter_with_the_ids_of_another_writer(tmp_path: Path) -> None:
+    """A partition that was elsewhere: its previous owner wrote ids (and their watermark) into
+    the file. ``rebuild`` finds the watermark in step with the store (nothing to add) and
+    builds the filter again, so those ids are duplicates here too."""
+    sink = MemorySink()
+    sink.commit("tp", envelope_rows("tp", 0, [(0, "a"), (1, "b")]), [], {0: 1})
+    idx = DedupeIndex.open(tmp_path, "tp", 0)
+    assert idx.wait_filter(10)
+    other = DedupeIndex.open(tmp_path, "tp", 0, filter_max_bytes=0)  # the previous owner
+    other.add_many([("t1", "a", 1), ("t1", "b", 1)], watermark=1)
+    other.close()
+    keys = [("t1", "a"), ("t1", "b"), ("t1", "c")]
+    # this object's filter never got them (why a change of owner goes through rebuild)
+    assert idx.contains_many(keys) == set()
+    assert rebuild(idx, sink, "tp", 0, 1, now_ms=1_700_000_100_000, horizon_ms=35 * DAY) == 0
+    assert idx.contains_many(keys) == {("t1", "a"), ("t1", "b")}  # the file, while it builds
+    assert idx.wait_filter(10)
+    assert idx.contains_many(keys) == {("t1", "a"), ("t1", "b")}
+    idx.close()
+
+
+def test_a_failed_filter_build_leaves_lookups_to_the_file(
+    tmp_path: Path, monkeypatch: MonkeyPatch
+) -> None:
+    """A build that cannot read the file: no filter (every lookup reads the file), no backlog
+    left growing; the next refresh builds one."""
+    real = sqlite3.connect
+
+    def broken(path: str, **kw: Any) -> sqlite3.Connection:
+        if threading.current_thread().name == "tally-dedupe-filter":
+            raise sqlite3.OperationalError("unable to open database file")
+        return real(path, **kw)
+
+    monkeypatch.setattr(dedupe.sqlite3, "connect", broken)
+    idx = DedupeIndex.open(tmp_path, "tp", 0)
+    assert not idx.wait_filter(10) and idx._backlog is None
+    record(idx, [("t", "a", 1)], watermark=0)
+    idx.flush()
+    assert idx._backlog is None
+    assert idx.contains_many([("t", "a"), ("t", "b")]) == {("t", "a")}
+    monkeypatch.setattr(dedupe.sqlite3, "connect", real)
+    idx.refresh_filter()
+    assert idx.wait_filter(10)
+    assert idx.contains_many([("t", "a"), ("t", "b")]) == {("t", "a")}
     idx.close()
