@@ -30,10 +30,10 @@ An in-memory id filter (``streams.idfilter``) sits in front of the file: ``conta
 the file only about ids the filter may have got (the real duplicates and ~0.5 % of the new
 ids), where a lookup in the file costs 3-7 us per id and grows with it. The filter must hold
 every id of the file: the index adds each id it records, and builds the filter from the file
-(one read snapshot in a background thread, plus a backlog of the ids recorded meanwhile) when it
-is opened, at the end of every ``rebuild`` (the file may hold ids another owner of the
-partition wrote) and, larger, when the filter is full (the old one answers meanwhile). Until
-one is built, lookups ask the file about every id. An object that only reads a file another
+(one read snapshot in a background thread, plus a backlog of the ids recorded meanwhile) at the
+first lookup, again at the first lookup after every ``rebuild`` (the file may hold ids another
+owner of the partition wrote) and, larger, when the filter is full (the old one answers
+meanwhile). Until one is built, lookups ask the file about every id. An object that only reads a file another
 one writes (tests, tools) opens it with ``filter_max_bytes=0``.
 
 Two tables, like a small log-structured tree: with event ids spread at random, a batch touches
@@ -228,18 +228,16 @@ class DedupeIndex:
         # count twice)
         self.recent = self._count("recent")
         self.entries = self.recent + self._count("seen")
-        # The id filter (``streams.idfilter``): None until it is built from the file (lookups
-        # then ask the file for every id). ``_filter_gen`` is bumped by every new build (a build
-        # of an older one is dropped); ``_backlog`` collects the ids recorded while one runs.
+        # The id filter (``streams.idfilter``): None until it is built from the file, which
+        # the first lookup starts (lookups ask the file about every id meanwhile).
+        # ``_filter_gen`` is bumped by every new build (a build of an older one is dropped);
+        # ``_backlog`` collects the ids recorded while one runs (None: no build in flight).
         self.filter_max_bytes = filter_max_bytes
         self._filter: IdFilter | None = None
         self._filter_gen = 0
         self._backlog: list[Key] | None = None
         self._builder: threading.Thread | None = None
-        self._grow = True  # False after a failed build: no larger one until the next refresh
-        if filter_max_bytes > 0:
-            with self._lock:
-                self._build_filter(keep=False)
+        self._build_ok = True  # False after a failed build: none until the next refresh
 
     def _count(self, table: str) -> int:
         return int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
@@ -325,6 +323,8 @@ class DedupeIndex:
             flt = self._filter
             if flt is not None:
                 keys = flt.maybe(keys if isinstance(keys, Collection) else list(keys))
+            else:
+                self._start_filter()
             # ids held for the batched write, or being written: no query for them. (The job's
             # ids are dropped from memory only under this lock, once its transaction is over.)
             job = self._job
@@ -538,6 +538,7 @@ class DedupeIndex:
             if self.filter_max_bytes > 0:  # the file is empty: so is its filter
                 self._filter_gen += 1
                 self._backlog = None
+                self._build_ok = True
                 self._filter = IdFilter(words_for(FILTER_MIN_IDS, self.filter_max_bytes))
 
     # --- the id filter ----------------------------------------------------------------------
@@ -546,8 +547,11 @@ class DedupeIndex:
         return self._filter is not None
 
     def wait_filter(self, timeout: float | None = None) -> bool:
-        """Wait until no filter build is in flight (one may start the next); True when a
-        filter is in use."""
+        """Build the filter now if there is none (and none is being built), and wait until no
+        build is in flight (one may start the next); True when a filter is in use."""
+        with self._lock:
+            if self._filter is None:
+                self._start_filter()
         deadline = None if timeout is None else time.monotonic() + timeout
         while (builder := self._builder) is not None and builder.is_alive():
             builder.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
@@ -556,12 +560,21 @@ class DedupeIndex:
         return self._filter is not None
 
     def refresh_filter(self) -> None:
-        """Build the filter again from the file (in the background; meanwhile lookups ask the
-        file). For when the file may hold ids this object did not record: another process
-        wrote it while the partition was elsewhere. ``rebuild`` calls it."""
-        if self.filter_max_bytes > 0:
-            with self._lock:
-                self._build_filter(keep=False)
+        """Drop the filter: the next lookup builds it again from the file (in the background;
+        meanwhile lookups ask the file). For when the file may hold ids this object did not
+        record: another process wrote it while the partition was elsewhere. ``rebuild`` calls
+        it; the build waits for the first flush, not on the partition's assignment."""
+        with self._lock:
+            self._filter_gen += 1  # a build in flight is dropped
+            self._filter = None
+            self._backlog = None
+            self._build_ok = True
+
+    def _start_filter(self) -> None:
+        """Start building a filter if there is none, none is being built and none failed since
+        the last refresh (lock held)."""
+        if self.filter_max_bytes > 0 and self._backlog is None and self._build_ok:
+            self._build_filter(keep=False)
 
     def _note(self, keys: Sequence[Key]) -> None:
         """Ids recorded (lock held): into the filter, or the backlog of the build in flight.
@@ -580,7 +593,7 @@ class DedupeIndex:
         flt = self._filter
         if (
             flt is not None
-            and self._grow
+            and self._build_ok
             and flt.added > flt.capacity
             and words_for(2 * flt.added, self.filter_max_bytes) > len(flt.words)
         ):
@@ -592,7 +605,6 @@ class DedupeIndex:
         self._filter_gen += 1
         if not keep:
             self._filter = None
-            self._grow = True
         job = self._job
         # held ids (in the file or not by the time the scan reads it) and, from now on, every
         # recorded id: with the file's ids at the scan's snapshot, nothing is left out
@@ -629,7 +641,7 @@ class DedupeIndex:
             with self._lock:
                 if self._filter_gen == gen:  # the filter in use (if any) stays; no backlog
                     self._backlog = None
-                    self._grow = False
+                    self._build_ok = False
             log.warning(
                 "dedupe index %s: building its id filter failed (%s): %r",
                 self.path,
@@ -689,8 +701,8 @@ def rebuild(
         log.info(
             "dedupe index of %s[%d] rebuilt: %d ids, offsets %d..%d", x, partition, added, w, m
         )
-    # Last: its scan then sees every id written before (by this rebuild, or by the partition's
-    # previous owner, whose late writes hold ids of offsets <= M that the rebuild read from the
-    # store unless the watermark it read covered them already).
+    # Last: the next build's scan then sees every id written before (by this rebuild, or by the
+    # partition's previous owner, whose late writes hold ids of offsets <= M that the rebuild
+    # read from the store unless the watermark it read covered them already).
     index.refresh_filter()
     return added

@@ -496,6 +496,7 @@ def _lookups(idx: DedupeIndex) -> list[str]:
 def test_new_ids_are_answered_by_the_filter_without_reading_the_file(tmp_path: Path) -> None:
     idx = DedupeIndex.open(tmp_path, "tp", 0)
     idx.add_many([("t", f"old-{n}", 1) for n in range(1000)], watermark=0)
+    assert idx._builder is None  # opening and writing build nothing: the first lookup does
     assert idx.wait_filter(10)
     statements = _lookups(idx)
     new = [("t", f"new-{n}") for n in range(1000)]
@@ -530,6 +531,8 @@ def test_ids_recorded_while_the_filter_is_built_are_in_it(
 
     monkeypatch.setattr(dedupe, "IdFilter", GatedFilter)
     idx = DedupeIndex.open(tmp_path, "tp", 0)
+    assert not idx.filter_ready
+    assert idx.contains_many([("t", "old")]) == {("t", "old")}  # from the file; starts a build
     assert in_scan.wait(10) and not idx.filter_ready  # the snapshot is taken: "old" only
     record(idx, [("t", "a", 1), ("t", "b", 1)], watermark=1)
     idx.flush()  # in the file now, after the snapshot
