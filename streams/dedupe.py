@@ -32,9 +32,10 @@ ids), where a lookup in the file costs 3-7 us per id and grows with it. The filt
 every id of the file: the index adds each id it records, and builds the filter from the file
 (one read snapshot in a background thread, plus a backlog of the ids recorded meanwhile) at the
 first lookup, again at the first lookup after every ``rebuild`` (the file may hold ids another
-owner of the partition wrote) and, larger, when the filter is full (the old one answers
-meanwhile). Until one is built, lookups ask the file about every id. An object that only reads a file another
-one writes (tests, tools) opens it with ``filter_max_bytes=0``.
+owner of the partition wrote). A full filter grows by a layer twice the size of its last one
+(nothing is read again; ``streams.idfilter``). Until one is built, lookups ask the file about
+every id. An object that only reads a file another one writes (tests, tools) opens it with
+``filter_max_bytes=0``.
 
 Two tables, like a small log-structured tree: with event ids spread at random, a batch touches
 most leaf pages of the B-tree it goes into, so a write costs about the size of that table, not
@@ -81,8 +82,9 @@ PAGE_SIZE = 65_536
 WAL_LIMIT = 64 << 20  # the write-ahead log is truncated to this after a checkpoint
 RECENT_MAX = 1_000_000  # ids in ``recent`` before they are moved into ``seen``
 # The in-memory id filter in front of the file (``streams.idfilter``): at most this many bytes
-# per partition (16 bits per id: 8M ids at its planned false-positive rate, more at a higher
-# one), planned for twice the ids of the file and at least FILTER_MIN_IDS. 0 = no filter.
+# per partition, all its layers (16 bits per id: ~8M ids at its planned false-positive rate,
+# more at a higher one); its first layer is planned for twice the ids of the file and at least
+# FILTER_MIN_IDS. 0 = no filter.
 FILTER_MAX_BYTES = 16 << 20
 FILTER_MIN_IDS = 1 << 20
 _SCAN_CHUNK = 50_000  # ids per fetch while a filter is built from the file
@@ -539,7 +541,9 @@ class DedupeIndex:
                 self._filter_gen += 1
                 self._backlog = None
                 self._build_ok = True
-                self._filter = IdFilter(words_for(FILTER_MIN_IDS, self.filter_max_bytes))
+                self._filter = IdFilter(
+                    words_for(FILTER_MIN_IDS, self.filter_max_bytes // 2), self.filter_max_bytes
+                )
 
     # --- the id filter ----------------------------------------------------------------------
     @property
@@ -574,37 +578,21 @@ class DedupeIndex:
         """Start building a filter if there is none, none is being built and none failed since
         the last refresh (lock held)."""
         if self.filter_max_bytes > 0 and self._backlog is None and self._build_ok:
-            self._build_filter(keep=False)
+            self._build_filter()
 
     def _note(self, keys: Sequence[Key]) -> None:
-        """Ids recorded (lock held): into the filter, or the backlog of the build in flight.
-        A filter past its capacity is built again, larger, while it stays in use."""
+        """Ids recorded (lock held): into the filter (a full one grows by a layer), and into
+        the backlog of the build in flight."""
         flt = self._filter
         if flt is not None:
             flt.add(keys)
         if self._backlog is not None:
             self._backlog.extend(keys)
-        else:
-            self._maybe_grow()
 
-    def _maybe_grow(self) -> None:
-        """Build a larger filter if the one in use is past its capacity and may grow (lock
-        held, no build in flight)."""
-        flt = self._filter
-        if (
-            flt is not None
-            and self._build_ok
-            and flt.added > flt.capacity
-            and words_for(2 * flt.added, self.filter_max_bytes) > len(flt.words)
-        ):
-            self._build_filter(keep=True)
-
-    def _build_filter(self, *, keep: bool) -> None:
-        """Start building a filter of every id of the file and of those held (lock held).
-        ``keep``: the current filter stays in use until the new one replaces it."""
+    def _build_filter(self) -> None:
+        """Start building a filter of every id of the file and of those held (lock held)."""
         self._filter_gen += 1
-        if not keep:
-            self._filter = None
+        self._filter = None
         job = self._job
         # held ids (in the file or not by the time the scan reads it) and, from now on, every
         # recorded id: with the file's ids at the scan's snapshot, nothing is left out
@@ -612,7 +600,7 @@ class DedupeIndex:
         capacity = max(FILTER_MIN_IDS, 2 * (self.entries + len(self._backlog)))
         self._builder = threading.Thread(
             target=self._build,
-            args=(self._filter_gen, words_for(capacity, self.filter_max_bytes)),
+            args=(self._filter_gen, words_for(capacity, self.filter_max_bytes // 2)),
             name="tally-dedupe-filter",
             daemon=True,
         )
@@ -622,7 +610,7 @@ class DedupeIndex:
         """(builder thread) Scan the file in one read snapshot into a new filter; install it
         with the backlog unless a newer build or a close came meanwhile."""
         started = time.perf_counter()
-        flt = IdFilter(words)
+        flt = IdFilter(words, self.filter_max_bytes)
         try:
             db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
             try:
@@ -639,13 +627,12 @@ class DedupeIndex:
                 db.close()
         except Exception as exc:
             with self._lock:
-                if self._filter_gen == gen:  # the filter in use (if any) stays; no backlog
+                if self._filter_gen == gen:  # no backlog left growing
                     self._backlog = None
                     self._build_ok = False
             log.warning(
-                "dedupe index %s: building its id filter failed (%s): %r",
+                "dedupe index %s: building its id filter failed (lookups ask the file): %r",
                 self.path,
-                "the full one stays in use" if self._filter else "lookups ask the file",
                 exc,
             )
             return
@@ -655,7 +642,6 @@ class DedupeIndex:
             flt.add(self._backlog or [])
             self._backlog = None
             self._filter = flt
-            self._maybe_grow()  # ids that came during the build may have filled it already
         log.info(
             "dedupe index %s: id filter of %d ids, %.1f MB, built in %.2f s",
             self.path,
