@@ -383,7 +383,8 @@ class DedupeIndex:
         with self._lock:
             self._write_pending()
             self._write(rows, watermark, topic or self.topic)
-            self._note([(t, e) for t, e, _ms in rows])
+            if self._filter is not None or self._backlog is not None:  # else nobody wants them
+                self._note([(t, e) for t, e, _ms in rows])
 
     def record_keys(self, keys: Sequence[Key], ingested_ms: Sequence[int], watermark: int) -> None:
         """``add_many`` for the current topic, batched: the ids ``keys[i]`` ingested at
@@ -541,9 +542,7 @@ class DedupeIndex:
                 self._filter_gen += 1
                 self._backlog = None
                 self._build_ok = True
-                self._filter = IdFilter(
-                    words_for(FILTER_MIN_IDS, self.filter_max_bytes // 2), self.filter_max_bytes
-                )
+                self._filter = IdFilter(self._first_words(0), self.filter_max_bytes)
 
     # --- the id filter ----------------------------------------------------------------------
     @property
@@ -597,14 +596,18 @@ class DedupeIndex:
         # held ids (in the file or not by the time the scan reads it) and, from now on, every
         # recorded id: with the file's ids at the scan's snapshot, nothing is left out
         self._backlog = [*self._pending, *(job.ids if job is not None else ())]
-        capacity = max(FILTER_MIN_IDS, 2 * (self.entries + len(self._backlog)))
         self._builder = threading.Thread(
             target=self._build,
-            args=(self._filter_gen, words_for(capacity, self.filter_max_bytes // 2)),
+            args=(self._filter_gen, self._first_words(self.entries + len(self._backlog))),
             name="tally-dedupe-filter",
             daemon=True,
         )
         self._builder.start()
+
+    def _first_words(self, ids: int) -> int:
+        """Words of a new filter's first layer for ``ids`` known ids: planned for twice as many
+        and at least FILTER_MIN_IDS, at most half the filter's bytes (room to grow)."""
+        return words_for(max(FILTER_MIN_IDS, 2 * ids), self.filter_max_bytes // 2)
 
     def _build(self, gen: int, words: int) -> None:
         """(builder thread) Scan the file in one read snapshot into a new filter; install it

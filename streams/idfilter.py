@@ -37,8 +37,7 @@ _ONE = np.uint64(1)
 
 def words_for(capacity: int, max_bytes: int) -> int:
     """Words (8 bytes each) of a filter planned for ``capacity`` ids, at most ``max_bytes``."""
-    want = max(1, -(-capacity * BITS_PER_ID // 64))
-    return max(1, min(want, max_bytes // 8))
+    return max(1, min(-(-capacity * BITS_PER_ID // 64), max_bytes // 8))
 
 
 class _Layer:
