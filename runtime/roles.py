@@ -155,9 +155,10 @@ def embedded_secrets_key(settings: Settings, data_dir: Any) -> str:
     return str(path.read_text().strip())
 
 
-# `tally run` has one worker, so more partitions only add commits: each flush writes one link
-# (one INSERT, one new part on disk) per partition, ~10 ms each on this machine's disk.
-EMBEDDED_PARTITIONS = 2
+# `tally run` has one worker, so more partitions only add work: each flush writes one link (one
+# INSERT, one new part on disk) per partition, and the API splits each request into one envelope
+# per partition (docs/performance.md, "One events partition in `tally run`").
+EMBEDDED_PARTITIONS = 1
 PARTITIONS_FILE = "partitions"
 
 
@@ -167,7 +168,7 @@ def embedded_partitions(settings: Settings, data_dir: Path) -> int:
     The dedupe index is one file per partition *number* and an id's partition is
     ``hash(tenant, id) % partitions`` in every topic generation, so a retry is only recognised
     if the count never changes (docs/architecture.md, "Topic generations"). The first start
-    writes ``<data_dir>/partitions`` (``events_partitions`` if set, else 2); a directory from
+    writes ``<data_dir>/partitions`` (``events_partitions`` if set, else 1); a directory from
     before that file existed keeps the count of its index files. Setting ``events_partitions``
     to another count than the directory's is refused, naming the setting.
     """

@@ -28,9 +28,9 @@ def _no_partition_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_new_directory_gets_the_embedded_default_and_keeps_it(tmp_path: Path) -> None:
-    assert embedded_partitions(_settings(tmp_path), tmp_path) == EMBEDDED_PARTITIONS == 2
-    assert (tmp_path / PARTITIONS_FILE).read_text().strip() == "2"
-    assert embedded_partitions(_settings(tmp_path), tmp_path) == 2
+    assert embedded_partitions(_settings(tmp_path), tmp_path) == EMBEDDED_PARTITIONS == 1
+    assert (tmp_path / PARTITIONS_FILE).read_text().strip() == "1"
+    assert embedded_partitions(_settings(tmp_path), tmp_path) == 1
 
 
 def test_an_explicit_count_is_pinned_and_a_different_one_refused(tmp_path: Path) -> None:
