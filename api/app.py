@@ -36,6 +36,7 @@ from api import (
 from api import errors as api_errors
 from api.auth import Authenticator
 from api.limits import InflightMiddleware, TenantLimiter
+from api.meterlookup import MeterLookup
 from api.meters_file import load_meters_file
 from api.producer import EventProducer
 from api.state import AppState, Metrics, ProgressWaiter
@@ -92,6 +93,7 @@ def create_app(
     )
     state.auth = Authenticator(settings, state.metrics)
     state.limiter = TenantLimiter(settings, LimitsRepo(store), state.metrics)
+    state.meters = MeterLookup(settings.meter_cache_ttl_s)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

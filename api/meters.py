@@ -144,6 +144,7 @@ async def activate_meter(
         markers = [OutgoingEnvelope(p, payload, ()) for p in range(producer.partitions)]
         await producer.produce(markers, key=tenant_id)
     active: Meter = await st.run(st.repo.activate_meter, meter)
+    st.meters.forget(tenant_id, spec.slug)
     return active, True
 
 
@@ -163,6 +164,7 @@ async def get_meter(slug: str, tenant_id: Tenant, st: State) -> Response:
 async def delete_meter(slug: str, tenant_id: Tenant, st: State) -> Response:
     await st.run(st.repo.get_meter, tenant_id, slug)  # 404 naming the slug if absent
     await st.run(st.repo.delete_meter, tenant_id, slug)
+    st.meters.forget(tenant_id, slug)
     return Response(status_code=204)
 
 

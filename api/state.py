@@ -175,6 +175,7 @@ class AppState:
     store_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
     auth: Any = None  # api.auth.Authenticator, set by create_app
     limiter: Any = None  # api.limits.TenantLimiter, set by create_app
+    meters: Any = None  # api.meterlookup.MeterLookup (usage queries' meters), set by create_app
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking store call in a worker thread (bounded by ``store_limiter``)."""

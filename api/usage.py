@@ -171,8 +171,12 @@ _OM_OK = {
 
 
 async def _meter(st: AppState, tenant_id: str, slug: str) -> Meter:
+    async def lookup(tenant: str, name: str) -> Meter:
+        found: Meter = await st.run(st.repo.get_meter, tenant, name)
+        return found
+
     try:
-        meter: Meter = await st.run(st.repo.get_meter, tenant_id, slug)
+        meter: Meter = await st.meters.get(tenant_id, slug, lookup)
     except NotFound:
         raise NotFound(
             f"meter {slug!r} not found", details=[{"field": "slug", "message": "unknown meter"}]

@@ -21,6 +21,7 @@ turns both into dead letters.
 
 from __future__ import annotations
 
+import operator
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +93,9 @@ def to_row(event: Event) -> Row:
     return (event.id, event.type, event.customer, epoch_ms(event.time), event.properties)
 
 
+_ID = operator.itemgetter(0)  # a wire row's event id
+
+
 def _payload(tenant_id: str, ingested_at_ms: int, rows: list[Row]) -> bytes:
     return orjson.dumps({"v": VERSION, "t": tenant_id, "at": ingested_at_ms, "e": rows})
 
@@ -109,16 +113,20 @@ def group_rows(
     event). Envelopes come in ascending partition order; order within a partition is preserved;
     every input row is in exactly one envelope.
     """
-    prefix = f"{tenant_id}\x00"
-    crc = zlib.crc32
     by_partition: dict[int, list[Row]] = {}
-    for row in rows:
-        part = crc((prefix + row[0]).encode()) % partitions  # == partition_for(tenant, id)
-        bucket = by_partition.get(part)
-        if bucket is None:
-            by_partition[part] = [row]
-        else:
-            bucket.append(row)
+    if partitions == 1:  # `tally run`'s topic: all in partition 0, no hash per event
+        if rows:
+            by_partition[0] = rows
+    else:
+        prefix = f"{tenant_id}\x00"
+        crc = zlib.crc32
+        for row in rows:
+            part = crc((prefix + row[0]).encode()) % partitions  # == partition_for(tenant, id)
+            bucket = by_partition.get(part)
+            if bucket is None:
+                by_partition[part] = [row]
+            else:
+                bucket.append(row)
     out: list[OutgoingEnvelope] = []
     for part in sorted(by_partition):
         evs = by_partition[part]
@@ -126,7 +134,7 @@ def group_rows(
             chunk = evs[i : i + max_events]
             out.append(
                 OutgoingEnvelope(
-                    part, _payload(tenant_id, ingested_at_ms, chunk), tuple(r[0] for r in chunk)
+                    part, _payload(tenant_id, ingested_at_ms, chunk), tuple(map(_ID, chunk))
                 )
             )
     return out

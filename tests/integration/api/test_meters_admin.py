@@ -50,12 +50,23 @@ async def test_meter_crud(client: httpx.AsyncClient, tenant: tuple[str, str]) ->
     assert om["groupBy"] == {"model": "$.model"} and om["windowSize"] == "MINUTE"
     r = await client.get("/api/v1/meters/tokens", headers=h)
     assert r.json() == om
+    # a usage query keeps the meter (api.meterlookup); a delete through this process drops it
+    r = await client.get("/v1/meters/tokens/usage", headers=h)
+    assert r.status_code == 200 and r.json()["aggregation"] == "sum"
     r = await client.delete("/v1/meters/tokens", headers=h)
     assert r.status_code == 204
     r = await client.get("/v1/meters/tokens", headers=h)
     assert r.status_code == 404 and "tokens" in r.json()["message"]
+    for path in ("/v1/meters/tokens/usage", "/api/v1/meters/tokens/query"):
+        r = await client.get(path, headers=h)
+        assert r.status_code == 404 and "tokens" in r.json()["message"], (path, r.text)
     r = await client.delete("/v1/meters/tokens", headers=h)
     assert r.status_code == 404
+    # the slug again, another definition: usage queries use the new one at once
+    r = await client.post("/v1/meters", json={**TOKENS, "aggregation": "MAX"}, headers=h)
+    assert r.status_code == 201, r.text
+    r = await client.get("/v1/meters/tokens/usage", headers=h)
+    assert r.status_code == 200 and r.json()["aggregation"] == "max"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,127 @@
+"""The usage queries' meter cache (api.meterlookup): bounded staleness, no kept misses."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+
+from api.meterlookup import MeterLookup
+from schemas.meters import Aggregation, Meter
+from tally.errors import NotFound
+
+
+def _meter(mid: str, aggregation: Aggregation = Aggregation.SUM) -> Meter:
+    return Meter(
+        id=mid,
+        tenant_id="t1",
+        slug="tokens",
+        event_type="llm",
+        aggregation=aggregation,
+        value_property="$.tokens",
+        created_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+
+
+class Store:
+    """What the store holds, and how often it was asked."""
+
+    def __init__(self) -> None:
+        self.meter: Meter | None = _meter("m1")
+        self.calls = 0
+
+    async def lookup(self, tenant_id: str, slug: str) -> Meter:
+        self.calls += 1
+        await asyncio.sleep(0)
+        if self.meter is None:
+            raise NotFound(f"meter {slug!r} not found", field="slug")
+        return self.meter
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_fresh_entry_answers_and_an_old_one_is_looked_up_again() -> None:
+    store, clock = Store(), Clock()
+    cache = MeterLookup(2.0, clock=clock)
+
+    async def go() -> None:
+        assert (await cache.get("t1", "tokens", store.lookup)).id == "m1"
+        clock.now += 1.9
+        assert (await cache.get("t1", "tokens", store.lookup)).id == "m1"
+        assert store.calls == 1
+        store.meter = _meter("m2", Aggregation.MAX)  # deleted and created again elsewhere
+        clock.now += 0.2  # past the TTL of the first lookup
+        assert (await cache.get("t1", "tokens", store.lookup)).id == "m2"
+        assert store.calls == 2
+        # another tenant's slug is another entry
+        await cache.get("t2", "tokens", store.lookup)
+        assert store.calls == 3
+
+    asyncio.run(go())
+
+
+def test_a_miss_is_never_kept_and_drops_the_entry() -> None:
+    store, clock = Store(), Clock()
+    cache = MeterLookup(2.0, clock=clock)
+
+    async def go() -> None:
+        await cache.get("t1", "tokens", store.lookup)
+        clock.now += 5
+        store.meter = None
+        with pytest.raises(NotFound):
+            await cache.get("t1", "tokens", store.lookup)
+        with pytest.raises(NotFound):
+            await cache.get("t1", "tokens", store.lookup)
+        assert store.calls == 3
+        store.meter = _meter("m3")  # created: found at once
+        assert (await cache.get("t1", "tokens", store.lookup)).id == "m3"
+
+    asyncio.run(go())
+
+
+def test_forget_drops_the_entry_and_a_lookup_in_flight_does_not_keep_its_answer() -> None:
+    store, clock = Store(), Clock()
+    cache = MeterLookup(2.0, clock=clock)
+
+    async def go() -> None:
+        await cache.get("t1", "tokens", store.lookup)
+        cache.forget("t1", "tokens")
+        await cache.get("t1", "tokens", store.lookup)
+        assert store.calls == 2
+        # a lookup that read the old meter before a delete through this process finished
+        gate = asyncio.Event()
+        old = _meter("old")
+
+        async def slow(tenant_id: str, slug: str) -> Meter:
+            await gate.wait()
+            return old
+
+        cache.forget("t1", "tokens")
+        task = asyncio.create_task(cache.get("t1", "tokens", slow))
+        await asyncio.sleep(0)
+        cache.forget("t1", "tokens")  # the delete
+        store.meter = _meter("new")
+        gate.set()
+        assert (await task).id == "old"  # its own caller gets what it read
+        assert (await cache.get("t1", "tokens", store.lookup)).id == "new"
+
+    asyncio.run(go())
+
+
+def test_a_ttl_of_zero_asks_every_time() -> None:
+    store = Store()
+    cache = MeterLookup(0)
+
+    async def go() -> None:
+        for _ in range(3):
+            await cache.get("t1", "tokens", store.lookup)
+
+    asyncio.run(go())
+    assert store.calls == 3
