@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     max_inflight_events: int = Field(
         200_000, ge=1, description="Ingest events in flight in one API process; beyond: 503"
     )
+    meter_cache_ttl_s: float = Field(
+        2.0,
+        ge=0,
+        le=300,
+        description="A usage query's meter is looked up again after this long (0 = every query)",
+    )
 
     # --- credentials (docs/operations.md) ----------------------------------------------------
     auth_positive_ttl_s: float = Field(
@@ -70,12 +76,6 @@ class Settings(BaseSettings):
         60.0, gt=0, le=3600, description="An unknown/revoked key is remembered this long"
     )
     auth_cache_max_entries: int = Field(10_000, ge=16, description="Per cache (valid, invalid)")
-    meter_cache_ttl_s: float = Field(
-        2.0,
-        ge=0,
-        le=300,
-        description="A usage query's meter is looked up again after this long (0 = every query)",
-    )
     auth_failure_burst: int = Field(
         20, ge=1, description="Failed authentications one client address may make at once"
     )

@@ -13,14 +13,16 @@ from tally.errors import NotFound
 
 
 def _meter(mid: str, aggregation: Aggregation = Aggregation.SUM) -> Meter:
-    return Meter(
-        id=mid,
-        tenant_id="t1",
-        slug="tokens",
-        event_type="llm",
-        aggregation=aggregation,
-        value_property="$.tokens",
-        created_at=datetime(2026, 1, 1, tzinfo=UTC),
+    return Meter.model_validate(
+        {
+            "id": mid,
+            "tenant_id": "t1",
+            "slug": "tokens",
+            "event_type": "llm",
+            "aggregation": aggregation,
+            "value_property": "$.tokens",
+            "created_at": datetime(2026, 1, 1, tzinfo=UTC),
+        }
     )
 
 
@@ -47,9 +49,14 @@ class Clock:
         return self.now
 
 
+def _cache() -> tuple[Store, Clock, MeterLookup]:
+    """A store holding meter m1, a clock, and a 2 s cache on that clock."""
+    clock = Clock()
+    return Store(), clock, MeterLookup(2.0, clock=clock)
+
+
 def test_a_fresh_entry_answers_and_an_old_one_is_looked_up_again() -> None:
-    store, clock = Store(), Clock()
-    cache = MeterLookup(2.0, clock=clock)
+    store, clock, cache = _cache()
 
     async def go() -> None:
         assert (await cache.get("t1", "tokens", store.lookup)).id == "m1"
@@ -68,8 +75,7 @@ def test_a_fresh_entry_answers_and_an_old_one_is_looked_up_again() -> None:
 
 
 def test_a_miss_is_never_kept_and_drops_the_entry() -> None:
-    store, clock = Store(), Clock()
-    cache = MeterLookup(2.0, clock=clock)
+    store, clock, cache = _cache()
 
     async def go() -> None:
         await cache.get("t1", "tokens", store.lookup)
@@ -87,8 +93,7 @@ def test_a_miss_is_never_kept_and_drops_the_entry() -> None:
 
 
 def test_forget_drops_the_entry_and_a_lookup_in_flight_does_not_keep_its_answer() -> None:
-    store, clock = Store(), Clock()
-    cache = MeterLookup(2.0, clock=clock)
+    store, _clock, cache = _cache()
 
     async def go() -> None:
         await cache.get("t1", "tokens", store.lookup)
