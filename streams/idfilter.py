@@ -12,8 +12,8 @@ may have changed behind its back).
 Layout: one 64-bit word per id picks ``_K`` bits of that word (one memory access per lookup);
 ``BITS_PER_ID`` bits of memory per planned id give ~0.5 % false positives at capacity. A layer
 that reaches its capacity gets a successor twice its size for the ids that follow (a scalable
-Bloom filter: nothing is read again), as long as all layers fit in ``max_bytes``; past that the
-last layer takes more ids than planned and answers "maybe" more often. Hashes are Python's own
+Bloom filter: nothing is read again), or as large as the rest of ``max_bytes`` allows; once all
+of it is used the last layer takes more ids than planned and answers "maybe" more often. Hashes are Python's own
 ``hash`` of the ``(tenant_id, event_id)`` tuple (salted per process: the filter is never
 stored), mixed once, and the bit work is vectorised with numpy.
 """
@@ -86,9 +86,12 @@ class IdFilter:
         if not keys:
             return
         last = self.layers[-1]
-        if last.added >= last.capacity and self.nbytes + 2 * last.words.nbytes <= self.max_bytes:
-            last = _Layer(2 * len(last.words))  # full: the ids that follow go into a larger one
-            self.layers.append(last)
+        if last.added >= last.capacity:
+            # full: the ids that follow go into a layer twice its size, or all the bytes left
+            words = min(2 * len(last.words), (self.max_bytes - self.nbytes) // 8)
+            if words > 0:
+                last = _Layer(words)
+                self.layers.append(last)
         h, mask = self._hash(keys)
         np.bitwise_or.at(last.words, last.word(h), mask)
         last.added += len(keys)

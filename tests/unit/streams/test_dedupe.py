@@ -567,6 +567,29 @@ def test_a_full_filter_grows_by_layers_without_reading_the_file_again(
     idx.close()
 
 
+def test_a_file_larger_than_half_the_filter_gets_all_of_it(
+    tmp_path: Path, monkeypatch: MonkeyPatch
+) -> None:
+    """A first layer within half the bytes leaves room to grow; a file whose ids alone need
+    more than that half gets every byte at once (an overfull first layer would answer "maybe"
+    for every lookup after it)."""
+    monkeypatch.setattr(dedupe, "FILTER_MIN_IDS", 16)
+    small = DedupeIndex.open(tmp_path / "small", "tp", 0, filter_max_bytes=1024)
+    small.add_many([("t", f"e{n}", 1) for n in range(100)], watermark=0)
+    small.refresh_filter()
+    assert small.wait_filter(10) and small._filter is not None
+    assert small._filter.nbytes <= 512  # planned for 200 ids, within half of 1024 bytes
+    small.close()
+    big = DedupeIndex.open(tmp_path / "big", "tp", 0, filter_max_bytes=1024)
+    ids = [("t", f"e{n}") for n in range(300)]  # 600 bytes at 16 bits per id: more than half
+    big.add_many([(t, e, 1) for t, e in ids], watermark=0)
+    big.refresh_filter()
+    assert big.wait_filter(10) and big._filter is not None
+    assert [layer.words.nbytes for layer in big._filter.layers] == [1024]
+    assert big.contains_many(ids) == set(ids)
+    big.close()
+
+
 def test_rebuild_refreshes_the_filter_with_the_ids_of_another_writer(tmp_path: Path) -> None:
     """A partition that was elsewhere: its previous owner wrote ids (and their watermark) into
     the file. ``rebuild`` finds the watermark in step with the store (nothing to add) and

@@ -50,6 +50,12 @@ def test_a_full_filter_grows_by_layers_within_its_bytes() -> None:
     capped.add(first[:1000])
     assert len(capped.layers) == 1 and capped.nbytes == 32
     assert capped.maybe(first[:1000]) == first[:1000]
+    # less than twice the last layer left: the next one takes what is left
+    rest = IdFilter(2500, (2500 + 3000) * 8)
+    for i in range(0, 20_000, 1000):
+        rest.add(first[i : i + 1000])
+    assert [len(layer.words) for layer in rest.layers] == [2500, 3000]
+    assert rest.nbytes == rest.max_bytes and rest.maybe(first[:20_000]) == first[:20_000]
 
 
 def test_size_is_planned_and_bounded() -> None:
