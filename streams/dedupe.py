@@ -608,7 +608,7 @@ class DedupeIndex:
         """Words of a new filter's first layer for ``ids`` known ids: planned for twice as many
         and at least FILTER_MIN_IDS, within half the filter's bytes (room to grow); a file
         whose ids alone need more than that half gets all of them (an overfull first layer
-        answers "maybe" for every layer after it: 16M ids in 8 MB, ~18 %)."""
+        answers "maybe" often whatever its successors hold: 16M ids in 8 MB, ~18 %)."""
         half = self.filter_max_bytes // 2
         if ids * BITS_PER_ID // 8 > half:
             return words_for(2 * ids, self.filter_max_bytes)

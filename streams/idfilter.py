@@ -12,10 +12,10 @@ may have changed behind its back).
 Layout: one 64-bit word per id picks ``_K`` bits of that word (one memory access per lookup);
 ``BITS_PER_ID`` bits of memory per planned id give ~0.5 % false positives at capacity. A layer
 that reaches its capacity gets a successor twice its size for the ids that follow (a scalable
-Bloom filter: nothing is read again), or as large as the rest of ``max_bytes`` allows; once all
-of it is used the last layer takes more ids than planned and answers "maybe" more often. Hashes are Python's own
-``hash`` of the ``(tenant_id, event_id)`` tuple (salted per process: the filter is never
-stored), mixed once, and the bit work is vectorised with numpy.
+Bloom filter: nothing is read again), or as large as the rest of ``max_bytes`` allows; once
+all of it is used the last layer takes more ids than planned and answers "maybe" more often.
+Hashes are Python's own ``hash`` of the ``(tenant_id, event_id)`` tuple (salted per process:
+the filter is never stored), mixed once, and the bit work is vectorised with numpy.
 """
 
 from __future__ import annotations
