@@ -41,6 +41,7 @@ from api.meters_file import load_meters_file
 from api.producer import EventProducer
 from api.state import AppState, Metrics, ProgressWaiter
 from clickhouse.limits import LimitsRepo
+from schemas.meters import Meter
 from schemas.worker import WorkerStatus
 from streams.lag import LagReport
 from tally.settings import Settings
@@ -93,7 +94,12 @@ def create_app(
     )
     state.auth = Authenticator(settings, state.metrics)
     state.limiter = TenantLimiter(settings, LimitsRepo(store), state.metrics)
-    state.meters = MeterLookup(settings.meter_cache_ttl_s)
+
+    async def get_meter(tenant_id: str, slug: str) -> Meter:
+        meter: Meter = await state.run(repo.get_meter, tenant_id, slug)
+        return meter
+
+    state.meters = MeterLookup(get_meter, settings.meter_cache_ttl_s)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -27,31 +27,34 @@ Lookup = Callable[[str, str], Awaitable[Meter]]
 
 
 class MeterLookup:
-    """(tenant, slug) -> Meter for ``ttl_s`` seconds, at most ``max_entries`` (LRU)."""
+    """(tenant, slug) -> Meter from ``lookup`` (the store), kept ``ttl_s`` seconds, at most
+    ``max_entries`` (LRU)."""
 
     def __init__(
         self,
+        lookup: Lookup,
         ttl_s: float,
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._lookup = lookup
         self.ttl_s = ttl_s
         self._clock = clock
         self._cache: TTLCache[tuple[str, str], Meter] = TTLCache(max_entries)
         self._forgets = 0  # a lookup in flight across a ``forget`` does not keep its answer
 
-    async def get(self, tenant_id: str, slug: str, lookup: Lookup) -> Meter:
-        """The meter, from the cache while fresh, else from ``lookup`` (its NotFound passes
+    async def get(self, tenant_id: str, slug: str) -> Meter:
+        """The meter, from the cache while fresh, else from the lookup (its NotFound passes
         through, and drops any entry kept for the slug)."""
         if self.ttl_s <= 0:
-            return await lookup(tenant_id, slug)
+            return await self._lookup(tenant_id, slug)
         key = (tenant_id, slug)
         hit, meter = self._cache.get(key, self._clock())
         if hit is Hit.FRESH and meter is not None:
             return meter
         forgets = self._forgets
         try:
-            meter = await lookup(tenant_id, slug)
+            meter = await self._lookup(tenant_id, slug)
         except Exception:
             self._cache.pop(key)
             raise

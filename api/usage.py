@@ -171,12 +171,8 @@ _OM_OK = {
 
 
 async def _meter(st: AppState, tenant_id: str, slug: str) -> Meter:
-    async def lookup(tenant: str, name: str) -> Meter:
-        found: Meter = await st.run(st.repo.get_meter, tenant, name)
-        return found
-
     try:
-        meter: Meter = await st.meters.get(tenant_id, slug, lookup)
+        meter: Meter = await st.meters.get(tenant_id, slug)
     except NotFound:
         raise NotFound(
             f"meter {slug!r} not found", details=[{"field": "slug", "message": "unknown meter"}]

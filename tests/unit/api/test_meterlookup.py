@@ -32,13 +32,17 @@ class Store:
     def __init__(self) -> None:
         self.meter: Meter | None = _meter("m1")
         self.calls = 0
+        self.gate: asyncio.Event | None = None  # set: an answer waits for it after the read
 
     async def lookup(self, tenant_id: str, slug: str) -> Meter:
         self.calls += 1
+        meter = self.meter
         await asyncio.sleep(0)
-        if self.meter is None:
+        if self.gate is not None:
+            await self.gate.wait()
+        if meter is None:
             raise NotFound(f"meter {slug!r} not found", field="slug")
-        return self.meter
+        return meter
 
 
 class Clock:
@@ -51,24 +55,24 @@ class Clock:
 
 def _cache() -> tuple[Store, Clock, MeterLookup]:
     """A store holding meter m1, a clock, and a 2 s cache on that clock."""
-    clock = Clock()
-    return Store(), clock, MeterLookup(2.0, clock=clock)
+    store, clock = Store(), Clock()
+    return store, clock, MeterLookup(store.lookup, 2.0, clock=clock)
 
 
 def test_a_fresh_entry_answers_and_an_old_one_is_looked_up_again() -> None:
     store, clock, cache = _cache()
 
     async def go() -> None:
-        assert (await cache.get("t1", "tokens", store.lookup)).id == "m1"
+        assert (await cache.get("t1", "tokens")).id == "m1"
         clock.now += 1.9
-        assert (await cache.get("t1", "tokens", store.lookup)).id == "m1"
+        assert (await cache.get("t1", "tokens")).id == "m1"
         assert store.calls == 1
         store.meter = _meter("m2", Aggregation.MAX)  # deleted and created again elsewhere
         clock.now += 0.2  # past the TTL of the first lookup
-        assert (await cache.get("t1", "tokens", store.lookup)).id == "m2"
+        assert (await cache.get("t1", "tokens")).id == "m2"
         assert store.calls == 2
         # another tenant's slug is another entry
-        await cache.get("t2", "tokens", store.lookup)
+        await cache.get("t2", "tokens")
         assert store.calls == 3
 
     asyncio.run(go())
@@ -78,16 +82,16 @@ def test_a_miss_is_never_kept_and_drops_the_entry() -> None:
     store, clock, cache = _cache()
 
     async def go() -> None:
-        await cache.get("t1", "tokens", store.lookup)
+        await cache.get("t1", "tokens")
         clock.now += 5
         store.meter = None
         with pytest.raises(NotFound):
-            await cache.get("t1", "tokens", store.lookup)
+            await cache.get("t1", "tokens")
         with pytest.raises(NotFound):
-            await cache.get("t1", "tokens", store.lookup)
+            await cache.get("t1", "tokens")
         assert store.calls == 3
         store.meter = _meter("m3")  # created: found at once
-        assert (await cache.get("t1", "tokens", store.lookup)).id == "m3"
+        assert (await cache.get("t1", "tokens")).id == "m3"
 
     asyncio.run(go())
 
@@ -96,37 +100,32 @@ def test_forget_drops_the_entry_and_a_lookup_in_flight_does_not_keep_its_answer(
     store, _clock, cache = _cache()
 
     async def go() -> None:
-        await cache.get("t1", "tokens", store.lookup)
+        await cache.get("t1", "tokens")
         cache.forget("t1", "tokens")
-        await cache.get("t1", "tokens", store.lookup)
+        await cache.get("t1", "tokens")
         assert store.calls == 2
         # a lookup that read the old meter before a delete through this process finished
         gate = asyncio.Event()
-        old = _meter("old")
-
-        async def slow(tenant_id: str, slug: str) -> Meter:
-            await gate.wait()
-            return old
-
+        store.meter, store.gate = _meter("old"), gate
         cache.forget("t1", "tokens")
-        task = asyncio.create_task(cache.get("t1", "tokens", slow))
+        task = asyncio.create_task(cache.get("t1", "tokens"))
         await asyncio.sleep(0)
         cache.forget("t1", "tokens")  # the delete
-        store.meter = _meter("new")
+        store.meter, store.gate = _meter("new"), None
         gate.set()
         assert (await task).id == "old"  # its own caller gets what it read
-        assert (await cache.get("t1", "tokens", store.lookup)).id == "new"
+        assert (await cache.get("t1", "tokens")).id == "new"
 
     asyncio.run(go())
 
 
 def test_a_ttl_of_zero_asks_every_time() -> None:
     store = Store()
-    cache = MeterLookup(0)
+    cache = MeterLookup(store.lookup, 0)
 
     async def go() -> None:
         for _ in range(3):
-            await cache.get("t1", "tokens", store.lookup)
+            await cache.get("t1", "tokens")
 
     asyncio.run(go())
     assert store.calls == 3
