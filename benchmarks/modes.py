@@ -68,13 +68,14 @@ def main(argv: list[str]) -> None:
         st = gen.run(StepSpec("load", rate, clients, seconds, None, [url], 5))
         dt = time.monotonic() - w0
         cores = [round((b - a) / dt, 2) for a, b in zip(p0, per(), strict=True)]
-        stored = poller.rate(st.window_start, st.ended)
+        span = poller.step_span(st.window_start, st.ended, 15.0)
+        stored = span.rate if span is not None else None
         lat = sorted(st.latencies_s)
         seq = gen.run(StepSpec("seq", None, 1, 20, None, [url], 3))
         sl = sorted(seq.latencies_s)
         out = {
             "mode": mode,
-            "stored_per_s": round(stored or 0),
+            "stored_per_s": round(stored) if stored is not None else None,
             "accepted_per_s": round(st.accepted_per_s),
             "errors": st.error_rate,
             "load_p50_ms": _q(lat, 0.5),

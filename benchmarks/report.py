@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import platform
 import socket
@@ -70,6 +71,7 @@ class Step(Cpu):
     seconds: float
     accepted_events_per_s: float
     stored_events_per_s: float | None
+    stored_span_s: float | None = None  # what the stored rate was measured over (older runs: -)
     stored_per_tally_cpu_s: float | None
     error_rate: float
     errors: dict[str, int]
@@ -192,6 +194,7 @@ class Burst(Cpu):
     stored_before: int
     accepted_events_per_s: float
     stored_events_per_s: float | None
+    stored_span_s: float | None = None
     error_rate: float
     latency_p50_s: float | None
     latency_p99_s: float | None
@@ -441,7 +444,10 @@ def plots(r: RunResult, out: Path) -> None:
     x = [s.offered_events_per_s or 0 for s in steps]
     ax.plot(x, x, ":", color="grey", label="offered")
     ax.plot(x, [s.accepted_events_per_s for s in steps], "o-", label="accepted (2xx)")
-    ax.plot(x, [s.stored_events_per_s or 0 for s in steps], "s-", label="stored (visible in usage)")
+    stored = [
+        s.stored_events_per_s if s.stored_events_per_s is not None else math.nan for s in steps
+    ]
+    ax.plot(x, stored, "s-", label="stored (visible in usage; gaps: not measured)")
     ax.set_xlabel("offered load (events/s)")
     ax.set_ylabel("events/s")
     ax.set_title(

@@ -39,6 +39,7 @@ from benchmarks.target import (
     EmbeddedTally,
     MemorySampler,
     StoredPoller,
+    StoredSpan,
     Totals,
     create_tenants,
     ensure_meters,
@@ -182,6 +183,11 @@ class Runner:
 
     def log(self, msg: str) -> None:
         self.console.log(msg)
+
+    @property
+    def span_wait_s(self) -> float:
+        """How long a step's rate may wait for the poller's next sample (``step_span``)."""
+        return 10.0 + 5 * self.p.poll_s
 
     def totals(self) -> Totals:
         return Totals(self.urls[0], self.tenants)
@@ -351,13 +357,15 @@ class Runner:
                     f"ramp {i + 1}: offered {rate:,.0f} ev/s", p.step_s, lambda s=spec: gen.run(s)
                 )
                 self.account(st)
-                stored = poller.rate(st.window_start, st.ended)
-                row = step_row(st, rate, p.clients, stored, cpu.cores())
+                cores = cpu.cores()
+                span = poller.step_span(st.window_start, st.ended, self.span_wait_s)
+                row = step_row(st, rate, p.clients, span, cores)
                 self.steps.append(row)
                 self.log(
                     f"ramp {i + 1}: offered {rate:,.0f}/s accepted {row['accepted_events_per_s']:,.0f}/s "
-                    f"stored {row['stored_events_per_s'] or 0:,.0f}/s errors {row['error_rate']:.1%}"
+                    f"stored {stored_text(span)} errors {row['error_rate']:.1%}"
                 )
+                stored = span.rate if span is not None else None
                 if self.remote is not None:
                     self.drain(bars, f"after ramp {i + 1}")
                 s = stored or 0.0
@@ -563,7 +571,7 @@ class Runner:
             st = bars.timed(f"ingest burst ({label})", p.burst_s, lambda: gen.run(spec))
             cores = cpu.cores()
             self.account(st)
-            stored = poller.rate(st.window_start, st.ended)
+            span = poller.step_span(st.window_start, st.ended, self.span_wait_s)
         finally:
             poller.stop()
             self.mem.stored_fn = None
@@ -571,7 +579,8 @@ class Runner:
             **cores,
             "stored_before": before,
             "accepted_events_per_s": st.accepted_per_s,
-            "stored_events_per_s": stored,
+            "stored_events_per_s": span.rate if span is not None else None,
+            "stored_span_s": span.seconds if span is not None else None,
             "error_rate": st.error_rate,
             "latency_p50_s": pct(st.latencies_s, 0.5),
             "latency_p99_s": pct(st.latencies_s, 0.99),
@@ -740,14 +749,22 @@ class Runner:
             shutil.rmtree(self.work, ignore_errors=True)
 
 
+def stored_text(span: StoredSpan | None) -> str:
+    """A step's stored rate for the log: 'n/a' when the polls measured none (never 0)."""
+    if span is None:
+        return "n/a"
+    return f"{span.rate:,.0f}/s (over {span.seconds:.1f} s)"
+
+
 def step_row(
     st: StepStats,
     offered: float | None,
     clients: int,
-    stored: float | None,
+    span: StoredSpan | None,
     cpu: dict[str, float | None],
 ) -> dict[str, Any]:
     tally_cores = cpu.get("tally_cpu_cores")
+    stored = span.rate if span is not None else None
     return {
         **cpu,
         "name": st.name,
@@ -756,6 +773,8 @@ def step_row(
         "seconds": st.seconds,
         "accepted_events_per_s": st.accepted_per_s,
         "stored_events_per_s": stored,
+        # the samples the rate came from span this long (> seconds: the polls were slow)
+        "stored_span_s": span.seconds if span is not None else None,
         # Per CPU-second the Tally process got: robust to other users of the machine.
         "stored_per_tally_cpu_s": stored / tally_cores if stored and tally_cores else None,
         "error_rate": st.error_rate,

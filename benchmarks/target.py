@@ -214,6 +214,22 @@ class Totals:
         return total
 
 
+@dataclass(frozen=True)
+class StoredSpan:
+    """Two samples (wall time, stored total) of a ``StoredPoller``: a measured stored rate."""
+
+    first: tuple[float, int]
+    last: tuple[float, int]
+
+    @property
+    def seconds(self) -> float:
+        return self.last[0] - self.first[0]
+
+    @property
+    def rate(self) -> float:
+        return (self.last[1] - self.first[1]) / self.seconds
+
+
 class StoredPoller:
     """Background thread: the stored total every ``interval`` seconds, as (wall time, total)."""
 
@@ -251,11 +267,39 @@ class StoredPoller:
 
     def rate(self, t0: float, t1: float) -> float | None:
         """Stored events/s between t0 and t1 (from the samples nearest inside the interval)."""
+        span = self.span(t0, t1)
+        return None if span is None else span.rate
+
+    def span(self, t0: float, t1: float) -> StoredSpan | None:
+        """The outermost two samples inside [t0, t1], or None if there are fewer than two."""
         with self._lock:
             inside = [s for s in self.samples if t0 <= s[0] <= t1]
         if len(inside) < 2 or inside[-1][0] - inside[0][0] <= 0:
             return None
-        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+        return StoredSpan(inside[0], inside[-1])
+
+    def step_span(self, t0: float, t1: float, wait_s: float) -> StoredSpan | None:
+        """The stored rate of a load step [t0, t1]: ``span(t0, t1)``, or -- when each poll took
+        so long that fewer than two fell inside the step (a loaded machine) -- the span from
+        the last sample at or before t0 (else the first inside) to the first one at or after
+        t1, waiting up to ``wait_s`` for that one. Such a span is wider than the step (see
+        ``StoredSpan.seconds``); None if even that is not there."""
+        span = self.span(t0, t1)
+        if span is not None:
+            return span
+        deadline = time.time() + wait_s
+        while True:
+            with self._lock:
+                samples = list(self.samples)
+            before = [s for s in samples if s[0] <= t0]
+            after = [s for s in samples if s[0] >= t0]
+            start = before[-1] if before else (after[0] if after else None)
+            end = next((s for s in samples if s[0] >= t1), None)
+            if start is not None and end is not None and end[0] > start[0]:
+                return StoredSpan(start, end)
+            if time.time() >= deadline or self._stop.is_set():
+                return None
+            time.sleep(0.05)
 
     def stop(self) -> None:
         self._stop.set()
