@@ -54,7 +54,7 @@ from schemas.control import Control, ControlError, decode_control, is_control
 from schemas.deadletters import DeadLetter, DeadLetterRow
 from schemas.envelope import EnvelopeColumns, EnvelopeError, EnvelopeEvent, decode_columns
 from schemas.meters import Meter
-from schemas.worker import Claim
+from schemas.worker import ChainState, Claim
 from streams import deadletters
 from streams.activation import NO_MARKER, Activations
 from streams.columnar import ColumnarResult, KeptEvents, Threshold, aggregate_links
@@ -253,6 +253,7 @@ class Outcome:
     verdicts: dict[int, tuple[Verdict, int]] = field(default_factory=dict)
     error: BaseException | None = None
     inserts: int = 0  # commit inserts sent (landed or not)
+    read_reused: bool = False  # step (0) used the previous attempt's verified read
 
 
 @dataclass
@@ -266,6 +267,12 @@ class Applied:
     @property
     def progress(self) -> dict[int, int]:
         return {**self.resynced, **self.stored}
+
+
+# How old this worker's read after a stored link may be for the next link of the partition to
+# skip its read before (step 0 of ``BatchProcessor.flush_batch``): flushes under load follow each
+# other within it; an idle partition's next link reads again.
+REUSE_READ_S = 1.0
 
 
 class LinkUnresolved(Exception):
@@ -297,6 +304,7 @@ class BatchProcessor:
         dead_letter_max_bytes: int = 1 << 20,
         metrics: WorkerMetrics | None = None,
         late_ms: int = 60_000,
+        reuse_read_s: float = REUSE_READ_S,
     ) -> None:
         self.horizon_ms = horizon_ms
         self.dead_letter_max_bytes = dead_letter_max_bytes
@@ -309,6 +317,10 @@ class BatchProcessor:
         self.clock_ms = clock_ms
         self.owner = owner  # '' = no claims: fencing by claims off (the tokens still hold)
         self.link_max_age_s = link_max_age_s
+        self.reuse_read_s = reuse_read_s
+        # partition -> (generation, monotonic time the read started, M): what this worker's
+        # read after its last stored link showed (flush thread only; see ``_reading``)
+        self._verified: dict[int, tuple[int, float, int]] = {}
         self.monotonic = monotonic
         self._high: dict[int, int] = {}  # highest offset taken (buffered, sealed or stored)
         self._chain: dict[int, int] = {}  # end of the store's chain as this worker knows it
@@ -641,6 +653,30 @@ class BatchProcessor:
             return Verdict.RESYNC
         return None
 
+    def _reading(self, links: list[Link]) -> ChainState | None:
+        """The store's state for step (0) without a read, when every link is a first attempt
+        that starts right after a link this worker's own read verified stored at most
+        ``reuse_read_s`` ago (the chain end it showed, M = first - 1, and no other owner's
+        claim then); None: read. Skipping the read is safe because the chain token is (a
+        link from F lands once, whoever sends it) and step (3) still reads; a newer claim is
+        then seen one insert later."""
+        if self.reuse_read_s <= 0:
+            return None
+        now = self.monotonic()
+        progress: dict[int, int] = {}
+        for k in links:
+            seen = self._verified.get(k.partition)
+            if (
+                k.attempts
+                or seen is None
+                or seen[0] != k.generation
+                or seen[2] != k.first - 1
+                or now - seen[1] > self.reuse_read_s
+            ):
+                return None
+            progress[k.partition] = seen[2]
+        return ChainState(progress, {})
+
     def flush_batch(self, links: list[Link]) -> Outcome:
         """One attempt to commit ``links`` (prepared) and find out what the store holds.
 
@@ -653,9 +689,16 @@ class BatchProcessor:
         started = time.perf_counter()
         parts = [k.partition for k in links]
         verdicts = out.verdicts
+        reused = self._reading(links)
+        for p in parts:  # a reading serves one attempt: only a new verified one, the next
+            self._verified.pop(p, None)
         # (0) what does the store hold already? (claims: is this worker still the owner?)
         try:
-            before = self.sink.read_chain(self.topic, parts)
+            if reused is not None:
+                before = reused
+                out.read_reused = True
+            else:
+                before = self.sink.read_chain(self.topic, parts)
         except Exception as exc:
             out.error = exc
             self.metrics.store_errors.inc()
@@ -721,6 +764,7 @@ class BatchProcessor:
             except Exception as exc:
                 out.error = exc
             # (d) whose link landed? (a failed read is never "not landed": it is unknown)
+            read_at = self.monotonic()
             try:
                 after = self.sink.read_chain(self.topic, [k.partition for k in todo])
             except Exception as exc:
@@ -732,6 +776,8 @@ class BatchProcessor:
                     m = after.progress.get(k.partition, -1)
                     v = self._judge(k, m, after.claims.get(k.partition))
                     verdicts[k.partition] = (v or Verdict.UNKNOWN, m)
+                    if v is Verdict.STORED and out.error is None:
+                        self._verified[k.partition] = (k.generation, read_at, m)
 
         # 4. the index follows the store: kept ids of stored links, rebuilds of resynced ones
         for k in links:

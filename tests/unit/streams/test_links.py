@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from schemas.worker import chain_token
 from streams.dedupe import DedupeIndex, rebuild
-from streams.processor import BatchProcessor, Verdict
+from streams.processor import REUSE_READ_S, BatchProcessor, Verdict
 from tests.unit.streams.fakes import MemorySink, meter
 from tests.unit.streams.test_processor import T0, TOPIC, Clock, payload, usage_total
 
@@ -33,6 +33,7 @@ def make(
     owner: str = "me",
     parts: int = 2,
     mono: Mono | None = None,
+    reuse_read_s: float = REUSE_READ_S,
 ) -> tuple[BatchProcessor, MemorySink]:
     sink = sink or MemorySink([meter(aggregation="sum", value_property="$.v")])
     indexes: dict[int, DedupeIndex] = {}
@@ -50,6 +51,7 @@ def make(
         owner=owner,
         link_max_age_s=60.0,
         monotonic=mono or Mono(),
+        reuse_read_s=reuse_read_s,
     )
     for p in range(parts):
         if owner:
@@ -379,13 +381,132 @@ def test_link_too_old_is_redone_from_a_fresh_read(tmp_path: Path) -> None:
 
 
 def test_store_behind_the_verified_chain_is_not_written(tmp_path: Path) -> None:
-    proc, sink = make(tmp_path)
+    mono = Mono()
+    proc, sink = make(tmp_path, mono=mono)
     proc.add(0, 0, msg("a"))
     proc.flush()
     sink._progress.clear()  # the store lost data (reset)
+    mono.t += REUSE_READ_S + 0.1  # the next link reads first (within the window: see below)
     proc.add(0, 1, msg("b"))
     _, applied = attempt(proc)
     assert applied.unresolved == [0] and sink.link_calls == 1
+
+
+# --- reusing the read after a stored link as the next link's read before ------------------------
+
+
+def count_reads(sink: MemorySink) -> list[list[int]]:
+    """The partitions of every ``read_chain`` call from now on."""
+    calls: list[list[int]] = []
+    real = sink.read_chain
+
+    def counted(topic: str, partitions: list[int]) -> Any:
+        calls.append(sorted(partitions))
+        return real(topic, partitions)
+
+    sink.read_chain = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_link_right_after_a_verified_one_skips_the_read_before(tmp_path: Path) -> None:
+    mono = Mono()
+    proc, sink = make(tmp_path, mono=mono)
+    reads = count_reads(sink)
+    proc.add(0, 0, msg("a", 1))
+    out, applied = attempt(proc)
+    assert not out.read_reused and applied.stored == {0: 0} and len(reads) == 2
+    proc.add(0, 1, msg("b", 2))
+    mono.t += REUSE_READ_S / 2
+    out, applied = attempt(proc)
+    # only the read after: the previous one showed the chain ending right before this link
+    assert out.read_reused and applied.stored == {0: 1} and len(reads) == 3
+    proc.add(0, 2, msg("c", 3))
+    mono.t += REUSE_READ_S + 0.1  # that reading is too old now: read again
+    out, applied = attempt(proc)
+    assert not out.read_reused and applied.stored == {0: 2} and len(reads) == 5
+    assert usage_total(sink) == {"events": 3, "sum": Decimal(6), "windows": 1}
+
+
+def test_retries_and_links_after_a_failed_check_always_read_first(tmp_path: Path) -> None:
+    proc, sink = make(tmp_path)
+    proc.add(0, 0, msg("a", 1))
+    proc.flush()
+    proc.add(0, 1, msg("b", 2))
+    sink.fail_next = 1  # the reused-read attempt's insert fails
+    out, applied = attempt(proc)
+    assert out.read_reused and applied.unresolved == [0]
+    reads = count_reads(sink)
+    out, applied = attempt(proc)  # the retry: same link, read before
+    assert not out.read_reused and applied.stored == {0: 1} and len(reads) == 2
+    proc.add(0, 2, msg("c", 3))
+    sink.fail_reads = 1  # the check after this reused-read attempt fails: unknown
+    sink.fail_after_next = 1
+    out, applied = attempt(proc)
+    assert out.read_reused and applied.unresolved == [0]
+    out, applied = attempt(proc)  # no verified reading to reuse: read before, already stored
+    assert not out.read_reused and applied.stored == {0: 2}
+    assert sink.commits == 3 and sink.deduplicated == 0
+    assert usage_total(sink) == {"events": 3, "sum": Decimal(6), "windows": 1}
+
+
+def test_one_link_without_a_fresh_reading_makes_the_flush_read(tmp_path: Path) -> None:
+    proc, sink = make(tmp_path)
+    proc.add(0, 0, msg("a"))
+    proc.flush()
+    proc.add(0, 1, msg("b"))
+    proc.add(1, 0, msg("c"))  # partition 1 has no verified reading yet
+    reads = count_reads(sink)
+    out, applied = attempt(proc)
+    assert not out.read_reused and reads[0] == [0, 1]
+    assert applied.stored == {0: 1, 1: 0}
+
+
+def test_reuse_off_reads_before_every_attempt(tmp_path: Path) -> None:
+    proc, sink = make(tmp_path, reuse_read_s=0)
+    reads = count_reads(sink)
+    for off, eid in enumerate("abc"):
+        proc.add(0, off, msg(eid))
+        out, _ = attempt(proc)
+        assert not out.read_reused
+    assert len(reads) == 6
+
+
+def test_a_new_owner_inside_the_window_is_seen_after_one_insert(tmp_path: Path) -> None:
+    proc, sink = make(tmp_path)
+    proc.add(0, 0, msg("a", 1))
+    proc.flush()
+    # a new owner claims partition 0 and stores [1, 2] before this worker's next link [1, 1]
+    other, _ = make(tmp_path / "other", sink=sink, owner="", parts=0)
+    sink.write_claim(TOPIC, 0, 20, "new-owner")
+    rebuild(other.index_for(0), sink, TOPIC, 0, 0, Clock()(), other.horizon_ms)
+    other.assign(0, 0)
+    other.add(0, 1, msg("b", 2))
+    other.add(0, 2, msg("c", 3))
+    assert other.flush() == {0: 2}
+    proc.add(0, 1, msg("b", 2))
+    out, applied = attempt(proc)
+    # the insert goes out without a read (same token as the new owner's link: a no-op), and the
+    # read after it shows the claim: fenced, nothing acked
+    assert out.read_reused and sink.deduplicated == 1
+    assert applied.fenced == [0] and not applied.acks and not proc.assigned(0)
+    assert usage_total(sink) == {"events": 3, "sum": Decimal(6), "windows": 1}
+
+
+def test_another_writer_from_the_same_point_inside_the_window_resyncs(tmp_path: Path) -> None:
+    proc, sink = make(tmp_path, owner="")
+    proc.add(0, 0, msg("a", 1))
+    proc.flush()
+    other, _ = make(tmp_path / "other", sink=sink, owner="", parts=0)
+    rebuild(other.index_for(0), sink, TOPIC, 0, 0, Clock()(), other.horizon_ms)
+    other.assign(0, 0)
+    for off, eid in ((1, "b"), (2, "c")):
+        other.add(0, off, msg(eid, off + 1))
+    assert other.flush() == {0: 2}
+    proc.add(0, 1, msg("b", 2))
+    out, applied = attempt(proc)
+    assert out.read_reused and sink.deduplicated == 1
+    assert applied.resynced == {0: 2} and [e.offset for e in applied.acks] == [1]
+    assert usage_total(sink) == {"events": 3, "sum": Decimal(6), "windows": 1}
 
 
 # --- the invariant -----------------------------------------------------------------------------
@@ -402,12 +523,13 @@ step_st = st.tuples(
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(st.lists(step_st, max_size=30))
-def test_exactly_once_under_every_fault(tmp_path_factory, steps) -> None:  # type: ignore[no-untyped-def]
+@given(st.lists(step_st, max_size=30), st.sampled_from([0.0, REUSE_READ_S]))
+def test_exactly_once_under_every_fault(tmp_path_factory, steps, reuse) -> None:  # type: ignore[no-untyped-def]
     """Random messages, attempts and faults (insert fails, answer lost, lands late, reads fail,
-    another writer extends the chain from the same point): every id counts exactly once."""
+    another writer extends the chain from the same point): every id counts exactly once, with
+    and without reusing a verified read (the fixed clock keeps every reading fresh)."""
     tmp = tmp_path_factory.mktemp("links")
-    proc, sink = make(tmp, parts=3)
+    proc, sink = make(tmp, parts=3, reuse_read_s=reuse)
     other, _ = make(tmp / "other", sink=sink, owner="", parts=3)
     offsets = dict.fromkeys(range(3), -1)
     log: dict[int, list[tuple[int, bytes]]] = {p: [] for p in range(3)}
