@@ -292,8 +292,8 @@ class StoredPoller:
             with self._lock:
                 samples = list(self.samples)
             before = [s for s in samples if s[0] <= t0]
-            after = [s for s in samples if s[0] >= t0]
-            start = before[-1] if before else (after[0] if after else None)
+            later = [s for s in samples if s[0] >= t0]
+            start = before[-1] if before else (later[0] if later else None)
             end = next((s for s in samples if s[0] >= t1), None)
             if start is not None and end is not None and end[0] > start[0]:
                 return StoredSpan(start, end)

@@ -657,9 +657,9 @@ class BatchProcessor:
         """The store's state for step (0) without a read, when every link is a first attempt
         that starts right after a link this worker's own read verified stored at most
         ``reuse_read_s`` ago (the chain end it showed, M = first - 1, and no other owner's
-        claim then); None: read. Skipping the read is safe because the chain token is (a
-        link from F lands once, whoever sends it) and step (3) still reads; a newer claim is
-        then seen one insert later."""
+        claim then); None: read. Skipping the read keeps the commit exact: the chain token
+        is the safety (a link from F lands once, whoever sends it) and step (3) still reads;
+        a newer claim of another owner is then seen one insert later."""
         if self.reuse_read_s <= 0:
             return None
         now = self.monotonic()
