@@ -43,8 +43,11 @@ def test_stored_is_sent_minus_duplicates(
     for i in ids:
         if rnd.random() < dup_rate:
             sent.insert(rnd.randrange(len(sent) + 1), i)  # the copy may come first: fine
-    with tempfile.TemporaryDirectory() as d:
-        proc, sink, _ = make(Path(d))
+    with tempfile.TemporaryDirectory() as d, contextlib.ExitStack() as indexes_open:
+        proc, sink, indexes = make(Path(d))
+        # before the directory goes: the indexes' background threads (filter build, writes)
+        # must not be left creating files in it
+        indexes_open.callback(lambda: [idx.close() for idx in indexes.values()])
         offset: dict[int, int] = {}
         # every copy of an id goes to the same partition (the API partitions by hash of the id)
         by_part: dict[int, list[str]] = {}
