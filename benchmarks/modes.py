@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
         st = gen.run(StepSpec("load", rate, clients, seconds, None, [url], 5))
         dt = time.monotonic() - w0
         cores = [round((b - a) / dt, 2) for a, b in zip(p0, per(), strict=True)]
-        span = poller.step_span(st.window_start, st.ended, 15.0)
+        span = poller.step_span(st.window_start, st.ended)
         stored = span.rate if span is not None else None
         lat = sorted(st.latencies_s)
         seq = gen.run(StepSpec("seq", None, 1, 20, None, [url], 3))

@@ -184,11 +184,6 @@ class Runner:
     def log(self, msg: str) -> None:
         self.console.log(msg)
 
-    @property
-    def span_wait_s(self) -> float:
-        """How long a step's rate may wait for the poller's next sample (``step_span``)."""
-        return 10.0 + 5 * self.p.poll_s
-
     def totals(self) -> Totals:
         return Totals(self.urls[0], self.tenants)
 
@@ -358,14 +353,14 @@ class Runner:
                 )
                 self.account(st)
                 cores = cpu.cores()
-                span = poller.step_span(st.window_start, st.ended, self.span_wait_s)
+                span = poller.step_span(st.window_start, st.ended)
                 row = step_row(st, rate, p.clients, span, cores)
                 self.steps.append(row)
                 self.log(
                     f"ramp {i + 1}: offered {rate:,.0f}/s accepted {row['accepted_events_per_s']:,.0f}/s "
                     f"stored {stored_text(span)} errors {row['error_rate']:.1%}"
                 )
-                stored = span.rate if span is not None else None
+                stored = row["stored_events_per_s"]
                 if self.remote is not None:
                     self.drain(bars, f"after ramp {i + 1}")
                 s = stored or 0.0
@@ -571,7 +566,7 @@ class Runner:
             st = bars.timed(f"ingest burst ({label})", p.burst_s, lambda: gen.run(spec))
             cores = cpu.cores()
             self.account(st)
-            span = poller.step_span(st.window_start, st.ended, self.span_wait_s)
+            span = poller.step_span(st.window_start, st.ended)
         finally:
             poller.stop()
             self.mem.stored_fn = None

@@ -265,11 +265,6 @@ class StoredPoller:
         with self._lock:
             return self.samples[-1][1] if self.samples else 0
 
-    def rate(self, t0: float, t1: float) -> float | None:
-        """Stored events/s between t0 and t1 (from the samples nearest inside the interval)."""
-        span = self.span(t0, t1)
-        return None if span is None else span.rate
-
     def span(self, t0: float, t1: float) -> StoredSpan | None:
         """The outermost two samples inside [t0, t1], or None if there are fewer than two."""
         with self._lock:
@@ -278,16 +273,17 @@ class StoredPoller:
             return None
         return StoredSpan(inside[0], inside[-1])
 
-    def step_span(self, t0: float, t1: float, wait_s: float) -> StoredSpan | None:
+    def step_span(self, t0: float, t1: float, wait_s: float | None = None) -> StoredSpan | None:
         """The stored rate of a load step [t0, t1]: ``span(t0, t1)``, or -- when each poll took
         so long that fewer than two fell inside the step (a loaded machine) -- the span from
         the last sample at or before t0 (else the first inside) to the first one at or after
-        t1, waiting up to ``wait_s`` for that one. Such a span is wider than the step (see
-        ``StoredSpan.seconds``); None if even that is not there."""
+        t1, waiting up to ``wait_s`` for that one (default: 10 s + 5 poll intervals). Such a
+        span is wider than the step (see ``StoredSpan.seconds``); None if even that is not
+        there."""
         span = self.span(t0, t1)
         if span is not None:
             return span
-        deadline = time.time() + wait_s
+        deadline = time.time() + (10.0 + 5 * self.interval if wait_s is None else wait_s)
         while True:
             with self._lock:
                 samples = list(self.samples)

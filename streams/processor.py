@@ -269,6 +269,14 @@ class Applied:
         return {**self.resynced, **self.stored}
 
 
+class _Verified(NamedTuple):
+    """What this worker's read after a stored link of a partition showed."""
+
+    generation: int  # the partition's assignment then (a reassignment makes it stale)
+    read_at: float  # monotonic seconds when the read started
+    chain_end: int  # M, the link's last offset
+
+
 # How old this worker's read after a stored link may be for the next link of the partition to
 # skip its read before (step 0 of ``BatchProcessor.flush_batch``): flushes under load follow each
 # other within it; an idle partition's next link reads again.
@@ -318,9 +326,8 @@ class BatchProcessor:
         self.owner = owner  # '' = no claims: fencing by claims off (the tokens still hold)
         self.link_max_age_s = link_max_age_s
         self.reuse_read_s = reuse_read_s
-        # partition -> (generation, monotonic time the read started, M): what this worker's
-        # read after its last stored link showed (flush thread only; see ``_reading``)
-        self._verified: dict[int, tuple[int, float, int]] = {}
+        # partition -> its last verified reading (flush thread only; see ``_reading``)
+        self._verified: dict[int, _Verified] = {}
         self.monotonic = monotonic
         self._high: dict[int, int] = {}  # highest offset taken (buffered, sealed or stored)
         self._chain: dict[int, int] = {}  # end of the store's chain as this worker knows it
@@ -669,12 +676,12 @@ class BatchProcessor:
             if (
                 k.attempts
                 or seen is None
-                or seen[0] != k.generation
-                or seen[2] != k.first - 1
-                or now - seen[1] > self.reuse_read_s
+                or seen.generation != k.generation
+                or seen.chain_end != k.first - 1
+                or now - seen.read_at > self.reuse_read_s
             ):
                 return None
-            progress[k.partition] = seen[2]
+            progress[k.partition] = seen.chain_end
         return ChainState(progress, {})
 
     def flush_batch(self, links: list[Link]) -> Outcome:
@@ -777,7 +784,7 @@ class BatchProcessor:
                     v = self._judge(k, m, after.claims.get(k.partition))
                     verdicts[k.partition] = (v or Verdict.UNKNOWN, m)
                     if v is Verdict.STORED and out.error is None:
-                        self._verified[k.partition] = (k.generation, read_at, m)
+                        self._verified[k.partition] = _Verified(k.generation, read_at, m)
 
         # 4. the index follows the store: kept ids of stored links, rebuilds of resynced ones
         for k in links:

@@ -28,13 +28,13 @@ def test_a_step_with_two_samples_inside_uses_the_outermost() -> None:
     span = p.step_span(100.0, 105.0, wait_s=0)
     assert span == StoredSpan((100.5, 1_000), (104.5, 9_000))
     assert span.rate == 2_000
-    assert p.rate(100.0, 105.0) == 2_000
+    assert p.span(100.0, 105.0) == span
 
 
 def test_slow_polls_give_the_span_around_the_step_not_zero() -> None:
     # one sample inside the step: the plain rate is unknown ...
     p = _poller((98.0, 500), (102.0, 4_000), (107.0, 14_500))
-    assert p.rate(100.0, 105.0) is None
+    assert p.span(100.0, 105.0) is None
     # ... and the step's rate comes from the samples around it, with the span it covered
     span = p.step_span(100.0, 105.0, wait_s=0)
     assert span == StoredSpan((98.0, 500), (107.0, 14_500))
