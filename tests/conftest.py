@@ -14,10 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tally import log
 
 log.configure(os.environ.get("TALLY_TEST_LOG_LEVEL", "WARNING"))
+
+# Timings are measured by benchmarks/, never asserted in tests: Hypothesis gets no per-example
+# deadline. Its default (200 ms) failed a test whose first example paid one-time imports on a
+# cold cache (260-280 ms), and a loaded 2-core machine stretches any example past it.
+settings.register_profile("tally", deadline=None)
+settings.load_profile("tally")
 
 # chDB keeps a few /proc stat files open per engine thread it ever started (~12 fds per new
 # client); a full session opens hundreds of per-test stores, so lift the soft fd limit.
