@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
 
-from clickhouse.queries import dirty_count_sql, stale_overrides_sql, usage_sql
+from clickhouse.queries import stale_overrides_sql, usage_sql, usage_state_sql
 from clickhouse.store import Store
 from schemas.corrections import ADDITIVE
 from schemas.meters import Meter
@@ -39,14 +39,24 @@ def usage_values(store: Store, q: UsageQuery, repair: Repair | None = None) -> l
     """Execute ``q``: rows ordered by window start, then customer, then the dimensions, as
     plain tuples (an invoice run reads tens of thousands; ``run_usage`` gives models).
 
-    Event corrections are part of the query (``clickhouse.queries.usage_source``). For
+    First one small statement (``usage_state_sql``): does the meter have a complete backfill
+    run, and do corrections touch ``q``'s range? Neither (the common case): the stream's minute
+    rows alone answer ``q`` (``usage_sql(stream_only=True)``). Otherwise event corrections and
+    the visible run are part of the query (``clickhouse.queries.usage_source``). For
     min/max/unique_count/latest meters, minute windows whose override is missing or out of date
-    (``stale_overrides_sql``, after ``dirty_count_sql`` found corrected windows in range: a crash after the correction, or late events since) are first
+    (``stale_overrides_sql``: a crash after the correction, or late events since) are first
     recomputed by ``repair`` (``billing.corrections.Corrections.repair``, which has the worker's
-    matching rules); without ``repair`` they are used as they are, with a warning."""
+    matching rules); without ``repair`` they are used as they are, with a warning.
+
+    The two statements see the store at two moments a few milliseconds apart: a run completing
+    or a correction landing in between shows from the next query on, as if it had come just
+    after this one; no row is ever read twice or skipped (the branches add disjoint rows)."""
+    ((complete, dirty),) = store.query_rows(*usage_state_sql(q, store.database))
+    if int(complete) == 0 and int(dirty) == 0:
+        sql, params = usage_sql(q, store.database, stream_only=True)
+        return _to_values(q, store.query_rows(sql, params))
     overrides = True
     if q.meter.aggregation not in ADDITIVE:
-        ((dirty,),) = store.query_rows(*dirty_count_sql(q, store.database))
         overrides = int(dirty) > 0
         if overrides:
             stale = [

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clickhouse.queries import VALUE_SQL, WINDOW_SQL, usage_sql
+from clickhouse.queries import VALUE_SQL, WINDOW_SQL, usage_sql, usage_state_sql
 from schemas.meters import Aggregation, Meter
 from schemas.usage import UsageQuery, UsageRow, WindowSize
 from tally.errors import ValidationError
@@ -149,6 +149,54 @@ def test_each_aggregation_whole_range(aggregation: Aggregation) -> None:
         assert plain == sql  # count/sum/avg: the deltas are always part of the source
     assert params == BASE_PARAMS
     assert VALUE_SQL[aggregation] == EXPECTED_VALUE[aggregation]
+
+
+@pytest.mark.parametrize("aggregation", list(Aggregation))
+def test_stream_only_reads_the_minute_rows_straight(aggregation: Aggregation) -> None:
+    """No complete run, no correction in range: the stream's rows of usage_minute alone, with
+    every filter of the full query and no backfill or corrections branch."""
+    q = query(
+        meter=meter(aggregation),
+        window=WindowSize.DAY,
+        customers=["c1"],
+        group_by=["region"],
+        filters={"tier": ["gold"]},
+        by_customer=True,
+    )
+    sql, params = usage_sql(q, "tally", stream_only=True)
+    having = "" if aggregation in ADDITIVE else " HAVING sum(events) > 0"
+    assert sql == (
+        "SELECT toStartOfInterval(window_start, INTERVAL 1 DAY, {tz:String}) AS bucket,"
+        " toUnixTimestamp(bucket) AS window_start_s, toUnixTimestamp(toStartOfInterval(bucket"
+        " + INTERVAL 1 DAY, INTERVAL 1 DAY, {tz:String})) AS window_end_s, customer,"
+        f" group_values[{{g0:String}}] AS d0, {EXPECTED_VALUE[aggregation]} AS value"
+        " FROM tally.usage_minute WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}"
+        " AND origin = 's'"
+        " AND window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC')"
+        " AND window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')"
+        " AND customer IN {customers:Array(String)}"
+        " AND group_values[{fk0:String}] IN {f0:Array(String)}"
+        f" GROUP BY bucket, customer, d0{having} ORDER BY bucket, customer, d0"
+    )
+    _, full_params = usage_sql(q, "tally")
+    assert params == full_params  # the same parameters, only the source differs
+    assert "backfill" not in sql and "corrections" not in sql and "overrides" not in sql
+
+
+def test_state_statement_counts_complete_runs_and_corrections_in_range() -> None:
+    sql, params = usage_state_sql(query(customers=["c1", "c2"]), "tally")
+    assert sql == (
+        "SELECT (SELECT count() FROM tally.backfill_runs WHERE tenant_id = {tenant:String}"
+        " AND meter_id = {meter:String} AND state = 'complete'),"
+        " (SELECT count() FROM tally.corrections WHERE tenant_id = {tenant:String}"
+        " AND meter_id = {meter:String}"
+        " AND window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC')"
+        " AND window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')"
+        " AND customer IN {stale_customers:Array(String)})"
+    )
+    assert params == {**BASE_PARAMS, "stale_customers": ["c1", "c2"]}
+    whole, whole_params = usage_state_sql(query(), "tally")
+    assert "customer IN" not in whole and whole_params == BASE_PARAMS
 
 
 def test_minute_window_needs_no_tz() -> None:
@@ -323,12 +371,13 @@ def test_usage_row_defaults() -> None:
     dims=st.lists(st.sampled_from(["region", "tier", "customer"]), max_size=5),
     window=st.sampled_from([None, *WindowSize]),
     aggregation=st.sampled_from(list(Aggregation)),
+    stream_only=st.booleans(),
 )
 def test_sql_shape_invariants(
-    dims: list[str], window: WindowSize | None, aggregation: Aggregation
+    dims: list[str], window: WindowSize | None, aggregation: Aggregation, stream_only: bool
 ) -> None:
     q = query(meter=meter(aggregation), group_by=dims, window=window)
-    sql, params = usage_sql(q, "tally")
+    sql, params = usage_sql(q, "tally", stream_only=stream_only)
     # always scoped to the tenant and meter, and only ever reads the pre-aggregates (with the
     # corrections' effect rows or recomputed windows), never the ledger
     assert "WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}" in sql
