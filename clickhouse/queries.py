@@ -220,13 +220,13 @@ def usage_sql(
 
     # Without any key, group by the (filtered, constant) tenant: no rows when there is no data.
     group = keys or ["tenant_id"]
-    narrow = " AND " + " AND ".join(where[2:4])
-    if q.customers:
-        narrow += " AND customer IN {customers:Array(String)}"
     if stream_only:
         source = f"{db}.usage_minute"
         where.insert(2, "origin = 's'")
     else:
+        narrow = " AND " + " AND ".join(where[2:4])
+        if q.customers:
+            narrow += " AND customer IN {customers:Array(String)}"
         source = usage_source(db, q.meter.aggregation, overrides=overrides, narrow=narrow)
     sql = (
         "SELECT " + ", ".join(select) + f" FROM {source}"
@@ -255,15 +255,16 @@ def _state_where(q: UsageQuery) -> tuple[str, dict[str, Any]]:
 
 
 def usage_state_sql(q: UsageQuery, database: str) -> tuple[str, dict[str, Any]]:
-    """One row ``(complete, dirty)``: how many rows of complete backfill runs the meter has, and
-    how many effect rows of corrections fall in ``q``'s range (and customers). Both 0: the
-    stream's minute rows alone answer ``q`` (``usage_sql(stream_only=True)``); dirty 0: a
-    min/max/unique_count/latest query can read the pre-aggregates without the overrides."""
+    """One row ``(has_run, dirty)``: whether the meter has a visible backfill run (the same
+    ``visible_run_sql`` the full source reads), and how many effect rows of corrections fall in
+    ``q``'s range (and customers). Neither: the stream's minute rows alone answer ``q``
+    (``usage_sql(stream_only=True)``); dirty 0: a min/max/unique_count/latest query can read
+    the pre-aggregates without the overrides."""
     db = check_identifier(database)
+    visible, _ = visible_run_sql(db)
     where, params = _state_where(q)
     return (
-        f"SELECT (SELECT count() FROM {db}.backfill_runs WHERE {_KEY} AND state = 'complete'), "
-        f"(SELECT count() FROM {db}.corrections WHERE {where})"
+        f"SELECT {visible} != 'b:', (SELECT count() FROM {db}.corrections WHERE {where})"
     ), params
 
 

@@ -51,12 +51,10 @@ def usage_values(store: Store, q: UsageQuery, repair: Repair | None = None) -> l
     The two statements see the store at two moments a few milliseconds apart: a run completing
     or a correction landing in between shows from the next query on, as if it had come just
     after this one; no row is ever read twice or skipped (the branches add disjoint rows)."""
-    ((complete, dirty),) = store.query_rows(*usage_state_sql(q, store.database))
-    if int(complete) == 0 and int(dirty) == 0:
-        sql, params = usage_sql(q, store.database, stream_only=True)
-        return _to_values(q, store.query_rows(sql, params))
+    ((has_run, dirty),) = store.query_rows(*usage_state_sql(q, store.database))
+    stream_only = not int(has_run) and not int(dirty)
     overrides = True
-    if q.meter.aggregation not in ADDITIVE:
+    if not stream_only and q.meter.aggregation not in ADDITIVE:
         overrides = int(dirty) > 0
         if overrides:
             stale = [
@@ -71,7 +69,7 @@ def usage_values(store: Store, q: UsageQuery, repair: Repair | None = None) -> l
                     q.meter.slug,
                     len(stale),
                 )
-    sql, params = usage_sql(q, store.database, overrides=overrides)
+    sql, params = usage_sql(q, store.database, overrides=overrides, stream_only=stream_only)
     return _to_values(q, store.query_rows(sql, params))
 
 

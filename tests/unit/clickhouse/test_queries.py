@@ -183,11 +183,11 @@ def test_stream_only_reads_the_minute_rows_straight(aggregation: Aggregation) ->
     assert "backfill" not in sql and "corrections" not in sql and "overrides" not in sql
 
 
-def test_state_statement_counts_complete_runs_and_corrections_in_range() -> None:
+def test_state_statement_reads_the_visible_run_and_counts_corrections_in_range() -> None:
     sql, params = usage_state_sql(query(customers=["c1", "c2"]), "tally")
+    # the same visible run the full source reads ('b:' = none)
     assert sql == (
-        "SELECT (SELECT count() FROM tally.backfill_runs WHERE tenant_id = {tenant:String}"
-        " AND meter_id = {meter:String} AND state = 'complete'),"
+        f"SELECT {VISIBLE_RUN} != 'b:',"
         " (SELECT count() FROM tally.corrections WHERE tenant_id = {tenant:String}"
         " AND meter_id = {meter:String}"
         " AND window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC')"

@@ -21,12 +21,12 @@ TO = datetime(2024, 4, 1, tzinfo=UTC)
 
 
 class Recorder:
-    """Answers the state statement with ``(complete, dirty)``, anything else with no rows."""
+    """Answers the state statement with ``(has_run, dirty)``, anything else with no rows."""
 
     database = "tally"
 
-    def __init__(self, complete: int, dirty: int) -> None:
-        self.state = (complete, dirty)
+    def __init__(self, has_run: int, dirty: int) -> None:
+        self.state = (has_run, dirty)
         self.sent: list[str] = []
 
     def query_rows(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple]:
@@ -49,9 +49,9 @@ def _query(aggregation: Aggregation) -> UsageQuery:
     return UsageQuery.model_validate(dict(tenant_id="t1", meter=meter, from_=FROM, to=TO))
 
 
-def _run(aggregation: Aggregation, complete: int, dirty: int) -> tuple[UsageQuery, list[str]]:
+def _run(aggregation: Aggregation, has_run: int, dirty: int) -> tuple[UsageQuery, list[str]]:
     q = _query(aggregation)
-    store = Recorder(complete, dirty)
+    store = Recorder(has_run, dirty)
     assert usage_values(cast(Store, store), q) == []
     assert store.sent[0] == usage_state_sql(q, "tally")[0]
     return q, store.sent[1:]
@@ -59,24 +59,24 @@ def _run(aggregation: Aggregation, complete: int, dirty: int) -> tuple[UsageQuer
 
 @pytest.mark.parametrize("aggregation", list(Aggregation))
 def test_nothing_but_the_stream_reads_the_minute_rows_alone(aggregation: Aggregation) -> None:
-    q, sent = _run(aggregation, complete=0, dirty=0)
+    q, sent = _run(aggregation, has_run=0, dirty=0)
     assert sent == [usage_sql(q, "tally", stream_only=True)[0]]
 
 
 @pytest.mark.parametrize("aggregation", list(Aggregation))
 def test_a_complete_backfill_run_keeps_the_full_source(aggregation: Aggregation) -> None:
-    q, sent = _run(aggregation, complete=1, dirty=0)
+    q, sent = _run(aggregation, has_run=1, dirty=0)
     # no correction in range: min/max/unique_count/latest need no masks
     assert sent == [usage_sql(q, "tally", overrides=False)[0]]
     assert "usage_backfill" in sent[0]
 
 
 @pytest.mark.parametrize("aggregation", list(Aggregation))
-@pytest.mark.parametrize("complete", [0, 1])
+@pytest.mark.parametrize("has_run", [0, 1])
 def test_a_correction_in_range_keeps_the_full_source(
-    aggregation: Aggregation, complete: int
+    aggregation: Aggregation, has_run: int
 ) -> None:
-    q, sent = _run(aggregation, complete=complete, dirty=3)
+    q, sent = _run(aggregation, has_run=has_run, dirty=3)
     if aggregation in (Aggregation.COUNT, Aggregation.SUM, Aggregation.AVG):
         assert sent == [usage_sql(q, "tally")[0]]
         assert "tally.corrections FINAL" in sent[0]
