@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from clickhouse.backfill import backfill_origin_sql  # noqa: E402
 from clickhouse.corrections import CORRECTION_COLUMNS, OVERRIDE_COLUMNS, override_version  # noqa: E402
 from clickhouse.queries import usage_source, usage_sql  # noqa: E402
+from clickhouse.rollup import day_rows_sql  # noqa: E402
 from clickhouse.sink import USAGE_COLUMNS, unique_insert_settings  # noqa: E402
 from clickhouse.store import Store  # noqa: E402
 from clickhouse.usage import run_usage  # noqa: E402
@@ -141,6 +142,7 @@ def seed_usage(store: Store, meters: list[Meter], customers: int, per: int) -> f
                     column_oriented=True,
                 )
                 cols = {c: [] for c in USAGE_COLUMNS}
+    store.command(day_rows_sql(store.database))  # their day rows, as the worker writes them
     return time.perf_counter() - t0
 
 

@@ -11,7 +11,8 @@ What the worker would have written for the same events, had they been ingested o
   ``ENVELOPE_EVENTS`` events per offset;
 - ``usage_minute``: per meter, customer and minute one delta row with origin ``'s'`` (count:
   events; sum/max/latest: value count/sum/min/max; unique_count: the sorted distinct values;
-  latest: max of ``(time_ms, event_id, value)``), and one progress row per partition
+  latest: max of ``(time_ms, event_id, value)``), the same per meter, customer and UTC day as
+  day rows (``clickhouse.rollup``), and one progress row per partition
   (``clickhouse.sink.progress_row``) so that the worker knows the generation is stored;
 - ``meters``: the tenant's meters are re-versioned with ``created_at`` before the span, as if
   they had existed all along (the worker counts only events ingested after a meter's creation).
@@ -75,15 +76,19 @@ def _one_insert_settings() -> dict[str, Any]:
     return {**ONE_PART_SETTINGS, "insert_deduplication_token": f"bench-history/{uuid.uuid4().hex}"}
 
 
-def _usage_sql(db: str) -> str:
+def _usage_sql(db: str, *, days: bool = False) -> str:
+    """The chunk's minute rows; ``days``: their day rows (``clickhouse.rollup``)."""
+    from clickhouse.rollup import DAY_MS, DAY_PREFIX
     from clickhouse.sink import USAGE_COLUMNS
 
     numeric = "m.3 IN ('sum', 'max', 'min', 'avg', 'latest')"
     dec = "toDecimal128(tokens, 9)"
+    meter = f"concat('{DAY_PREFIX}', m.2)" if days else "m.2"
+    width = DAY_MS if days else 60_000
     return (
         f"INSERT INTO {db}.usage_minute ({', '.join(USAGE_COLUMNS)}) "
-        "SELECT tenant_id, m.2 AS meter_id, customer, "
-        "fromUnixTimestamp64Milli(intDiv(time_ms, 60000) * 60000, 'UTC') AS window_start, "
+        f"SELECT tenant_id, {meter} AS meter_id, customer, "
+        f"fromUnixTimestamp64Milli(intDiv(time_ms, {width}) * {width}, 'UTC') AS window_start, "
         "'' AS group_key, 's' AS origin, CAST(map(), 'Map(String, String)') AS group_values, "
         "count() AS events, "
         f"toUInt64(if({numeric}, count(), 0)) AS value_count, "
@@ -134,7 +139,7 @@ def write_history(spec: HistorySpec, *, progress: Progress) -> dict[str, Any]:
             n_chunks = math.ceil(to_add / CHUNK_EVENTS)
             span = spec.span_end_ms - spec.span_start_ms
             seq = 0
-            usage_sql = _usage_sql(db)
+            usage_sqls = [_usage_sql(db), _usage_sql(db, days=True)]
             for c in range(n_chunks):
                 n = min(CHUNK_EVENTS, to_add - c * CHUNK_EVENTS)
                 lo = spec.span_start_ms + span * c // n_chunks
@@ -216,7 +221,8 @@ def write_history(spec: HistorySpec, *, progress: Progress) -> dict[str, Any]:
                         names=["tenant_id", "event_id", "customer", "time_ms", "tokens", "user"],
                     ),
                 )
-                store.command(usage_sql, {"meters": meters}, settings=_one_insert_settings())
+                for sql in usage_sqls:
+                    store.command(sql, {"meters": meters}, settings=_one_insert_settings())
                 progress(c + 1, n_chunks, "writing history")
             store.command(f"DROP TABLE IF EXISTS {db}.{_CHUNK_TABLE}")
             prog = [progress_row(topic, p, o - 1) for p, o in enumerate(offsets) if o > 0]

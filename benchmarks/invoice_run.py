@@ -33,6 +33,7 @@ from billing.catalog import Catalog  # noqa: E402
 from billing.invoices import Invoicing, InvoicingConfig  # noqa: E402
 from billing.ports import open_billing_store  # noqa: E402
 from clickhouse.repo import Repo  # noqa: E402
+from clickhouse.rollup import day_rows_sql  # noqa: E402
 from clickhouse.sink import USAGE_COLUMNS  # noqa: E402
 from clickhouse.store import Store  # noqa: E402
 from rating.subscriptions import new_subscription  # noqa: E402
@@ -181,6 +182,7 @@ def seed(store: Store, customers: int) -> tuple[str, float]:
                 )
     for i in range(0, len(usage), 200_000):
         store.insert("usage_minute", usage[i : i + 200_000], USAGE_COLUMNS)
+    store.command(day_rows_sql(store.database))  # their day rows, as the worker writes them
     return tid, time.perf_counter() - t0
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 from clickhouse.backfill import backfill_origin_sql, backfill_seq_sql
+from clickhouse.rollup import UTC_ZONES, day_meter_id, whole_days
 from clickhouse.store import check_identifier
 from schemas.corrections import ADDITIVE
 from schemas.meters import Aggregation
@@ -172,7 +173,9 @@ def usage_sql(
     ``stream_only``: read the stream's rows of ``usage_minute`` straight, without the backfill
     and corrections branches and their scalar subqueries (about a third of a customer x month
     query's cost in the store). Only for a query whose ``usage_state_sql`` found no complete
-    backfill run of the meter and no correction in its range (``clickhouse.usage``)."""
+    backfill run of the meter and no correction in its range (``clickhouse.usage``). Its whole
+    UTC days are then read from the day rows when every bucket is a union of UTC days (no
+    window, or DAY/MONTH windows in UTC: ``clickhouse.rollup``), the rest from the minutes."""
     db = check_identifier(database)
     params: dict[str, Any] = {
         "tenant": q.tenant_id,
@@ -220,7 +223,14 @@ def usage_sql(
 
     # Without any key, group by the (filtered, constant) tenant: no rows when there is no data.
     group = keys or ["tenant_id"]
-    if stream_only:
+    days = _day_span(q) if stream_only else None
+    if days is not None:
+        # the whole UTC days from the day rows, the partial days at the edges from the minutes
+        params["day_meter"] = day_meter_id(q.meter.id)
+        params["day_from_ms"], params["day_to_ms"] = days
+        source = f"{db}.usage_minute"
+        where[1:4] = ["origin = 's'", _DAYS_AND_EDGES]
+    elif stream_only:
         source = f"{db}.usage_minute"
         where.insert(2, "origin = 's'")
     else:
@@ -238,6 +248,30 @@ def usage_sql(
     if keys:
         sql += " ORDER BY " + ", ".join(keys)
     return sql, params
+
+
+# [from, to) as the whole days' day rows plus the edges' minute rows: three key ranges
+_DAYS_AND_EDGES = (
+    "((meter_id = {day_meter:String}"
+    " AND window_start >= fromUnixTimestamp64Milli({day_from_ms:Int64}, 'UTC')"
+    " AND window_start < fromUnixTimestamp64Milli({day_to_ms:Int64}, 'UTC'))"
+    " OR (meter_id = {meter:String}"
+    " AND window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC')"
+    " AND window_start < fromUnixTimestamp64Milli({day_from_ms:Int64}, 'UTC'))"
+    " OR (meter_id = {meter:String}"
+    " AND window_start >= fromUnixTimestamp64Milli({day_to_ms:Int64}, 'UTC')"
+    " AND window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')))"
+)
+
+
+def _day_span(q: UsageQuery) -> tuple[int, int] | None:
+    """The whole UTC days of ``q``'s range that its stream rows can be read from as day rows
+    (``clickhouse.rollup``): when every bucket of ``q`` is a union of UTC days."""
+    if q.window is not None and (
+        q.window not in (WindowSize.DAY, WindowSize.MONTH) or q.tz not in UTC_ZONES
+    ):
+        return None
+    return whole_days(epoch_ms(q.from_), epoch_ms(q.to))
 
 
 def _state_where(q: UsageQuery) -> tuple[str, dict[str, Any]]:

@@ -9,8 +9,9 @@ Python encoding. ``commit`` (tests, tools) takes the same columns as Python row 
 Commit of one link (docs/architecture.md, "The worker's commit protocol"): 1) ``insert_events``:
 INSERT the kept events into ``events`` (idempotent: a replay writes the same rows, which
 ``ReplacingMergeTree`` collapses); 2) ``commit_link``: ONE INSERT into ``usage_minute`` of the
-link's usage rows plus its partition's progress row (``tenant_id=''``, ``meter_id='~progress'``,
-``customer=<topic>``, ``group_key=<partition>``, ``source_offset=<last offset>``), with
+link's usage rows, their day rows (``clickhouse.rollup``) and its partition's progress row
+(``tenant_id=''``, ``meter_id='~progress'``, ``customer=<topic>``, ``group_key=<partition>``,
+``source_offset=<last offset>``), with
 ``insert_deduplication_token = chain_token(topic, partition, first)``. ``usage_minute`` has no
 ``PARTITION BY`` and the insert settings squash all blocks into one, so the insert is one part
 and one block: atomic, and deduplicated as a whole (``non_replicated_deduplication_window``,
@@ -37,6 +38,7 @@ import pyarrow as pa
 from clickhouse.activation import ActivationRows
 from clickhouse.deadletters import DeadLetterRows
 from clickhouse.repo import Repo
+from clickhouse.rollup import with_day_rows
 from clickhouse.store import Store
 from schemas.columns import EVENTS_COLUMNS, USAGE_COLUMNS, USAGE_SCHEMA, usage_table
 from schemas.meters import Meter
@@ -165,7 +167,7 @@ class ClickHouseSink(ActivationRows, DeadLetterRows):
         progress = progress_table(topic, partition, last)
         self.store.insert_arrow(
             "usage_minute",
-            pa.concat_tables([usage, progress]) if usage.num_rows else progress,
+            pa.concat_tables([with_day_rows(usage), progress]) if usage.num_rows else progress,
             settings=link_insert_settings(topic, partition, first),
         )
 
@@ -261,11 +263,12 @@ class ClickHouseSink(ActivationRows, DeadLetterRows):
         and progress rows in one insert that is never deduplicated. Not the worker's commit."""
         if events_rows:
             self.store.insert("events", events_rows, EVENTS_COLUMNS)
-        rows = list(usage_rows)
-        rows.extend(progress_row(topic, p, o) for p, o in sorted(progress.items()))
+        rows = [*usage_rows, *(progress_row(topic, p, o) for p, o in sorted(progress.items()))]
         if rows:
-            self.store.insert(
-                "usage_minute", rows, USAGE_COLUMNS, settings=unique_insert_settings()
+            self.store.insert_arrow(
+                "usage_minute",
+                with_day_rows(usage_table(rows)),
+                settings=unique_insert_settings(),
             )
 
     def progress(self, topic: str) -> dict[int, int]:

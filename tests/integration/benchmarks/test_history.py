@@ -19,8 +19,10 @@ from benchmarks.history import ENVELOPE_EVENTS, HistorySpec, write_history
 from benchmarks.queries import SHAPES
 from benchmarks.workload import METERS
 from clickhouse.repo import Repo
+from clickhouse.rollup import day_rows
 from clickhouse.sink import USAGE_COLUMNS, ClickHouseSink
 from clickhouse.store import Store
+from schemas.columns import usage_rows, usage_table
 from schemas.envelope import EnvelopeEvent, partition_for
 from schemas.meters import MeterSpec
 from schemas.timeutil import epoch_ms
@@ -130,20 +132,25 @@ def test_history_matches_what_the_worker_would_write(store: Store, chdb_url: str
             c = cm.match(ev)
             assert c is not None
             table.add(tenant, cust, t_ms, eid, c)
-    want = merge_rows(table.rows())
-    got_rows = store.query_rows(
-        f"SELECT {', '.join(USAGE_COLUMNS)} FROM {store.database}.usage_minute "
-        "WHERE tenant_id != ''"
-    )
-    assert all(r[5] == "s" and r[4] == "" and r[14] == 0 for r in got_rows)
-    got = merge_rows(
-        (*r[:3], r[3] if r[3].tzinfo else r[3].replace(tzinfo=UTC), *r[4:]) for r in got_rows
-    )
-    assert got.keys() == want.keys()
-    diff = [k for k in want if got[k] != want[k]]
-    assert not diff, (
-        f"{len(diff)} windows differ, e.g. {diff[0]}: {got[diff[0]]} != {want[diff[0]]}"
-    )
+    # And the day rows equal the worker's own day rows of them (clickhouse.rollup).
+    minutes = list(table.rows())
+    days = usage_rows(day_rows(usage_table(minutes)))
+    for want_rows, only_days in ((minutes, False), (days, True)):
+        want = merge_rows(want_rows)
+        got_rows = store.query_rows(
+            f"SELECT {', '.join(USAGE_COLUMNS)} FROM {store.database}.usage_minute "
+            "WHERE tenant_id != '' AND startsWith(meter_id, 'd:') = {d:Bool}",
+            {"d": only_days},
+        )
+        assert all(r[5] == "s" and r[4] == "" and r[14] == 0 for r in got_rows)
+        got = merge_rows(
+            (*r[:3], r[3] if r[3].tzinfo else r[3].replace(tzinfo=UTC), *r[4:]) for r in got_rows
+        )
+        assert got.keys() == want.keys()
+        diff = [k for k in want if got[k] != want[k]]
+        assert not diff, (
+            f"{len(diff)} windows differ, e.g. {diff[0]}: {got[diff[0]]} != {want[diff[0]]}"
+        )
 
 
 def test_history_tops_up_to_the_target_and_times_direct_queries(

@@ -8,12 +8,14 @@ from decimal import Decimal
 import orjson
 
 from clickhouse.repo import Repo
-from clickhouse.sink import EVENTS_COLUMNS, USAGE_COLUMNS, ClickHouseSink
-from clickhouse.store import Store
+from clickhouse.rollup import day_meter_id, day_rows_sql
+from clickhouse.sink import EVENTS_COLUMNS, USAGE_COLUMNS, ClickHouseSink, unique_insert_settings
+from clickhouse.store import MIGRATIONS_DIR, Store, split_statements
 from clickhouse.usage import run_usage
+from schemas.columns import usage_table
 from schemas.meters import Aggregation, MeterSpec
 from schemas.timeutil import epoch_ms
-from schemas.usage import UsageQuery
+from schemas.usage import UsageQuery, WindowSize
 from streams.sink import Sink
 
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
@@ -140,8 +142,74 @@ def test_commit_is_one_part(store: Store) -> None:
         {"db": store.database},
     )
     assert len(parts) == 1, parts
-    assert parts[0][0] == n + 2 and parts[0][1] == parts[0][2]
+    # + the day rows (clickhouse.rollup), combined by the insert: 1,000 customers x 2 UTC days
+    assert parts[0][0] == n + 2 + 2_000 and parts[0][1] == parts[0][2]
     assert sink.progress("topic-a") == {0: 41, 1: 42}
+
+
+def _day_query(tenant: str, meter: object, window: WindowSize) -> UsageQuery:
+    return UsageQuery(
+        tenant_id=tenant,
+        meter=meter,  # type: ignore[arg-type]
+        from_=datetime(2024, 6, 1, tzinfo=UTC),
+        to=datetime(2024, 6, 3, tzinfo=UTC),
+        window=window,
+    )
+
+
+def _by_window(store: Store, q: UsageQuery) -> list[tuple[datetime, Decimal | None]]:
+    return [(r.window_start, r.value) for r in run_usage(store, q)]
+
+
+def test_a_link_commit_writes_its_day_rows_once(store: Store) -> None:
+    """The day rows are part of the link's commit insert: a replay of the link (same token)
+    adds neither minute nor day rows; a DAY query (day rows) and an HOUR query (minutes) of
+    the same range agree."""
+    sink = ClickHouseSink(store)
+    tenant, meter = _sum_meter(store)
+    rows = [_usage_row(tenant, meter.id, m, v) for m, v in ((0, 5), (700, 7), (725, 11))]
+    usage = usage_table(rows)
+    for _ in range(3):
+        sink.commit_link("topic-a", 0, 0, 9, usage)
+    (n_days,) = store.query_rows(
+        f"SELECT count() FROM {store.database}.usage_minute WHERE meter_id = {{m:String}}",
+        {"m": day_meter_id(meter.id)},
+    )[0]
+    assert n_days == 2  # 2024-06-01 (12:00 and 23:40) and 2024-06-02 (00:05), combined
+    days = _by_window(store, _day_query(tenant, meter, WindowSize.DAY))
+    assert days == [
+        (datetime(2024, 6, 1, tzinfo=UTC), Decimal(12)),
+        (datetime(2024, 6, 2, tzinfo=UTC), Decimal(11)),
+    ]
+    hours = _by_window(store, _day_query(tenant, meter, WindowSize.HOUR))
+    assert sum(v for _, v in hours if v is not None) == Decimal(23)
+    assert sink.progress("topic-a") == {0: 9}
+
+
+def test_migration_070_writes_the_day_rows_of_older_minute_rows(store: Store) -> None:
+    """Minute rows stored by an earlier version (no day rows): the migration writes theirs,
+    and running it again after a failure half way (some day rows written) gives the same."""
+    sink = ClickHouseSink(store)
+    tenant, meter = _sum_meter(store)
+    old = usage_table([_usage_row(tenant, meter.id, m, m + 1) for m in range(0, 1500, 50)])
+    store.insert_arrow("usage_minute", old, settings=unique_insert_settings())
+    q = _day_query(tenant, meter, WindowSize.DAY)
+    assert _by_window(store, q) == []  # the day rows are missing
+    statements = split_statements((MIGRATIONS_DIR / "070_day_rows.sql").read_text(encoding="utf-8"))
+    want = [
+        (datetime(2024, 6, 1, tzinfo=UTC), Decimal(sum(m + 1 for m in range(0, 720, 50)))),
+        (datetime(2024, 6, 2, tzinfo=UTC), Decimal(sum(m + 1 for m in range(750, 1500, 50)))),
+    ]
+    for attempt in range(2):
+        store.command(statements[0].replace("{db}", store.database))
+        if attempt == 0:  # the first attempt fails after writing some of the day rows
+            store.command(day_rows_sql(store.database, " AND customer = 'c1'"))
+            continue
+        store.command(statements[1].replace("{db}", store.database))
+        assert _by_window(store, q) == want
+    # a link committed after the migration brings its own day rows
+    sink.commit_link("topic-a", 0, 0, 0, usage_table([_usage_row(tenant, meter.id, 1, 100)]))
+    assert _by_window(store, q)[0] == (want[0][0], want[0][1] + 100)
 
 
 def test_replayed_events_collapse_with_final(store: Store) -> None:

@@ -90,10 +90,16 @@ def test_every_aggregation_matches_ground_truth(tenant, aggregation: Aggregation
         dict(window="DAY", tz="Europe/Berlin", group_by=("tier",)),
         dict(window="HOUR", customers=("c1", "c3"), filters={"region": ["eu"]}),
         dict(window="HOUR", tz="Asia/Kolkata", filters={"customer": ["c2"], "tier": ["a", ""]}),
+        # buckets that are unions of UTC days: whole days from the day rows (clickhouse.rollup)
+        dict(window="DAY", group_by=("region",), per_customer=True),
+        dict(window="MONTH", tz="Etc/UTC", customers=("c2",), filters={"tier": ["b"]}),
     ]
     ranges = [
         (start, start + timedelta(days=1)),
         (start + timedelta(hours=3, minutes=17), start + timedelta(hours=9, minutes=1)),
+        # whole UTC days only; one whole day between two partial ones
+        (start - timedelta(hours=20), start + timedelta(days=2, hours=4)),
+        (start + timedelta(hours=1, minutes=3), start + timedelta(days=1, hours=5)),
     ]
     for case in cases:
         for from_, to in ranges:
@@ -257,14 +263,20 @@ def test_no_data_no_rows_and_null_values(tenant) -> None:
     window=st.sampled_from(["MINUTE", "HOUR", "DAY", "MONTH", None]),
     tz=st.sampled_from(["UTC", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe"]),
     flushes=st.integers(1, 4),
+    edges=st.tuples(st.integers(0, 24 * 60), st.integers(0, 24 * 60)),
 )
-def test_property_any_events_any_window(tenant, data, aggregation, window, tz, flushes) -> None:
+def test_property_any_events_any_window(
+    tenant, data, aggregation, window, tz, flushes, edges
+) -> None:
+    """Any events, windows and zones; the range starts and ends anywhere within a day of the
+    events (UTC day boundaries or not: day rows for whole days, minutes at the edges)."""
     repo, sink, tid, _ = tenant
     meter = _meter(repo, tid, aggregation, f"p{uuid.uuid4().hex[:12]}")
     start = datetime(2024, 10, 4, 10, tzinfo=UTC)
     events = [Ev(f"e{i}", c, start + timedelta(minutes=m), v) for i, (m, c, v) in enumerate(data)]
     _store_events(sink, tid, meter, events, flushes)
-    from_, to = start, start + timedelta(days=3)
+    from_ = start - timedelta(minutes=edges[0]) + timedelta(days=1)
+    to = start + timedelta(days=2, minutes=edges[1])
     q = UsageQuery(
         tenant_id=tid,
         meter=meter,

@@ -215,8 +215,29 @@ def wait_stored(
     raise AssertionError(f"worker did not store up to {targets}; progress {sink.progress(topic)}")
 
 
-def stored_totals(store: Store, tenant: str, meters: dict[str, Meter]) -> dict[str, Any]:
+def day_rows_by_key(store: Store, tenant: str, *, day_rows: bool) -> dict[tuple, tuple]:
+    """The tenant's stream rows aggregated by (meter, customer, UTC day, group): from the minute
+    rows, or from the day rows (clickhouse.rollup) under their meter's own id."""
     db = store.database
+    rows = store.query_rows(
+        f"SELECT {'substring(meter_id, 3)' if day_rows else 'meter_id'} AS meter, customer, "
+        "toStartOfDay(window_start) AS day, group_key, sum(events), sum(value_count), "
+        "sum(value_sum), min(value_min), max(value_max), "
+        "arraySort(groupUniqArrayArray(uniq_values)), max(latest) "
+        f"FROM {db}.usage_minute WHERE tenant_id = {{tenant:String}} AND origin = 's' "
+        f"AND {'' if day_rows else 'NOT '}startsWith(meter_id, 'd:') "
+        "GROUP BY meter, customer, day, group_key",
+        {"tenant": tenant},
+    )
+    return {tuple(r[:4]): tuple(r[4:]) for r in rows}
+
+
+def stored_totals(store: Store, tenant: str, meters: dict[str, Meter]) -> dict[str, Any]:
+    """What the store holds for the tenant; and its day rows agree with its minute rows (a
+    link's day rows land with it, once)."""
+    db = store.database
+    minutes = day_rows_by_key(store, tenant, day_rows=False)
+    assert day_rows_by_key(store, tenant, day_rows=True) == minutes
 
     def q(sql: str, **params: Any) -> list[tuple]:
         return store.query_rows(sql, {"tenant": tenant, **params})

@@ -154,9 +154,58 @@ def test_each_aggregation_whole_range(aggregation: Aggregation) -> None:
 @pytest.mark.parametrize("aggregation", list(Aggregation))
 def test_stream_only_reads_the_minute_rows_straight(aggregation: Aggregation) -> None:
     """No complete run, no correction in range: the stream's rows of usage_minute alone, with
-    every filter of the full query and no backfill or corrections branch."""
+    every filter of the full query and no backfill or corrections branch. (HOUR windows: a
+    bucket that is not a union of UTC days is read from the minutes.)"""
     q = query(
         meter=meter(aggregation),
+        window=WindowSize.HOUR,
+        customers=["c1"],
+        group_by=["region"],
+        filters={"tier": ["gold"]},
+        by_customer=True,
+    )
+    sql, params = usage_sql(q, "tally", stream_only=True)
+    having = "" if aggregation in ADDITIVE else " HAVING sum(events) > 0"
+    start, end = WINDOW_SQL[WindowSize.HOUR]
+    assert sql == (
+        f"SELECT {start} AS bucket, toUnixTimestamp(bucket) AS window_start_s,"
+        f" toUnixTimestamp({end}) AS window_end_s, customer,"
+        f" group_values[{{g0:String}}] AS d0, {EXPECTED_VALUE[aggregation]} AS value"
+        " FROM tally.usage_minute WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}"
+        " AND origin = 's'"
+        " AND window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC')"
+        " AND window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')"
+        " AND customer IN {customers:Array(String)}"
+        " AND group_values[{fk0:String}] IN {f0:Array(String)}"
+        f" GROUP BY bucket, customer, d0{having} ORDER BY bucket, customer, d0"
+    )
+    _, full_params = usage_sql(q, "tally")
+    assert params == full_params  # the same parameters, only the source differs
+    assert "backfill" not in sql and "corrections" not in sql and "overrides" not in sql
+
+
+# the whole UTC days [day_from, day_to) from the meter's day rows, the rest from its minutes
+DAYS_AND_EDGES = (
+    "((meter_id = {day_meter:String}"
+    " AND window_start >= fromUnixTimestamp64Milli({day_from_ms:Int64}, 'UTC')"
+    " AND window_start < fromUnixTimestamp64Milli({day_to_ms:Int64}, 'UTC'))"
+    " OR (meter_id = {meter:String}"
+    " AND window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC')"
+    " AND window_start < fromUnixTimestamp64Milli({day_from_ms:Int64}, 'UTC'))"
+    " OR (meter_id = {meter:String}"
+    " AND window_start >= fromUnixTimestamp64Milli({day_to_ms:Int64}, 'UTC')"
+    " AND window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')))"
+)
+
+
+@pytest.mark.parametrize("aggregation", list(Aggregation))
+def test_stream_only_reads_whole_utc_days_from_the_day_rows(aggregation: Aggregation) -> None:
+    """DAY windows in UTC: the whole days of the range from the day rows (meter 'd:<id>'),
+    the partial days at its edges from the minute rows, every filter kept."""
+    q = query(
+        meter=meter(aggregation),
+        from_=FROM + timedelta(hours=5, minutes=1),
+        to=TO - timedelta(minutes=7),
         window=WindowSize.DAY,
         customers=["c1"],
         group_by=["region"],
@@ -170,17 +219,57 @@ def test_stream_only_reads_the_minute_rows_straight(aggregation: Aggregation) ->
         " toUnixTimestamp(bucket) AS window_start_s, toUnixTimestamp(toStartOfInterval(bucket"
         " + INTERVAL 1 DAY, INTERVAL 1 DAY, {tz:String})) AS window_end_s, customer,"
         f" group_values[{{g0:String}}] AS d0, {EXPECTED_VALUE[aggregation]} AS value"
-        " FROM tally.usage_minute WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}"
-        " AND origin = 's'"
-        " AND window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC')"
-        " AND window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')"
+        " FROM tally.usage_minute WHERE tenant_id = {tenant:String} AND origin = 's'"
+        f" AND {DAYS_AND_EDGES}"
         " AND customer IN {customers:Array(String)}"
         " AND group_values[{fk0:String}] IN {f0:Array(String)}"
         f" GROUP BY bucket, customer, d0{having} ORDER BY bucket, customer, d0"
     )
     _, full_params = usage_sql(q, "tally")
-    assert params == full_params  # the same parameters, only the source differs
+    assert params == {
+        **full_params,
+        "day_meter": "d:mid",
+        "day_from_ms": FROM_MS + 86_400_000,  # 2024-03-02: the first whole day
+        "day_to_ms": TO_MS - 86_400_000,  # 2024-03-31: the last whole day ends there
+    }
     assert "backfill" not in sql and "corrections" not in sql and "overrides" not in sql
+
+
+@pytest.mark.parametrize(
+    ("window", "tz", "from_", "to", "days"),
+    [
+        (WindowSize.DAY, "UTC", FROM, TO, (FROM_MS, TO_MS)),
+        (WindowSize.MONTH, "Etc/UTC", FROM, TO, (FROM_MS, TO_MS)),
+        (None, "Europe/Paris", FROM, TO, (FROM_MS, TO_MS)),  # no bucket: one range
+        (WindowSize.DAY, "Europe/Paris", FROM, TO, None),  # Paris days are not UTC days
+        (WindowSize.MONTH, "America/New_York", FROM, TO, None),
+        (WindowSize.HOUR, "UTC", FROM, TO, None),
+        (WindowSize.MINUTE, "UTC", FROM, TO, None),
+        # no whole UTC day inside the range
+        (None, "UTC", FROM + timedelta(hours=1), FROM + timedelta(days=1, hours=1), None),
+        (WindowSize.DAY, "UTC", FROM, FROM + timedelta(hours=23), None),
+        # exactly one
+        (None, "UTC", FROM, FROM + timedelta(days=1), (FROM_MS, FROM_MS + 86_400_000)),
+    ],
+)
+def test_which_queries_read_day_rows(
+    window: WindowSize | None,
+    tz: str,
+    from_: datetime,
+    to: datetime,
+    days: tuple[int, int] | None,
+) -> None:
+    q = query(window=window, tz=tz, from_=from_, to=to)
+    sql, params = usage_sql(q, "tally", stream_only=True)
+    if days is None:
+        assert "day_meter" not in params and "day_meter" not in sql
+        assert "meter_id = {meter:String} AND origin = 's'" in sql
+    else:
+        assert (params["day_from_ms"], params["day_to_ms"]) == days
+        assert DAYS_AND_EDGES in sql
+    # the full source (a backfill run or a correction applies) never reads day rows
+    full, full_params = usage_sql(q, "tally")
+    assert "day_meter" not in full and "day_meter" not in full_params
 
 
 def test_state_statement_reads_the_visible_run_and_counts_corrections_in_range() -> None:
@@ -378,11 +467,16 @@ def test_sql_shape_invariants(
 ) -> None:
     q = query(meter=meter(aggregation), group_by=dims, window=window)
     sql, params = usage_sql(q, "tally", stream_only=stream_only)
-    # always scoped to the tenant and meter, and only ever reads the pre-aggregates (with the
-    # corrections' effect rows or recomputed windows), never the ledger
-    assert "WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}" in sql
+    # always scoped to the tenant and meter (or its day rows and minutes), and only ever reads
+    # the pre-aggregates (with the corrections' effect rows or recomputed windows), never the
+    # ledger
+    assert (
+        "WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}" in sql
+        or f"WHERE tenant_id = {{tenant:String}} AND origin = 's' AND {DAYS_AND_EDGES}" in sql
+    )
     assert " FROM tally.usage_minute " in sql and "tally.events" not in sql
     assert params["tenant"] == "t1" and params["meter"] == "mid"
+    assert params.get("day_meter", "d:mid") == "d:mid"
     # every {name:Type} placeholder has a parameter and vice versa
     import re
 
