@@ -158,18 +158,20 @@ class ClickHouseSink(ActivationRows, DeadLetterRows):
         first: int,
         last: int,
         usage: pa.Table,
-    ) -> None:
+    ) -> int:
+        """One insert of ``usage``, its day rows and the progress row (see the module); returns
+        the number of rows sent."""
         if last < first:
             raise ValidationError(
                 f"a link must cover at least one offset (got {first}..{last})",
                 details=[{"field": "last", "message": "must be >= first"}],
             )
         progress = progress_table(topic, partition, last)
+        rows = pa.concat_tables([with_day_rows(usage), progress]) if usage.num_rows else progress
         self.store.insert_arrow(
-            "usage_minute",
-            pa.concat_tables([with_day_rows(usage), progress]) if usage.num_rows else progress,
-            settings=link_insert_settings(topic, partition, first),
+            "usage_minute", rows, settings=link_insert_settings(topic, partition, first)
         )
+        return rows.num_rows
 
     def read_chain(self, topic: str, partitions: list[int]) -> ChainState:
         parts = sorted({int(p) for p in partitions})

@@ -766,8 +766,8 @@ class BatchProcessor:
                     if k.first_attempt is None:
                         k.first_attempt = self.monotonic()
                     out.inserts += 1
-                    self.sink.commit_link(self.topic, k.partition, k.first, k.last, k.usage)
-                    rows_written.labels("usage_minute").inc(k.usage.num_rows + 1)  # + progress
+                    sent = self.sink.commit_link(self.topic, k.partition, k.first, k.last, k.usage)
+                    rows_written.labels("usage_minute").inc(sent)
             except Exception as exc:
                 out.error = exc
             # (d) whose link landed? (a failed read is never "not landed": it is unknown)

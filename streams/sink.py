@@ -42,10 +42,12 @@ class Sink(Protocol):
         first: int,
         last: int,
         usage: pa.Table,
-    ) -> None:
+    ) -> int:
         """The commit point of one link: ONE insert (atomic) of ``usage`` (``USAGE_SCHEMA``) plus the progress
         row ``(topic, partition, last)``, with the token ``chain_token(topic, partition, first)``.
-        Raises on failure; the insert may have landed anyway (answer lost) or land later."""
+        Returns the number of rows the insert sent (the store may add rows of its own layout,
+        e.g. day rows). Raises on failure; the insert may have landed anyway (answer lost) or
+        land later."""
         ...
 
     def read_chain(self, topic: str, partitions: list[int]) -> ChainState:

@@ -169,8 +169,8 @@ def test_a_link_commit_writes_its_day_rows_once(store: Store) -> None:
     tenant, meter = _sum_meter(store)
     rows = [_usage_row(tenant, meter.id, m, v) for m, v in ((0, 5), (700, 7), (725, 11))]
     usage = usage_table(rows)
-    for _ in range(3):
-        sink.commit_link("topic-a", 0, 0, 9, usage)
+    for _ in range(3):  # 3 minute rows + their 3 day rows + the progress row, sent each time
+        assert sink.commit_link("topic-a", 0, 0, 9, usage) == 7
     (n_days,) = store.query_rows(
         f"SELECT count() FROM {store.database}.usage_minute WHERE meter_id = {{m:String}}",
         {"m": day_meter_id(meter.id)},

@@ -74,7 +74,7 @@ class MemorySink:
 
     def commit_link(
         self, topic: str, partition: int, first: int, last: int, usage: pa.Table
-    ) -> None:
+    ) -> int:
         self.link_calls += 1
         if self.fail_next:
             self.fail_next -= 1
@@ -88,6 +88,7 @@ class MemorySink:
         if self.fail_after_next:
             self.fail_after_next -= 1
             raise TimeoutError("answer lost")
+        return len(rows) + 1  # + the progress row
 
     def land_late(self) -> None:
         late, self.late = self.late, []
