@@ -151,39 +151,6 @@ def test_each_aggregation_whole_range(aggregation: Aggregation) -> None:
     assert VALUE_SQL[aggregation] == EXPECTED_VALUE[aggregation]
 
 
-@pytest.mark.parametrize("aggregation", list(Aggregation))
-def test_stream_only_reads_the_minute_rows_straight(aggregation: Aggregation) -> None:
-    """No complete run, no correction in range: the stream's rows of usage_minute alone, with
-    every filter of the full query and no backfill or corrections branch. (HOUR windows: a
-    bucket that is not a union of UTC days is read from the minutes.)"""
-    q = query(
-        meter=meter(aggregation),
-        window=WindowSize.HOUR,
-        customers=["c1"],
-        group_by=["region"],
-        filters={"tier": ["gold"]},
-        by_customer=True,
-    )
-    sql, params = usage_sql(q, "tally", stream_only=True)
-    having = "" if aggregation in ADDITIVE else " HAVING sum(events) > 0"
-    start, end = WINDOW_SQL[WindowSize.HOUR]
-    assert sql == (
-        f"SELECT {start} AS bucket, toUnixTimestamp(bucket) AS window_start_s,"
-        f" toUnixTimestamp({end}) AS window_end_s, customer,"
-        f" group_values[{{g0:String}}] AS d0, {EXPECTED_VALUE[aggregation]} AS value"
-        " FROM tally.usage_minute WHERE tenant_id = {tenant:String} AND meter_id = {meter:String}"
-        " AND origin = 's'"
-        " AND window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC')"
-        " AND window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')"
-        " AND customer IN {customers:Array(String)}"
-        " AND group_values[{fk0:String}] IN {f0:Array(String)}"
-        f" GROUP BY bucket, customer, d0{having} ORDER BY bucket, customer, d0"
-    )
-    _, full_params = usage_sql(q, "tally")
-    assert params == full_params  # the same parameters, only the source differs
-    assert "backfill" not in sql and "corrections" not in sql and "overrides" not in sql
-
-
 # the whole UTC days [day_from, day_to) from the meter's day rows, the rest from its minutes
 DAYS_AND_EDGES = (
     "((meter_id = {day_meter:String}"
@@ -196,17 +163,28 @@ DAYS_AND_EDGES = (
     " AND window_start >= fromUnixTimestamp64Milli({day_to_ms:Int64}, 'UTC')"
     " AND window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')))"
 )
+# the minute rows of the range
+MINUTES = (
+    "meter_id = {meter:String} AND origin = 's'"
+    " AND window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC')"
+    " AND window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')"
+)
 
 
 @pytest.mark.parametrize("aggregation", list(Aggregation))
-def test_stream_only_reads_whole_utc_days_from_the_day_rows(aggregation: Aggregation) -> None:
-    """DAY windows in UTC: the whole days of the range from the day rows (meter 'd:<id>'),
-    the partial days at its edges from the minute rows, every filter kept."""
+@pytest.mark.parametrize("window", [WindowSize.HOUR, WindowSize.DAY])
+def test_stream_only_reads_the_stream_rows_straight(
+    aggregation: Aggregation, window: WindowSize
+) -> None:
+    """No complete run, no correction in range: the stream's rows of usage_minute alone, with
+    every filter of the full query and no backfill or corrections branch. HOUR windows read
+    the minute rows; DAY windows in UTC the whole days of the range from the day rows (meter
+    'd:<id>') and the partial days at its edges from the minute rows."""
     q = query(
         meter=meter(aggregation),
         from_=FROM + timedelta(hours=5, minutes=1),
         to=TO - timedelta(minutes=7),
-        window=WindowSize.DAY,
+        window=window,
         customers=["c1"],
         group_by=["region"],
         filters={"tier": ["gold"]},
@@ -214,24 +192,27 @@ def test_stream_only_reads_whole_utc_days_from_the_day_rows(aggregation: Aggrega
     )
     sql, params = usage_sql(q, "tally", stream_only=True)
     having = "" if aggregation in ADDITIVE else " HAVING sum(events) > 0"
+    start, end = WINDOW_SQL[window]
+    rows = MINUTES if window is WindowSize.HOUR else f"origin = 's' AND {DAYS_AND_EDGES}"
     assert sql == (
-        "SELECT toStartOfInterval(window_start, INTERVAL 1 DAY, {tz:String}) AS bucket,"
-        " toUnixTimestamp(bucket) AS window_start_s, toUnixTimestamp(toStartOfInterval(bucket"
-        " + INTERVAL 1 DAY, INTERVAL 1 DAY, {tz:String})) AS window_end_s, customer,"
+        f"SELECT {start} AS bucket, toUnixTimestamp(bucket) AS window_start_s,"
+        f" toUnixTimestamp({end}) AS window_end_s, customer,"
         f" group_values[{{g0:String}}] AS d0, {EXPECTED_VALUE[aggregation]} AS value"
-        " FROM tally.usage_minute WHERE tenant_id = {tenant:String} AND origin = 's'"
-        f" AND {DAYS_AND_EDGES}"
+        f" FROM tally.usage_minute WHERE tenant_id = {{tenant:String}} AND {rows}"
         " AND customer IN {customers:Array(String)}"
         " AND group_values[{fk0:String}] IN {f0:Array(String)}"
         f" GROUP BY bucket, customer, d0{having} ORDER BY bucket, customer, d0"
     )
     _, full_params = usage_sql(q, "tally")
-    assert params == {
-        **full_params,
-        "day_meter": "d:mid",
-        "day_from_ms": FROM_MS + 86_400_000,  # 2024-03-02: the first whole day
-        "day_to_ms": TO_MS - 86_400_000,  # 2024-03-31: the last whole day ends there
-    }
+    if window is WindowSize.HOUR:
+        assert params == full_params  # the same parameters, only the source differs
+    else:
+        assert params == {
+            **full_params,
+            "day_meter": "d:mid",
+            "day_from_ms": FROM_MS + 86_400_000,  # 2024-03-02: the first whole day
+            "day_to_ms": TO_MS - 86_400_000,  # 2024-03-31: the last whole day ends there
+        }
     assert "backfill" not in sql and "corrections" not in sql and "overrides" not in sql
 
 
@@ -263,7 +244,7 @@ def test_which_queries_read_day_rows(
     sql, params = usage_sql(q, "tally", stream_only=True)
     if days is None:
         assert "day_meter" not in params and "day_meter" not in sql
-        assert "meter_id = {meter:String} AND origin = 's'" in sql
+        assert MINUTES in sql
     else:
         assert (params["day_from_ms"], params["day_to_ms"]) == days
         assert DAYS_AND_EDGES in sql
