@@ -117,13 +117,17 @@ def create_app(
             _app.state.billing = services
             tasks = services.webhooks
             tasks.start()
-        counters = asyncio.get_running_loop().create_task(state.maintain())
+        loop = asyncio.get_running_loop()
+        background = [loop.create_task(state.maintain())]
+        if settings.cache_keep_warm_s > 0:
+            background.append(loop.create_task(state.keep_warm()))
         try:
             yield
         finally:
-            counters.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await counters
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             try:
                 await state.flush_counters()
             except Exception as exc:

@@ -17,6 +17,10 @@ Lookups go to the store (``clickhouse.credentials``) only on a cache miss, and a
   per process and second, whatever the number of addresses; beyond it: 429 + Retry-After. Junk
   can therefore never occupy the (in embedded mode serialised) store.
 - concurrent lookups of the same credential share one store call.
+- **kept warm**: API keys used in the last ``cache_keep_warm_s`` are re-checked in the
+  background (``Authenticator.refresh``, one store read for all of them) once their entry is
+  past half its TTL, so requests using them do not wait for the store; the revocation bound
+  above is unchanged (an entry is never served longer than the TTL after the store confirmed it).
 
 Malformed API keys (not ``tly_<tenant>_<secret>``) never reach the store. Secrets never appear in
 logs, metrics or error bodies; caches are keyed by ``sha256``.
@@ -43,6 +47,8 @@ from tally.errors import AuthenticationError, RateLimited
 from tally.settings import Settings
 
 MAX_TOKEN_LEN = 512
+# (tenant id, key hash) pairs -> the hashes still valid, with their match
+LookupMany = Callable[[list[tuple[str, str]]], Awaitable[dict[str, KeyMatch]]]
 MAX_ADDRESSES = 10_000
 
 
@@ -66,6 +72,7 @@ class Authenticator:
         self.lookups = TokenBucket(s.auth_lookups_per_s, max(1.0, s.auth_lookups_per_s), clock())
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self.last_used: dict[tuple[str, str], int] = {}
+        self._forgets = 0  # a refresh in flight across a ``forget`` does not keep its answers
 
     # --- helpers ----------------------------------------------------------------------------
     def _count(self, name: str, label: str) -> None:
@@ -161,8 +168,39 @@ class Authenticator:
         self.valid.put(ck, value, self.settings.auth_positive_ttl_s, now)
         return value
 
+    async def refresh(self, lookup_many: LookupMany, keep_warm_s: float) -> int:
+        """Re-check in one store read the API keys used in the last ``keep_warm_s`` whose
+        valid entry is past half its TTL: renew the ones still valid, move the others to the
+        invalid cache. Requests then find keys in use fresh instead of waiting for the store;
+        a revoked key still stops working within ``auth_positive_ttl_s``. Returns how many
+        entries were renewed. (Admin tokens are re-checked on use only.)"""
+        ttl = self.settings.auth_positive_ttl_s
+        started = self.clock()
+        due = [
+            (ck, match)
+            for ck, match in self.valid.due(started, ttl / 2, started - keep_warm_s)
+            if ck.startswith("k") and isinstance(match, KeyMatch)
+        ]
+        if not due:
+            return 0
+        forgets = self._forgets
+        found = await lookup_many([(m.tenant_id, ck[1:]) for ck, m in due])
+        if forgets != self._forgets:
+            return 0  # a key was revoked through this process meanwhile
+        now = self.clock()
+        renewed = 0
+        for ck, _old in due:
+            match = found.get(ck[1:])
+            if match is None:
+                self.valid.pop(ck)
+                self.invalid.put(ck, True, self.settings.auth_negative_ttl_s, now)
+            elif self.valid.renew(ck, match, ttl, started):
+                renewed += 1
+        return renewed
+
     def forget(self, *, key_id: str | None = None, token_id: str | None = None) -> None:
         """Drop cached valid entries of a key or admin token revoked through this process."""
+        self._forgets += 1
         if key_id is not None:
             self.valid.drop_where(lambda v: isinstance(v, KeyMatch) and v.key_id == key_id)
         if token_id is not None:

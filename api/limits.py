@@ -130,6 +130,8 @@ class TenantLimiter:
         self.clock = clock
         self.wallclock = wallclock
         self._policies: dict[str, tuple[float, EffectiveLimits, LimitOverrides]] = {}
+        self._used: dict[str, float] = {}  # tenant -> when its limits were last asked for
+        self._invalidations = 0
         self._loading: dict[Any, asyncio.Future[Any]] = {}
         self._requests: KeyedBuckets[str] = KeyedBuckets(MAX_TENANTS)
         self._events: KeyedBuckets[str] = KeyedBuckets(MAX_TENANTS)
@@ -160,6 +162,7 @@ class TenantLimiter:
 
     async def limits(self, st: AppState, tenant_id: str) -> EffectiveLimits:
         now = self.clock()
+        self._used[tenant_id] = now
         cached = self._policies.get(tenant_id)
         if cached is not None and cached[0] > now:
             return cached[1]
@@ -177,7 +180,36 @@ class TenantLimiter:
         result: EffectiveLimits = await self._once(("limits", tenant_id), load)
         return result
 
+    async def refresh(self, st: AppState, keep_warm_s: float) -> int:
+        """Re-read in one statement the limits of the tenants that asked for them in the last
+        ``keep_warm_s`` and whose cached limits are past half their TTL, so that their requests
+        do not wait for the store. Returns how many tenants were renewed."""
+        ttl = self.settings.limits_cache_ttl_s
+        started = self.clock()
+        for tenant_id in [t for t, used in self._used.items() if used < started - keep_warm_s]:
+            del self._used[tenant_id]  # also bounds the map: idle tenants leave it
+        due = [
+            t
+            for t in self._used
+            if (cached := self._policies.get(t)) is not None and cached[0] - started < ttl / 2
+        ]
+        if not due:
+            return 0
+        invalidations = self._invalidations
+        found: dict[str, LimitOverrides] = await st.run(self.repo.get_many, due)
+        if invalidations != self._invalidations:
+            return 0  # limits changed through this process meanwhile: read on next use
+        renewed = 0
+        for tenant_id in due:
+            overrides = found.get(tenant_id)
+            if overrides is not None and tenant_id in self._policies:
+                eff = effective_limits(self.settings, overrides)
+                self._policies[tenant_id] = (started + ttl, eff, overrides)
+                renewed += 1
+        return renewed
+
     def invalidate(self, tenant_id: str) -> None:
+        self._invalidations += 1
         self._policies.pop(tenant_id, None)
 
     async def _stored_total(self, st: AppState, tenant_id: str, month: date) -> int:

@@ -13,6 +13,12 @@ in `tally run` (the API child asks the main process, which owns the store). The 
 
 A meter's definition never changes in place (a different spec is a conflict: delete, then
 create), so an entry is either current or of a deleted meter. ``0`` turns the cache off.
+
+Entries in use are kept fresh in the background (``refresh``, run by ``AppState.keep_warm``):
+the meters of every tenant whose cached meters were used in the last ``cache_keep_warm_s``
+and are past half their TTL are read again in one statement, so a query every few seconds
+does not wait for the store each time its meter's entry runs out. An entry is still never
+served longer than ``ttl_s`` after the store last confirmed it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from api.ratelimit import Hit, TTLCache
 from schemas.meters import Meter
 
 Lookup = Callable[[str, str], Awaitable[Meter]]
+LookupMany = Callable[[list[str]], Awaitable[list[Meter]]]  # tenant ids -> their live meters
 
 
 class MeterLookup:
@@ -61,6 +68,31 @@ class MeterLookup:
         if forgets == self._forgets:
             self._cache.put(key, meter, self.ttl_s, self._clock())
         return meter
+
+    async def refresh(self, lookup_many: LookupMany, keep_warm_s: float) -> int:
+        """Re-read the entries used in the last ``keep_warm_s`` that are past half their TTL
+        (one read for all their tenants); renew those still live, drop the others. Returns
+        how many entries were renewed."""
+        if self.ttl_s <= 0:
+            return 0
+        started = self._clock()
+        due = self._cache.due(started, self.ttl_s / 2, started - keep_warm_s)
+        if not due:
+            return 0
+        forgets = self._forgets
+        live = {
+            (m.tenant_id, m.slug): m for m in await lookup_many(sorted({t for (t, _), _m in due}))
+        }
+        if forgets != self._forgets:
+            return 0  # a meter was forgotten meanwhile: its old entry must not come back
+        renewed = 0
+        for key, _old in due:
+            meter = live.get(key)
+            if meter is None:
+                self._cache.pop(key)
+            elif self._cache.renew(key, meter, self.ttl_s, started):
+                renewed += 1
+        return renewed
 
     def forget(self, tenant_id: str, slug: str) -> None:
         """The meter was deleted or activated through this process: ask the store next time."""

@@ -7,7 +7,8 @@ their own: every call takes ``now``, so tests drive them with a fake clock).
 - ``KeyedBuckets``: one bucket per key (client address, tenant), at most ``max_keys`` of them;
   the least recently used bucket is dropped first (it comes back full: documented bound).
 - ``TTLCache``: at most ``max_entries`` values, least recently used dropped first. ``get`` tells
-  a fresh hit from a stale one (past its TTL, still remembered) and a miss.
+  a fresh hit from a stale one (past its TTL, still remembered) and a miss; ``due``/``renew``
+  let a background task re-confirm the entries in use before their TTL ends.
 """
 
 from __future__ import annotations
@@ -102,32 +103,53 @@ class Hit(Enum):
 
 
 class TTLCache(Generic[K, V]):
-    """A bounded LRU map with a per-entry deadline."""
+    """A bounded LRU map with a per-entry deadline. Each entry also remembers when ``get`` or
+    ``put`` last touched it, so that entries in use can be renewed ahead of their deadline
+    (``due`` + ``renew``) without a renewal counting as a use."""
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self._data: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        self._data: OrderedDict[K, tuple[float, V, float]] = OrderedDict()
 
     def get(self, key: K, now: float) -> tuple[Hit, V | None]:
         entry = self._data.get(key)
         if entry is None:
             return Hit.MISS, None
         self._data.move_to_end(key)
-        deadline, value = entry
+        deadline, value, _used = entry
+        self._data[key] = (deadline, value, now)
         return (Hit.FRESH if now < deadline else Hit.STALE), value
 
     def put(self, key: K, value: V, ttl: float, now: float) -> None:
-        self._data[key] = (now + ttl, value)
+        self._data[key] = (now + ttl, value, now)
         self._data.move_to_end(key)
         while len(self._data) > self.max_entries:
             self._data.popitem(last=False)
+
+    def due(self, now: float, ahead_s: float, used_since: float) -> list[tuple[K, V]]:
+        """The entries whose deadline is less than ``ahead_s`` away (or past) and that were used
+        at or after ``used_since``."""
+        return [
+            (k, v)
+            for k, (deadline, v, used) in self._data.items()
+            if used >= used_since and deadline - now < ahead_s
+        ]
+
+    def renew(self, key: K, value: V, ttl: float, now: float) -> bool:
+        """Give a kept entry a new value and deadline (``now + ttl``) without touching its use
+        time or LRU place; an entry no longer kept is not added back. True if renewed."""
+        entry = self._data.get(key)
+        if entry is None:
+            return False
+        self._data[key] = (now + ttl, value, entry[2])
+        return True
 
     def pop(self, key: K) -> None:
         self._data.pop(key, None)
 
     def drop_where(self, pred: Any) -> int:
         """Remove every entry whose value satisfies ``pred``; returns how many."""
-        gone = [k for k, (_d, v) in self._data.items() if pred(v)]
+        gone = [k for k, (_d, v, _u) in self._data.items() if pred(v)]
         for k in gone:
             del self._data[k]
         return len(gone)

@@ -126,6 +126,13 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.cache_renewals = Counter(
+            "tally_cache_renewals",
+            "Cache entries in use (cache = keys, meters, limits) re-read in the background "
+            "before their TTL ran out",
+            ["cache"],
+            registry=self.registry,
+        )
         self.auth_lookups = Counter(
             "tally_auth_store_lookups",
             "Credential lookups that went to the store (k = API key, a = admin token)",
@@ -193,6 +200,46 @@ class AppState:
                     self.auth.last_used[k] = max(ms, self.auth.last_used.get(k, 0))
                 log.warning("writing key last-used times failed (kept, retried): %s", exc)
         await self.limiter.flush(self)
+
+    async def refresh_caches(self) -> None:
+        """One round of keeping the caches in use warm (``cache_keep_warm_s``): API keys,
+        usage queries' meters and tenant limits past half their TTL, one store read each. A
+        failed read is logged; the requests then read the store themselves, as without it."""
+        keep = self.settings.cache_keep_warm_s
+        repo = self.repo
+
+        async def keys(pairs: list[tuple[str, str]]) -> Any:
+            return await self.run(repo.credentials.lookup_api_key_hashes, pairs)
+
+        async def meters(tenant_ids: list[str]) -> Any:
+            return await self.run(repo.meters_of, tenant_ids)
+
+        rounds: list[tuple[str, Callable[[], Any]]] = [
+            ("keys", lambda: self.auth.refresh(keys, keep)),
+            ("meters", lambda: self.meters.refresh(meters, keep)),
+            ("limits", lambda: self.limiter.refresh(self, keep)),
+        ]
+        for name, refresh in rounds:
+            try:
+                renewed = await refresh()
+            except Exception as exc:
+                log.warning("re-reading the %s cache in the background failed: %s", name, exc)
+                continue
+            if renewed:
+                self.metrics.cache_renewals.labels(name).inc(renewed)
+
+    def keep_warm_period_s(self) -> float:
+        """How often ``refresh_caches`` runs: a quarter of the shortest cache TTL, so an entry
+        in use is re-read between half and three quarters of its TTL."""
+        s = self.settings
+        ttls = [t for t in (s.auth_positive_ttl_s, s.meter_cache_ttl_s, s.limits_cache_ttl_s) if t]
+        return min(ttls) / 4
+
+    async def keep_warm(self) -> None:
+        """Background task of the app: ``refresh_caches`` every ``keep_warm_period_s``."""
+        while True:
+            await anyio.sleep(self.keep_warm_period_s())
+            await self.refresh_caches()
 
     async def maintain(self) -> None:
         """Background task of the app: ``flush_counters`` every ``counters_flush_s``."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -358,6 +359,40 @@ class Credentials:
         expires = _earliest(_aware(exp), _real(exp2, NEVER))
         match = KeyMatch(tenant_id, kid, None if expires is None else epoch_ms(expires))
         return match if match.valid_at(epoch_ms(utc_now())) else None
+
+    def lookup_api_key_hashes(self, keys: Sequence[tuple[str, str]]) -> dict[str, KeyMatch]:
+        """``lookup_api_key`` for many keys at once, by (tenant id, key hash): the hashes of the
+        keys that are neither revoked nor expired, with their match; the others are left out.
+        (The API's cache re-confirms the keys in use this way, without their secrets.)"""
+        if not keys:
+            return {}
+        tenants = sorted({t for t, _ in keys})
+        hashes = sorted({h for _, h in keys})
+        rows = self.store.query_rows(
+            "SELECT k.tenant_id, k.key_hash, k.key_id, k.expires_at, s.revoked_at, s.expires_at "
+            "FROM (SELECT tenant_id, key_hash, key_id, expires_at, revoked FROM "
+            f"{self.db}.api_keys FINAL "
+            "WHERE tenant_id IN {tenants:Array(String)} AND key_hash IN {hashes:Array(String)}"
+            ") AS k LEFT JOIN ("
+            "SELECT tenant_id, key_id, min(revoked_at) AS revoked_at, "
+            f"min(expires_at) AS expires_at FROM {self.db}.api_key_state "
+            "WHERE tenant_id IN {tenants:Array(String)} AND key_id IN {ids:Array(String)} "
+            "GROUP BY tenant_id, key_id"
+            ") AS s ON k.tenant_id = s.tenant_id AND k.key_id = s.key_id WHERE k.revoked = 0 "
+            "SETTINGS join_use_nulls = 1",
+            {"tenants": tenants, "hashes": hashes, "ids": sorted({h[:ID_LEN] for h in hashes})},
+        )
+        wanted = set(keys)
+        now_ms = epoch_ms(utc_now())
+        out: dict[str, KeyMatch] = {}
+        for tenant_id, digest, kid, exp, rev, exp2 in rows:
+            if (tenant_id, digest) not in wanted or _real(rev, NEVER) is not None:
+                continue
+            expires = _earliest(_aware(exp), _real(exp2, NEVER))
+            match = KeyMatch(tenant_id, kid, None if expires is None else epoch_ms(expires))
+            if match.valid_at(now_ms):
+                out[digest] = match
+        return out
 
     def record_last_used(self, uses: dict[tuple[str, str], int]) -> None:
         """``{(tenant_id, key_id): epoch ms}`` -> one insert (the API batches these)."""

@@ -9,6 +9,7 @@ total is their sum. Enforcement lives in ``api.limits``.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import date
 from typing import Any
@@ -30,6 +31,15 @@ class LimitOverrides:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _overrides(rps: Any, eps: Any, batch: Any, monthly: Any) -> LimitOverrides:
+    return LimitOverrides(
+        None if rps is None else float(rps),
+        None if eps is None else float(eps),
+        None if batch is None else int(batch),
+        None if monthly is None else int(monthly),
+    )
 
 
 class LimitsRepo:
@@ -54,13 +64,22 @@ class LimitsRepo:
         )
         if not rows:
             return LimitOverrides()
-        rps, eps, batch, monthly = rows[0]
-        return LimitOverrides(
-            None if rps is None else float(rps),
-            None if eps is None else float(eps),
-            None if batch is None else int(batch),
-            None if monthly is None else int(monthly),
+        return _overrides(*rows[0])
+
+    def get_many(self, tenant_ids: Sequence[str]) -> dict[str, LimitOverrides]:
+        """``get`` for many tenants in one read (tenants without overrides: all defaults)."""
+        if not tenant_ids:
+            return {}
+        rows = self.store.query_rows(
+            "SELECT tenant_id, requests_per_second, events_per_second, max_batch_events, "
+            f"monthly_events FROM {self.db}.tenant_limits FINAL "
+            "WHERE tenant_id IN {tenants:Array(String)}",
+            {"tenants": sorted(set(tenant_ids))},
         )
+        out = dict.fromkeys(tenant_ids, LimitOverrides())
+        for tenant_id, *values in rows:
+            out[tenant_id] = _overrides(*values)
+        return out
 
     def put(self, tenant_id: str, limits: LimitOverrides) -> None:
         self.store.insert(

@@ -19,6 +19,7 @@ import logging
 import secrets
 import threading
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -263,6 +264,14 @@ class Repo:
         if not found:
             raise NotFound(f"meter '{slug}' not found", field="slug")
         return found[0]
+
+    def meters_of(self, tenant_ids: Sequence[str]) -> list[Meter]:
+        """The live meters of these tenants, in one read."""
+        if not tenant_ids:
+            return []
+        return self._live_meters(
+            "tenant_id IN {tenants:Array(String)}", {"tenants": sorted(set(tenant_ids))}
+        )
 
     def delete_meter(self, tenant_id: str, slug: str) -> None:
         self._write_meter(self.get_meter(tenant_id, slug), deleted=True)

@@ -105,6 +105,14 @@ class Settings(BaseSettings):
         1.0, gt=0, le=60, description="Bucket size in seconds of rate"
     )
     limits_cache_ttl_s: float = Field(5.0, gt=0, le=300, description="Per-tenant limits re-read")
+    cache_keep_warm_s: float = Field(
+        300.0,
+        ge=0,
+        le=86_400,
+        description="API keys, meters and tenant limits used within this long are re-read in "
+        "the background before their cache TTL ends, so requests do not wait for the store "
+        "(0 = only on use)",
+    )
     api_replicas: int = Field(
         1, ge=1, description="API processes sharing the limits: each enforces limit / replicas"
     )

@@ -131,3 +131,35 @@ def test_admin_tokens_create_list_revoke(store: Store) -> None:
     assert listed == {info.token_id: "active", fixed_id: "revoked"}
     text = _all_text(store, "admin_tokens")
     assert token not in text and "fixed-token-abc" not in text
+
+
+def test_keys_looked_up_by_hash_in_one_read_agree_with_one_by_one(store: Store) -> None:
+    """``lookup_api_key_hashes`` (the API cache's background re-check) answers like
+    ``lookup_api_key`` for keys that are valid, revoked, expired, expiring later, rotated, and
+    for a hash asked under the wrong tenant."""
+    repo = Repo(store)
+    a, a_key = repo.create_tenant("acme")
+    b, b_key = repo.create_tenant("globex")
+    creds = repo.credentials
+    _i1, revoked = creds.create_api_key(a.tenant_id, "revoked")
+    creds.revoke_api_key(a.tenant_id, _i1.key_id)
+    _i2, later = creds.create_api_key(a.tenant_id, "later", utc_now() + timedelta(days=3))
+    old_id = creds.list_api_keys(b.tenant_id)[0].key_id
+    _new, b_new, _old = creds.rotate_api_key(b.tenant_id, old_id, timedelta(hours=2))
+    _i3, expired = creds.create_api_key(b.tenant_id, "short")
+    creds.rotate_api_key(b.tenant_id, _i3.key_id, timedelta(0))
+    keys = {a.tenant_id: [a_key, revoked, later], b.tenant_id: [b_key, b_new, expired]}
+    pairs = [(t, hash_secret(k)) for t, ks in keys.items() for k in ks]
+    pairs.append((b.tenant_id, hash_secret(a_key)))  # a's key under b: not b's
+    got = creds.lookup_api_key_hashes(pairs)
+    want = {
+        hash_secret(k): m
+        for ks in keys.values()
+        for k in ks
+        if (m := creds.lookup_api_key(k)) is not None
+    }
+    assert got == want
+    assert set(got) == {hash_secret(k) for k in (a_key, later, b_key, b_new)}
+    assert got[hash_secret(b_key)].expires_ms is not None  # the rotation's overlap end
+    assert creds.lookup_api_key_hashes([(b.tenant_id, hash_secret(a_key))]) == {}
+    assert creds.lookup_api_key_hashes([]) == {}

@@ -234,3 +234,35 @@ def test_the_start_line_shows_a_generated_admin_token_once(store: Store) -> None
     assert line is not None and line.startswith("Admin token (shown once, keep it): ")
     assert Repo(store).check_admin_token(line.rsplit(" ", 1)[1])
     assert admin_token_line(Repo(store), get_settings(admin_token="")) is None
+
+
+def test_meters_and_limits_of_many_tenants_in_one_read(store: Store) -> None:
+    """The batched reads of the API's background cache refresh agree with the one-by-one
+    reads: live meters only, tenants' own rows only, defaults for tenants without limits."""
+    from clickhouse.limits import LimitOverrides, LimitsRepo
+
+    repo = Repo(store)
+    a, _ = repo.create_tenant("A")
+    b, _ = repo.create_tenant("B")
+    c, _ = repo.create_tenant("C")
+    ma = repo.create_meter(a.tenant_id, _spec())
+    repo.create_meter(a.tenant_id, _spec("gone"))
+    repo.delete_meter(a.tenant_id, "gone")
+    mb = repo.create_meter(b.tenant_id, _spec("b-only"))
+    repo.create_meter(c.tenant_id, _spec("c-only"))
+    got = repo.meters_of([a.tenant_id, b.tenant_id, "nosuchtenant"])
+    assert got == [*repo.list_meters(a.tenant_id), *repo.list_meters(b.tenant_id)]
+    assert {(m.tenant_id, m.slug) for m in got} == {
+        (ma.tenant_id, ma.slug),
+        (mb.tenant_id, mb.slug),
+    }
+    assert repo.meters_of([]) == []
+
+    limits = LimitsRepo(store)
+    limits.put(a.tenant_id, LimitOverrides(requests_per_second=5, monthly_events=0))
+    limits.put(a.tenant_id, LimitOverrides(requests_per_second=7))  # the newest wins
+    limits.put(c.tenant_id, LimitOverrides(max_batch_events=100))
+    many = limits.get_many([a.tenant_id, b.tenant_id])
+    assert many == {a.tenant_id: limits.get(a.tenant_id), b.tenant_id: LimitOverrides()}
+    assert many[a.tenant_id] == LimitOverrides(requests_per_second=7)
+    assert limits.get_many([]) == {}

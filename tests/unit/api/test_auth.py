@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from api.auth import Authenticator
-from clickhouse.credentials import KeyMatch
+from clickhouse.credentials import KeyMatch, hash_secret
 from tally.errors import AuthenticationError, RateLimited
 from tally.settings import Settings
 
@@ -168,3 +168,76 @@ def test_forget_makes_a_local_revocation_immediate_and_caches_are_bounded() -> N
         with pytest.raises(AuthenticationError):
             resolve(a, t, key())
     assert len(a.invalid) <= 100 and len(a.valid) <= 100
+
+
+class ManyTable:
+    """``lookup_api_key_hashes`` over a ``Table``: (tenant, key hash) -> the valid matches."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+        self.reads: list[list[tuple[str, str]]] = []
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self, pairs: list[tuple[str, str]]) -> dict[str, KeyMatch]:
+        self.reads.append(pairs)
+        valid = {hash_secret(k): m for k, m in self.table.valid.items()}
+        if self.gate is not None:
+            await self.gate.wait()
+        return {h: valid[h] for t, h in pairs if h in valid and valid[h].tenant_id == t}
+
+
+def test_keys_in_use_are_rechecked_in_the_background_and_revocation_still_bounds_them() -> None:
+    a, clock, t = make()
+    many = ManyTable(t)
+    used, idle, gone = key(), key(), key()
+    t.add(used, "k1")
+    t.add(idle, "k2")
+    t.add(gone, "k3")
+    for k in (used, idle, gone):
+        resolve(a, t, k)
+    assert t.calls == 3
+    assert asyncio.run(a.refresh(many, keep_warm_s=60)) == 0  # all young
+    clock.t += 3  # past half the TTL of 5 s
+    resolve(a, t, used)
+    resolve(a, t, gone)
+    del t.valid[gone]  # revoked in another process
+    assert asyncio.run(a.refresh(many, keep_warm_s=2)) == 1  # idle: not used in the last 2 s
+    assert sorted(h for _t, h in many.reads[0]) == sorted(hash_secret(k) for k in (used, gone))
+    # gone is refused at once, from the invalid cache (no lookup); used stays fresh past 5 s
+    with pytest.raises(AuthenticationError):
+        resolve(a, t, gone)
+    clock.t += 4.9
+    assert resolve(a, t, used).key_id == "k1"
+    assert t.calls == 3
+    # the revocation bound holds without the background too: idle is re-checked on use
+    resolve(a, t, idle)
+    assert t.calls == 4
+    # a refresh that read before a revocation through this process keeps nothing
+    clock.t += 3
+    many.gate = asyncio.Event()
+
+    async def revoke_during_refresh() -> int:
+        task = asyncio.create_task(a.refresh(many, keep_warm_s=60))
+        await asyncio.sleep(0)
+        del t.valid[used]
+        a.forget(key_id="k1")
+        assert many.gate is not None
+        many.gate.set()
+        return await task
+
+    assert asyncio.run(revoke_during_refresh()) == 0
+    with pytest.raises(AuthenticationError):
+        resolve(a, t, used)
+    assert t.calls == 5
+
+
+def test_admin_tokens_are_only_rechecked_on_use() -> None:
+    a, clock, t = make()
+    many = ManyTable(t)
+
+    async def admin_lookup(token: str) -> Any:
+        return "tok1"
+
+    asyncio.run(a.resolve("a", "admin-secret", "1.2.3.4", admin_lookup, "invalid admin token"))
+    clock.t += 4
+    assert asyncio.run(a.refresh(many, keep_warm_s=60)) == 0 and many.reads == []

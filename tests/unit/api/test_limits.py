@@ -207,3 +207,61 @@ def test_two_processes_overshoot_at_most_what_the_other_had_not_flushed(
     for lim in procs:
         run(lim.flush(st_))  # type: ignore[arg-type]
     assert tables.counts.get((T, month), 0) == sum(acc)
+
+
+class ManyTables(Tables):
+    """Tables with the batched read of ``TenantLimiter.refresh``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[str]] = []
+
+    def get_many(self, tenant_ids: list[str]) -> dict[str, LimitOverrides]:
+        self.batches.append(sorted(tenant_ids))
+        return {t: self.limits.get(t, LimitOverrides()) for t in tenant_ids}
+
+
+def test_limits_in_use_are_reread_in_the_background_in_one_read() -> None:
+    tables = ManyTables()
+    tables.put(T, LimitOverrides(requests_per_second=100))
+    lim, clock = make(tables, limits_cache_ttl_s=4)
+    st_ = State()
+    other = "mnopqrstuvwx"
+    run(lim.charge_request(st_, T))  # type: ignore[arg-type]
+    run(lim.charge_request(st_, other))  # type: ignore[arg-type]
+    assert tables.reads == 2
+    assert run(lim.refresh(st_, keep_warm_s=60)) == 0  # young: nothing read  # type: ignore[arg-type]
+    clock.t += 2.5
+    run(lim.charge_request(st_, T))  # type: ignore[arg-type]
+    tables.put(T, LimitOverrides(requests_per_second=1))  # changed in another process
+    # other was last used 2.5 s ago: outside a 2 s window, not read (and forgotten)
+    assert run(lim.refresh(st_, keep_warm_s=2)) == 1  # type: ignore[arg-type]
+    assert tables.batches == [[T]]
+    clock.t += 3  # past the first TTL, within the renewed one: no read, the new limit applies
+    run(lim.charge_request(st_, T))  # type: ignore[arg-type]
+    with pytest.raises(RateLimited):
+        run(lim.charge_request(st_, T))  # type: ignore[arg-type]
+    assert tables.reads == 2
+    run(lim.charge_request(st_, other))  # its entry ran out: read on use
+    assert tables.reads == 3
+
+
+def test_a_limits_refresh_across_an_invalidation_keeps_nothing() -> None:
+    tables = ManyTables()
+    lim, clock = make(tables, limits_cache_ttl_s=4)
+    st_ = State()
+    run(lim.charge_request(st_, T))  # type: ignore[arg-type]
+    clock.t += 2.5
+
+    class Racing(State):
+        async def run(self, fn: Any, *args: Any) -> Any:
+            out = fn(*args)
+            lim.invalidate(T)  # the limits were changed through this process meanwhile
+            tables.put(T, LimitOverrides(requests_per_second=1))
+            return out
+
+    assert run(lim.refresh(Racing(), keep_warm_s=60)) == 0  # type: ignore[arg-type]
+    run(lim.charge_request(st_, T))  # type: ignore[arg-type]
+    assert tables.reads == 2  # read on use, the new limit applies
+    with pytest.raises(RateLimited):
+        run(lim.charge_request(st_, T))  # type: ignore[arg-type]

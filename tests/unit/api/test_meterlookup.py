@@ -129,3 +129,69 @@ def test_a_ttl_of_zero_asks_every_time() -> None:
 
     asyncio.run(go())
     assert store.calls == 3
+
+
+class Many:
+    """The store's live meters per tenant for ``MeterLookup.refresh``; counts its reads."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.reads: list[list[str]] = []
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self, tenant_ids: list[str]) -> list[Meter]:
+        self.reads.append(tenant_ids)
+        meter = self.store.meter
+        if self.gate is not None:
+            await self.gate.wait()
+        if meter is None:
+            return []
+        return [meter.model_copy(update={"tenant_id": t}) for t in tenant_ids]
+
+
+def test_refresh_keeps_entries_in_use_fresh_and_never_serves_one_past_its_ttl() -> None:
+    store, clock, cache = _cache()
+    many = Many(store)
+
+    async def go() -> None:
+        await cache.get("t1", "tokens")
+        await cache.get("t2", "tokens")
+        assert await cache.refresh(many, keep_warm_s=60) == 0  # young entries: nothing read
+        clock.now += 1.5  # past half the TTL
+        await cache.get("t1", "tokens")  # t1 in use; t2 was used 1.5 s ago, still in the window
+        assert await cache.refresh(many, keep_warm_s=60) == 2 and many.reads == [["t1", "t2"]]
+        clock.now += 1.9  # 3.4 s after the first lookup, 1.9 s after the renewal
+        assert (await cache.get("t1", "tokens")).id == "m1" and store.calls == 2
+        # idle longer than the window: not read again, looked up on its next use
+        clock.now += 1.0
+        assert await cache.refresh(many, keep_warm_s=1.5) == 1 and many.reads[-1] == ["t1"]
+        await cache.get("t2", "tokens")
+        assert store.calls == 3
+        # deleted elsewhere: the renewal drops the entry, the next query asks (404)
+        clock.now += 1.5
+        store.meter = None
+        await cache.refresh(many, keep_warm_s=60)
+        with pytest.raises(NotFound):
+            await cache.get("t1", "tokens")
+        assert store.calls == 4
+
+    asyncio.run(go())
+
+
+def test_a_refresh_across_a_forget_keeps_nothing() -> None:
+    store, clock, cache = _cache()
+    many = Many(store)
+
+    async def go() -> None:
+        await cache.get("t1", "tokens")
+        clock.now += 1.5
+        many.gate = asyncio.Event()
+        task = asyncio.create_task(cache.refresh(many, keep_warm_s=60))
+        await asyncio.sleep(0)
+        cache.forget("t1", "tokens")  # deleted through this process while the read was out
+        store.meter = _meter("new")
+        many.gate.set()
+        assert await task == 0
+        assert (await cache.get("t1", "tokens")).id == "new" and store.calls == 2
+
+    asyncio.run(go())

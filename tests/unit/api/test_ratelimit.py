@@ -92,3 +92,26 @@ def test_ttl_cache_fresh_stale_miss_and_bound() -> None:
     c.put("c", 3, 5, 0)  # b (least recently used) is dropped
     assert c.get("b", 0)[0] is Hit.MISS and len(c) == 2
     assert c.drop_where(lambda v: v == 3) == 1 and c.get("c", 0)[0] is Hit.MISS
+
+
+def test_ttl_cache_due_entries_in_use_are_renewed_without_counting_as_a_use() -> None:
+    c: TTLCache[str, int] = TTLCache(4)
+    c.put("used", 1, ttl=4, now=0)
+    c.put("idle", 2, ttl=4, now=0)
+    c.put("young", 3, ttl=4, now=2.5)
+    c.get("used", 2.5)
+    # at 3: used and idle have 1 s left, young 3.5 s; idle was last touched at 0
+    assert c.due(3, ahead_s=2, used_since=1) == [("used", 1)]
+    assert c.due(3, ahead_s=2, used_since=0) == [("idle", 2), ("used", 1)]
+    assert c.due(9, ahead_s=2, used_since=1) == [("young", 3), ("used", 1)]  # stale ones too
+    assert c.renew("used", 10, ttl=4, now=3)
+    assert c.get("used", 6.9) == (Hit.FRESH, 10) and c.get("used", 7.0) == (Hit.STALE, 10)
+    # a renewal is not a use: the entry's use time (and LRU place) stay as they were
+    c.put("x", 4, 4, 3)
+    assert c.renew("idle", 20, 4, 3)
+    c.put("y", 5, 4, 3)  # idle is still the least recently used: dropped
+    assert c.get("idle", 3)[0] is Hit.MISS
+    assert not c.renew("idle", 30, 4, 3) and c.get("idle", 3)[0] is Hit.MISS  # not added back
+    # the gets at 6.9 and 7.0 were uses; x and y were put (used) at 3
+    assert c.due(7.5, ahead_s=5, used_since=7) == [("used", 10)]
+    assert c.due(7.5, ahead_s=5, used_since=7.1) == []
