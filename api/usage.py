@@ -1,6 +1,6 @@
 """Usage queries: native ``GET /v1/meters/{slug}/usage`` and OpenMeter
 ``GET|POST /api/v1/meters/{slug}/query``. Served from the minute pre-aggregates
-(``clickhouse.usage.run_usage``). Parameters and defaults: see ``api.usage_params``.
+(``clickhouse.usage.usage_values``). Parameters and defaults: see ``api.usage_params``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from api.usage_params import (
     openmeter_rows,
     wants_csv,
 )
-from clickhouse.usage import run_usage
+from clickhouse.usage import usage_values
 from schemas.catalog import TimeZone
 from schemas.jsonschema import RFC3339
 from schemas.meters import Meter
@@ -205,7 +205,7 @@ async def _run(
     # corrected min/max/unique_count/latest windows are recomputed first when out of date
     repair = billing(request, st).corrections.repair
     started = time.perf_counter()
-    rows: list[Any] = await st.run(run_usage, st.store, q, repair)
+    rows: list[Any] = await st.run(usage_values, st.store, q, repair)
     st.metrics.usage_query.labels(api).observe(time.perf_counter() - started)
     return rows
 

@@ -334,12 +334,22 @@ def decimal_str(v: Decimal | None) -> str | None:
     return format(v.normalize(), "f")
 
 
+class _Isos(dict[datetime, str]):
+    """``iso`` of the window bounds of one answer, each formatted once (its rows share a few
+    bounds: one pair without a window, one per window with one)."""
+
+    def __missing__(self, dt: datetime) -> str:
+        text = self[dt] = iso(dt)
+        return text
+
+
 def native_rows(rows: Iterable[Any], by_customer: bool = True) -> list[dict[str, Any]]:
+    isos = _Isos()
     out = []
     for r in rows:
         item: dict[str, Any] = {
-            "window_start": iso(r.window_start),
-            "window_end": iso(r.window_end),
+            "window_start": isos[r.window_start],
+            "window_end": isos[r.window_end],
         }
         if by_customer and r.customer is not None:
             item["customer"] = r.customer
@@ -354,6 +364,7 @@ def openmeter_rows(
 ) -> list[dict[str, Any]]:
     """OpenMeter's MeterQueryRow: value is a JSON number (``exact``: the decimal string, for
     CSV); rows without a value (e.g. MIN over events without the property) are left out."""
+    isos = _Isos()
     out = []
     for r in rows:
         if r.value is None:
@@ -361,8 +372,8 @@ def openmeter_rows(
         out.append(
             {
                 "value": decimal_str(r.value) if exact else float(r.value),
-                "windowStart": iso(r.window_start),
-                "windowEnd": iso(r.window_end),
+                "windowStart": isos[r.window_start],
+                "windowEnd": isos[r.window_end],
                 "subject": r.customer if by_customer else None,
                 "groupBy": {k: v for k, v in (r.group_by or {}).items()},
             }

@@ -1,5 +1,5 @@
 """The common usage-query shapes, timed over HTTP (native and OpenMeter APIs) and, as the floor,
-the same queries run directly on the store (``clickhouse.usage.run_usage``, no HTTP, no API).
+the same queries run directly on the store (``clickhouse.usage.usage_values``, no HTTP, no API).
 
 Shapes (range: the last 30 days, whole UTC days):
 
@@ -195,7 +195,7 @@ def direct_query_fn(
 ) -> Callable[[], int]:
     """A function running ``shape`` straight on the store (the API's own query code path)."""
     from clickhouse.repo import Repo
-    from clickhouse.usage import run_usage
+    from clickhouse.usage import usage_values
     from schemas.usage import UsageQuery
 
     meter = meters.get((tenant_id, shape.meter))
@@ -217,7 +217,7 @@ def direct_query_fn(
             "by_customer": True,
         }
     )
-    return lambda: len(run_usage(store, q))
+    return lambda: len(usage_values(store, q))
 
 
 def time_direct(

@@ -690,7 +690,7 @@ def markdown(r: RunResult, ratios_: dict[str, float | None]) -> str:
     add("## Queries")
     add("")
     add(
-        "HTTP, one sequential client; `direct` = the same query through `clickhouse.usage.run_usage` "
+        "HTTP, one sequential client; `direct` = the same query through `clickhouse.usage.usage_values` "
         "on the store (no HTTP, no API), measured with Tally stopped."
     )
     add("")

@@ -10,6 +10,7 @@ import pytest
 
 from api.usage_params import (
     decimal_str,
+    iso,
     native_csv,
     native_params,
     native_rows,
@@ -235,3 +236,27 @@ def test_wants_csv() -> None:
     assert wants_csv(None, "csv") and not wants_csv("text/csv", "json")
     with pytest.raises(ValidationError):
         wants_csv(None, "xml")
+
+
+def test_window_bounds_formatted_once_per_answer_read_like_iso_per_row() -> None:
+    from datetime import timedelta
+    from zoneinfo import ZoneInfo
+
+    berlin = ZoneInfo("Europe/Berlin")
+    base = datetime(2025, 3, 30, tzinfo=berlin)  # a DST change inside the windows
+    rows = [
+        Row(base + timedelta(hours=h), base + timedelta(hours=h + 1, microseconds=999), c, {}, v)
+        for h in range(30)
+        for c, v in (("a", Decimal(1)), ("b", Decimal("2.5")))
+    ]
+    rows.append(Row(datetime(2025, 3, 30, tzinfo=UTC), base, "c", {}, Decimal(3)))
+    native = native_rows(rows)
+    om = openmeter_rows(rows, by_customer=True)
+    assert [(r["window_start"], r["window_end"]) for r in native] == [
+        (iso(r.window_start), iso(r.window_end)) for r in rows
+    ]
+    assert [(r["windowStart"], r["windowEnd"]) for r in om] == [
+        (iso(r.window_start), iso(r.window_end)) for r in rows
+    ]
+    assert native[-1]["window_start"] == "2025-03-30T00:00:00.000Z"
+    assert native[-1]["window_end"] == "2025-03-29T23:00:00.000Z"
