@@ -183,6 +183,8 @@ class AppState:
     auth: Any = None  # api.auth.Authenticator, set by create_app
     limiter: Any = None  # api.limits.TenantLimiter, set by create_app
     meters: Any = None  # api.meterlookup.MeterLookup (usage queries' meters), set by create_app
+    # caches whose background re-read is failing (logged once per streak, not every round)
+    refresh_failing: set[str] = field(default_factory=set)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking store call in a worker thread (bounded by ``store_limiter``)."""
@@ -223,8 +225,13 @@ class AppState:
             try:
                 renewed = await refresh()
             except Exception as exc:
-                log.warning("re-reading the %s cache in the background failed: %s", name, exc)
+                level = logging.DEBUG if name in self.refresh_failing else logging.WARNING
+                self.refresh_failing.add(name)
+                log.log(level, "re-reading the %s cache in the background failed: %s", name, exc)
                 continue
+            if name in self.refresh_failing:
+                self.refresh_failing.discard(name)
+                log.info("re-reading the %s cache in the background works again", name)
             if renewed:
                 self.metrics.cache_renewals.labels(name).inc(renewed)
 
