@@ -47,9 +47,9 @@ from tally.errors import AuthenticationError, RateLimited
 from tally.settings import Settings
 
 MAX_TOKEN_LEN = 512
+MAX_ADDRESSES = 10_000
 # (tenant id, key hash) pairs -> the hashes still valid, with their match
 LookupMany = Callable[[list[tuple[str, str]]], Awaitable[dict[str, KeyMatch]]]
-MAX_ADDRESSES = 10_000
 
 
 def _now_ms() -> int:

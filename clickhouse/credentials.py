@@ -338,32 +338,12 @@ class Credentials:
         if tenant_id is None:
             return None
         digest = hash_secret(api_key)
-        rows = self.store.query_rows(
-            "SELECT k.key_id, k.expires_at, s.revoked_at, s.expires_at FROM ("
-            "SELECT key_id, expires_at, revoked FROM "
-            f"{self.db}.api_keys FINAL "
-            "WHERE tenant_id = {tenant:String} AND key_hash = {hash:String}"
-            ") AS k LEFT JOIN ("
-            "SELECT key_id, min(revoked_at) AS revoked_at, min(expires_at) AS expires_at "
-            f"FROM {self.db}.api_key_state "
-            "WHERE tenant_id = {tenant:String} AND key_id = {key_id:String} GROUP BY key_id"
-            ") AS s ON k.key_id = s.key_id WHERE k.revoked = 0 "
-            "SETTINGS join_use_nulls = 1",
-            {"tenant": tenant_id, "hash": digest, "key_id": digest[:ID_LEN]},
-        )
-        if not rows:
-            return None
-        kid, exp, rev, exp2 = rows[0]
-        if _real(rev, NEVER) is not None:
-            return None
-        expires = _earliest(_aware(exp), _real(exp2, NEVER))
-        match = KeyMatch(tenant_id, kid, None if expires is None else epoch_ms(expires))
-        return match if match.valid_at(epoch_ms(utc_now())) else None
+        return self.lookup_api_key_hashes([(tenant_id, digest)]).get(digest)
 
     def lookup_api_key_hashes(self, keys: Sequence[tuple[str, str]]) -> dict[str, KeyMatch]:
-        """``lookup_api_key`` for many keys at once, by (tenant id, key hash): the hashes of the
-        keys that are neither revoked nor expired, with their match; the others are left out.
-        (The API's cache re-confirms the keys in use this way, without their secrets.)"""
+        """Keys by (tenant id, key hash), many in one read: the hashes of the keys that are
+        neither revoked nor expired, with their match; the others are left out. (The API's
+        cache re-confirms the keys in use this way, without their secrets.)"""
         if not keys:
             return {}
         tenants = sorted({t for t, _ in keys})

@@ -251,7 +251,8 @@ def test_meters_and_limits_of_many_tenants_in_one_read(store: Store) -> None:
     mb = repo.create_meter(b.tenant_id, _spec("b-only"))
     repo.create_meter(c.tenant_id, _spec("c-only"))
     got = repo.meters_of([a.tenant_id, b.tenant_id, "nosuchtenant"])
-    assert got == [*repo.list_meters(a.tenant_id), *repo.list_meters(b.tenant_id)]
+    one_by_one = [*repo.list_meters(a.tenant_id), *repo.list_meters(b.tenant_id)]
+    assert got == sorted(one_by_one, key=lambda m: (m.tenant_id, m.slug))
     assert {(m.tenant_id, m.slug) for m in got} == {
         (ma.tenant_id, ma.slug),
         (mb.tenant_id, mb.slug),
