@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.ratelimit import KeyedBuckets, retry_after_s
+from api.ratelimit import Hit, KeyedBuckets, TTLCache, retry_after_s
 from clickhouse.limits import LimitOverrides, LimitsRepo
 from schemas.timeutil import utc_now
 from tally.errors import Overloaded, PayloadTooLarge, QuotaExceeded, RateLimited, detail
@@ -129,8 +129,7 @@ class TenantLimiter:
         self.metrics = metrics
         self.clock = clock
         self.wallclock = wallclock
-        self._policies: dict[str, tuple[float, EffectiveLimits, LimitOverrides]] = {}
-        self._used: dict[str, float] = {}  # tenant -> when its limits were last asked for
+        self._policies: TTLCache[str, EffectiveLimits] = TTLCache(MAX_TENANTS)
         self._invalidations = 0
         self._loading: dict[Any, asyncio.Future[Any]] = {}
         self._requests: KeyedBuckets[str] = KeyedBuckets(MAX_TENANTS)
@@ -161,20 +160,14 @@ class TenantLimiter:
             self._loading.pop(key, None)
 
     async def limits(self, st: AppState, tenant_id: str) -> EffectiveLimits:
-        now = self.clock()
-        self._used[tenant_id] = now
-        cached = self._policies.get(tenant_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        hit, cached = self._policies.get(tenant_id, self.clock())
+        if hit is Hit.FRESH and cached is not None:
+            return cached
 
         async def load() -> EffectiveLimits:
             overrides: LimitOverrides = await st.run(self.repo.get, tenant_id)
             eff = effective_limits(self.settings, overrides)
-            self._policies[tenant_id] = (
-                self.clock() + self.settings.limits_cache_ttl_s,
-                eff,
-                overrides,
-            )
+            self._policies.put(tenant_id, eff, self.settings.limits_cache_ttl_s, self.clock())
             return eff
 
         result: EffectiveLimits = await self._once(("limits", tenant_id), load)
@@ -186,13 +179,7 @@ class TenantLimiter:
         do not wait for the store. Returns how many tenants were renewed."""
         ttl = self.settings.limits_cache_ttl_s
         started = self.clock()
-        for tenant_id in [t for t, used in self._used.items() if used < started - keep_warm_s]:
-            del self._used[tenant_id]  # also bounds the map: idle tenants leave it
-        due = [
-            t
-            for t in self._used
-            if (cached := self._policies.get(t)) is not None and cached[0] - started < ttl / 2
-        ]
+        due = [t for t, _eff in self._policies.due(started, ttl / 2, started - keep_warm_s)]
         if not due:
             return 0
         invalidations = self._invalidations
@@ -201,16 +188,13 @@ class TenantLimiter:
             return 0  # limits changed through this process meanwhile: read on next use
         renewed = 0
         for tenant_id in due:
-            overrides = found.get(tenant_id)
-            if overrides is not None and tenant_id in self._policies:
-                eff = effective_limits(self.settings, overrides)
-                self._policies[tenant_id] = (started + ttl, eff, overrides)
-                renewed += 1
+            eff = effective_limits(self.settings, found.get(tenant_id, LimitOverrides()))
+            renewed += self._policies.renew(tenant_id, eff, ttl, started)
         return renewed
 
     def invalidate(self, tenant_id: str) -> None:
         self._invalidations += 1
-        self._policies.pop(tenant_id, None)
+        self._policies.pop(tenant_id)
 
     async def _stored_total(self, st: AppState, tenant_id: str, month: date) -> int:
         key = (tenant_id, month)
