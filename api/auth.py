@@ -174,28 +174,22 @@ class Authenticator:
         invalid cache. Requests then find keys in use fresh instead of waiting for the store;
         a revoked key still stops working within ``auth_positive_ttl_s``. Returns how many
         entries were renewed. (Admin tokens are re-checked on use only.)"""
+
+        async def read(due: list[tuple[str, Any]]) -> dict[str, KeyMatch]:
+            found = await lookup_many([(m.tenant_id, ck[1:]) for ck, m in due])
+            return {ck: found[ck[1:]] for ck, _m in due if ck[1:] in found}
+
+        def api_key(ck: str, value: Any) -> bool:
+            return ck.startswith("k") and isinstance(value, KeyMatch)
+
         ttl = self.settings.auth_positive_ttl_s
-        started = self.clock()
-        due = [
-            (ck, match)
-            for ck, match in self.valid.due(started, ttl / 2, started - keep_warm_s)
-            if ck.startswith("k") and isinstance(match, KeyMatch)
-        ]
-        if not due:
-            return 0
-        forgets = self._forgets
-        found = await lookup_many([(m.tenant_id, ck[1:]) for ck, m in due])
-        if forgets != self._forgets:
-            return 0  # a key was revoked through this process meanwhile
+        renewed, gone = await self.valid.renew_due(
+            ttl, keep_warm_s, self.clock(), read, lambda: self._forgets, api_key
+        )
         now = self.clock()
-        renewed = 0
-        for ck, _old in due:
-            match = found.get(ck[1:])
-            if match is None:
-                self.valid.pop(ck)
-                self.invalid.put(ck, True, self.settings.auth_negative_ttl_s, now)
-            elif self.valid.renew(ck, match, ttl, started):
-                renewed += 1
+        for ck in gone:
+            self.valid.pop(ck)
+            self.invalid.put(ck, True, self.settings.auth_negative_ttl_s, now)
         return renewed
 
     def forget(self, *, key_id: str | None = None, token_id: str | None = None) -> None:

@@ -177,19 +177,20 @@ class TenantLimiter:
         """Re-read in one statement the limits of the tenants that asked for them in the last
         ``keep_warm_s`` and whose cached limits are past half their TTL, so that their requests
         do not wait for the store. Returns how many tenants were renewed."""
-        ttl = self.settings.limits_cache_ttl_s
-        started = self.clock()
-        due = [t for t, _eff in self._policies.due(started, ttl / 2, started - keep_warm_s)]
-        if not due:
-            return 0
-        invalidations = self._invalidations
-        found: dict[str, LimitOverrides] = await st.run(self.repo.get_many, due)
-        if invalidations != self._invalidations:
-            return 0  # limits changed through this process meanwhile: read on next use
-        renewed = 0
-        for tenant_id in due:
-            eff = effective_limits(self.settings, found.get(tenant_id, LimitOverrides()))
-            renewed += self._policies.renew(tenant_id, eff, ttl, started)
+
+        async def read(due: list[tuple[str, EffectiveLimits]]) -> dict[str, EffectiveLimits]:
+            tenants = [t for t, _eff in due]
+            found: dict[str, LimitOverrides] = await st.run(self.repo.get_many, tenants)
+            default = LimitOverrides()
+            return {t: effective_limits(self.settings, found.get(t, default)) for t in tenants}
+
+        renewed, _gone = await self._policies.renew_due(
+            self.settings.limits_cache_ttl_s,
+            keep_warm_s,
+            self.clock(),
+            read,
+            lambda: self._invalidations,
+        )
         return renewed
 
     def invalidate(self, tenant_id: str) -> None:

@@ -75,23 +75,16 @@ class MeterLookup:
         how many entries were renewed."""
         if self.ttl_s <= 0:
             return 0
-        started = self._clock()
-        due = self._cache.due(started, self.ttl_s / 2, started - keep_warm_s)
-        if not due:
-            return 0
-        forgets = self._forgets
-        live = {
-            (m.tenant_id, m.slug): m for m in await lookup_many(sorted({t for (t, _), _m in due}))
-        }
-        if forgets != self._forgets:
-            return 0  # a meter was forgotten meanwhile: its old entry must not come back
-        renewed = 0
-        for key, _old in due:
-            meter = live.get(key)
-            if meter is None:
-                self._cache.pop(key)
-            elif self._cache.renew(key, meter, self.ttl_s, started):
-                renewed += 1
+
+        async def read(due: list[tuple[tuple[str, str], Meter]]) -> dict[tuple[str, str], Meter]:
+            meters = await lookup_many(sorted({tenant for (tenant, _slug), _m in due}))
+            return {(m.tenant_id, m.slug): m for m in meters}
+
+        renewed, gone = await self._cache.renew_due(
+            self.ttl_s, keep_warm_s, self._clock(), read, lambda: self._forgets
+        )
+        for key in gone:
+            self._cache.pop(key)
         return renewed
 
     def forget(self, tenant_id: str, slug: str) -> None:

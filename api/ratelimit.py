@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
 from enum import Enum
 from typing import Any, Generic, TypeVar
 
@@ -143,6 +144,38 @@ class TTLCache(Generic[K, V]):
             return False
         self._data[key] = (now + ttl, value, entry[2])
         return True
+
+    async def renew_due(
+        self,
+        ttl: float,
+        used_within_s: float,
+        now: float,
+        read: Callable[[list[tuple[K, V]]], Awaitable[Mapping[K, V]]],
+        generation: Callable[[], int],
+        select: Callable[[K, V], bool] | None = None,
+    ) -> tuple[int, list[K]]:
+        """One background renewal (the caches kept warm): the entries used in the last
+        ``used_within_s`` that are past half their ``ttl`` go to ``read``, which returns the new
+        values of those still there; they are renewed from ``now`` (the time before the read).
+        Returns (entries renewed, keys read but not found: the caller drops them). Nothing is
+        kept if ``generation()`` changed during the read (a change made meanwhile). ``select``:
+        only the entries it accepts are read (the others are left to expire)."""
+        due = self.due(now, ttl / 2, now - used_within_s)
+        if select is not None:
+            due = [(k, v) for k, v in due if select(k, v)]
+        if not due:
+            return 0, []
+        before = generation()
+        found = await read(due)
+        if generation() != before:
+            return 0, []
+        renewed, gone = 0, []
+        for key, _old in due:
+            if key in found:
+                renewed += self.renew(key, found[key], ttl, now)
+            else:
+                gone.append(key)
+        return renewed, gone
 
     def pop(self, key: K) -> None:
         self._data.pop(key, None)
