@@ -12,18 +12,16 @@ from typing import Any
 
 import pytest
 
-from api.app import create_app
 from api.producer import EventProducer
 from clickhouse.limits import LimitOverrides, LimitsRepo
 from clickhouse.repo import Repo
 
-from .conftest import auth, make_settings
-from .test_keys import http
+from .conftest import auth
+from .test_keys import TTL, http, two_apps
 
 pytestmark = pytest.mark.anyio
 
-TTL = 1.0  # keys, limits
-METER_TTL = 0.8
+METER_TTL = 0.8  # keys and limits: test_keys.TTL
 
 
 def _sample(app: Any, name: str, **labels: str) -> float:
@@ -49,16 +47,16 @@ async def test_a_key_meter_and_limits_in_use_stay_fresh_and_changes_still_arrive
     tenant: tuple[str, str],
 ) -> None:
     tenant_id, key = tenant
-    s = make_settings(
+    app_a, app_b = two_apps(
         broker,
         topic,
-        auth_positive_ttl_s=TTL,
+        store,
+        repo,
+        producer,
         limits_cache_ttl_s=TTL,
         meter_cache_ttl_s=METER_TTL,
         cache_keep_warm_s=30,
     )
-    app_a = create_app(s, store, producer=producer, progress_waiter=None, repo=repo)
-    app_b = create_app(s, store, producer=producer, progress_waiter=None, repo=Repo(store))
     async with app_a.router.lifespan_context(app_a), http(app_a) as a, http(app_b) as b:
         r = await b.post(
             "/v1/meters",
