@@ -45,7 +45,9 @@ VALUE_SQL: dict[Aggregation, str] = {
     Aggregation.MIN: "min(value_min)",
     Aggregation.MAX: "max(value_max)",
     Aggregation.AVG: f"{_WIDE_SUM} / nullIf(sum(value_count), 0)",
-    Aggregation.UNIQUE_COUNT: "length(groupUniqArrayArray(uniq_values))",
+    # the distinct values of all the rows' arrays, counted in one hash set per group (no array
+    # of the values built and then measured, as length(groupUniqArrayArray(...)) did)
+    Aggregation.UNIQUE_COUNT: "uniqExactArray(uniq_values)",
     # latest = max of (time_ms, event_id, value): the newest event, ties broken by the larger id;
     # rows without any value carry (0, '', 0) and give NULL.
     Aggregation.LATEST: "if(tupleElement(max(latest), 2) = '', NULL, tupleElement(max(latest), 3))",

@@ -123,7 +123,7 @@ EXPECTED_VALUE = {
     Aggregation.MIN: "min(value_min)",
     Aggregation.MAX: "max(value_max)",
     Aggregation.AVG: "sum(toDecimal256(value_sum, 9)) / nullIf(sum(value_count), 0)",
-    Aggregation.UNIQUE_COUNT: "length(groupUniqArrayArray(uniq_values))",
+    Aggregation.UNIQUE_COUNT: "uniqExactArray(uniq_values)",
     Aggregation.LATEST: (
         "if(tupleElement(max(latest), 2) = '', NULL, tupleElement(max(latest), 3))"
     ),
