@@ -47,7 +47,8 @@ def day_meter_id(meter_id: str) -> str:
 def day_rows(usage: pa.Table) -> pa.Table:
     """The day rows of a ``USAGE_SCHEMA`` batch: its stream rows of real tenants (not progress
     rows, not backfill rows) with the meter prefixed and the minute floored to its UTC day.
-    Rows of one day are not combined here: the store's insert does it (``optimize_on_insert``)."""
+    Rows of one day are not combined here: the table's merges do it (a worker's commit insert
+    does not combine rows, ``clickhouse.sink.link_insert_settings``; every read aggregates)."""
     if not usage.num_rows:
         return usage
     keep = pc.and_(pc.equal(usage["origin"], "s"), pc.not_equal(usage["tenant_id"], ""))

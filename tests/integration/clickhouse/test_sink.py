@@ -171,18 +171,24 @@ def test_a_link_commit_writes_its_day_rows_once(store: Store) -> None:
     usage = usage_table(rows)
     for _ in range(3):  # 3 minute rows + their 3 day rows + the progress row, sent each time
         assert sink.commit_link("topic-a", 0, 0, 9, usage) == 7
-    (n_days,) = store.query_rows(
+    count_day_rows = (
         f"SELECT count() FROM {store.database}.usage_minute WHERE meter_id = {{m:String}}",
         {"m": day_meter_id(meter.id)},
-    )[0]
-    assert n_days == 2  # 2024-06-01 (12:00 and 23:40) and 2024-06-02 (00:05), combined
-    days = _by_window(store, _day_query(tenant, meter, WindowSize.DAY))
-    assert days == [
+    )
+    # the insert does not combine rows (link_insert_settings): one day row per minute row
+    assert store.query_rows(*count_day_rows) == [(3,)]
+    want_days = [
         (datetime(2024, 6, 1, tzinfo=UTC), Decimal(12)),
         (datetime(2024, 6, 2, tzinfo=UTC), Decimal(11)),
     ]
+    assert _by_window(store, _day_query(tenant, meter, WindowSize.DAY)) == want_days
     hours = _by_window(store, _day_query(tenant, meter, WindowSize.HOUR))
     assert sum(v for _, v in hours if v is not None) == Decimal(23)
+    assert sink.progress("topic-a") == {0: 9}
+    # merges combine them: 2024-06-01 (12:00 and 23:40) and 2024-06-02 (00:05); same answers
+    store.command(f"OPTIMIZE TABLE {store.database}.usage_minute FINAL")
+    assert store.query_rows(*count_day_rows) == [(2,)]
+    assert _by_window(store, _day_query(tenant, meter, WindowSize.DAY)) == want_days
     assert sink.progress("topic-a") == {0: 9}
 
 
