@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 from hypothesis import given
@@ -115,3 +116,37 @@ def test_ttl_cache_due_entries_in_use_are_renewed_without_counting_as_a_use() ->
     # the gets at 6.9 and 7.0 were uses; x and y were put (used) at 3
     assert c.due(7.5, ahead_s=5, used_since=7) == [("used", 10)]
     assert c.due(7.5, ahead_s=5, used_since=7.1) == []
+
+
+def test_renewal_reads_every_entry_in_use_once_one_is_due() -> None:
+    """The entries in use are renewed together once one of them is past half its TTL, so they
+    share one schedule: later rounds read them in one go, not one entry per round."""
+    c: TTLCache[str, int] = TTLCache(8)
+    ttl, window = 4.0, 10.0
+    for i, key in enumerate(["a", "b", "c", "d"]):
+        c.put(key, i, ttl=ttl, now=i * 0.5)  # deadlines 4, 4.5, 5, 5.5
+    c.put("idle", 9, ttl=ttl, now=-20)  # last used outside the window: never read
+    reads: list[list[str]] = []
+
+    async def read(due: list[tuple[str, int]]) -> dict[str, int]:
+        reads.append(sorted(k for k, _v in due))
+        return {k: v + 100 for k, v in due if k != "c"}  # c is gone from the store
+
+    def round_at(now: float) -> tuple[int, list[str]]:
+        return asyncio.run(c.renew_due(ttl, window, now, read, lambda: 0))
+
+    assert round_at(1.9) == (0, [])  # nothing past half its TTL yet: no read at all
+    assert reads == []
+    assert round_at(2.1) == (3, ["c"])  # a is due: a, b, c and d are read together
+    assert reads == [["a", "b", "c", "d"]]
+    assert c.get("b", 2.2) == (Hit.FRESH, 101)
+    assert c.get("d", 6.0) == (Hit.FRESH, 103)  # renewed from 2.1: fresh until 6.1
+    c.pop("c")  # the caller drops what the store no longer has
+    for now in (2.6, 3.1, 3.6, 4.0):  # a, b, d share a deadline (6.1): no read until 4.1
+        assert round_at(now) == (0, [])
+    assert round_at(4.2) == (3, [])
+    assert reads == [["a", "b", "c", "d"], ["a", "b", "d"]]
+    # an entry changed meanwhile (generation moved during the read): nothing is kept
+    gen = iter([0, 1])
+    assert asyncio.run(c.renew_due(ttl, window, 6.5, read, lambda: next(gen))) == (0, [])
+    assert c.get("a", 6.6)[1] == 200  # still the value renewed at 4.2
