@@ -164,12 +164,13 @@ class TTLCache(Generic[K, V]):
         ``generation()`` changed during the read (a change made meanwhile). ``select``: only
         the entries it accepts are read (the others are left to expire)."""
         since = now - used_within_s
-        in_use = self.due(now, math.inf, since)
-        if select is not None:
-            in_use = [(k, v) for k, v in in_use if select(k, v)]
-        if not any(self._data[k][0] - now < ttl / 2 for k, _v in in_use):
+
+        def chosen(entries: list[tuple[K, V]]) -> list[tuple[K, V]]:
+            return entries if select is None else [(k, v) for k, v in entries if select(k, v)]
+
+        if not chosen(self.due(now, ttl / 2, since)):
             return 0, []
-        due = in_use
+        due = chosen(self.due(now, math.inf, since))  # every entry in use, due or not yet
         before = generation()
         found = await read(due)
         if generation() != before:
