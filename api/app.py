@@ -41,7 +41,7 @@ from api.meters_file import load_meters_file
 from api.producer import EventProducer
 from api.state import AppState, Metrics, ProgressWaiter
 from clickhouse.limits import LimitsRepo
-from schemas.meters import Meter
+from schemas.usage import UsageMeter
 from schemas.worker import WorkerStatus
 from streams.lag import LagReport
 from tally.settings import Settings
@@ -95,11 +95,11 @@ def create_app(
     state.auth = Authenticator(settings, state.metrics)
     state.limiter = TenantLimiter(settings, LimitsRepo(store), state.metrics)
 
-    async def get_meter(tenant_id: str, slug: str) -> Meter:
-        meter: Meter = await state.run(repo.get_meter, tenant_id, slug)
-        return meter
+    async def usage_meter(tenant_id: str, slug: str) -> UsageMeter:
+        found: UsageMeter = await state.run(repo.usage_meter, tenant_id, slug)
+        return found
 
-    state.meters = MeterLookup(get_meter, settings.meter_cache_ttl_s)
+    state.meters = MeterLookup(usage_meter, settings.meter_cache_ttl_s)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -433,7 +433,13 @@ async def correct_event(
 ) -> Response:
     req = await _body(request, CorrectionIn, "correction")
     svc = billing(request, st).corrections
-    return _ok(await st.run(svc.correct, tenant_id, event_id, req, actor_of(request)), 201)
+    try:
+        done = await st.run(svc.correct, tenant_id, event_id, req, actor_of(request))
+    finally:
+        # usage queries of this process include it from now on (even one that failed after
+        # writing: the store decides what counts)
+        st.meters.forget_tenant(tenant_id)
+    return _ok(done, 201)
 
 
 @router.get(

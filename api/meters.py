@@ -222,7 +222,10 @@ async def run_backfill(st: AppState, tenant_id: str, slug: str) -> dict[str, Any
         wait_s=s.backfill_wait_s,
     )
     # A long job: its own thread, not the request store limiter (which it would hold for minutes).
-    result = await anyio.to_thread.run_sync(runner.run)
+    try:
+        result = await anyio.to_thread.run_sync(runner.run)
+    finally:
+        st.meters.forget(tenant_id, slug)  # usage queries here read its complete run at once
     return {"meter": slug, **asdict(result)}
 
 

@@ -214,7 +214,7 @@ class AppState:
             return await self.run(repo.credentials.lookup_api_key_hashes, pairs)
 
         async def meters(tenant_ids: list[str]) -> Any:
-            return await self.run(repo.meters_of, tenant_ids)
+            return await self.run(repo.usage_meters_of, tenant_ids)
 
         rounds: list[tuple[str, Callable[[], Any]]] = [
             ("keys", lambda: self.auth.refresh(keys, keep)),

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -37,9 +38,8 @@ from api.usage_params import (
 from clickhouse.usage import usage_values
 from schemas.catalog import TimeZone
 from schemas.jsonschema import RFC3339
-from schemas.meters import Meter
 from schemas.timeutil import utc_now
-from schemas.usage import UsageQuery, WindowSize
+from schemas.usage import UsageMeter, UsageQuery, WindowSize
 from tally.errors import NotFound
 
 router = APIRouter()
@@ -170,28 +170,28 @@ _OM_OK = {
 }
 
 
-async def _meter(st: AppState, tenant_id: str, slug: str) -> Meter:
+async def _meter(st: AppState, tenant_id: str, slug: str) -> UsageMeter:
     try:
-        meter: Meter = await st.meters.get(tenant_id, slug)
+        found: UsageMeter = await st.meters.get(tenant_id, slug)
     except NotFound:
         raise NotFound(
             f"meter {slug!r} not found", details=[{"field": "slug", "message": "unknown meter"}]
         ) from None
-    return meter
+    return found
 
 
 async def _run(
     request: Request,
     st: AppState,
     tenant_id: str,
-    meter: Meter,
+    um: UsageMeter,
     p: UsageParams,
     api: str = "native",
 ) -> list[Any]:
     q = UsageQuery.model_validate(
         {
             "tenant_id": tenant_id,
-            "meter": meter,
+            "meter": um.meter,
             "from": p.from_,
             "to": p.to,
             "window": WindowSize[p.window] if p.window else None,
@@ -205,7 +205,11 @@ async def _run(
     # corrected min/max/unique_count/latest windows are recomputed first when out of date
     repair = billing(request, st).corrections.repair
     started = time.perf_counter()
-    rows: list[Any] = await st.run(usage_values, st.store, q, repair)
+    # a meter read without backfill runs and corrections (its cache entry) skips the statement
+    # asking for them
+    rows: list[Any] = await st.run(
+        functools.partial(usage_values, stream_only=um.stream_only), st.store, q, repair
+    )
     st.metrics.usage_query.labels(api).observe(time.perf_counter() - started)
     return rows
 
@@ -219,11 +223,12 @@ async def usage(
     tenant_id: Tenant,
     st: State,
 ) -> Response:
-    meter = await _meter(st, tenant_id, slug)
+    um = await _meter(st, tenant_id, slug)
+    meter = um.meter
     query = request.query_params.multi_items()
     p = native_params(query, meter.group_by, utc_now())
     csv = wants_csv(request.headers.get("accept"), request.query_params.get("format"))
-    rows = native_rows(await _run(request, st, tenant_id, meter, p), p.by_customer)
+    rows = native_rows(await _run(request, st, tenant_id, um, p), p.by_customer)
     if csv:
         return Response(native_csv(rows, p.group_by, p.by_customer), media_type=CSV)
     return json_response(
@@ -249,9 +254,9 @@ async def _om_query(
     max_values: int = MAX_VALUES,
 ) -> Response:
     accept = request.headers.get("accept")
-    meter = await _meter(st, tenant_id, slug)
-    p = openmeter_params(fields, meter.group_by, utc_now(), max_values)
-    result = await _run(request, st, tenant_id, meter, p, "openmeter")
+    um = await _meter(st, tenant_id, slug)
+    p = openmeter_params(fields, um.meter.group_by, utc_now(), max_values)
+    result = await _run(request, st, tenant_id, um, p, "openmeter")
     if wants_csv(accept, None):
         rows = openmeter_rows(result, p.by_customer, exact=True)
         return Response(openmeter_csv(rows, p.group_by, p.by_customer), media_type=CSV)

@@ -2,10 +2,14 @@
 comparisons of ``split`` and ``single`` (docs/performance.md, "`tally run` in two processes").
 
     python -m benchmarks.modes split 30 40000 64     # mode, seconds, offered events/s, clients
+    python -m benchmarks.modes split 30 34000 64 --poll   # plus a query loop like the probe
 
 One JSON line: stored events/s and answer latency under the load (4 tenants, the harness's
 events and 5 meters, 1000-event batches, 2 generator processes), then one sequential client for
-20 s; CPU of the main process, the API child and the broker over the load.
+20 s; CPU of the main process, the API child and the broker over the load. ``--poll``: during
+the load, one client also asks a usage query in a loop with 10 ms pauses, as the full run's
+freshness probe does at half load (``benchmarks.run``); its query latency and rate are
+reported.
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import httpx
 
 import benchmarks.target as target
 from benchmarks.loadgen import GenConfig, LoadGenerator, StepSpec
@@ -26,15 +34,58 @@ from benchmarks.target import (
     cpu_s,
     create_tenants,
     ensure_meters,
+    fmt,
+    minute_floor,
     tally_pids,
 )
+from benchmarks.workload import COUNT_METER
 
 
 def _q(lat: list[float], f: float) -> int:
     return round(lat[min(len(lat) - 1, int(f * len(lat)))] * 1000) if lat else -1
 
 
+class QueryLoop:
+    """One client asking one customer's usage of the last and next hour, 10 ms between
+    answers (the freshness probe's polling); latencies of the answers while it runs."""
+
+    def __init__(self, url: str, key: str) -> None:
+        now = datetime.now(UTC)
+        self.url = f"{url}/v1/meters/{COUNT_METER}/usage"
+        self.params = {
+            "customer": "modes-probe",
+            "from": fmt(minute_floor(now - timedelta(hours=1))),
+            "to": fmt(minute_floor(now + timedelta(hours=1))),
+        }
+        self.headers = {"Authorization": f"Bearer {key}"}
+        self.latencies: list[float] = []
+        self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="modes-queries", daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=60) as c:
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                r = c.get(self.url, params=self.params, headers=self.headers)
+                if r.status_code == 200:
+                    self.latencies.append(time.perf_counter() - started)
+                else:
+                    self.failed += 1
+                self._stop.wait(0.01)
+
+    def start(self) -> QueryLoop:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def main(argv: list[str]) -> None:
+    poll = "--poll" in argv
+    argv = [a for a in argv if a != "--poll"]
     mode, seconds, rate, clients = argv[0], float(argv[1]), float(argv[2]), int(argv[3])
     orig = target.tally_env
 
@@ -64,9 +115,12 @@ def main(argv: list[str]) -> None:
             ]
 
         gen.run(StepSpec("warm", rate, clients, 6, None, [url], 0))
+        queries = QueryLoop(url, tenants[0].key).start() if poll else None
         p0, w0 = per(), time.monotonic()
         st = gen.run(StepSpec("load", rate, clients, seconds, None, [url], 5))
         dt = time.monotonic() - w0
+        if queries is not None:
+            queries.stop()
         cores = [round((b - a) / dt, 2) for a, b in zip(p0, per(), strict=True)]
         span = poller.step_span(st.window_start, st.ended)
         stored = span.rate if span is not None else None
@@ -87,6 +141,14 @@ def main(argv: list[str]) -> None:
             "seq_p99_ms": _q(sl, 0.99),
             "n_seq": len(sl),
         }
+        if queries is not None:
+            ql = sorted(queries.latencies)
+            out.update(
+                queries_per_s=round(len(ql) / dt, 1),
+                query_p50_ms=_q(ql, 0.5),
+                query_p99_ms=_q(ql, 0.99),
+                queries_failed=queries.failed,
+            )
         print(json.dumps(out), flush=True)
         poller.stop()
         gen.close()

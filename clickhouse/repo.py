@@ -37,6 +37,7 @@ from clickhouse.store import Store
 from schemas.meters import Meter, MeterSpec, MeterStatus
 from schemas.tenants import Tenant
 from schemas.timeutil import epoch_ms, to_ms, utc_now
+from schemas.usage import UsageMeter
 from tally.errors import Conflict, NotFound, ValidationError
 
 log = logging.getLogger(__name__)
@@ -255,6 +256,43 @@ class Repo:
 
     def list_meters(self, tenant_id: str) -> list[Meter]:
         return self._live_meters("tenant_id = {tenant:String}", {"tenant": tenant_id})
+
+    def _usage_meters(self, where: str, tenants: str, params: dict[str, Any]) -> list[UsageMeter]:
+        """The live meters ``where`` picks, each with ``stream_only`` (``UsageMeter``): none of
+        the meters with a complete backfill run or an event correction among the tenants that
+        ``tenants`` picks. One statement. (The same two facts ``usage_state_sql`` checks for one
+        query's range, here for the whole meter: any correction counts.)"""
+        history = (
+            f"SELECT tenant_id, meter_id FROM {self.db}.backfill_runs "
+            f"WHERE {tenants} AND state = 'complete' "
+            f"UNION ALL SELECT tenant_id, meter_id FROM {self.db}.corrections WHERE {tenants}"
+        )
+        rows = self.store.query_rows(
+            f"SELECT {self._METER_COLS}, (tenant_id, meter_id) NOT IN ({history}) FROM ("
+            f"SELECT {self._METER_COLS}, deleted FROM {self.db}.meters FINAL WHERE {where}"
+            ") WHERE deleted = 0 ORDER BY tenant_id, slug",
+            params,
+        )
+        return [UsageMeter(self._meter(*r[:-1]), bool(r[-1])) for r in rows]
+
+    def usage_meter(self, tenant_id: str, slug: str) -> UsageMeter:
+        """``get_meter`` for a usage query: the meter and whether the stream's rows alone
+        answer its queries (``UsageMeter``)."""
+        found = self._usage_meters(
+            "tenant_id = {tenant:String} AND slug = {slug:String}",
+            "tenant_id = {tenant:String}",
+            {"tenant": tenant_id, "slug": slug},
+        )
+        if not found:
+            raise NotFound(f"meter '{slug}' not found", field="slug")
+        return found[0]
+
+    def usage_meters_of(self, tenant_ids: Sequence[str]) -> list[UsageMeter]:
+        """``meters_of`` for usage queries (``UsageMeter``), in one read."""
+        if not tenant_ids:
+            return []
+        where = "tenant_id IN {tenants:Array(String)}"
+        return self._usage_meters(where, where, {"tenants": sorted(set(tenant_ids))})
 
     def get_meter(self, tenant_id: str, slug: str) -> Meter:
         found = self._live_meters(

@@ -17,6 +17,7 @@ import functools
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
+from typing import NamedTuple
 from zoneinfo import available_timezones
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -26,6 +27,17 @@ from tally.errors import ValidationError
 
 CUSTOMER = "customer"
 MAX_FILTER_VALUES = 10_000
+
+
+class UsageMeter(NamedTuple):
+    """A meter as usage queries take it: its definition, and whether, when it was read, the
+    stream's minute rows alone answered every query of it (``stream_only``: the meter had no
+    complete backfill run and no event correction). A query that knows this from a recent read
+    skips the statement asking it (``clickhouse.usage.usage_values``); the API caches it with
+    the meter (``api.meterlookup``, bounds in docs/operations.md)."""
+
+    meter: Meter
+    stream_only: bool
 
 
 class WindowSize(StrEnum):

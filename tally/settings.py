@@ -65,7 +65,8 @@ class Settings(BaseSettings):
         2.0,
         ge=0,
         le=300,
-        description="A usage query's meter is looked up again after this long (0 = every query)",
+        description="A usage query's meter, and whether it has a backfill run or corrections, "
+        "is looked up again after this long (0 = every query)",
     )
 
     # --- credentials (docs/operations.md) ----------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from api.producer import EventProducer
 from clickhouse.limits import LimitOverrides, LimitsRepo
 from clickhouse.repo import Repo
+from tests.integration.clickhouse.test_store_repo import correction_row
 
 from .conftest import auth
 from .test_keys import TTL, http, two_apps
@@ -77,6 +79,23 @@ async def test_a_key_meter_and_limits_in_use_stay_fresh_and_changes_still_arrive
             assert _sample(app_a, "tally_cache_renewals_total", cache=cache) >= 3, cache
 
         # a limit changed elsewhere applies within the TTL, with the background re-reads on
+        # a correction made elsewhere (an effect row written straight to the store) shows
+        # within the meter's TTL, though the entry in use said "the stream alone answers"
+        minute = datetime.now(UTC).replace(second=0, microsecond=0)
+        correction_row(store, tenant_id, repo.get_meter(tenant_id, "calls").id, 1, minute, "c-fix")
+        window = {
+            "customer": "c-fix",
+            "from": (minute - timedelta(hours=1)).isoformat(),
+            "to": (minute + timedelta(hours=1)).isoformat(),
+        }
+
+        async def corrected() -> bool:
+            r = await a.get("/v1/meters/calls/usage", params=window, headers=auth(key))
+            assert r.status_code == 200, r.text
+            return [row["value"] for row in r.json()["data"]] == ["1"]
+
+        await _until(corrected, METER_TTL + 1.0)
+
         LimitsRepo(store).put(tenant_id, LimitOverrides(requests_per_second=0.5))
 
         async def limited() -> bool:

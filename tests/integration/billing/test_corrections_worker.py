@@ -132,6 +132,9 @@ async def api(
         backfill_chunk_events=37,
         backfill_wait_s=60.0,
         billing_tasks=False,
+        # far longer than the test: an answer right after a correction or a backfill proves
+        # that the API process forgot what it had cached about the meter (not that it expired)
+        meter_cache_ttl_s=300,
     )
     repo = Repo(store)
     _tenant, key = repo.create_tenant("acme")
@@ -144,6 +147,33 @@ async def api(
     producer.close(5)
 
 
+class Calls:
+    """The test's requests to the API: POST (status checked), events in batches of 100, usage
+    per customer of a meter over NOW +- 1 day."""
+
+    def __init__(self, c: httpx.AsyncClient, h: dict[str, str]) -> None:
+        self.c, self.h = c, h
+
+    async def post(self, path: str, body: Any = None, status: int = 200) -> Any:
+        r = await self.c.post(path, json=body, headers=self.h)
+        assert r.status_code == status, r.text
+        return r.json()
+
+    async def send(self, events: list[dict[str, Any]]) -> None:
+        for i in range(0, len(events), 100):
+            await self.post("/v1/events", events[i : i + 100], 202)
+
+    async def usage(self, slug: str) -> dict[str, Decimal]:
+        params = {
+            "from": (NOW - timedelta(days=1)).isoformat(),
+            "to": (NOW + timedelta(days=1)).isoformat(),
+            "group_by": "customer",
+        }
+        r = await self.c.get(f"/v1/meters/{slug}/usage", params=params, headers=self.h)
+        assert r.status_code == 200, r.text
+        return {row["customer"]: Decimal(str(row["value"])) for row in r.json()["data"]}
+
+
 async def test_void_and_amend_on_both_sides_then_rebackfill(
     api: tuple[httpx.AsyncClient, dict[str, str]],
     broker: Any,
@@ -152,19 +182,11 @@ async def test_void_and_amend_on_both_sides_then_rebackfill(
     unique: str,
     tmp_path: Path,
 ) -> None:
-    c, h = api
     sink = ClickHouseSink(store)
     settings = worker_settings(broker.bootstrap, topic, f"grp-{unique}", tmp_path)
     truth = Truth(seed=12)
-
-    async def post(path: str, body: Any = None, status: int = 200) -> Any:
-        r = await c.post(path, json=body, headers=h)
-        assert r.status_code == status, r.text
-        return r.json()
-
-    async def send(events: list[dict[str, Any]]) -> None:
-        for i in range(0, len(events), 100):
-            await post("/v1/events", events[i : i + 100], 202)
+    calls = Calls(*api)
+    post, send, usage = calls.post, calls.send, calls.usage
 
     async def correct(eid: str, **changes: Any) -> dict[str, Any]:
         if changes:
@@ -176,16 +198,6 @@ async def test_void_and_amend_on_both_sides_then_rebackfill(
             body = {"action": "void", "reason": "test"}
         out: dict[str, Any] = await post(f"/v1/events/{eid}/corrections", body, 201)
         return out
-
-    async def usage(slug: str) -> dict[str, Decimal]:
-        params = {
-            "from": (NOW - timedelta(days=1)).isoformat(),
-            "to": (NOW + timedelta(days=1)).isoformat(),
-            "group_by": "customer",
-        }
-        r = await c.get(f"/v1/meters/{slug}/usage", params=params, headers=h)
-        assert r.status_code == 200, r.text
-        return {row["customer"]: Decimal(str(row["value"])) for row in r.json()["data"]}
 
     async def check(batches: set[str]) -> None:
         for slug in METERS:
@@ -232,3 +244,30 @@ async def test_void_and_amend_on_both_sides_then_rebackfill(
 
         await backfill_all()  # a new run: every correction still counted once
         await check({"A", "B"})
+
+
+async def test_a_backfill_through_the_api_shows_in_the_next_usage_query(
+    api: tuple[httpx.AsyncClient, dict[str, str]],
+    broker: Any,
+    topic: str,
+    store: Store,
+    unique: str,
+    tmp_path: Path,
+) -> None:
+    """The meter's entry said "the stream alone answers" (no run yet) and stays cached far
+    longer than the test: the backfill through this process makes the very next query read the
+    run."""
+    sink = ClickHouseSink(store)
+    settings = worker_settings(broker.bootstrap, topic, f"grp-{unique}", tmp_path)
+    truth = Truth(seed=5)
+    calls = Calls(*api)
+    post, send, usage = calls.post, calls.send, calls.usage
+    await post("/v1/meters", METERS["n"], 201)
+    await send(truth.batch("A", 120))  # history of gb
+    await post("/v1/meters", METERS["gb"], 201)
+    await send(truth.batch("B", 120))
+    with Worker(settings, sink, tmp_path / "dedupe"):
+        wait_stored(sink, topic, end_offsets(broker.bootstrap, topic))
+        assert await usage("gb") == truth.values("gb", {"B"})  # cached: stream only
+        assert (await post("/v1/meters/gb/backfill"))["state"] == "complete"
+        assert await usage("gb") == truth.values("gb", {"A", "B"})

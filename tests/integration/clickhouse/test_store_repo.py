@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -267,3 +268,80 @@ def test_meters_and_limits_of_many_tenants_in_one_read(store: Store) -> None:
     assert many == {a.tenant_id: limits.get(a.tenant_id), b.tenant_id: LimitOverrides()}
     assert many[a.tenant_id] == LimitOverrides(requests_per_second=7)
     assert limits.get_many([]) == {}
+
+
+def test_usage_meters_know_when_the_stream_alone_answers(store: Store) -> None:
+    """``stream_only`` (what the API caches to skip a statement per usage query) is false
+    exactly for the meters with a complete backfill run or a correction, and never true where
+    the per-query check (``usage_state_sql``) would find either."""
+    from dataclasses import replace
+    from datetime import UTC, datetime, timedelta
+
+    from clickhouse.backfill import BackfillStore
+    from clickhouse.queries import usage_state_sql
+    from schemas.backfill import COMPLETE, RUNNING, RunRecord
+    from schemas.usage import UsageQuery
+
+    repo = Repo(store)
+    a, _ = repo.create_tenant("A")
+    b, _ = repo.create_tenant("B")
+    a1 = repo.create_meter(a.tenant_id, _spec("a1"))
+    a2 = repo.create_meter(a.tenant_id, _spec("a2"))
+    b1 = repo.create_meter(b.tenant_id, _spec("b1"))
+    tenants = [a.tenant_id, b.tenant_id]
+    t0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+
+    def flags() -> dict[str, bool]:
+        many = {u.meter.slug: u.stream_only for u in repo.usage_meters_of(tenants)}
+        one = {m.slug: repo.usage_meter(m.tenant_id, m.slug).stream_only for m in (a1, a2, b1)}
+        assert many == one
+        assert [u.meter for u in repo.usage_meters_of(tenants)] == repo.meters_of(tenants)
+        for m in (a1, a2, b1):  # true: the per-query check agrees, whatever the range
+            q = UsageQuery(
+                tenant_id=m.tenant_id,
+                meter=m,
+                from_=t0 - timedelta(days=400),
+                to=t0 + timedelta(days=400),
+            )
+            if one[m.slug]:
+                assert store.query_rows(*usage_state_sql(q, store.database)) == [(0, 0)]
+        return one
+
+    assert flags() == {"a1": True, "a2": True, "b1": True}
+    bs = BackfillStore(store)
+    run = RunRecord(a.tenant_id, a1.id, "r1", state=RUNNING, started_ms=1, heartbeat_ms=1)
+    bs.save_run(run)
+    assert flags() == {"a1": True, "a2": True, "b1": True}  # running: not visible yet
+    bs.save_run(replace(run, state=COMPLETE, finished_ms=2, version=2))
+    assert flags() == {"a1": False, "a2": True, "b1": True}
+    correction_row(store, b.tenant_id, "", 1, t0)  # a correction's own record row names no meter
+    assert flags() == {"a1": False, "a2": True, "b1": True}
+    correction_row(store, a.tenant_id, a2.id, 2, t0)
+    assert flags() == {"a1": False, "a2": False, "b1": True}
+    with pytest.raises(NotFound):
+        repo.usage_meter(a.tenant_id, "nosuch")
+    assert repo.usage_meters_of([]) == []
+
+
+def correction_row(
+    store: Store, tenant_id: str, meter_id: str, seq: int, window: Any, customer: str = "cust"
+) -> None:
+    """One effect row of a correction written straight to the store: +1 event of ``meter_id``
+    for ``customer`` in the minute ``window`` (what another process's correction leaves)."""
+    store.insert(
+        "corrections",
+        [(tenant_id, seq, f"c{seq}", "e1", meter_id, customer, window, "", "s", 1, "void")],
+        [
+            "tenant_id",
+            "seq",
+            "correction_id",
+            "event_id",
+            "meter_id",
+            "customer",
+            "window_start",
+            "group_key",
+            "side",
+            "events",
+            "action",
+        ],
+    )
