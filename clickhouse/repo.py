@@ -288,7 +288,8 @@ class Repo:
         return found[0]
 
     def usage_meters_of(self, tenant_ids: Sequence[str]) -> list[UsageMeter]:
-        """``meters_of`` for usage queries (``UsageMeter``), in one read."""
+        """The live meters of these tenants for usage queries (``UsageMeter``), in one read (the
+        API's background renewal of its meter cache)."""
         if not tenant_ids:
             return []
         where = "tenant_id IN {tenants:Array(String)}"
@@ -302,14 +303,6 @@ class Repo:
         if not found:
             raise NotFound(f"meter '{slug}' not found", field="slug")
         return found[0]
-
-    def meters_of(self, tenant_ids: Sequence[str]) -> list[Meter]:
-        """The live meters of these tenants, in one read."""
-        if not tenant_ids:
-            return []
-        return self._live_meters(
-            "tenant_id IN {tenants:Array(String)}", {"tenants": sorted(set(tenant_ids))}
-        )
 
     def delete_meter(self, tenant_id: str, slug: str) -> None:
         self._write_meter(self.get_meter(tenant_id, slug), deleted=True)

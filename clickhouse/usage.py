@@ -57,7 +57,7 @@ def usage_values(
     ``stream_only=True``: the caller read a moment ago that the meter has neither a complete
     backfill run nor any correction (``schemas.usage.UsageMeter``), so the first statement is
     skipped: it is half the store's work of a small query (measured: 4.2 of 7.2 ms of chDB
-    CPU for one customer's last hour). The stream's rows are read as they are now; a run or a
+    CPU for one customer over two hours). The stream's rows are read as they are now; a run or a
     correction that landed after the caller's read shows once the caller reads the meter again
     (the API's bound: docs/operations.md, "How fast a meter change takes effect")."""
     has_run = dirty = 0
