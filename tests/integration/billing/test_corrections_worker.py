@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
@@ -174,19 +174,41 @@ class Calls:
         return {row["customer"]: Decimal(str(row["value"])) for row in r.json()["data"]}
 
 
-async def test_void_and_amend_on_both_sides_then_rebackfill(
+class Rig(NamedTuple):
+    """What a test here drives: the API's requests, a worker's settings and sink, the topic."""
+
+    calls: Calls
+    settings: Any
+    sink: ClickHouseSink
+    bootstrap: str
+    topic: str
+    dedupe_dir: Path
+
+    def worker(self) -> Worker:
+        return Worker(self.settings, self.sink, self.dedupe_dir)
+
+    def wait_stored(self) -> None:
+        wait_stored(self.sink, self.topic, end_offsets(self.bootstrap, self.topic))
+
+
+@pytest.fixture
+def rig(
     api: tuple[httpx.AsyncClient, dict[str, str]],
     broker: Any,
     topic: str,
     store: Store,
     unique: str,
     tmp_path: Path,
-) -> None:
-    sink = ClickHouseSink(store)
+) -> Rig:
     settings = worker_settings(broker.bootstrap, topic, f"grp-{unique}", tmp_path)
+    return Rig(
+        Calls(*api), settings, ClickHouseSink(store), broker.bootstrap, topic, tmp_path / "dedupe"
+    )
+
+
+async def test_void_and_amend_on_both_sides_then_rebackfill(rig: Rig) -> None:
     truth = Truth(seed=12)
-    calls = Calls(*api)
-    post, send, usage = calls.post, calls.send, calls.usage
+    post, send, usage = rig.calls.post, rig.calls.send, rig.calls.usage
 
     async def correct(eid: str, **changes: Any) -> dict[str, Any]:
         if changes:
@@ -213,8 +235,8 @@ async def test_void_and_amend_on_both_sides_then_rebackfill(
     for slug in ("gb", "peak", "users"):
         await post("/v1/meters", METERS[slug], 201)
     await send(truth.batch("B", 250))
-    with Worker(settings, sink, tmp_path / "dedupe"):
-        wait_stored(sink, topic, end_offsets(broker.bootstrap, topic))
+    with rig.worker():
+        rig.wait_stored()
         await check({"B"})  # the stream's share of the late meters, all of n
 
         # stream-counted events of the late meters (batch B): a void, amends
@@ -246,28 +268,18 @@ async def test_void_and_amend_on_both_sides_then_rebackfill(
         await check({"A", "B"})
 
 
-async def test_a_backfill_through_the_api_shows_in_the_next_usage_query(
-    api: tuple[httpx.AsyncClient, dict[str, str]],
-    broker: Any,
-    topic: str,
-    store: Store,
-    unique: str,
-    tmp_path: Path,
-) -> None:
+async def test_a_backfill_through_the_api_shows_in_the_next_usage_query(rig: Rig) -> None:
     """The meter's entry said "the stream alone answers" (no run yet) and stays cached far
     longer than the test: the backfill through this process makes the very next query read the
     run."""
-    sink = ClickHouseSink(store)
-    settings = worker_settings(broker.bootstrap, topic, f"grp-{unique}", tmp_path)
     truth = Truth(seed=5)
-    calls = Calls(*api)
-    post, send, usage = calls.post, calls.send, calls.usage
+    post, send, usage = rig.calls.post, rig.calls.send, rig.calls.usage
     await post("/v1/meters", METERS["n"], 201)
     await send(truth.batch("A", 120))  # history of gb
     await post("/v1/meters", METERS["gb"], 201)
     await send(truth.batch("B", 120))
-    with Worker(settings, sink, tmp_path / "dedupe"):
-        wait_stored(sink, topic, end_offsets(broker.bootstrap, topic))
+    with rig.worker():
+        rig.wait_stored()
         assert await usage("gb") == truth.values("gb", {"B"})  # cached: stream only
         assert (await post("/v1/meters/gb/backfill"))["state"] == "complete"
         assert await usage("gb") == truth.values("gb", {"A", "B"})

@@ -326,20 +326,27 @@ def correction_row(
 ) -> None:
     """One effect row of a correction written straight to the store: +1 event of ``meter_id``
     for ``customer`` in the minute ``window`` (what another process's correction leaves)."""
-    store.insert(
-        "corrections",
-        [(tenant_id, seq, f"c{seq}", "e1", meter_id, customer, window, "", "s", 1, "void")],
-        [
-            "tenant_id",
-            "seq",
-            "correction_id",
-            "event_id",
-            "meter_id",
-            "customer",
-            "window_start",
-            "group_key",
-            "side",
-            "events",
-            "action",
-        ],
+    from clickhouse.corrections import CORRECTION_COLUMNS
+
+    row = dict.fromkeys(CORRECTION_COLUMNS)
+    row.update(
+        tenant_id=tenant_id,
+        seq=seq,
+        correction_id=f"c{seq}",
+        event_id="e1",
+        meter_id=meter_id,
+        customer=customer,
+        window_start=window,
+        group_key="",
+        side="s",
+        group_values={},
+        events=1,
+        value_count=0,
+        value_sum=0,
+        action="void",
+        properties="",
+        doc="",
+        created_at=window,
+        rank=1,
     )
+    store.insert("corrections", [tuple(row.values())], CORRECTION_COLUMNS)
