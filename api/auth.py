@@ -19,8 +19,9 @@ Lookups go to the store (``clickhouse.credentials``) only on a cache miss, and a
 - concurrent lookups of the same credential share one store call.
 - **kept warm**: API keys used in the last ``cache_keep_warm_s`` are re-checked in the
   background (``Authenticator.refresh``, one store read for all of them, once one entry is
-  past half its TTL: ``TTLCache.renew_due``), so requests using them do not wait for the store; the revocation bound
-  above is unchanged (an entry is never served longer than the TTL after the store confirmed it).
+  past half its TTL: ``TTLCache.renew_due``), so requests using them do not wait for the
+  store; the revocation bound above is unchanged (an entry is never served longer than the TTL
+  after the store confirmed it).
 
 Malformed API keys (not ``tly_<tenant>_<secret>``) never reach the store. Secrets never appear in
 logs, metrics or error bodies; caches are keyed by ``sha256``.
@@ -170,10 +171,11 @@ class Authenticator:
 
     async def refresh(self, lookup_many: LookupMany, keep_warm_s: float) -> int:
         """Re-check in one store read the API keys used in the last ``keep_warm_s``, once one
-        valid entry is past half its TTL (``TTLCache.renew_due``): renew the ones still valid, move the others to the
-        invalid cache. Requests then find keys in use fresh instead of waiting for the store;
-        a revoked key still stops working within ``auth_positive_ttl_s``. Returns how many
-        entries were renewed. (Admin tokens are re-checked on use only.)"""
+        valid entry is past half its TTL (``TTLCache.renew_due``): renew the ones still valid,
+        move the others to the invalid cache. Requests then find keys in use fresh instead of
+        waiting for the store; a revoked key still stops working within
+        ``auth_positive_ttl_s``. Returns how many entries were renewed. (Admin tokens are
+        re-checked on use only.)"""
 
         async def read(due: list[tuple[str, Any]]) -> dict[str, KeyMatch]:
             found = await lookup_many([(m.tenant_id, ck[1:]) for ck, m in due])

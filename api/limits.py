@@ -176,7 +176,8 @@ class TenantLimiter:
     async def refresh(self, st: AppState, keep_warm_s: float) -> int:
         """Re-read in one statement the limits of the tenants that asked for them in the last
         ``keep_warm_s``, once one tenant's cached limits are past half their TTL
-        (``TTLCache.renew_due``), so that their requests do not wait for the store. Returns how many tenants were renewed."""
+        (``TTLCache.renew_due``), so that their requests do not wait for the store. Returns how
+        many tenants were renewed."""
 
         async def read(due: list[tuple[str, EffectiveLimits]]) -> dict[str, EffectiveLimits]:
             tenants = [t for t, _eff in due]

@@ -21,9 +21,9 @@ create), so an entry is either current or of a deleted meter. ``0`` turns the ca
 
 Entries in use are kept fresh in the background (``refresh``, run by ``AppState.keep_warm``):
 the meters of every tenant whose cached meters were used in the last ``cache_keep_warm_s``
-are read again in one statement once one entry is past half its TTL (``TTLCache.renew_due``), so a query every few seconds
-does not wait for the store each time its meter's entry runs out. An entry is still never
-served longer than ``ttl_s`` after the store last confirmed it.
+are read again in one statement once one entry is past half its TTL (``TTLCache.renew_due``),
+so a query every few seconds does not wait for the store each time its meter's entry runs out.
+An entry is still never served longer than ``ttl_s`` after the store last confirmed it.
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ class MeterLookup:
 
     async def refresh(self, lookup_many: LookupMany, keep_warm_s: float) -> int:
         """Re-read the entries used in the last ``keep_warm_s``, once one is past half its TTL
-        (one read for all their tenants; ``TTLCache.renew_due``); renew those still live, drop the others. Returns
-        how many entries were renewed."""
+        (one read for all their tenants; ``TTLCache.renew_due``); renew those still live, drop
+        the others. Returns how many entries were renewed."""
         if self.ttl_s <= 0:
             return 0
 

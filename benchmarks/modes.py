@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -34,11 +34,9 @@ from benchmarks.target import (
     cpu_s,
     create_tenants,
     ensure_meters,
-    fmt,
-    minute_floor,
+    probe_query,
     tally_pids,
 )
-from benchmarks.workload import COUNT_METER
 
 
 def _q(lat: list[float], f: float) -> int:
@@ -50,13 +48,7 @@ class QueryLoop:
     answers (the freshness probe's polling); latencies of the answers while it runs."""
 
     def __init__(self, url: str, key: str) -> None:
-        now = datetime.now(UTC)
-        self.url = f"{url}/v1/meters/{COUNT_METER}/usage"
-        self.params = {
-            "customer": "modes-probe",
-            "from": fmt(minute_floor(now - timedelta(hours=1))),
-            "to": fmt(minute_floor(now + timedelta(hours=1))),
-        }
+        self.url, self.params = probe_query(url, "modes-probe", datetime.now(UTC))
         self.headers = {"Authorization": f"Bearer {key}"}
         self.latencies: list[float] = []
         self.failed = 0

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +43,11 @@ from benchmarks.target import (
     Totals,
     create_tenants,
     ensure_meters,
-    fmt,
-    minute_floor,
     peak_rss_mb,
+    probe_query,
     tenant_of_key,
 )
-from benchmarks.workload import COUNT_METER, EVENT_TYPE, iso_ms
+from benchmarks.workload import EVENT_TYPE, iso_ms
 from runtime.roles import PARTITIONS_FILE
 
 PARTITIONS = 8  # Settings.events_partitions default (scale-out)
@@ -491,13 +490,9 @@ class Runner:
             return None
         t_ack = time.perf_counter()
         self.probes += 1
-        params = {
-            "customer": cust,
-            "from": fmt(minute_floor(now - timedelta(hours=1))),
-            "to": fmt(minute_floor(now + timedelta(hours=1))),
-        }
+        url, params = probe_query(self.urls[0], cust, now)
         while time.perf_counter() - t_ack < 60:
-            q = c.get(f"{self.urls[0]}/v1/meters/{COUNT_METER}/usage", params=params, headers=hdr)
+            q = c.get(url, params=params, headers=hdr)
             if q.status_code == 200 and any(
                 float(row["value"] or 0) >= 1 for row in q.json()["data"]
             ):

@@ -41,6 +41,17 @@ def fmt(dt: datetime) -> str:
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def probe_query(url: str, customer: str, now: datetime) -> tuple[str, dict[str, str]]:
+    """The freshness probe's usage query: (URL, params) of one customer's count over the hour
+    before and after ``now`` (``benchmarks.run``; ``benchmarks.modes --poll`` asks the same)."""
+    params = {
+        "customer": customer,
+        "from": fmt(minute_floor(now - timedelta(hours=1))),
+        "to": fmt(minute_floor(now + timedelta(hours=1))),
+    }
+    return f"{url}/v1/meters/{COUNT_METER}/usage", params
+
+
 def tally_env(admin_token: str) -> dict[str, str]:
     """The environment of a benchmarked `tally run`: the caller's, minus any TALLY_ setting (the
     benchmark measures the defaults), plus a known admin token."""

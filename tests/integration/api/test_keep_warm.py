@@ -16,7 +16,7 @@ import pytest
 from api.producer import EventProducer
 from clickhouse.limits import LimitOverrides, LimitsRepo
 from clickhouse.repo import Repo
-from tests.integration.clickhouse.test_store_repo import correction_row
+from tests.integration.clickhouse.groundtruth import correction_row
 
 from .conftest import auth
 from .test_keys import TTL, http, two_apps
@@ -78,7 +78,6 @@ async def test_a_key_meter_and_limits_in_use_stay_fresh_and_changes_still_arrive
         for cache in ("keys", "meters", "limits"):
             assert _sample(app_a, "tally_cache_renewals_total", cache=cache) >= 3, cache
 
-        # a limit changed elsewhere applies within the TTL, with the background re-reads on
         # a correction made elsewhere (an effect row written straight to the store) shows
         # within the meter's TTL, though the entry in use said "the stream alone answers"
         minute = datetime.now(UTC).replace(second=0, microsecond=0)
@@ -96,6 +95,7 @@ async def test_a_key_meter_and_limits_in_use_stay_fresh_and_changes_still_arrive
 
         await _until(corrected, METER_TTL + 1.0)
 
+        # a limit changed elsewhere applies within the TTL, with the background re-reads on
         LimitsRepo(store).put(tenant_id, LimitOverrides(requests_per_second=0.5))
 
         async def limited() -> bool:

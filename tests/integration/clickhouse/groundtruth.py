@@ -1,4 +1,5 @@
-"""Test helpers: raw events -> usage_minute delta rows, and an independent ground truth.
+"""Test helpers: raw events -> usage_minute delta rows, and an independent ground truth;
+one correction effect row written straight to the store (``correction_row``).
 
 The ground truth works on the raw events with Python's zoneinfo; it shares no code with
 clickhouse.queries (which works on the delta rows in SQL).
@@ -12,6 +13,8 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_DOWN, Decimal
 from zoneinfo import ZoneInfo
 
+from clickhouse.corrections import CORRECTION_COLUMNS
+from clickhouse.store import Store
 from schemas.meters import Aggregation
 from schemas.timeutil import epoch_ms
 
@@ -167,3 +170,32 @@ def ground_truth(
         )
     out.sort(key=lambda r: (r[0], r[2] or "", tuple(r[3].values())))
     return out
+
+
+def correction_row(
+    store: Store, tenant_id: str, meter_id: str, seq: int, window: datetime, customer: str = "cust"
+) -> None:
+    """One effect row of a correction written straight to the store: +1 event of ``meter_id``
+    for ``customer`` in the minute ``window`` (what another process's correction leaves)."""
+    row = dict.fromkeys(CORRECTION_COLUMNS)
+    row.update(
+        tenant_id=tenant_id,
+        seq=seq,
+        correction_id=f"c{seq}",
+        event_id="e1",
+        meter_id=meter_id,
+        customer=customer,
+        window_start=window,
+        group_key="",
+        side="s",
+        group_values={},
+        events=1,
+        value_count=0,
+        value_sum=0,
+        action="void",
+        properties="",
+        doc="",
+        created_at=window,
+        rank=1,
+    )
+    store.insert("corrections", [tuple(row.values())], CORRECTION_COLUMNS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -13,6 +12,7 @@ from runtime.roles import admin_token_line
 from schemas.meters import Aggregation, MeterSpec
 from tally.errors import Conflict, NotFound, StoreUnavailable, ValidationError
 from tally.settings import Settings, get_settings
+from tests.integration.clickhouse.groundtruth import correction_row
 
 
 def _all_text(store: Store, table: str) -> str:
@@ -319,34 +319,3 @@ def test_usage_meters_know_when_the_stream_alone_answers(store: Store) -> None:
     assert flags() == {"a1": False, "a2": False, "b1": True}
     with pytest.raises(NotFound):
         repo.usage_meter(a.tenant_id, "nosuch")
-
-
-def correction_row(
-    store: Store, tenant_id: str, meter_id: str, seq: int, window: Any, customer: str = "cust"
-) -> None:
-    """One effect row of a correction written straight to the store: +1 event of ``meter_id``
-    for ``customer`` in the minute ``window`` (what another process's correction leaves)."""
-    from clickhouse.corrections import CORRECTION_COLUMNS
-
-    row = dict.fromkeys(CORRECTION_COLUMNS)
-    row.update(
-        tenant_id=tenant_id,
-        seq=seq,
-        correction_id=f"c{seq}",
-        event_id="e1",
-        meter_id=meter_id,
-        customer=customer,
-        window_start=window,
-        group_key="",
-        side="s",
-        group_values={},
-        events=1,
-        value_count=0,
-        value_sum=0,
-        action="void",
-        properties="",
-        doc="",
-        created_at=window,
-        rank=1,
-    )
-    store.insert("corrections", [tuple(row.values())], CORRECTION_COLUMNS)
