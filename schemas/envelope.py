@@ -306,15 +306,22 @@ class EnvelopeColumns:
         )
 
 
+def _texts_ok(col: Any) -> bool:
+    """Every value a string of 1..ID_MAX characters (the loops run in C: ``map`` of builtins)."""
+    if not col:
+        return True
+    return set(map(type, col)) == {str} and min(map(len, col)) > 0 and max(map(len, col)) <= ID_MAX
+
+
 def _columns_ok(ids: Any, types: Any, customers: Any, times: Any, props: Any) -> bool:
     """Every row well-formed, checked a column at a time (same rules as ``_row_ok``)."""
-    lo, hi, most = STORE_MS_MIN, STORE_MS_MAX, ID_MAX
     return (
-        all(type(v) is str and 0 < len(v) <= most for v in ids)
-        and all(type(v) is str and 0 < len(v) <= most for v in types)
-        and all(type(v) is str and 0 < len(v) <= most for v in customers)
-        and all(type(t) is int and lo <= t <= hi for t in times)
-        and all(type(p) is dict for p in props)
+        _texts_ok(ids)
+        and _texts_ok(types)
+        and _texts_ok(customers)
+        and (not times or set(map(type, times)) == {int})
+        and (not times or (STORE_MS_MIN <= min(times) and max(times) <= STORE_MS_MAX))
+        and (not props or set(map(type, props)) == {dict})
     )
 
 
@@ -329,7 +336,7 @@ def decode_columns(payload: bytes) -> EnvelopeColumns:
         return EnvelopeColumns(hint, at, [], [], [], [], [])
     rejected: list[RejectedEvent] = []
     positions: list[int] = []
-    if all(type(r) is list and len(r) == 5 for r in rows):
+    if set(map(type, rows)) == {list} and set(map(len, rows)) == {5}:
         cols = list(zip(*rows, strict=True))
         if not _columns_ok(*cols):
             cols = []

@@ -554,7 +554,9 @@ class BatchProcessor:
             keys, tenants, ids, types, customers, times, props, offsets, ingested, index_in_env
         )
         if len(first) - len(seen) < events_in:  # something to drop: keep the first copies only
-            rows = rows.take(sorted(g for k, g in first.items() if k not in seen))
+            for k in seen:
+                del first[k]
+            rows = rows.take(sorted(first.values()))
         # the ledger's properties as JSON; an event whose properties cannot be written (nested
         # deeper than the encoder allows) is not kept: it goes to the dead letters
         texts, unencodable = _json_texts_checked(rows.props)
