@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 import benchmarks.target as target
-from benchmarks.loadgen import GenConfig, LoadGenerator, StepSpec
+from benchmarks.loadgen import GenConfig, LoadGenerator, StepSpec, Tenant
 from benchmarks.target import (
     EmbeddedTally,
     StoredPoller,
@@ -75,6 +75,20 @@ class QueryLoop:
         self._thread.join()
 
 
+def load_rig(
+    url: str, admin_token: str, name: str
+) -> tuple[list[Tenant], LoadGenerator, StoredPoller]:
+    """The fixed load's tenants (4, with the workload's meters), its generator (1000-event
+    batches, 2 processes) and a running poller of their stored total."""
+    tenants = create_tenants(url, admin_token, 4, f"{name[:1]}{int(time.time())}")
+    for x in tenants:
+        ensure_meters(url, x.key)
+    gen = LoadGenerator(
+        GenConfig(tenants, 1000, 1.1, 0.02, 0.01, 1000, 7, f"{name}{time.time():.0f}"), 2
+    )
+    return tenants, gen, StoredPoller(Totals(url, tenants), 1.0).start()
+
+
 def main(argv: list[str]) -> None:
     poll = "--poll" in argv
     argv = [a for a in argv if a != "--poll"]
@@ -90,13 +104,7 @@ def main(argv: list[str]) -> None:
     t.start()
     try:
         url = t.url
-        tenants = create_tenants(url, t.admin_token, 4, f"m{int(time.time())}")
-        for x in tenants:
-            ensure_meters(url, x.key)
-        gen = LoadGenerator(
-            GenConfig(tenants, 1000, 1.1, 0.02, 0.01, 1000, 7, f"{mode}{time.time():.0f}"), 2
-        )
-        poller = StoredPoller(Totals(url, tenants), 1.0).start()
+        tenants, gen, poller = load_rig(url, t.admin_token, mode)
 
         def per() -> list[float]:
             tp = tally_pids(t.pid)

@@ -27,14 +27,11 @@ import time
 from pathlib import Path
 
 import benchmarks.target as target
-from benchmarks.loadgen import GenConfig, LoadGenerator, StepSpec
+from benchmarks.loadgen import StepSpec
+from benchmarks.modes import load_rig
 from benchmarks.target import (
     EmbeddedTally,
-    StoredPoller,
-    Totals,
     cpu_s,
-    create_tenants,
-    ensure_meters,
     tally_pids,
 )
 
@@ -84,13 +81,7 @@ def main(argv: list[str]) -> None:
             )
         if workers:
             time.sleep(12)  # the group's rebalance hands them their partitions
-        tenants = create_tenants(url, t.admin_token, 4, f"w{int(time.time())}")
-        for x in tenants:
-            ensure_meters(url, x.key)
-        gen = LoadGenerator(
-            GenConfig(tenants, 1000, 1.1, 0.02, 0.01, 1000, 7, f"workers{time.time():.0f}"), 2
-        )
-        poller = StoredPoller(Totals(url, tenants), 1.0).start()
+        _tenants, gen, poller = load_rig(url, t.admin_token, "workers")
         gen.run(StepSpec("warm", rate, CLIENTS, 6, "broker", [url], 0))
         pids = [t.pid, *api, *(w.pid for w in workers)]
         c0, w0 = [cpu_s(p) or 0.0 for p in pids], time.monotonic()
