@@ -110,6 +110,7 @@ def test_decode_rejects_poison_with_a_reason(payload: bytes, reason: str) -> Non
         (["i", "t", "c", 5.0, {}], "time must be integer epoch milliseconds"),
         (["i", "t", "c", True, {}], "time must be integer epoch milliseconds"),
         (["i", "t", "c", -(10**13), {}], "outside the store's range"),
+        (["i", "t", "c", 10**14, {}], "outside the store's range"),
         (["i", "t", "c", 5, []], "properties must be an object"),
     ],
 )
@@ -122,6 +123,10 @@ def test_a_bad_event_is_left_out_and_its_neighbours_kept(row: object, problem: s
     assert env.positions == (0, 2)
     (rej,) = env.rejected
     assert rej.index == 1 and rej.row == row and problem in rej.problem
+    # the worker's columnar decoding (columns checked at once) leaves out the same row
+    cols = envelope.decode_columns(payload)
+    assert cols.ids == ["a", "b"] and cols.positions == (0, 2)
+    assert cols.rejected == env.rejected
 
 
 def test_a_good_envelope_has_no_positions() -> None:
