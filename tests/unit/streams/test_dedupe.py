@@ -122,6 +122,47 @@ def test_index_is_a_set(tmp_path: Path, keys: list[tuple[str, str]]) -> None:
     idx.close()
 
 
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["t1", "t2"]),
+            st.text(
+                st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                min_size=1,
+                max_size=6,
+            ),
+            st.sampled_from([1, 2, 7, 2**41]),  # few values: runs, and a value met again later
+        ),
+        min_size=1,
+        max_size=120,
+    )
+)
+def test_a_batch_written_behind_holds_each_id_with_its_first_ingested_ms(
+    tmp_path: Path, rows: list[tuple[str, str, int]]
+) -> None:
+    """The write behind the flushes (``_json_batch``: runs of ids with the same ingested_ms)
+    puts every recorded id in the file once, with the ingested_ms it was first recorded with."""
+    path = tmp_path / "runs.sqlite"
+    path.unlink(missing_ok=True)
+    idx = DedupeIndex(path, "tp", pending_max=1)
+    first: dict[tuple[str, str], int] = {}
+    for t, e, ms in rows:
+        first.setdefault((t, e), ms)
+    record(idx, rows, watermark=3)  # one batch, handed to the background thread at once
+    idx.wait_behind()
+    assert idx.pending == 0
+    db = sqlite3.connect(path)
+    on_file = db.execute(
+        "SELECT tenant_id, event_id, ingested_ms FROM recent UNION ALL "
+        "SELECT tenant_id, event_id, ingested_ms FROM seen"
+    ).fetchall()
+    db.close()
+    assert sorted(on_file) == sorted((t, e, ms) for (t, e), ms in first.items())
+    assert idx.watermark == 3
+    idx.close()
+
+
 def test_new_topic_generation_still_knows_ids_stored_by_the_old_one(tmp_path: Path) -> None:
     """Embedded mode: the in-memory broker restarts with a new topic; offsets start over at 0.
 
