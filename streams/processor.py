@@ -52,7 +52,13 @@ import pyarrow as pa
 from schemas.columns import EVENTS_SCHEMA, empty_events, empty_usage
 from schemas.control import Control, ControlError, decode_control, is_control
 from schemas.deadletters import DeadLetter, DeadLetterRow
-from schemas.envelope import EnvelopeColumns, EnvelopeError, EnvelopeEvent, decode_columns
+from schemas.envelope import (
+    EnvelopeColumns,
+    EnvelopeError,
+    EnvelopeEvent,
+    decode_columns,
+    json_texts,
+)
 from schemas.meters import Meter
 from schemas.worker import ChainState, Claim
 from streams import deadletters
@@ -112,28 +118,6 @@ class MeterCache:
         self.loaded_ms = now
         log.debug("meters reloaded: %d meters", len(self.index))
         return self.index
-
-
-# Separates the events' properties in one bulk ``orjson.dumps`` (``json_texts``). A raw ``"`` in
-# orjson's output only opens or closes a string, so this byte sequence appears where we put it
-# or, only if some property holds exactly this string as a list element, somewhere else too:
-# then the number of pieces is wrong and the slow path runs.
-_SEP = "\x00\x01tally-properties\x01\x00"
-_SEP_BYTES = b"," + orjson.dumps(_SEP) + b","
-
-
-def json_texts(objs: list[Any]) -> list[bytes]:
-    """``[orjson.dumps(o) for o in objs]``, computed with ONE ``dumps`` of all of them (a call
-    of orjson costs ~2 us on this machine whatever the size of the object; the bulk call ~50 ns
-    per object)."""
-    if len(objs) < 2:
-        return [orjson.dumps(o) for o in objs]
-    interleaved = list(itertools.chain.from_iterable(zip(objs, itertools.repeat(_SEP))))
-    interleaved.pop()
-    parts = orjson.dumps(interleaved)[1:-1].split(_SEP_BYTES)
-    if len(parts) != len(objs):  # the separator occurred inside a property: do it one by one
-        return [orjson.dumps(o) for o in objs]
-    return parts
 
 
 def _json_texts_checked(objs: list[Any]) -> tuple[list[bytes], list[tuple[int, Exception]]]:
@@ -553,13 +537,24 @@ class BatchProcessor:
         rows = _LinkRows(
             keys, tenants, ids, types, customers, times, props, offsets, ingested, index_in_env
         )
+        # the ledger's properties as JSON: the envelopes' property lines (version 2) as they
+        # are; else written here, and an event whose properties cannot be written (nested
+        # deeper than the encoder allows) is not kept: it goes to the dead letters
+        lines: list[bytes] | None = None
+        if all(env.property_texts is not None for _o, env in envs):
+            lines = list(chain(env.property_texts or () for _o, env in envs))
         if len(first) - len(seen) < events_in:  # something to drop: keep the first copies only
             for k in seen:
                 del first[k]
-            rows = rows.take(sorted(first.values()))
-        # the ledger's properties as JSON; an event whose properties cannot be written (nested
-        # deeper than the encoder allows) is not kept: it goes to the dead letters
-        texts, unencodable = _json_texts_checked(rows.props)
+            kept_at = sorted(first.values())
+            rows = rows.take(kept_at)
+            if lines is not None:
+                (lines,) = _take(kept_at, lines)
+        unencodable: list[tuple[int, Exception]] = []
+        if lines is not None:
+            texts = lines
+        else:
+            texts, unencodable = _json_texts_checked(rows.props)
         found: list[tuple[int, DeadLetter]] = []  # dead letters met on the way
         if unencodable:
             for g, exc in unencodable:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from schemas import envelope
 from schemas.events import Event
 from schemas.timeutil import epoch_ms
+from tests.unit.schemas.strategies import property_values
 
 
 def _ev(i: int, customer: str = "c", eid: str | None = None) -> Event:
@@ -77,7 +78,11 @@ def test_preserves_order_within_a_partition() -> None:
         (b"not json", "undecodable"),
         (b"[]", "undecodable"),
         (b'"text"', "undecodable"),
-        (b'{"v": 2, "t": "x", "at": 1, "e": []}', "unsupported_version"),
+        (b'{"v": 3, "t": "x", "at": 1, "e": []}', "unsupported_version"),
+        (
+            b'{"v": 3, "t": "x", "at": 1, "i": [], "y": [], "c": [], "m": []}\n{}',
+            "unsupported_version",
+        ),
         (b'{"v": true, "t": "x", "at": 1, "e": []}', "unsupported_version"),
         (b'{"t": "x", "at": 1, "e": []}', "unsupported_version"),
         (b'{"v": 1, "t": "x"}', "invalid_envelope"),
@@ -86,13 +91,37 @@ def test_preserves_order_within_a_partition() -> None:
         (b'{"v": 1, "t": "x", "at": 1.5, "e": []}', "invalid_envelope"),
         (b'{"v": 1, "t": "x", "at": 1, "e": {}}', "invalid_envelope"),
         (b'{"v": 1, "t": "x", "at": 99999999999999999, "e": []}', "invalid_envelope"),
+        (b'{"v": 1, "t": "x", "at": 1, "e": []}\n{}', "undecodable"),  # v1 is one document
+        (b'{"v": 2, "t": "x", "at": 1, "e": []}', "invalid_envelope"),
+        (b'{"v": 2, "t": "x", "at": 1, "i": [], "y": [], "c": []}', "invalid_envelope"),
+        (b'{"v": 2, "t": "x", "at": 1, "i": [], "y": [], "c": [], "m": {}}', "invalid_envelope"),
+        (b'{"v": 2, "t": "", "at": 1, "i": [], "y": [], "c": [], "m": []}', "invalid_envelope"),
+        # one value per event in every column and one property line per event
+        (
+            b'{"v": 2, "t": "x", "at": 1, "i": ["a"], "y": ["t"], "c": ["c"], "m": [1]}',
+            "invalid_envelope",
+        ),
+        (
+            b'{"v": 2, "t": "x", "at": 1, "i": ["a"], "y": ["t"], "c": [], "m": [1]}\n{}',
+            "invalid_envelope",
+        ),
+        (
+            b'{"v": 2, "t": "x", "at": 1, "i": ["a"], "y": ["t"], "c": ["c"], "m": [1]}\n{}\n{}',
+            "invalid_envelope",
+        ),
+        (
+            b'{"v": 2, "t": "x", "at": 1, "i": ["a"], "y": ["t"], "c": ["c"], "m": [1]}\n{}\n',
+            "invalid_envelope",
+        ),
+        (b'{"v": 2, "t": "x", "at": 1, "i": [], "y": [], "c": [], "m": []}\n', "invalid_envelope"),
+        (b'{"v": 2, "t": "x"\n, "at": 1, "i": [], "y": [], "c": [], "m": []}', "invalid_envelope"),
     ],
 )
 def test_decode_rejects_poison_with_a_reason(payload: bytes, reason: str) -> None:
     with pytest.raises(envelope.EnvelopeError) as info:
         envelope.decode(payload)
     assert info.value.reason == reason
-    if b'"t": "x"' in payload:
+    if b'"t": "x"' in payload and reason != "undecodable":
         assert info.value.tenant_id == "x"
 
 
@@ -129,6 +158,72 @@ def test_a_bad_event_is_left_out_and_its_neighbours_kept(row: object, problem: s
     assert cols.rejected == env.rejected
 
 
+def _v2(rows: list[list[object]], lines: list[bytes] | None = None) -> bytes:
+    """A version 2 envelope of tenant x written by hand (columns and property lines)."""
+    head = orjson.dumps(
+        {"v": 2, "t": "x", "at": 9, **{k: [r[j] for r in rows] for j, k in enumerate("iycm")}}
+    )
+    if lines is None:
+        lines = [orjson.dumps(r[4]) for r in rows]
+    return head + b"".join(b"\n" + line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("row", "line", "problem"),
+    [
+        ([1, "t", "c", 5, {}], None, "id must be a string"),
+        (["", "t", "c", 5, {}], None, "id must not be empty"),
+        (["i" * 257, "t", "c", 5, {}], None, "id is longer than 256"),
+        (["i", None, "c", 5, {}], None, "type must be a string"),
+        (["i", "t", ["c"], 5, {}], None, "customer must be a string"),
+        (["i", "t", "c", 5.0, {}], None, "time must be integer epoch milliseconds"),
+        (["i", "t", "c", True, {}], None, "time must be integer epoch milliseconds"),
+        (["i", "t", "c", 10**14, {}], None, "outside the store's range"),
+        (["i", "t", "c", 5, []], None, "properties must be an object, got array"),
+        (["i", "t", "c", 5, {}], b"not json", "properties must be an object, got string"),
+        (["i", "t", "c", 5, {}], b"", "properties must be an object, got string"),
+        (["i", "t", "c", 5, {}], b"1,2", "properties must be an object, got string"),
+        (["i", "t", "c", 5, {}], b'{"a":1},{"b":2}', "properties must be an object, got string"),
+        (["i", "t", "c", 5, {}], b"7", "properties must be an object, got number"),
+    ],
+)
+def test_version_2_a_bad_event_is_left_out_and_its_neighbours_kept(
+    row: list[object], line: bytes | None, problem: str
+) -> None:
+    rows = [["a", "t", "c", 1, {"k": 1}], row, ["b", "t", "c", 2, {}]]
+    lines = [orjson.dumps(r[4]) for r in rows]
+    if line is not None:
+        lines[1] = line
+    payload = _v2(rows, lines)
+    env = envelope.decode(payload)
+    assert [e.id for e in env.events] == ["a", "b"]
+    assert [e.properties for e in env.events] == [{"k": 1}, {}]
+    assert env.positions == (0, 2)
+    (rej,) = env.rejected
+    assert rej.index == 1 and problem in rej.problem
+    assert rej.row[:4] == row[:4]
+    cols = envelope.decode_columns(payload)
+    assert cols.ids == ["a", "b"] and cols.positions == (0, 2)
+    assert cols.rejected == env.rejected
+    assert cols.property_texts == [b'{"k":1}', b"{}"]
+
+
+def test_version_1_over_several_lines_is_read() -> None:
+    payload = b'{"v": 1, "t": "x", "at": 9,\n "e": [["a", "t", "c", 1, {"k": 1}]]}\n'
+    (ev,) = envelope.decode(payload).events
+    assert ev == envelope.EnvelopeEvent("a", "t", "c", 1, {"k": 1})
+    cols = envelope.decode_columns(payload)
+    assert cols.ids == ["a"] and cols.property_texts is None
+
+
+def test_version_2_property_lines_are_kept_as_written() -> None:
+    rows = [["a", "t", "c", 1, {"k": 1}], ["b", "t", "c", 2, {}]]
+    payload = _v2(rows, [b' { "k" : 1 } ', b"{}"])
+    cols = envelope.decode_columns(payload)
+    assert cols.properties == [{"k": 1}, {}]
+    assert cols.property_texts == [b' { "k" : 1 } ', b"{}"]
+
+
 def test_a_good_envelope_has_no_positions() -> None:
     env = envelope.decode(b'{"v": 1, "t": "x", "at": 9, "e": [["a", "t", "c", 1, {}]]}')
     assert env.rejected == () and env.positions is None
@@ -157,3 +252,58 @@ def test_group_rows_round_trips_wire_rows(
             assert envelope.partition_for("t", e.id, partitions) == env.partition
             back.append((e.id, e.type, e.customer, e.time_ms, e.properties))
     assert sorted(back, key=repr) == sorted(wire, key=repr)
+
+
+@given(rows, st.integers(1, 7))
+def test_version_2_decodes_to_what_version_1_of_the_same_rows_does(
+    wire: list[envelope.Row], max_events: int
+) -> None:
+    for env in envelope.group_rows("t", 5, wire, 1, max_events):
+        assert env.payload.startswith(b'{"v":2,')
+        v2 = envelope.decode(env.payload)
+        n = len(v2.events)
+        v1_rows = [[e.id, e.type, e.customer, e.time_ms, e.properties] for e in v2.events]
+        assert envelope.decode(envelope.payload_v1("t", 5, v1_rows)) == v2
+        cols = envelope.decode_columns(env.payload)
+        assert [cols.event(i) for i in range(len(cols))] == v2.events
+        assert cols.property_texts == [orjson.dumps(e.properties) for e in v2.events]
+        assert len(cols) == n == len(env.event_ids)
+
+
+def test_an_empty_version_2_envelope_has_no_property_lines() -> None:
+    (env,) = [envelope.OutgoingEnvelope(0, envelope.encode("t", 5, []), ())]
+    assert b"\n" not in env.payload
+    cols = envelope.decode_columns(env.payload)
+    assert len(cols) == 0 and cols.property_texts == []
+
+
+@given(st.lists(st.dictionaries(st.text(max_size=5), property_values, max_size=5), max_size=20))
+def test_property_lines_are_one_dumps_per_object(objs: list[dict[str, object]]) -> None:
+    assert envelope.property_lines(objs) == b"\n".join(orjson.dumps(o) for o in objs)
+    assert envelope.json_texts(objs) == [orjson.dumps(o) for o in objs]
+
+
+def test_property_lines_with_the_separator_inside_a_property() -> None:
+    objs = [{"a": [1, envelope._SEP, 2]}, {"b": envelope._SEP}, {}, {"c": [envelope._SEP]}]
+    assert envelope.property_lines(objs) == b"\n".join(orjson.dumps(o) for o in objs)
+    assert envelope.json_texts(objs) == [orjson.dumps(o) for o in objs]
+
+
+def _nested(levels: int) -> dict[str, object]:
+    obj: dict[str, object] = {}
+    for _ in range(levels - 1):
+        obj = {"a": obj}
+    return obj
+
+
+@pytest.mark.parametrize("neighbours", [0, 1])
+def test_the_encoder_refuses_properties_nested_past_the_ingest_limit(neighbours: int) -> None:
+    """Properties nested up to ``api.ingest.MAX_NESTING`` levels are written; one more is
+    refused, as version 1 did (the API answers 400 naming those events)."""
+    from api.ingest import MAX_NESTING
+
+    rest = [("j", "t", "c", 1, {})] * neighbours
+    (env,) = envelope.group_rows("t", 1, [("i", "t", "c", 1, _nested(MAX_NESTING)), *rest], 1)
+    assert envelope.decode(env.payload).events[0].properties == _nested(MAX_NESTING)
+    with pytest.raises(orjson.JSONEncodeError):
+        envelope.group_rows("t", 1, [("i", "t", "c", 1, _nested(MAX_NESTING + 1)), *rest], 1)

@@ -4,7 +4,7 @@ Whatever a message holds -- random bytes, any JSON, envelopes with fields of eve
 rows mixing good and bad events, control messages with broken JSON, versions or meters -- the
 worker's ``BatchProcessor.add`` + ``flush`` never raises, the partition advances past it, and the
 dead letters are exactly those an independent classifier (written here, from the wire format in
-docs/architecture.md, not from schemas.envelope) predicts, with the same reason and position.
+docs/architecture.md, not from schemas.envelope) predicts, for envelopes of both wire versions,, with the same reason and position.
 The good events of a message are stored; nothing else is.
 
 Also: what the API's event and CloudEvents decoders accept (``api.ingest_parse``), once grouped
@@ -71,24 +71,60 @@ def expected(payload: bytes | None) -> tuple[list[tuple[int, str]], list[str]]:
         if doc.get("kind") != "activate_meter" or not isinstance(doc.get("meter"), dict):
             return [(-1, "invalid_control")], []
         return [], []  # the generator only writes valid meters otherwise (see _control)
-    try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return [(-1, "undecodable")], []
+    head, newline, tail = payload.partition(b"\n")
+    try:  # version 2: a header line (then property lines); version 1: one document
+        doc = orjson.loads(head)
+        lines: list[bytes] | None = tail.split(b"\n") if newline else []
+        if isinstance(doc, dict) and doc.get("v") == 1 and newline:
+            raise ValueError("version 1 is one document")
+    except (orjson.JSONDecodeError, ValueError):
+        try:
+            doc = orjson.loads(payload)
+            lines = None
+        except orjson.JSONDecodeError:
+            return [(-1, "undecodable")], []
     if not isinstance(doc, dict):
         return [(-1, "undecodable")], []
-    if type(doc.get("v")) is not int or doc["v"] != 1:
+    if type(doc.get("v")) is not int or doc["v"] not in (1, 2):
         return [(-1, "unsupported_version")], []
     if not _text_ok(doc.get("t"), TENANT_MAX):
         return [(-1, "invalid_envelope")], []
     at = doc.get("at")
     if type(at) is not int or not MS_MIN <= at <= MS_MAX:
         return [(-1, "invalid_envelope")], []
-    if type(doc.get("e")) is not list:
+    if doc["v"] == 2:
+        if lines is None:
+            return [(-1, "invalid_envelope")], []  # a version 2 header is one line
+        cols = [doc.get(k) for k in ("i", "y", "c", "m")]
+        if not all(type(c) is list for c in cols):
+            return [(-1, "invalid_envelope")], []
+        if len({len(c) for c in cols} | {len(lines)}) != 1:
+            return [(-1, "invalid_envelope")], []
+        event_rows = [
+            [*r, _line_value(line)] for r, line in zip(zip(*cols, strict=True), lines, strict=True)
+        ]
+    elif type(doc.get("e")) is not list:
         return [(-1, "invalid_envelope")], []
-    bad = [(i, "invalid_event") for i, r in enumerate(doc["e"]) if not row_ok(r)]
-    good = [r[0] for r in doc["e"] if row_ok(r)]
+    else:
+        event_rows = doc["e"]
+    bad = [(i, "invalid_event") for i, r in enumerate(event_rows) if not row_ok(r)]
+    good = [r[0] for r in event_rows if row_ok(r)]
     return bad, good
+
+
+def _line_value(line: bytes) -> Any:
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None  # not an object: the event is bad
+
+
+def tenant_of(payload: bytes) -> str:
+    head = payload.partition(b"\n")[0]
+    try:
+        return str(orjson.loads(head)["t"])
+    except orjson.JSONDecodeError:
+        return str(orjson.loads(payload)["t"])
 
 
 # --- generators -------------------------------------------------------------------------------
@@ -156,7 +192,37 @@ def envelopes(draw: st.DrawFn, n: int) -> bytes:
         doc["e"] = draw(json_value)
     elif how == 4:
         del doc[draw(st.sampled_from(["v", "t", "at", "e"]))]
-    return orjson.dumps(doc)
+    if draw(st.booleans()):
+        return orjson.dumps(doc)
+    return _version_2(draw, doc)
+
+
+def _version_2(draw: st.DrawFn, doc: dict[str, Any]) -> bytes:
+    """``doc`` as a version 2 envelope: its 5-value rows as columns and property lines (other
+    rows as they are in one column), with some lines or columns too many or too few and some
+    lines that are not JSON."""
+    if type(doc.get("v")) is int and doc["v"] == 1:
+        doc["v"] = 2
+    rows = doc.pop("e", [])
+    rows = rows if type(rows) is list else []
+    rows = [r if type(r) is list and len(r) == 5 else [r, "t", "c", 1, {}] for r in rows]
+    for j, key in enumerate(("i", "y", "c", "m")):
+        doc[key] = [r[j] for r in rows]
+    lines = [orjson.dumps(r[4]) for r in rows]
+    how = draw(st.integers(0, 9))
+    if how == 0 and lines:
+        lines[draw(st.integers(0, len(lines) - 1))] = draw(
+            st.sampled_from([b"", b"not json", b"1,2", b'{"a":1},{"b":2}', b"[1]", b'"{}"'])
+        )
+    elif how == 1:
+        lines.append(b"{}")
+    elif how == 2 and lines:
+        lines.pop()
+    elif how == 3:
+        key = draw(st.sampled_from(["i", "y", "c", "m"]))
+        doc[key] = draw(st.one_of(json_value, st.just([*doc[key], "x"])))
+    head = orjson.dumps(doc)
+    return head + b"".join(b"\n" + line for line in lines)
 
 
 @st.composite
@@ -221,7 +287,7 @@ def test_worker_never_raises_and_dead_letters_every_bad_message(
             dead, good = expected(payload)
             want_dead |= {(offset, index, reason) for index, reason in dead}
             if good:
-                tenant = orjson.loads(payload or b"")["t"]
+                tenant = tenant_of(payload or b"")
                 want_ids |= {(tenant, eid) for eid in good}
         assert proc.flush() == {partition: len(msgs) - 1}  # never blocked
         for idx in indexes.values():

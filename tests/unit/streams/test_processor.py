@@ -14,10 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.control import CONTROL_PREFIX, encode_activate
+from schemas.envelope import encode, group_rows
 from schemas.meters import Meter
 from streams.aggregation import merge_rows
 from streams.dedupe import DedupeIndex, rebuild
 from streams.processor import BatchProcessor, MeterCache
+from tests.unit.schemas.strategies import property_values
 from tests.unit.streams.fakes import MemorySink, meter
 
 TOPIC = "tally.events"
@@ -587,31 +589,45 @@ def test_stream_counts_exactly_the_events_after_the_first_marker(tmp_path_factor
     assert rows == set(first_marker.items())
 
 
-json_value = st.recursive(
-    st.one_of(
-        st.none(),
-        st.booleans(),
-        st.integers(-(2**63), 2**63 - 1),
-        st.floats(allow_nan=False, allow_infinity=False),
-        st.text(),
-        st.sampled_from(["\x00\x01tally-properties\x01\x00", '",{', "},{", "\\", '\\"']),
+wire_events = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b", "c", "d", "e", "f"]),  # ids repeat: duplicates
+        st.integers(T0, T0 + 300_000),
+        st.dictionaries(st.sampled_from(["v", "w"]), property_values, max_size=2),
     ),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
-    ),
-    max_leaves=12,
+    max_size=12,
 )
 
 
-@given(st.lists(st.dictionaries(st.text(max_size=5), json_value, max_size=5), max_size=20))
-def test_bulk_json_texts_equal_one_dumps_per_object(objs: list[dict[str, Any]]) -> None:
-    from streams.processor import json_texts
-
-    assert json_texts(objs) == [orjson.dumps(o) for o in objs]
-
-
-def test_bulk_json_texts_with_the_separator_inside_a_property() -> None:
-    from streams.processor import _SEP, json_texts
-
-    objs = [{"a": [1, _SEP, 2]}, {"b": _SEP}, {}, {"c": [_SEP]}]
-    assert json_texts(objs) == [orjson.dumps(o) for o in objs]
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(wire_events, min_size=1, max_size=4), st.lists(st.booleans(), min_size=4, max_size=4)
+)
+def test_both_wire_versions_store_the_same_ledger_rows_and_windows(
+    tmp_path_factory: pytest.TempPathFactory,
+    messages: list[list[tuple[str, int, dict[str, Any]]]],
+    as_v1: list[bool],
+) -> None:
+    """The same events sent as version 1 envelopes and as version 2 envelopes (some links mixing
+    both, as during an upgrade): the same ledger rows (the properties text included: version 2's
+    property line as written, version 1's written by the worker) and the same minute windows."""
+    meters = [meter(aggregation="sum", value_property="$.v")]
+    got = []
+    for version_of in (lambda _n: True, lambda n: as_v1[n % 4], lambda _n: False):
+        proc, sink, indexes = make(tmp_path_factory.mktemp("p"), meters, partitions=1)
+        for n, evs in enumerate(messages):
+            if version_of(n):
+                body = payload(evs)
+            else:
+                rows = [(eid, "api", "c1", t, props) for eid, t, props in evs]
+                (env,) = group_rows("t1", ING, rows, 1, 1000) if rows else [None]
+                body = env.payload if env is not None else encode("t1", ING, [])
+                assert body.startswith(b'{"v":2,')
+            proc.add(0, n, body)
+        proc.flush()
+        for idx in indexes.values():
+            idx.close()
+        got.append((sink.events, sorted(sink.usage, key=repr), sink.dead_letters))
+    assert got[0] == got[1] == got[2]
