@@ -14,9 +14,9 @@ Wire format, version 2 (written since 2026-12-03; orjson, compact)::
     <properties of event 1>
     ...
 
-a header line holding the events as columns, then one line per event with its properties (lines
-end with a newline byte, which compact JSON never holds raw; no lines after the header when there
-are no events). The worker stores each property line as the ledger's ``properties`` text as it
+a header line holding the events as columns, then one line per event with its properties
+(the lines are separated by a newline byte, which compact JSON never holds raw; none follows the
+last line; no lines after the header when there are no events). The worker stores each property line as the ledger's ``properties`` text as it
 is, and parses all lines in one call for its meters: it no longer writes every event's
 properties back to JSON, and it reads the columns without making a row per event. Version 1
 (one JSON document, an event per row) is still read, so a topic may hold both while APIs and
