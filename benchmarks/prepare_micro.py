@@ -3,8 +3,10 @@
 update of the stored links (``DedupeIndex.record_keys``), flush after flush, on what `tally run` sees
 under load.
 
-Run: python -m benchmarks.prepare_micro [flushes] [events_per_flush] [partitions] — nothing
-asserted. Each flush holds ``events_per_flush`` events over ``partitions`` partitions (default:
+Run: python -m benchmarks.prepare_micro [flushes] [events_per_flush] [partitions] [--marker] —
+nothing asserted. ``--marker``: the meters were activated by a marker of this topic (at offset 0
+of every partition), as meters created while `tally run` runs are; without it they predate the
+topic. Each flush holds ``events_per_flush`` events over ``partitions`` partitions (default:
 `tally run`'s, ``runtime.roles.EMBEDDED_PARTITIONS``; one link each), in envelopes of ~125
 events (requests of 1000 events of one tenant, grouped by partition as the API does), 4 tenants
 with the benchmark workload's 5 meters each (``benchmarks.workload``: count, sum, max,
@@ -35,12 +37,13 @@ REQUEST = 1000
 T0 = 1_700_000_000_000
 
 
-def meters() -> list[Meter]:
+def meters(activation_topic: str = "") -> list[Meter]:
     return [
         Meter(
             id=f"m{t}-{spec['slug']}",
             tenant_id=f"tenant-{t}",
             created_at=datetime(2020, 1, 1, tzinfo=UTC),
+            activation_topic=activation_topic,
             **spec,
         )
         for t in range(TENANTS)
@@ -84,11 +87,13 @@ def payloads(flushes: int, per_flush: int, partitions: int) -> list[list[tuple[i
 
 
 def main() -> None:
-    flushes = int(sys.argv[1]) if len(sys.argv) > 1 else 30
-    per_flush = int(sys.argv[2]) if len(sys.argv) > 2 else 14_000
-    partitions = int(sys.argv[3]) if len(sys.argv) > 3 else EMBEDDED_PARTITIONS
+    marker = "--marker" in sys.argv
+    argv = [a for a in sys.argv if a != "--marker"]
+    flushes = int(argv[1]) if len(argv) > 1 else 30
+    per_flush = int(argv[2]) if len(argv) > 2 else 14_000
+    partitions = int(argv[3]) if len(argv) > 3 else EMBEDDED_PARTITIONS
     data = payloads(flushes + 1, per_flush, partitions)
-    all_meters = meters()
+    all_meters = meters("bench" if marker else "")
     with tempfile.TemporaryDirectory() as d:
         indexes: dict[int, DedupeIndex] = {}
 
@@ -106,7 +111,7 @@ def main() -> None:
         )
         for p in range(partitions):
             proc.assign(p, -1)
-            proc.activations.load(p, {})
+            proc.activations.load(p, {m.id: 0 for m in all_meters} if marker else {})
         offsets = dict.fromkeys(range(partitions), -1)
         decode_s: list[float] = []
         prepare_s: list[float] = []

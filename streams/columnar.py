@@ -669,6 +669,7 @@ def aggregate_links(
         cols = _Props(props)
         everyone = range(size)
         offsets_np: np.ndarray | None = None
+        bounds: tuple[int, int] | None = None  # (min, max) of the group's offsets
         wk: _WindowKeys | None = None
         times_arr: pa.Array | None = None
         ids_arr: pa.Array | None = None
@@ -684,12 +685,23 @@ def aggregate_links(
             elif glinks is None:
                 low = lows[0]
                 assert low is not None
-                sel = [n for n in everyone if offsets[n] > low]
+                # A meter activated by a marker of this topic: the events after the marker. Past
+                # the link that holds the marker that is every event of the group, found from
+                # its offsets' bounds alone (then no take of the group's columns below).
+                if bounds is None:
+                    bounds = (min(offsets), max(offsets))
+                if bounds[0] > low:
+                    sel = everyone
+                elif bounds[1] <= low:
+                    continue
+                else:
+                    sel = [n for n in everyone if offsets[n] > low]
             else:
                 if offsets_np is None:
                     offsets_np = np.array(offsets, dtype=np.int64)
                 bound = np.array([_NEVER if low is None else low for low in lows], dtype=np.int64)
-                sel = np.flatnonzero(offsets_np > bound[glinks]).tolist()
+                after = offsets_np > bound[glinks]
+                sel = everyone if after.all() else np.flatnonzero(after).tolist()
             if cm.filters:
                 sel = _select(cm, sel, cols)
             if not sel:

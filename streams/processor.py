@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple
 
+import numpy as np
 import orjson
 import pyarrow as pa
 
@@ -138,12 +139,16 @@ def _json_texts_checked(objs: list[Any]) -> tuple[list[bytes], list[tuple[int, E
     return texts, bad
 
 
-def _take(positions: list[int], *columns: list[Any]) -> list[list[Any]]:
-    """The rows at ``positions`` of each of the parallel ``columns`` (the loops in C)."""
-    if len(positions) < 2:
-        return [[col[g] for g in positions] for col in columns]
-    pick = operator.itemgetter(*positions)
-    return [list(pick(col)) for col in columns]
+def _keep(selectors: list[bool], *columns: list[Any]) -> list[list[Any]]:
+    """The rows of each of the parallel ``columns`` whose selector is true, in order (the loops
+    in C: ``itertools.compress`` is about twice as fast as picking positions)."""
+    return [list(itertools.compress(col, selectors)) for col in columns]
+
+
+def _spread(values: list[Any], counts: list[int]) -> list[Any]:
+    """Each of ``values`` repeated its count of times, in order (an envelope's value for each
+    of its events)."""
+    return list(itertools.chain.from_iterable(map(itertools.repeat, values, counts)))
 
 
 class _LinkRows(NamedTuple):
@@ -160,9 +165,9 @@ class _LinkRows(NamedTuple):
     ingested: list[int]
     index_in_env: list[int]
 
-    def take(self, positions: list[int]) -> _LinkRows:
-        """The rows at ``positions``."""
-        return _LinkRows(*_take(positions, *self))
+    def keep(self, selectors: list[bool]) -> _LinkRows:
+        """The rows whose selector is true."""
+        return _LinkRows(*_keep(selectors, *self))
 
 
 class _Origin(NamedTuple):
@@ -514,8 +519,9 @@ class BatchProcessor:
         # Columns of the whole link in (offset, index) order; ``first`` maps each key to the
         # position of its first copy (built from the reversed columns, so the earliest wins).
         chain = itertools.chain.from_iterable
-        repeat = itertools.repeat
-        tenants = list(chain(repeat(env.tenant_id, len(env)) for _o, env in envs))
+        env_tenants = [env.tenant_id for _o, env in envs]
+        counts = [len(env) for _o, env in envs]  # events per envelope (kept ones, further down)
+        tenants = _spread(env_tenants, counts)
         ids = list(chain(env.ids for _o, env in envs))
         keys = list(zip(tenants, ids, strict=True))
         events_in = len(keys)
@@ -528,14 +534,9 @@ class BatchProcessor:
         customers = list(chain(env.customers for _o, env in envs))
         times = list(chain(env.times_ms for _o, env in envs))
         props = list(chain(env.properties for _o, env in envs))
-        offsets = list(chain(repeat(o, len(env)) for o, env in envs))
-        ingested = list(chain(repeat(env.ingested_at_ms, len(env)) for _o, env in envs))
         # an event's index in its envelope (``positions`` when bad rows were left out of it)
         index_in_env = list(
             chain(range(len(env)) if env.positions is None else env.positions for _o, env in envs)
-        )
-        rows = _LinkRows(
-            keys, tenants, ids, types, customers, times, props, offsets, ingested, index_in_env
         )
         # the ledger's properties as JSON: the envelopes' property lines (version 2) as they
         # are; else written here, and an event whose properties cannot be written (nested
@@ -546,10 +547,24 @@ class BatchProcessor:
         if len(first) - len(seen) < events_in:  # something to drop: keep the first copies only
             for k in seen:
                 del first[k]
-            kept_at = sorted(first.values())
-            rows = rows.take(kept_at)
+            is_kept = np.zeros(events_in, dtype=np.bool_)
+            is_kept[np.fromiter(first.values(), dtype=np.int64, count=len(first))] = True
+            selectors = is_kept.tolist()
+            keys, ids, types, customers, times, props, index_in_env = _keep(
+                selectors, keys, ids, types, customers, times, props, index_in_env
+            )
             if lines is not None:
-                (lines,) = _take(kept_at, lines)
+                (lines,) = _keep(selectors, lines)
+            # what is the same for every event of an envelope follows the kept counts
+            ends = np.cumsum(counts)
+            kept_before = np.concatenate(([0], np.cumsum(is_kept)))
+            counts = (kept_before[ends] - kept_before[ends - counts]).tolist()
+            tenants = _spread(env_tenants, counts)
+        offsets = _spread([o for o, _env in envs], counts)
+        ingested = _spread([env.ingested_at_ms for _o, env in envs], counts)
+        rows = _LinkRows(
+            keys, tenants, ids, types, customers, times, props, offsets, ingested, index_in_env
+        )
         unencodable: list[tuple[int, Exception]] = []
         if lines is not None:
             texts = lines
@@ -565,13 +580,15 @@ class BatchProcessor:
                 letter = deadletters.of_unencodable(origin, rows.index_in_env[g], ev, exc)
                 found.append((rows.offsets[g], letter))
             drop = {g for g, _exc in unencodable}
-            pos = [g for g in range(len(rows.ids)) if g not in drop]
-            rows = rows.take(pos)
-            (texts,) = _take(pos, texts)
+            selectors = [g not in drop for g in range(len(rows.ids))]
+            rows = rows.keep(selectors)
+            (texts,) = _keep(selectors, texts)
         keys, tenants, ids, types, customers, times, props, offsets, ingested, index_in_env = rows
         kept = KeptEvents(tenants, ids, types, customers, times, props, offsets)
         late_ms = self.late_ms
-        late = sum(1 for t, ing in zip(kept.times_ms, ingested, strict=True) if t < ing - late_ms)
+        late = sum(
+            map(operator.lt, kept.times_ms, map(operator.sub, ingested, itertools.repeat(late_ms)))
+        )
         n_kept = len(kept)
         schema = EVENTS_SCHEMA
         link.events = pa.Table.from_arrays(
@@ -581,7 +598,8 @@ class BatchProcessor:
                 pa.array(kept.types, pa.string()),
                 pa.array(kept.customers, pa.string()),
                 pa.array(kept.times_ms, schema.field("time").type),
-                pa.array(texts, pa.binary()).cast(pa.string()),
+                # valid UTF-8 already (decoded or written by orjson): no second check
+                pa.array(texts, pa.binary()).view(pa.string()),
                 pa.array(ingested, schema.field("ingested_at").type),
                 pa.array([topic] * n_kept, pa.string()),
                 pa.array([p] * n_kept, pa.int32()),

@@ -128,6 +128,24 @@ def test_first_copy_by_offset_and_index_wins(tmp_path: Path) -> None:
     assert usage_total(sink)["events"] == 3
 
 
+def test_late_events_are_counted_at_the_bound_and_after_dropped_copies(tmp_path: Path) -> None:
+    """An event is late when its time is more than late_ms (60 s) before its acceptance; the
+    count and the per-envelope columns (acceptance time, tenant, offset) follow the kept
+    events when copies are dropped between envelopes."""
+    proc, sink, _ = make(tmp_path, [meter()])
+    later = ING + 10_000
+    proc.add(3, 4, payload([("a", ING - 60_000, {}), ("b", ING - 60_001, {})]))
+    proc.add(3, 5, payload([("b", ING - 60_001, {}), ("c", later - 60_001, {})], ingested=later))
+    proc.add(3, 6, payload([("d", later - 60_000, {})], tenant="t2", ingested=later))
+    proc.flush()
+    assert metric(proc, "tally_worker_late_events") == 2  # b and c; a and d are at the bound
+    at = datetime.fromtimestamp(later / 1000, UTC)
+    assert sink.events[("t1", "b")][6] == datetime.fromtimestamp(ING / 1000, UTC)
+    assert sink.events[("t1", "c")][6:] == (at, TOPIC, 3, 5, 1)
+    assert sink.events[("t2", "d")][0] == "t2"
+    assert sink.events[("t2", "d")][6:] == (at, TOPIC, 3, 6, 0)
+
+
 def test_same_id_other_tenant_is_not_a_duplicate(tmp_path: Path) -> None:
     proc, sink, _ = make(
         tmp_path, [meter(tenant_id="t1"), meter("n", tenant_id="t2", meter_id="id-n")]
