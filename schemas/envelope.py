@@ -19,10 +19,10 @@ a header line holding the events as columns, then one line per event with its pr
 the last line; no lines after the header when there are no events). The worker stores each
 property line as the ledger's ``properties`` text as it is, and parses all lines in one call
 for its meters: it no longer writes every event's properties back to JSON, and it reads the
-columns without making a row per event. Version 1
-(one JSON document, an event per row) is still read, so a topic may hold both while APIs and
-workers are upgraded (workers first: a worker that reads only version 1 sends version 2 messages
-to the dead letters as ``unsupported_version``)::
+columns without making a row per event. Version 1 (one JSON document, an event per row) is
+still read, so a topic may hold both while APIs and workers are upgraded (workers first: a
+worker that reads only version 1 sends version 2 messages to the dead letters as
+``unsupported_version``)::
 
     {"v": 1, "t": tenant_id, "at": ingested_at_epoch_ms,
      "e": [[id, type, customer, time_epoch_ms, properties], ...]}

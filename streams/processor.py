@@ -556,9 +556,8 @@ class BatchProcessor:
             if lines is not None:
                 (lines,) = _keep(selectors, lines)
             # what is the same for every event of an envelope follows the kept counts
-            ends = np.cumsum(counts)
             kept_before = np.concatenate(([0], np.cumsum(is_kept)))
-            counts = (kept_before[ends] - kept_before[ends - counts]).tolist()
+            counts = np.diff(kept_before[np.cumsum([0, *counts])]).tolist()
             tenants = _spread(env_tenants, counts)
         offsets = _spread([o for o, _env in envs], counts)
         ingested = _spread([env.ingested_at_ms for _o, env in envs], counts)
