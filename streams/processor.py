@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -559,8 +558,13 @@ class BatchProcessor:
             kept_before = np.concatenate(([0], np.cumsum(is_kept)))
             counts = np.diff(kept_before[np.cumsum([0, *counts])]).tolist()
             tenants = _spread(env_tenants, counts)
-        offsets = _spread([o for o, _env in envs], counts)
-        ingested = _spread([env.ingested_at_ms for _o, env in envs], counts)
+        env_offsets = [o for o, _env in envs]
+        env_ingested = [env.ingested_at_ms for _o, env in envs]
+        offsets = _spread(env_offsets, counts)
+        ingested = _spread(env_ingested, counts)
+        # each kept row's envelope (numbered in ``envs``): the Arrow columns of what is the same
+        # for every event of an envelope are taken by it, in C
+        env_of = np.repeat(np.arange(len(envs), dtype=np.int32), counts)
         rows = _LinkRows(
             keys, tenants, ids, types, customers, times, props, offsets, ingested, index_in_env
         )
@@ -582,27 +586,29 @@ class BatchProcessor:
             selectors = [g not in drop for g in range(len(rows.ids))]
             rows = rows.keep(selectors)
             (texts,) = _keep(selectors, texts)
+            env_of = env_of[np.array(selectors, dtype=np.bool_)]
         keys, tenants, ids, types, customers, times, props, offsets, ingested, index_in_env = rows
         kept = KeptEvents(tenants, ids, types, customers, times, props, offsets)
-        late_ms = self.late_ms
-        late = sum(
-            map(operator.lt, kept.times_ms, map(operator.sub, ingested, itertools.repeat(late_ms)))
-        )
         n_kept = len(kept)
+        times_ms = pa.array(kept.times_ms, pa.int64())
+        accepted_ms = np.array(env_ingested, dtype=np.int64)
+        # late: more than ``late_ms`` before its envelope's acceptance
+        late = int(np.count_nonzero(times_ms.to_numpy() < (accepted_ms - self.late_ms)[env_of]))
+        rows_env = pa.array(env_of)
         schema = EVENTS_SCHEMA
         link.events = pa.Table.from_arrays(
             [
-                pa.array(kept.tenants, pa.string()),
+                pa.array(env_tenants, pa.string()).take(rows_env),
                 pa.array(kept.ids, pa.string()),
                 pa.array(kept.types, pa.string()),
                 pa.array(kept.customers, pa.string()),
-                pa.array(kept.times_ms, schema.field("time").type),
+                times_ms.view(schema.field("time").type),
                 # valid UTF-8 already (decoded or written by orjson): no second check
                 pa.array(texts, pa.binary()).view(pa.string()),
-                pa.array(ingested, schema.field("ingested_at").type),
-                pa.array([topic] * n_kept, pa.string()),
-                pa.array([p] * n_kept, pa.int32()),
-                pa.array(kept.offsets, pa.int64()),
+                pa.array(accepted_ms[env_of]).view(schema.field("ingested_at").type),
+                pa.array([topic], pa.string()).take(pa.array(np.zeros(n_kept, dtype=np.int32))),
+                pa.array(np.full(n_kept, p, dtype=np.int32)),
+                pa.array(np.array(env_offsets, dtype=np.int64)[env_of]),
                 pa.array(index_in_env, pa.uint32()),
             ],
             schema=schema,

@@ -146,6 +146,37 @@ def test_late_events_are_counted_at_the_bound_and_after_dropped_copies(tmp_path:
     assert sink.events[("t2", "d")][6:] == (at, TOPIC, 3, 6, 0)
 
 
+def test_ledger_columns_after_unencodable_events_and_dropped_copies(tmp_path: Path) -> None:
+    """The per-envelope columns of the ledger (tenant, acceptance time, partition, offset) and
+    the late count follow the kept events when an event in the middle of an envelope cannot be
+    written (left out after the dedupe) and a copy is dropped in a later envelope."""
+    proc, sink, _ = make(tmp_path, [meter()])
+    later = ING + 10_000
+    deep = b'{"x":' * 300 + b"{}" + b"}" * 300  # read by orjson, not written (254 levels)
+    raw = b'{"v":1,"t":"t1","at":%d,"e":[["a","api","c1",%d,{}],["g","api","c1",%d,%b],' % (
+        ING,
+        ING,
+        ING - 100_000,
+        deep,
+    )
+    proc.add(2, 0, raw + b'["h","api","c1",%d,{}]]}' % (ING - 60_001))
+    proc.add(
+        2, 1, payload([("a", later, {}), ("i", later - 60_000, {})], tenant="t2", ingested=later)
+    )
+    proc.add(2, 2, payload([("h", ING - 60_001, {}), ("j", later - 60_001, {})], ingested=later))
+    proc.flush()
+    at, then = (datetime.fromtimestamp(ms / 1000, UTC) for ms in (ING, later))
+    assert {k: (r[0], *r[6:]) for k, r in sink.events.items()} == {
+        ("t1", "a"): ("t1", at, TOPIC, 2, 0, 0),
+        ("t1", "h"): ("t1", at, TOPIC, 2, 0, 2),
+        ("t2", "a"): ("t2", then, TOPIC, 2, 1, 0),
+        ("t2", "i"): ("t2", then, TOPIC, 2, 1, 1),
+        ("t1", "j"): ("t1", then, TOPIC, 2, 2, 1),
+    }
+    assert metric(proc, "tally_worker_late_events") == 2  # h and j; g is not kept, i at the bound
+    assert metric(proc, "tally_worker_events", outcome="duplicate") == 1
+
+
 def test_same_id_other_tenant_is_not_a_duplicate(tmp_path: Path) -> None:
     proc, sink, _ = make(
         tmp_path, [meter(tenant_id="t1"), meter("n", tenant_id="t2", meter_id="id-n")]
