@@ -543,6 +543,9 @@ class BatchProcessor:
         lines: list[bytes] | None = None
         if all(env.property_texts is not None for _o, env in envs):
             lines = list(chain(env.property_texts or () for _o, env in envs))
+        # each event's envelope (numbered in ``envs``), masked like the rows below: what is the
+        # same for every event of an envelope (tenant, acceptance time, offset) follows it
+        env_of = np.repeat(np.arange(len(envs), dtype=np.int32), counts)
         if len(first) - len(seen) < events_in:  # something to drop: keep the first copies only
             for k in seen:
                 del first[k]
@@ -554,17 +557,13 @@ class BatchProcessor:
             )
             if lines is not None:
                 (lines,) = _keep(selectors, lines)
-            # what is the same for every event of an envelope follows the kept counts
-            kept_before = np.concatenate(([0], np.cumsum(is_kept)))
-            counts = np.diff(kept_before[np.cumsum([0, *counts])]).tolist()
+            env_of = env_of[is_kept]
+            counts = np.bincount(env_of, minlength=len(envs)).tolist()  # kept per envelope
             tenants = _spread(env_tenants, counts)
-        env_offsets = [o for o, _env in envs]
-        env_ingested = [env.ingested_at_ms for _o, env in envs]
-        offsets = _spread(env_offsets, counts)
-        ingested = _spread(env_ingested, counts)
-        # each kept row's envelope (numbered in ``envs``): the Arrow columns of what is the same
-        # for every event of an envelope are taken by it, in C
-        env_of = np.repeat(np.arange(len(envs), dtype=np.int32), counts)
+        kept_offsets = np.array([o for o, _env in envs], dtype=np.int64)[env_of]
+        accepted_ms = np.array([env.ingested_at_ms for _o, env in envs], dtype=np.int64)
+        kept_accepted_ms = accepted_ms[env_of]
+        offsets, ingested = kept_offsets.tolist(), kept_accepted_ms.tolist()
         rows = _LinkRows(
             keys, tenants, ids, types, customers, times, props, offsets, ingested, index_in_env
         )
@@ -586,12 +585,16 @@ class BatchProcessor:
             selectors = [g not in drop for g in range(len(rows.ids))]
             rows = rows.keep(selectors)
             (texts,) = _keep(selectors, texts)
-            env_of = env_of[np.array(selectors, dtype=np.bool_)]
+            mask = np.array(selectors, dtype=np.bool_)
+            env_of, kept_offsets, kept_accepted_ms = (
+                env_of[mask],
+                kept_offsets[mask],
+                kept_accepted_ms[mask],
+            )
         keys, tenants, ids, types, customers, times, props, offsets, ingested, index_in_env = rows
         kept = KeptEvents(tenants, ids, types, customers, times, props, offsets)
         n_kept = len(kept)
         times_ms = pa.array(kept.times_ms, pa.int64())
-        accepted_ms = np.array(env_ingested, dtype=np.int64)
         # late: more than ``late_ms`` before its envelope's acceptance
         late = int(np.count_nonzero(times_ms.to_numpy() < (accepted_ms - self.late_ms)[env_of]))
         rows_env = pa.array(env_of)
@@ -605,10 +608,10 @@ class BatchProcessor:
                 times_ms.view(schema.field("time").type),
                 # valid UTF-8 already (decoded or written by orjson): no second check
                 pa.array(texts, pa.binary()).view(pa.string()),
-                pa.array(accepted_ms[env_of]).view(schema.field("ingested_at").type),
+                pa.array(kept_accepted_ms).view(schema.field("ingested_at").type),
                 pa.array([topic], pa.string()).take(pa.array(np.zeros(n_kept, dtype=np.int32))),
                 pa.array(np.full(n_kept, p, dtype=np.int32)),
-                pa.array(np.array(env_offsets, dtype=np.int64)[env_of]),
+                pa.array(kept_offsets),
                 pa.array(index_in_env, pa.uint32()),
             ],
             schema=schema,

@@ -160,10 +160,10 @@ def test_ledger_columns_after_unencodable_events_and_dropped_copies(tmp_path: Pa
         deep,
     )
     proc.add(2, 0, raw + b'["h","api","c1",%d,{}]]}' % (ING - 60_001))
-    proc.add(
-        2, 1, payload([("a", later, {}), ("i", later - 60_000, {})], tenant="t2", ingested=later)
-    )
-    proc.add(2, 2, payload([("h", ING - 60_001, {}), ("j", later - 60_001, {})], ingested=later))
+    two = [("a", later, {}), ("i", later - 60_000, {})]
+    proc.add(2, 1, payload(two, tenant="t2", ingested=later, customer="c2"))
+    three = [("h", ING - 60_001, {}), ("j", later - 60_001, {})]
+    proc.add(2, 2, payload(three, ingested=later, customer="c3"))
     proc.flush()
     at, then = (datetime.fromtimestamp(ms / 1000, UTC) for ms in (ING, later))
     assert {k: (r[0], *r[6:]) for k, r in sink.events.items()} == {
@@ -175,6 +175,8 @@ def test_ledger_columns_after_unencodable_events_and_dropped_copies(tmp_path: Pa
     }
     assert metric(proc, "tally_worker_late_events") == 2  # h and j; g is not kept, i at the bound
     assert metric(proc, "tally_worker_events", outcome="duplicate") == 1
+    # the meter (tenant t1) counted t1's kept events only, by their customers
+    assert {(r[0], r[2]) for r in sink.usage if r[1] == "id-m"} == {("t1", "c1"), ("t1", "c3")}
 
 
 def test_same_id_other_tenant_is_not_a_duplicate(tmp_path: Path) -> None:
