@@ -1,8 +1,9 @@
 """Ingest endpoints: ``POST /v1/events`` (native) and ``POST /api/v1/events`` (CloudEvents).
 
 Both read the raw body (``Content-Length`` checked first, then the bytes actually read), decode it
-once with orjson, validate every event (``api.ingest_parse``), group the valid ones into
-envelopes per partition (``api.envelopes``) and produce them. The answer is 2xx only after the
+(an array of valid events in one msgspec call; any other body, or one whose properties the
+envelope cannot hold, once with orjson), validate every event (``api.ingest_parse``), group the
+valid ones into envelopes per partition (``schemas.envelope``) and produce them. The answer is 2xx only after the
 broker acknowledged every envelope; with ``wait=stored`` also after the worker stored them.
 
 Answers:
@@ -41,7 +42,9 @@ from api.ingest_parse import (
     load_json,
     native_shape,
     parse_cloudevents,
+    parse_cloudevents_body,
     parse_native,
+    parse_native_body,
 )
 from api.openapi import BOOL_PARAM, RFC3339_STORE, doc, query, ref, setting
 from api.state import AppState, Metrics, get_state
@@ -262,12 +265,35 @@ async def _ingest(request: Request, tenant_id: str, st: AppState, api: str) -> R
         single, batch = cloudevents_shape(content_type)
     raw = await read_body(request, s.max_request_bytes)
     st.metrics.ingest_bytes.labels(api).inc(len(raw))
-    items = as_items(load_json(raw), single=single, batch=batch)
     limits = limits_of(st)
-    check_count(len(items), limits)
     now_ms = time.time_ns() // 1_000_000
+    if batch:  # an array of events, all valid: one decoder call (else None)
+        read = parse_native_body if api == "native" else parse_cloudevents_body
+        fast = read(raw, now_ms, limits)
+        if fast is not None:
+            try:
+                return await _accept(st, tenant_id, api, fast, now_ms, wait, atomic, fast=True)
+            except UnencodableEvents:
+                pass  # nested too deep, integers beyond 64 bits: decided below (none produced)
+    items = as_items(load_json(raw), single=single, batch=batch)
+    check_count(len(items), limits)
     parse = parse_native if api == "native" else parse_cloudevents
     res = parse(items, now_ms, limits)
+    return await _accept(st, tenant_id, api, res, now_ms, wait, atomic)
+
+
+async def _accept(
+    st: AppState,
+    tenant_id: str,
+    api: str,
+    res: ParseResult,
+    now_ms: int,
+    wait: WaitMode,
+    atomic: bool,
+    fast: bool = False,
+) -> Response:
+    """Deliver the valid events of ``res`` and answer. ``fast`` (a ``parse_*_body``
+    result): an ``UnencodableEvents`` is raised to the caller instead of rejecting events."""
     if res.errors and (atomic or not res.rows):
         count_rejected(st.metrics, api, res.errors, atomic_valid=len(res.rows))
         prefix = "atomic request rejected: " if atomic and res.rows else ""
@@ -275,6 +301,8 @@ async def _ingest(request: Request, tenant_id: str, st: AppState, api: str) -> R
     try:
         await deliver(st, tenant_id, res.rows, now_ms, wait, api)
     except UnencodableEvents as exc:  # rare: reject those events, deliver their neighbours
+        if fast:
+            raise
         reject_unencodable(res, exc.positions)
         if atomic or not res.rows:
             count_rejected(st.metrics, api, res.errors, atomic_valid=len(res.rows))
@@ -308,16 +336,16 @@ async def deliver(
     producer = st.producer
     if producer is None:
         raise BrokerUnavailable("ingest is not configured on this server (no producer)")
+    # encoded before the limits are asked, so that a request redone without its unencodable
+    # events takes the tenant's event rate once
+    try:
+        envelopes = group_rows(tenant_id, now_ms, rows, producer.partitions, s.envelope_max_events)
+    except orjson.JSONEncodeError:
+        raise UnencodableEvents(positions=unencodable_positions(rows)) from None
     # the tenant's batch size, monthly quota and event rate, this process's in-flight events
     # (413 / 429 / 503 naming the limit; nothing is produced then)
     reservation = await st.limiter.admit_events(st, tenant_id, len(rows))
     try:
-        try:
-            envelopes = group_rows(
-                tenant_id, now_ms, rows, producer.partitions, s.envelope_max_events
-            )
-        except orjson.JSONEncodeError:
-            raise UnencodableEvents(positions=unencodable_positions(rows)) from None
         metrics.producer_queue.inc(len(rows))
         started = time.perf_counter()
         try:

@@ -8,6 +8,17 @@ properties)`` -- exactly an envelope entry (``schemas.envelope``, wire format v1
 ``row_to_event`` gives the pydantic ``Event`` when one is needed. Every problem is reported as
 ``{index, field, message}``.
 
+A native body, or a batch of CloudEvents, goes first through ``parse_native_body`` /
+``parse_cloudevents_body``: one msgspec call decodes the array and checks every event's shape in
+C (required strings and their lengths, no unknown field, ``properties`` an object or null,
+``time`` a string, integer or null) into small structs, and a loop reads the times. It accepts
+only the case where every event is valid; anything else (one bad event, a single object, a
+float time) returns None and the body goes through the paths below, which word every problem,
+so answers and errors are the same either way (``tests/unit/api/test_ingest_parse.py`` compares
+them). The properties it decodes are the values orjson decodes, except integers beyond 64 bits
+(orjson reads them as floats): those cannot be put into an envelope, and ``api.ingest`` then
+decides the body by the orjson path.
+
 Each event first goes through a fast path that only recognises the well-formed case: string
 fields checked inline, the time read without building a ``datetime`` (the common RFC 3339 forms
 ``YYYY-MM-DDTHH:MM:SS[.fff|.ffffff](Z|+00:00)``: the seconds part is converted once and cached,
@@ -29,8 +40,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeGuard
+from typing import Annotated, Any, TypeGuard
 
+import msgspec
 import orjson
 
 from schemas.envelope import STORE_MS_MAX, STORE_MS_MIN, Row
@@ -368,6 +380,90 @@ def parse_native(items: list[Any], now_ms: int, limits: Limits) -> ParseResult:
         rows.append((ev_id, ev_type, customer, t, props))
         indexes.append(index)
     return res
+
+
+_IdText = Annotated[str, msgspec.Meta(min_length=1, max_length=ID_MAX)]
+
+
+class _WellFormed(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A native event of the shape ``parse_native`` takes its fast path for (lengths in
+    characters, as ``len``)."""
+
+    id: _IdText
+    type: _IdText
+    customer: _IdText
+    time: str | int | None = None
+    properties: dict[str, Any] | None = None
+
+
+class _WellFormedCloudEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A CloudEvent of the shape ``parse_cloudevents`` takes its fast path for, its attributes
+    under the native names. Extension attributes are not in it: the decoder would skip their
+    values without the checks orjson makes (UTF-8, number range), so such a body goes to the
+    general path; the two attributes read and ignored are decoded (checked) and dropped."""
+
+    id: _IdText
+    source: _IdText
+    specversion: _IdText
+    type: _IdText
+    customer: _IdText = msgspec.field(name="subject")
+    time: str | int | None = None
+    properties: dict[str, Any] | None = msgspec.field(default=None, name="data")
+    datacontenttype: Any = None
+    dataschema: Any = None
+
+
+_NATIVE_BODY = msgspec.json.Decoder(list[_WellFormed])
+_CLOUDEVENTS_BODY = msgspec.json.Decoder(list[_WellFormedCloudEvent])
+
+
+def parse_native_body(raw: bytes, now_ms: int, limits: Limits) -> ParseResult | None:
+    """The rows of a native body (an array) whose events are ALL valid, decoded and checked in
+    one msgspec call; None for anything else (the caller then runs ``load_json`` /
+    ``parse_native``, which word the problems). Same rows as ``parse_native`` except for
+    integers beyond 64 bits in properties (see the module's docstring)."""
+    return _body(_NATIVE_BODY, raw, now_ms, limits)
+
+
+def parse_cloudevents_body(raw: bytes, now_ms: int, limits: Limits) -> ParseResult | None:
+    """``parse_native_body`` for a batch of CloudEvents (``parse_cloudevents``' rows)."""
+    return _body(_CLOUDEVENTS_BODY, raw, now_ms, limits)
+
+
+def _body(
+    decoder: msgspec.json.Decoder[list[_WellFormed]]
+    | msgspec.json.Decoder[list[_WellFormedCloudEvent]],
+    raw: bytes,
+    now_ms: int,
+    limits: Limits,
+) -> ParseResult | None:
+    try:
+        events = decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    n = len(events)
+    if not n or n > limits.max_events:
+        return None
+    lo = now_ms - limits.max_lateness_ms
+    hi = now_ms + limits.max_future_ms
+    rows: list[Row] = []
+    append = rows.append
+    for ev in events:
+        v = ev.time
+        if v is None:
+            t = now_ms
+        elif isinstance(v, str):
+            read = fast_time_ms(v)
+            if read is None:
+                return None
+            t = read
+        else:
+            t = v
+        if not lo <= t <= hi or not STORE_MS_MIN <= t <= STORE_MS_MAX:
+            return None
+        props = ev.properties
+        append((ev.id, ev.type, ev.customer, t, {} if props is None else props))
+    return ParseResult(rows, list(range(n)), [], n)
 
 
 def _ok_string(v: Any) -> TypeGuard[str]:

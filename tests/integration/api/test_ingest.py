@@ -89,6 +89,40 @@ async def test_mixed_batch_accepts_valid_neighbours(
     assert sorted(e.id for *_, env in got for e in env.events) == ["e0", "e3"]
 
 
+async def test_properties_the_envelope_cannot_hold(
+    client: httpx.AsyncClient, tenant: tuple[str, str], broker: Any, topic: str
+) -> None:
+    """Properties nested too deep are rejected by name, their neighbours delivered; an integer
+    beyond 64 bits is accepted as the number orjson reads (a float), as before the one-call
+    decoder, which reads it exactly and leaves such a body to the general path."""
+    props = [b"{}", b'{"k":' * 300 + b"1" + b"}" * 300, b'{"big":1180591620717411303424}']
+    raw = b"[%s]" % b",".join(
+        orjson.dumps({k: v for k, v in e.items() if k != "properties"})[:-1]
+        + b',"properties":'
+        + p
+        + b"}"
+        for e, p in zip(events(3), props, strict=True)
+    )
+    r = await client.post(
+        "/v1/events", content=raw, headers={**auth(tenant[1]), "content-type": "application/json"}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "accepted": 2,
+        "rejected": [
+            {
+                "index": 1,
+                "field": "properties",
+                "message": "properties are nested more than 251 levels deep",
+            }
+        ],
+    }
+    got = consume_all(broker.bootstrap, topic, 2)
+    by_id = {e.id: e for *_, env in got for e in env.events}
+    assert sorted(by_id) == ["e0", "e2"]
+    assert by_id["e2"].properties == {"big": float(2**70)}
+
+
 async def test_atomic_rejects_all(client: httpx.AsyncClient, tenant: tuple[str, str]) -> None:
     batch = events(3)
     batch[2]["customer"] = 7
