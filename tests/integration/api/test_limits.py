@@ -162,3 +162,42 @@ async def test_rates_batch_and_quota_answer_429_naming_the_limit(
         {"t": tid},
     )
     assert rows[0][0] == 30
+
+
+async def test_events_the_envelope_cannot_hold_take_the_event_rate_once(
+    broker: Any,
+    topic: str,
+    store: Any,
+    repo: Repo,
+    producer: EventProducer,
+    tenant: tuple[str, str],
+) -> None:
+    """A request with an event whose properties are nested too deep is redone without it; its
+    other events take the tenant's event rate once (a bucket of 1 lets one batch into debt: a
+    second charge for the same request would be refused)."""
+    tid, key = tenant
+    s = make_settings(broker, topic, rate_limit_burst_s=1.0)
+    app = create_app(s, store, producer=producer, progress_waiter=None, repo=repo)
+    async with http(app) as a:
+        r = await a.put(
+            f"/v1/admin/tenants/{tid}/limits", json={"events_per_second": 0.5}, headers=ADM
+        )
+        assert r.status_code == 200
+        deep = b'{"k":' * 300 + b"1" + b"}" * 300
+        body = b'[{"id":"d-0","type":"t","customer":"c"},{"id":"d-1","type":"t","customer":"c",'
+        body += b'"properties":' + deep + b'},{"id":"d-2","type":"t","customer":"c"}]'
+        r = await a.post(
+            "/v1/events",
+            content=body,
+            headers={**auth(key), "content-type": "application/json"},
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["accepted"] == 2
+        assert [(e["index"], e["field"]) for e in r.json()["rejected"]] == [(1, "properties")]
+        limit_error(
+            await a.post("/v1/events", json=events("d2", 1), headers=auth(key)),
+            429,
+            "events_per_second",
+        )
+    got = consume_all(broker.bootstrap, topic, 2)
+    assert sorted(e.id for *_, env in got for e in env.events) == ["d-0", "d-2"]
