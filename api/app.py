@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 
 from api import (
     admin,
@@ -52,6 +52,28 @@ log = logging.getLogger(__name__)
 def _default_store_concurrency(settings: Settings) -> int:
     # chDB (embedded) runs in-process: one call at a time. A ClickHouse server takes several.
     return 8 if settings.clickhouse_url.startswith(("http://", "https://")) else 1
+
+
+def routers() -> tuple[APIRouter, ...]:
+    """Every router of the API, in the order ``create_app`` includes them."""
+    modules = (
+        ingest,
+        meters,
+        usage,
+        admin,
+        keys,
+        health,
+        catalog,
+        invoices,
+        webhooks,
+        segment,
+        deadletters,
+    )
+    return (
+        *(module.router for module in modules),
+        invoices.admin_router,
+        deadletters.admin_router,
+    )
 
 
 def create_app(
@@ -152,21 +174,7 @@ def create_app(
     app.add_middleware(
         health.MetricsMiddleware, metrics=state.metrics, access_log=settings.access_log
     )
-    for module in (
-        ingest,
-        meters,
-        usage,
-        admin,
-        keys,
-        health,
-        catalog,
-        invoices,
-        webhooks,
-        segment,
-        deadletters,
-    ):
-        app.include_router(module.router)
-    app.include_router(invoices.admin_router)
-    app.include_router(deadletters.admin_router)
+    for router in routers():
+        app.include_router(router)
     openapi.install(app)
     return app

@@ -60,7 +60,7 @@ from api.segment_parse import (
     parse_messages,
     summary,
 )
-from api.state import AppState, get_state
+from api.state import AppState, get_state, state_of
 from clickhouse.segment import SegmentRepo, SegmentSettings
 from schemas.envelope import STORE_MS_MAX, STORE_MS_MIN
 from schemas.events import ID_MAX
@@ -235,7 +235,7 @@ class SegmentService:
         return self._opened[sealed]
 
 
-def service(request: Request, st: AppState = Depends(get_state)) -> SegmentService:
+async def service(request: Request, st: AppState = Depends(get_state)) -> SegmentService:
     svc = getattr(request.app.state, "segment", None)
     if svc is None or svc.store is not st.store:
         svc = SegmentService(st)
@@ -265,7 +265,7 @@ async def _read(request: Request, limit: int, what: str) -> bytes:
         raw = await read_body(request, limit)
     except PayloadTooLarge:
         raise _too_large(what, limit) from None
-    get_state(request).metrics.ingest_bytes.labels("segment").inc(len(raw))
+    state_of(request).metrics.ingest_bytes.labels("segment").inc(len(raw))
     if encoding == "identity":
         return raw
     inflater = zlib.decompressobj(wbits=31)

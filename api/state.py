@@ -258,9 +258,15 @@ class AppState:
                 log.exception("counter flush failed")
 
 
-def get_state(request: Request) -> AppState:
+def state_of(request: Request) -> AppState:
     st: AppState = request.app.state.tally
     return st
+
+
+async def get_state(request: Request) -> AppState:
+    """FastAPI dependency: the app's state. ``async`` because FastAPI runs a plain ``def``
+    dependency in its thread pool: a hand-off to another thread and back on every request."""
+    return state_of(request)
 
 
 # the app's state, as a route parameter: ``st: State``
