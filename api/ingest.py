@@ -272,28 +272,14 @@ async def _ingest(request: Request, tenant_id: str, st: AppState, api: str) -> R
         fast = read(raw, now_ms, limits)
         if fast is not None:
             try:
-                return await _accept(st, tenant_id, api, fast, now_ms, wait, atomic, fast=True)
+                await deliver(st, tenant_id, fast.rows, now_ms, wait, api)
+                return _all_accepted(api, len(fast.rows))
             except UnencodableEvents:
                 pass  # nested too deep, integers beyond 64 bits: decided below (none produced)
     items = as_items(load_json(raw), single=single, batch=batch)
     check_count(len(items), limits)
     parse = parse_native if api == "native" else parse_cloudevents
     res = parse(items, now_ms, limits)
-    return await _accept(st, tenant_id, api, res, now_ms, wait, atomic)
-
-
-async def _accept(
-    st: AppState,
-    tenant_id: str,
-    api: str,
-    res: ParseResult,
-    now_ms: int,
-    wait: WaitMode,
-    atomic: bool,
-    fast: bool = False,
-) -> Response:
-    """Deliver the valid events of ``res`` and answer. ``fast`` (a ``parse_*_body``
-    result): an ``UnencodableEvents`` is raised to the caller instead of rejecting events."""
     if res.errors and (atomic or not res.rows):
         count_rejected(st.metrics, api, res.errors, atomic_valid=len(res.rows))
         prefix = "atomic request rejected: " if atomic and res.rows else ""
@@ -301,22 +287,24 @@ async def _accept(
     try:
         await deliver(st, tenant_id, res.rows, now_ms, wait, api)
     except UnencodableEvents as exc:  # rare: reject those events, deliver their neighbours
-        if fast:
-            raise
         reject_unencodable(res, exc.positions)
         if atomic or not res.rows:
             count_rejected(st.metrics, api, res.errors, atomic_valid=len(res.rows))
             prefix = "atomic request rejected: " if atomic and res.rows else ""
             raise ValidationError(prefix + _summary(res), details=res.errors) from None
         await deliver(st, tenant_id, res.rows, now_ms, wait, api)
-    if res.errors:
-        count_rejected(st.metrics, api, res.errors)
     if not res.errors:
-        if api == "cloudevents":
-            return Response(status_code=204)
-        return json_response(202, {"accepted": len(res.rows), "rejected": []})
+        return _all_accepted(api, len(res.rows))
+    count_rejected(st.metrics, api, res.errors)
     body: dict[str, Any] = {"accepted": len(res.rows), "rejected": res.errors}
     return json_response(200, body)
+
+
+def _all_accepted(api: str, n: int) -> Response:
+    """The answer when every event of the request was accepted."""
+    if api == "cloudevents":
+        return Response(status_code=204)
+    return json_response(202, {"accepted": n, "rejected": []})
 
 
 async def deliver(

@@ -561,8 +561,8 @@ class BatchProcessor:
             counts = np.bincount(env_of, minlength=len(envs)).tolist()  # kept per envelope
             tenants = _spread(env_tenants, counts)
         kept_offsets = np.array([o for o, _env in envs], dtype=np.int64)[env_of]
-        accepted_ms = np.array([env.ingested_at_ms for _o, env in envs], dtype=np.int64)
-        kept_accepted_ms = accepted_ms[env_of]
+        env_accepted_ms = [env.ingested_at_ms for _o, env in envs]
+        kept_accepted_ms = np.array(env_accepted_ms, dtype=np.int64)[env_of]
         offsets, ingested = kept_offsets.tolist(), kept_accepted_ms.tolist()
         rows = _LinkRows(
             keys, tenants, ids, types, customers, times, props, offsets, ingested, index_in_env
@@ -596,7 +596,7 @@ class BatchProcessor:
         n_kept = len(kept)
         times_ms = pa.array(kept.times_ms, pa.int64())
         # late: more than ``late_ms`` before its envelope's acceptance
-        late = int(np.count_nonzero(times_ms.to_numpy() < (accepted_ms - self.late_ms)[env_of]))
+        late = int(np.count_nonzero(times_ms.to_numpy() < kept_accepted_ms - self.late_ms))
         rows_env = pa.array(env_of)
         schema = EVENTS_SCHEMA
         link.events = pa.Table.from_arrays(
