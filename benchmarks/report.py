@@ -62,6 +62,11 @@ class Cpu(_M):
     machine_busy_cores: float
     tally_cpu_cores: float | None
     broker_cpu_cores: float | None
+    # the main Tally process by its threads (``benchmarks.target.split_cores``; None: a remote
+    # deployment, or a run before these were measured)
+    main_python_cores: float | None = None
+    main_merge_cores: float | None = None
+    main_native_cores: float | None = None
 
 
 class Step(Cpu):
@@ -678,6 +683,29 @@ def markdown(r: RunResult, ratios_: dict[str, float | None]) -> str:
         "over the run."
     )
     add("")
+    split_rows = [(x.name, x) for x in ing.steps if x.main_python_cores is not None] + [
+        (n, x) for n, x in (("sequential", s), ("half load", h)) if x.main_python_cores is not None
+    ]
+    if split_rows:
+        add(
+            "The main Tally process by its threads (cores): Python (the interpreter's threads: "
+            "API or worker code, the dedupe index's sqlite), the store's merges (chDB "
+            "`MergeMutate`), other native threads (the store's inserts and queries, librdkafka); "
+            "the rest of the Tally column is the API process."
+        )
+        add("")
+        add("| step | Python | merges | native | API process |")
+        add("|---|---|---|---|---|")
+        for name, x in split_rows:
+            main = (
+                (x.main_python_cores or 0) + (x.main_merge_cores or 0) + (x.main_native_cores or 0)
+            )
+            api = None if x.tally_cpu_cores is None else max(x.tally_cpu_cores - main, 0.0)
+            add(
+                f"| {name} | {_n(x.main_python_cores, 2)} | {_n(x.main_merge_cores, 2)} | "
+                f"{_n(x.main_native_cores, 2)} | {_n(api, 2)} |"
+            )
+        add("")
     add(
         f"One sequential client: Tally used {_n(s.tally_cpu_cores, 2)} cores; at half load "
         f"{_n(h.tally_cpu_cores, 2)}. The whole machine was busy "

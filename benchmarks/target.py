@@ -379,6 +379,64 @@ def cpu_s(pid: int) -> float | None:
         return None
 
 
+# Threads of the embedded store (chDB) that run its background merges; the others it starts
+# (inserts, queries, schedules: ``ThreadPool``, ``QueryPipelineEx``, ``BgSchPool``, ...) and
+# librdkafka's (``rdk:*``) count as "native".
+MERGE_THREAD_PREFIX = "MergeMutate"
+
+
+def thread_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
+    """Each thread of a process: its name (``comm``) and the CPU seconds it has used so far.
+    Empty if the process is gone."""
+    out: dict[int, tuple[str, float]] = {}
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/comm") as f:
+                    name = f.read().strip()
+                with open(f"/proc/{pid}/task/{task}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                out[int(task)] = (name, (int(fields[11]) + int(fields[12])) / _TICK)
+            except (OSError, ValueError, IndexError):
+                continue  # the thread ended meanwhile
+    return out
+
+
+def process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def thread_group(name: str, process: str) -> str:
+    """``python`` for the interpreter's threads (they keep the process's name: Tally names its
+    Python threads only inside Python), ``merges`` for the store's merge threads, ``native`` for
+    every other thread a library started."""
+    if name == process:
+        return "python"
+    if name.startswith(MERGE_THREAD_PREFIX):
+        return "merges"
+    return "native"
+
+
+def split_cores(
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    process: str,
+    seconds: float,
+) -> dict[str, float]:
+    """Cores of each thread group (``thread_group``) between two ``thread_cpu_s`` readings. A
+    thread that started meanwhile counts from 0; one that ended is left out (it undercounts,
+    never overcounts)."""
+    used = {"python": 0.0, "merges": 0.0, "native": 0.0}
+    for tid, (name, cpu) in after.items():
+        start = before.get(tid)
+        used[thread_group(name, process)] += cpu - (start[1] if start else 0.0)
+    return {k: max(v, 0.0) / max(seconds, 1e-9) for k, v in used.items()}
+
+
 def machine_busy_s() -> float:
     """Non-idle CPU seconds of the whole machine (all cores) since boot, from /proc/stat."""
     with open("/proc/stat") as f:
@@ -389,13 +447,17 @@ def machine_busy_s() -> float:
 
 @dataclass
 class CpuMeter:
-    """CPU used by a process, its children and the whole machine over an interval, in cores."""
+    """CPU used by a process, its children and the whole machine over an interval, in cores;
+    the main process's split into its Python threads, the store's merges and other native
+    threads (``split_cores``)."""
 
     pid: int | None
     t0: float = 0.0
     own0: float | None = None
     kids0: float = 0.0
     machine0: float = 0.0
+    threads0: dict[int, tuple[str, float]] = field(default_factory=dict)
+    name: str = ""
 
     def __post_init__(self) -> None:
         self.t0 = time.monotonic()
@@ -403,6 +465,8 @@ class CpuMeter:
         if self.pid is not None:
             self.own0 = self._own()
             self.kids0 = sum(cpu_s(c) or 0.0 for c in broker_pids(self.pid))
+            self.name = process_name(self.pid)
+            self.threads0 = thread_cpu_s(self.pid)
 
     def _own(self) -> float | None:
         # every Tally process (split mode: the API child too); a child restarted meanwhile
@@ -426,6 +490,12 @@ class CpuMeter:
                 out["tally_cpu_cores"] = (own - self.own0) / dt
                 kids = sum(cpu_s(c) or 0.0 for c in broker_pids(self.pid))
                 out["broker_cpu_cores"] = (kids - self.kids0) / dt
+                after = thread_cpu_s(self.pid)
+                if after and self.name:
+                    split = split_cores(self.threads0, after, self.name, dt)
+                    out["main_python_cores"] = split["python"]
+                    out["main_merge_cores"] = split["merges"]
+                    out["main_native_cores"] = split["native"]
         return out
 
 

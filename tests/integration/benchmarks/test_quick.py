@@ -39,6 +39,10 @@ def test_quick_run_writes_valid_results(tmp_path: Path) -> None:
     ing = r.ingest
     assert ing.steps and all(s.accepted_events_per_s > 0 for s in ing.steps)
     assert all(s.tally_cpu_cores is not None and s.machine_busy_cores > 0 for s in ing.steps)
+    # the main process by its threads: the worker's Python threads always work under load
+    for x in [*ing.steps, ing.sequential, ing.half_load]:
+        assert x.main_python_cores is not None and x.main_python_cores > 0, x
+        assert x.main_merge_cores is not None and x.main_native_cores is not None, x
     assert ing.max_stored_events_per_s > 0
     assert ing.sequential.requests > 0 and ing.sequential.latency_p99_s is not None
     assert ing.half_load.requests > 0 and ing.half_load.freshness.n > 0
@@ -88,6 +92,7 @@ def test_quick_run_writes_valid_results(tmp_path: Path) -> None:
         assert heading in md
     for name in PLOTS.values():
         assert f"({name})" in md
+    assert "| step | Python | merges | native | API process |" in md
 
     # The embedded data directory is removed and `tally run` stopped cleanly.
     assert list(work.iterdir()) == []
