@@ -369,14 +369,19 @@ def peak_rss_mb(pid: int) -> float | None:
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def cpu_s(pid: int) -> float | None:
-    """CPU seconds (user + system, all threads) the process has used so far."""
+def _stat_cpu_s(path: str) -> float | None:
+    """User + system CPU seconds from a ``/proc`` ``stat`` file (a process's or a thread's)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(path) as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / _TICK
     except (OSError, ValueError, IndexError):
         return None
+
+
+def cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) the process has used so far."""
+    return _stat_cpu_s(f"/proc/{pid}/stat")
 
 
 # Threads of the embedded store (chDB) that run its background merges; the others it starts
@@ -386,28 +391,20 @@ MERGE_THREAD_PREFIX = "MergeMutate"
 
 
 def thread_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
-    """Each thread of a process: its name (``comm``) and the CPU seconds it has used so far.
-    Empty if the process is gone."""
+    """Each thread of a process (its id; the main thread's is ``pid``): its name (``comm``) and
+    the CPU seconds it has used so far. Empty if the process is gone."""
     out: dict[int, tuple[str, float]] = {}
     with contextlib.suppress(OSError):
         for task in os.listdir(f"/proc/{pid}/task"):
             try:
                 with open(f"/proc/{pid}/task/{task}/comm") as f:
                     name = f.read().strip()
-                with open(f"/proc/{pid}/task/{task}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                out[int(task)] = (name, (int(fields[11]) + int(fields[12])) / _TICK)
-            except (OSError, ValueError, IndexError):
+            except OSError:
                 continue  # the thread ended meanwhile
+            used = _stat_cpu_s(f"/proc/{pid}/task/{task}/stat")
+            if used is not None:
+                out[int(task)] = (name, used)
     return out
-
-
-def process_name(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def thread_group(name: str, process: str) -> str:
@@ -457,7 +454,6 @@ class CpuMeter:
     kids0: float = 0.0
     machine0: float = 0.0
     threads0: dict[int, tuple[str, float]] = field(default_factory=dict)
-    name: str = ""
 
     def __post_init__(self) -> None:
         self.t0 = time.monotonic()
@@ -465,7 +461,6 @@ class CpuMeter:
         if self.pid is not None:
             self.own0 = self._own()
             self.kids0 = sum(cpu_s(c) or 0.0 for c in broker_pids(self.pid))
-            self.name = process_name(self.pid)
             self.threads0 = thread_cpu_s(self.pid)
 
     def _own(self) -> float | None:
@@ -491,8 +486,8 @@ class CpuMeter:
                 kids = sum(cpu_s(c) or 0.0 for c in broker_pids(self.pid))
                 out["broker_cpu_cores"] = (kids - self.kids0) / dt
                 after = thread_cpu_s(self.pid)
-                if after and self.name:
-                    split = split_cores(self.threads0, after, self.name, dt)
+                if self.pid in after:  # the main thread bears the process's name
+                    split = split_cores(self.threads0, after, after[self.pid][0], dt)
                     out["main_python_cores"] = split["python"]
                     out["main_merge_cores"] = split["merges"]
                     out["main_native_cores"] = split["native"]
