@@ -1,19 +1,25 @@
-"""The local dedupe index (a sqlite file in a tmp dir; no broker, no ClickHouse)."""
+"""The local dedupe index (a sqlite catalog and Arrow runs in a tmp dir; no broker, no
+ClickHouse)."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pytest
 from _pytest.monkeypatch import MonkeyPatch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streams import dedupe
-from streams.dedupe import PAGE_SIZE, DedupeIndex, index_path, rebuild
+from streams.dedupe import DedupeIndex, index_path, rebuild
+from streams.idfilter import IdFilter
 from tests.unit.streams.fakes import MemorySink, envelope_rows
 
 DAY = 86_400_000
@@ -141,8 +147,8 @@ def test_index_is_a_set(tmp_path: Path, keys: list[tuple[str, str]]) -> None:
 def test_a_batch_written_behind_holds_each_id_with_its_first_ingested_ms(
     tmp_path: Path, rows: list[tuple[str, str, int]]
 ) -> None:
-    """The write behind the flushes (``_json_batch``: runs of ids with the same ingested_ms)
-    puts every recorded id in the file once, with the ingested_ms it was first recorded with."""
+    """The write behind the flushes (one run, sorted by the ids' hashes) puts every recorded id
+    on disk once, with the ingested_ms it was first recorded with."""
     path = tmp_path / "runs.sqlite"
     path.unlink(missing_ok=True)
     idx = DedupeIndex(path, "tp", pending_max=1)
@@ -152,12 +158,7 @@ def test_a_batch_written_behind_holds_each_id_with_its_first_ingested_ms(
     record(idx, rows, watermark=3)  # one batch, handed to the background thread at once
     idx.wait_behind()
     assert idx.pending == 0
-    db = sqlite3.connect(path)
-    on_file = db.execute(
-        "SELECT tenant_id, event_id, ingested_ms FROM recent UNION ALL "
-        "SELECT tenant_id, event_id, ingested_ms FROM seen"
-    ).fetchall()
-    db.close()
+    on_file = dedupe.stored_rows(path)
     assert sorted(on_file) == sorted((t, e, ms) for (t, e), ms in first.items())
     assert idx.watermark == 3
     idx.close()
@@ -278,23 +279,23 @@ def test_a_failed_write_keeps_the_held_ids(tmp_path: Path, monkeypatch: MonkeyPa
     the next call that waits for it, and the next write takes them with the latest watermark."""
     idx = DedupeIndex.open(tmp_path, "tp", 0)
     idx.pending_max = 2
-    real = idx._write_json
+    real = idx._write_job
 
     def failing(*args: object) -> int:
-        raise sqlite3.OperationalError("disk I/O error")
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(idx, "_write_json", failing)
+    monkeypatch.setattr(idx, "_write_job", failing)
     record(idx, [("t", "a", 1), ("t", "b", 1)], watermark=4)  # handed to the writer, fails
     assert idx.contains_many([("t", "a"), ("t", "b")]) == {("t", "a"), ("t", "b")}
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(OSError):
         idx.wait_behind()
     assert idx.pending == 2
     assert idx.contains_many([("t", "a"), ("t", "b")]) == {("t", "a"), ("t", "b")}
     record(idx, [("t", "a", 7), ("t", "c", 7)], watermark=5)  # "a" keeps 1; fails again
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(OSError):
         idx.flush()  # waits for the write in flight first: its error, nothing lost
     assert idx.pending == 3
-    monkeypatch.setattr(idx, "_write_json", real)
+    monkeypatch.setattr(idx, "_write_job", real)
     idx.flush()
     assert idx.pending == 0
     assert idx.watermark == 5
@@ -310,13 +311,13 @@ def test_ids_being_written_are_found_and_the_writer_runs_without_the_caller(
     idx = DedupeIndex.open(tmp_path, "tp", 0)
     idx.pending_max = 2
     gate = threading.Event()
-    real = idx._write_json
+    real = idx._write_job
 
     def slow(*args: Any) -> int:
         assert gate.wait(10)
         return real(*args)
 
-    monkeypatch.setattr(idx, "_write_json", slow)
+    monkeypatch.setattr(idx, "_write_job", slow)
     record(idx, [("t", "a", 1), ("t", "b", 1)], watermark=1)  # returns while the write waits
     record(idx, [("t", "c", 1), ("t", "d", 1)], watermark=2)  # held: a write is in flight
     other = DedupeIndex.open(tmp_path, "tp", 0, filter_max_bytes=0)  # reads the file as it is
@@ -346,7 +347,7 @@ def test_ids_being_written_are_found_and_the_writer_runs_without_the_caller(
         max_size=12,
     ),
     st.integers(min_value=1, max_value=6),
-    st.integers(min_value=1, max_value=8),
+    st.integers(min_value=2, max_value=4),
     st.sampled_from([0, 1, 4, 1 << 20]),
 )
 def test_held_ids_behave_like_the_file(
@@ -354,22 +355,24 @@ def test_held_ids_behave_like_the_file(
     monkeypatch: MonkeyPatch,
     ops: list[tuple[str, list[tuple[str, str]]]],
     pending_max: int,
-    recent: int,
+    fanin: int,
     filter_min_ids: int,
 ) -> None:
-    """Whatever the batching and the id filter (none, built or being built, one that outgrows
+    """Whatever the batching, the merges of runs and the id filter (none, built or being built, one that outgrows
     its size and is built again larger), ``contains_many`` answers as if every id were written
     at once; after a crash the file holds exactly the ids written, and its watermark is the
     last one written with them."""
     monkeypatch.setattr(dedupe, "FILTER_MIN_IDS", max(filter_min_ids, 1))
+    # runs of 1-2 ids merged ``fanin`` at a time, up to runs of 8 ids
+    monkeypatch.setattr(dedupe, "FANIN", fanin)
+    monkeypatch.setattr(dedupe, "TIER_BASE", 2)
+    monkeypatch.setattr(dedupe, "MERGED_MAX", 8)
     filter_bytes = 0 if filter_min_ids == 0 else dedupe.FILTER_MAX_BYTES
     path = tmp_path / "held.sqlite"
     path.unlink(missing_ok=True)
 
     def open_index() -> DedupeIndex:
-        return DedupeIndex(
-            path, "tp", pending_max=pending_max, recent_max=recent, filter_max_bytes=filter_bytes
-        )
+        return DedupeIndex(path, "tp", pending_max=pending_max, filter_max_bytes=filter_bytes)
 
     idx = open_index()
     known: set[tuple[str, str]] = set()  # every id recorded or added (what contains_many sees)
@@ -389,7 +392,7 @@ def test_held_ids_behave_like_the_file(
     for wm, (op, keys) in enumerate(ops):
         if op == "record":
             idx.record_keys(list(keys), [1] * len(keys), wm)
-            idx.wait_behind()  # a move runs behind: let it end (the model has no timing)
+            idx.wait_behind()  # a merge runs behind: let it end (the model has no timing)
             known |= set(keys)
             held |= set(keys)
             held_wm = wm
@@ -417,7 +420,7 @@ def test_held_ids_behave_like_the_file(
             known, on_file, wm_on_file = set(), set(), -1
             held, held_wm = set(), None
         else:  # crash: a new process opens the file; the held ids are gone
-            idx.wait_behind()  # (a move is one transaction: before or after it, never within)
+            idx.wait_behind()  # (a merge is one transaction: before or after it, never within)
             idx.wait_filter()
             idx._db.close()
             idx = open_index()
@@ -432,36 +435,40 @@ def test_held_ids_behave_like_the_file(
     idx.close()
 
 
-def test_new_files_get_large_pages_and_old_ones_keep_theirs(tmp_path: Path) -> None:
-    def page_size(path: Path) -> int:
-        db = sqlite3.connect(str(path))
-        try:
-            return int(db.execute("PRAGMA page_size").fetchone()[0])
-        finally:
-            db.close()
-
-    new = DedupeIndex.open(tmp_path, "tp", 0)
-    new.add_many([("t", "a", 1)], watermark=0)
-    new.close()
-    assert page_size(index_path(tmp_path, 0)) == PAGE_SIZE
-    # a file made by an older version (sqlite's default pages) is used as it is
+def test_an_index_file_of_the_version_before_runs_is_moved_into_runs(tmp_path: Path) -> None:
+    """A file whose ids are in sqlite tables (``seen``, ``recent``): opened, its ids become
+    runs with their ingested_ms, its watermarks stay and the tables are gone."""
     old_path = index_path(tmp_path, 1)
     db = sqlite3.connect(str(old_path))
-    db.execute("PRAGMA page_size=4096")
     db.execute("PRAGMA journal_mode=WAL")
     db.executescript(
         "CREATE TABLE seen (tenant_id TEXT NOT NULL, event_id TEXT NOT NULL, "
         "ingested_ms INTEGER NOT NULL, PRIMARY KEY (tenant_id, event_id)) WITHOUT ROWID;"
+        "CREATE TABLE recent (tenant_id TEXT NOT NULL, event_id TEXT NOT NULL, "
+        "ingested_ms INTEGER NOT NULL, PRIMARY KEY (tenant_id, event_id)) WITHOUT ROWID;"
         "CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;"
-        "INSERT INTO seen VALUES ('t', 'old', 1); INSERT INTO meta VALUES ('wm:tp', 5);"
+        "INSERT INTO seen VALUES ('t', 'old', 1), ('u', 'old', 2);"
+        "INSERT INTO recent VALUES ('t', 'new', 3); INSERT INTO meta VALUES ('wm:tp', 5);"
     )
     db.close()
     old = DedupeIndex.open(tmp_path, "tp", 1)
     assert old.watermark == 5
+    assert sorted(dedupe.stored_rows(old_path)) == [
+        ("t", "new", 3),
+        ("t", "old", 1),
+        ("u", "old", 2),
+    ]
     old.add_many([("t", "b", 1)], watermark=6)
-    assert old.contains_many([("t", "old"), ("t", "b"), ("t", "c")]) == {("t", "old"), ("t", "b")}
+    assert old.contains_many([("t", "old"), ("t", "new"), ("t", "b"), ("t", "c")]) == {
+        ("t", "old"),
+        ("t", "new"),
+        ("t", "b"),
+    }
     old.close()
-    assert page_size(old_path) == 4096
+    db = sqlite3.connect(str(old_path))
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    db.close()
+    assert tables == {"runs", "meta"}
 
 
 def test_ids_of_any_text_are_found(tmp_path: Path) -> None:
@@ -477,60 +484,193 @@ def test_ids_of_any_text_are_found(tmp_path: Path) -> None:
     idx.close()
 
 
-def test_recent_ids_move_into_the_main_table(tmp_path: Path) -> None:
-    """Batches go into the small ``recent`` table; once it holds ``recent_max`` ids they are
-    moved into ``seen`` in the background. Every id is found before, during and after."""
+def test_runs_are_merged_and_every_id_is_found_meanwhile(
+    tmp_path: Path, monkeypatch: MonkeyPatch
+) -> None:
+    """Every batch is a run; ``FANIN`` runs of a size class are merged in the background into
+    one (an id in several kept once, with its first ingested_ms), up to ``MERGED_MAX`` ids. Every
+    id is found before, during and after; merged files are deleted."""
+    monkeypatch.setattr(dedupe, "FANIN", 2)
+    monkeypatch.setattr(dedupe, "TIER_BASE", 4)
+    monkeypatch.setattr(dedupe, "MERGED_MAX", 8)
     path = tmp_path / "p.sqlite"
-    idx = DedupeIndex(path, "tp", pending_max=3, recent_max=5)
+    idx = DedupeIndex(path, "tp", pending_max=3)
     ids = [("t", f"e{n}") for n in range(20)]
     for n, key in enumerate(ids):
         idx.record_keys([key], [n], n)
         assert idx.contains_many(ids) == set(ids[: n + 1])
+    idx.add_many([("t", "e0", 99), ("t", "e19", 99)], 19)  # present: kept with their own ms
+    idx.flush()
     idx.wait_behind()
-    db = sqlite3.connect(str(path))
-    in_seen = db.execute("SELECT count(*) FROM seen").fetchone()[0]
-    in_recent = db.execute("SELECT count(*) FROM recent").fetchone()[0]
-    db.close()
-    assert in_seen >= 5 and in_seen + in_recent + idx.pending == 20  # moved, nothing twice
-    assert idx.recent == in_recent and idx.entries == in_seen + in_recent
+    rows = dedupe.stored_rows(path)
+    assert sorted(rows) == sorted((t, e, int(e[1:])) for t, e in ids)  # nothing twice
+    assert idx.entries == 20 and idx.runs < 7  # 7 batches of 3 or fewer ids, merged
+    files = sorted(f.name for f in dedupe.runs_dir(path).iterdir())
+    assert len(files) == idx.runs  # the merged ones are gone
     idx.close()
     again = DedupeIndex(path, "tp")
     assert again.watermark == 19 and len(again) == 20
     assert again.contains_many(ids) == set(ids)
-    assert again.purge_older_than(10) == 10  # from both tables
+    assert again.purge_older_than(10) == 10  # from every run
     assert again.contains_many(ids) == set(ids[10:])
     again.close()
 
 
-def test_a_failed_move_keeps_the_ids_where_they_were(
+def test_another_reader_follows_the_writes_and_merges(
     tmp_path: Path, monkeypatch: MonkeyPatch
 ) -> None:
-    idx = DedupeIndex(tmp_path / "p.sqlite", "tp", pending_max=2, recent_max=2)
+    """A second index object on the same files (another process, a tool) sees every run once
+    it is listed, while the writer's merges swap runs and delete their files behind it."""
+    monkeypatch.setattr(dedupe, "FANIN", 2)
+    monkeypatch.setattr(dedupe, "TIER_BASE", 2)
+    monkeypatch.setattr(dedupe, "MERGED_MAX", 64)
+    path = tmp_path / "p.sqlite"
+    writer = DedupeIndex(path, "tp", filter_max_bytes=0)
+    reader = DedupeIndex(path, "tp", filter_max_bytes=0)
+    ids = [("t", f"e{n}") for n in range(40)]
+    for n, key in enumerate(ids):
+        writer.add_many([(*key, n)], n)
+        assert reader.contains_many(ids) == set(ids[: n + 1])
+    writer.wait_behind()
+    assert reader.contains_many(ids) == set(ids) and reader.watermark == 39
+    assert writer.runs < 10 and len(list(dedupe.runs_dir(path).iterdir())) == writer.runs
+    reader.close()
+    writer.close()
 
-    def failing() -> int:
-        raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(idx, "_move_recent", failing)
-    idx.record_keys([("t", "a"), ("t", "b")], [1, 1], 1)  # written, then the move fails behind
-    assert idx.contains_many([("t", "a"), ("t", "b")]) == {("t", "a"), ("t", "b")}
-    with pytest.raises(sqlite3.OperationalError):
-        idx.wait_behind()
-    assert idx.recent == 2  # still in ``recent``, found there
-    assert idx.contains_many([("t", "a"), ("t", "c")]) == {("t", "a")}
-    monkeypatch.undo()
-    idx.record_keys([("t", "c"), ("t", "d")], [2, 2], 2)  # the next full write moves them
+def test_a_run_merged_away_while_it_is_listed_is_read_again(
+    tmp_path: Path, monkeypatch: MonkeyPatch
+) -> None:
+    """A reader lists a run whose file a merge deletes before the reader maps it: it reads the
+    catalog again (and then finds the merged run)."""
+    path = tmp_path / "p.sqlite"
+    writer = DedupeIndex(path, "tp", filter_max_bytes=0)
+    writer.add_many([("t", "a", 1)], 0)
+    real = dedupe._Run
+    gone: list[str] = []
+
+    def merged_meanwhile(*args: Any) -> Any:
+        if not gone:
+            gone.append(args[2])
+            raise FileNotFoundError(args[2])
+        return real(*args)
+
+    monkeypatch.setattr(dedupe, "_Run", merged_meanwhile)
+    reader = DedupeIndex(path, "tp", filter_max_bytes=0)
+    assert gone and reader.contains_many([("t", "a"), ("t", "b")]) == {("t", "a")}
+    reader.close()
+    writer.close()
+
+
+def test_merged_parts_keep_each_id_once_with_its_first_ingested_ms(
+    monkeypatch: MonkeyPatch,
+) -> None:
+    """A merge of runs (oldest first): sorted by hash, an id in several runs kept from the
+    first, ids that share a hash (here: all) told apart; the rows come part by part."""
+    for hashes in (dedupe.id_hashes, lambda ids: np.full(len(ids), 7, dtype=np.uint64)):
+        monkeypatch.setattr(dedupe, "id_hashes", hashes)
+        older = dedupe.run_table({("t", "a"): 1, ("t", "b"): 1, ("u", "c"): 1})
+        newer = dedupe.run_table({("t", "a"): 5, ("u", "a"): 5, ("t", "c"): 5, ("u", "c"): 5})
+        parts = list(dedupe.merged_parts([older, newer], part_rows=2))
+        assert [p.num_rows for p in parts] == [2, 2, 1]
+        merged = pa.concat_tables(parts)
+        rows = list(
+            zip(
+                *(merged.column(c).to_pylist() for c in ("tenant_id", "event_id", "ms")),
+                strict=True,
+            )
+        )
+        assert sorted(rows) == [
+            ("t", "a", 1),
+            ("t", "b", 1),
+            ("t", "c", 5),
+            ("u", "a", 5),
+            ("u", "c", 1),
+        ]
+        h = merged.column("h").to_numpy()
+        assert (h[1:] >= h[:-1]).all()
+
+
+def test_a_run_file_no_run_lists_is_removed_once_it_is_old(tmp_path: Path) -> None:
+    """A crash between a run's file and its transaction leaves a file no run lists: removed at
+    an open once an hour old (a younger one may be another writer's, just before its
+    transaction); what the catalog lists stays."""
+    path = tmp_path / "p.sqlite"
+    idx = DedupeIndex(path, "tp")
+    idx.add_many([("t", "a", 1)], 0)
+    idx.close()
+    runs = dedupe.runs_dir(path)
+    listed = {f.name for f in runs.iterdir()}
+    old, young = runs / "1-1-old.arrow", runs / "2-2-young.arrow.tmp"
+    old.write_bytes(b"torn")
+    young.write_bytes(b"torn")
+    an_hour_ago = time.time() - dedupe.ORPHAN_AGE_S - 1
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    again = DedupeIndex(path, "tp")
+    assert {f.name for f in runs.iterdir()} == listed | {young.name}
+    assert again.contains_many([("t", "a"), ("t", "b")]) == {("t", "a")}
+    again.close()
+
+
+def test_ids_whose_hashes_collide_are_told_apart(tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    """The runs are searched by a hash of the event id; a hash found is compared by its ids, so
+    ids with one hash (here: every id) are still found exactly, merged included."""
+
+    def one_hash(event_ids: Any) -> np.ndarray:
+        return np.full(len(event_ids), 7, dtype=np.uint64)
+
+    monkeypatch.setattr(dedupe, "id_hashes", one_hash)
+    monkeypatch.setattr(dedupe, "FANIN", 2)
+    monkeypatch.setattr(dedupe, "TIER_BASE", 4)
+    idx = DedupeIndex(tmp_path / "p.sqlite", "tp", filter_max_bytes=0)
+    idx.add_many([("t", "a", 1), ("u", "b", 1)], 0)
+    idx.add_many([("t", "b", 2), ("t", "a", 3)], 1)  # ("t", "a") present: not written again
+    idx.add_many([("u", "a", 4)], 2)
     idx.wait_behind()
-    assert idx.recent == 0 and len(idx) == 4 and idx.watermark == 2
+    keys = [(t, e) for t in "tuv" for e in "abc"]
+    assert idx.contains_many(keys) == {("t", "a"), ("u", "b"), ("t", "b"), ("u", "a")}
+    assert len(idx) == 4
+    idx.close()
+
+
+def test_a_failed_merge_keeps_the_runs(tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    monkeypatch.setattr(dedupe, "FANIN", 2)
+    path = tmp_path / "p.sqlite"
+    idx = DedupeIndex(path, "tp", pending_max=2)
+    real = dedupe.merged_parts
+
+    def failing(*args: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dedupe, "merged_parts", failing)
+    idx.record_keys([("t", "a"), ("t", "b")], [1, 1], 1)
+    idx.record_keys([("t", "c"), ("t", "d")], [1, 1], 2)
+    idx.flush()  # two runs: their merge fails behind
+    idx.wait_behind()  # logged, not raised: the runs are all there
+    assert idx.runs == 2
+    assert idx.contains_many([("t", "a"), ("t", "d"), ("t", "e")]) == {("t", "a"), ("t", "d")}
+    monkeypatch.setattr(dedupe, "merged_parts", real)
+    idx.record_keys([("t", "e"), ("t", "f")], [2, 2], 3)  # the next write tries again
+    idx.wait_behind()
+    assert idx.runs == 1 and len(idx) == 6 and idx.watermark == 3
+    assert len(list(dedupe.runs_dir(path).iterdir())) == 1
     idx.close()
 
 
 # --- the id filter in front of the file ----------------------------------------------------------
 
 
-def _lookups(idx: DedupeIndex) -> list[str]:
-    """The statements the index's connection runs from now on."""
-    seen: list[str] = []
-    idx._db.set_trace_callback(seen.append)
+def _lookups(idx: DedupeIndex) -> list[int]:
+    """From now on, the number of ids of every search of the index's runs."""
+    seen: list[int] = []
+    real = idx._in_runs
+
+    def spy(keys: Any) -> Any:
+        if keys:
+            seen.append(len(keys))
+        return real(keys)
+
+    idx._in_runs = spy  # type: ignore[method-assign]
     return seen
 
 
@@ -544,12 +684,12 @@ def test_new_ids_are_answered_by_the_filter_without_reading_the_file(tmp_path: P
     # (the filter is planned for FILTER_MIN_IDS: at 1,000 ids a false positive is ~1e-10)
     assert idx.contains_many(new) == set() and statements == []
     assert idx.contains_many([*new, ("t", "old-7")]) == {("t", "old-7")}
-    assert len(statements) == 1  # "old-7" alone is asked of the file
+    assert statements == [1]  # "old-7" alone is searched for in the runs
     idx.close()
-    # without a filter, every lookup reads the file
+    # without a filter, every lookup searches the runs
     bare = DedupeIndex.open(tmp_path, "tp", 0, filter_max_bytes=0)
     statements = _lookups(bare)
-    assert bare.contains_many(new) == set() and len(statements) == 1
+    assert bare.contains_many(new) == set() and statements == [1000]
     assert not bare.wait_filter() and not bare.filter_ready
     bare.close()
 
@@ -655,24 +795,25 @@ def test_rebuild_refreshes_the_filter_with_the_ids_of_another_writer(tmp_path: P
 def test_a_failed_filter_build_leaves_lookups_to_the_file(
     tmp_path: Path, monkeypatch: MonkeyPatch
 ) -> None:
-    """A build that cannot read the file: no filter (every lookup reads the file), no backlog
-    left growing; the next refresh builds one."""
-    real = sqlite3.connect
+    """A build that cannot read the runs: no filter (every lookup searches the runs), no
+    backlog left growing; the next refresh builds one."""
 
-    def broken(path: str, **kw: Any) -> sqlite3.Connection:
-        if threading.current_thread().name == "tally-dedupe-filter":
-            raise sqlite3.OperationalError("unable to open database file")
-        return real(path, **kw)
+    class Broken(IdFilter):
+        def add(self, keys: Any) -> None:
+            if threading.current_thread().name == "tally-dedupe-filter":
+                raise OSError(5, "Input/output error")
+            super().add(keys)
 
-    monkeypatch.setattr(dedupe.sqlite3, "connect", broken)
+    monkeypatch.setattr(dedupe, "IdFilter", Broken)
     idx = DedupeIndex.open(tmp_path, "tp", 0)
+    idx.add_many([("t", "z", 1)], watermark=0)
     assert not idx.wait_filter(10) and idx._backlog is None
-    record(idx, [("t", "a", 1)], watermark=0)
+    record(idx, [("t", "a", 1)], watermark=1)
     idx.flush()
     assert idx._backlog is None
-    assert idx.contains_many([("t", "a"), ("t", "b")]) == {("t", "a")}
-    monkeypatch.setattr(dedupe.sqlite3, "connect", real)
+    assert idx.contains_many([("t", "a"), ("t", "b"), ("t", "z")]) == {("t", "a"), ("t", "z")}
+    monkeypatch.setattr(dedupe, "IdFilter", IdFilter)
     idx.refresh_filter()
     assert idx.wait_filter(10)
-    assert idx.contains_many([("t", "a"), ("t", "b")]) == {("t", "a")}
+    assert idx.contains_many([("t", "a"), ("t", "b"), ("t", "z")]) == {("t", "a"), ("t", "z")}
     idx.close()
