@@ -19,8 +19,8 @@ watermarks and the list of runs. A run is an Arrow file in ``partition-N.runs/``
 and never changed: the ids of one batch sorted by a 64-bit hash of the event id (``id_hashes``:
 CRC-32 and Adler-32 of its UTF-8 bytes), with their tenant, id and ingested_ms. A batch is
 written as a new run, whatever the index holds: nothing rewrites a large B-tree (the sqlite
-tables this replaced cost 3-3.4 us of CPU per id in their inserts and moves at 4-8M ids; a run
-costs ~0.3 us to build and write, and ~0.1 us per merge it goes through). A run reaches the
+tables this replaced cost 2.8-3.3 us of CPU per id in their inserts and moves at 4-8M ids; runs
+cost ~0.65 us to build and write and 0.2-0.3 us in their merges). A run reaches the
 catalog, with the watermark of its last link, in ONE sqlite transaction, after its file is
 written and synced: the watermark never covers ids that are not in a listed run. A crash
 before that leaves a file no run lists (removed at a later open once it is an hour old).
