@@ -224,16 +224,21 @@ def write_run_file(directory: Path, parts: Iterable[pa.Table]) -> RunInfo:
     name = f"{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.arrow"
     tmp = directory / (name + ".tmp")
     ids, lo, hi = 0, 2**63 - 1, -(2**63)
-    with ipc.new_file(str(tmp), RUN_SCHEMA) as writer:
-        for part in parts:
-            if not part.num_rows:
-                continue
-            writer.write_table(part, max_chunksize=part.num_rows)
-            ids += part.num_rows
-            bounds = pc.min_max(part.column("ms"))
-            lo, hi = min(lo, bounds["min"].as_py()), max(hi, bounds["max"].as_py())
-    _fsync(tmp)
-    tmp.rename(directory / name)
+    try:
+        with ipc.new_file(str(tmp), RUN_SCHEMA) as writer:
+            for part in parts:
+                if not part.num_rows:
+                    continue
+                writer.write_table(part, max_chunksize=part.num_rows)
+                ids += part.num_rows
+                bounds = pc.min_max(part.column("ms"))
+                lo, hi = min(lo, bounds["min"].as_py()), max(hi, bounds["max"].as_py())
+        _fsync(tmp)
+        tmp.rename(directory / name)
+    except BaseException:  # (a disk full): no partial file left behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     return RunInfo(name, ids, lo if ids else 0, hi if ids else 0)
 
 
