@@ -26,9 +26,9 @@ written and synced: the watermark never covers ids that are not in a listed run.
 before that leaves a file no run lists (removed at a later open once it is an hour old).
 
 Lookups map the runs into memory (the OS page cache, not the heap) and search their hash
-columns (numpy ``searchsorted``) for the looked-up ids' hashes; a hash found is only a
-candidate: the run's tenant and id at that row are compared, so the answer is exact whatever
-the hashes collide. A background thread merges runs of a similar size (``FANIN`` at a time,
+columns (numpy ``searchsorted``, the looked-up ids sorted by hash first) for the ids' hashes; a
+hash found is only a candidate: the run's tenant and id at that row are compared, so the answer
+is exact whatever the hashes collide. A background thread merges runs of a similar size (``FANIN`` at a time,
 into one sorted run; ids in two runs are kept once, with the ingested_ms of the older run)
 until runs reach ``MERGED_MAX`` ids, so a lookup searches a few tens of runs at most. A merge
 swaps its inputs for its output in one catalog transaction and then deletes their files;
