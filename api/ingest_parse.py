@@ -317,8 +317,10 @@ def parse_native(items: list[Any], now_ms: int, limits: Limits) -> ParseResult:
     errors = res.errors
     rows = res.rows
     indexes = res.indexes
-    lo = now_ms - limits.max_lateness_ms
-    hi = now_ms + limits.max_future_ms
+    # the fast paths' bounds: the lateness bounds inside the store's range (the general path
+    # words what is outside them)
+    lo = max(now_ms - limits.max_lateness_ms, STORE_MS_MIN)
+    hi = min(now_ms + limits.max_future_ms, STORE_MS_MAX)
     fields = NATIVE_FIELDS
     for index, item in enumerate(items):
         if type(item) is dict:
@@ -444,8 +446,10 @@ def _body(
     n = len(events)
     if not n or n > limits.max_events:
         return None
-    lo = now_ms - limits.max_lateness_ms
-    hi = now_ms + limits.max_future_ms
+    # the fast paths' bounds: the lateness bounds inside the store's range (the general path
+    # words what is outside them)
+    lo = max(now_ms - limits.max_lateness_ms, STORE_MS_MIN)
+    hi = min(now_ms + limits.max_future_ms, STORE_MS_MAX)
     rows: list[Row] = []
     append = rows.append
     for ev in events:
@@ -459,7 +463,7 @@ def _body(
             t = read
         else:
             t = v
-        if not lo <= t <= hi or not STORE_MS_MIN <= t <= STORE_MS_MAX:
+        if not lo <= t <= hi:
             return None
         props = ev.properties
         append((ev.id, ev.type, ev.customer, t, {} if props is None else props))
@@ -476,8 +480,10 @@ def parse_cloudevents(items: list[Any], now_ms: int, limits: Limits) -> ParseRes
     errors = res.errors
     rows = res.rows
     indexes = res.indexes
-    lo = now_ms - limits.max_lateness_ms
-    hi = now_ms + limits.max_future_ms
+    # the fast paths' bounds: the lateness bounds inside the store's range (the general path
+    # words what is outside them)
+    lo = max(now_ms - limits.max_lateness_ms, STORE_MS_MIN)
+    hi = min(now_ms + limits.max_future_ms, STORE_MS_MAX)
     ok = _ok_string
     for index, item in enumerate(items):
         if not isinstance(item, dict):

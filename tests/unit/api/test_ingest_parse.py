@@ -618,3 +618,25 @@ def test_load_json_pauses_the_collector_and_restores_it() -> None:
     with pytest.raises(ValidationError):
         load_json(b"[{")
     assert gc.isenabled()
+
+
+@pytest.mark.parametrize("time", [-2_208_988_800_001, "1899-12-31T23:59:59.999Z"])
+@pytest.mark.parametrize("parse", [parse_native, parse_cloudevents])
+def test_fast_paths_keep_the_store_range_under_wide_lateness_bounds(
+    time: object, parse: Callable[..., Any]
+) -> None:
+    """A lateness bound reaching before 1900 does not let a time the store cannot hold through
+    the fast path (found by the comparison with the earlier parser above)."""
+    if parse is parse_native:
+        item = {"id": "e1", "type": "t", "customer": "c", "time": time}
+    else:
+        item = {"id": "e1", "source": "s", "specversion": "1.0", "type": "t", "subject": "c"}
+        item["time"] = time
+    res = parse([item], NOW_MS, WIDE)
+    assert res.rows == [] and [e["field"] for e in res.errors] == ["time"]
+    assert "years 1900..2299" in res.errors[0]["message"]
+    edge = dict(item, time=-2_208_988_800_000)  # the first millisecond of 1900: kept
+    assert [r[3] for r in parse([edge], NOW_MS, WIDE).rows] == [-2_208_988_800_000]
+    body = orjson.dumps([item])
+    fast = parse_native_body if parse is parse_native else parse_cloudevents_body
+    assert fast(body, NOW_MS, WIDE) is None  # the general path words it
