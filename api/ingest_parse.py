@@ -288,6 +288,15 @@ def _general_time_ms(v: str, index: int, errors: list[dict[str, Any]]) -> int | 
             return None
 
 
+def _fast_bounds(now_ms: int, limits: Limits) -> tuple[int, int]:
+    """The times a fast path takes as they are: the lateness bounds, inside the store's range
+    (years 1900..2299); anything else goes to the general path, which words the problem."""
+    return (
+        max(now_ms - limits.max_lateness_ms, STORE_MS_MIN),
+        min(now_ms + limits.max_future_ms, STORE_MS_MAX),
+    )
+
+
 def time_bounds_problem(ms: int, now_ms: int, limits: Limits, name: str) -> str | None:
     """Why event time ``ms`` (field ``name``) is outside the lateness bounds (or the store's
     range, years 1900..2299: the worker could not store it), or None."""
@@ -317,10 +326,7 @@ def parse_native(items: list[Any], now_ms: int, limits: Limits) -> ParseResult:
     errors = res.errors
     rows = res.rows
     indexes = res.indexes
-    # the fast paths' bounds: the lateness bounds inside the store's range (the general path
-    # words what is outside them)
-    lo = max(now_ms - limits.max_lateness_ms, STORE_MS_MIN)
-    hi = min(now_ms + limits.max_future_ms, STORE_MS_MAX)
+    lo, hi = _fast_bounds(now_ms, limits)
     fields = NATIVE_FIELDS
     for index, item in enumerate(items):
         if type(item) is dict:
@@ -446,10 +452,7 @@ def _body(
     n = len(events)
     if not n or n > limits.max_events:
         return None
-    # the fast paths' bounds: the lateness bounds inside the store's range (the general path
-    # words what is outside them)
-    lo = max(now_ms - limits.max_lateness_ms, STORE_MS_MIN)
-    hi = min(now_ms + limits.max_future_ms, STORE_MS_MAX)
+    lo, hi = _fast_bounds(now_ms, limits)
     rows: list[Row] = []
     append = rows.append
     for ev in events:
@@ -480,10 +483,7 @@ def parse_cloudevents(items: list[Any], now_ms: int, limits: Limits) -> ParseRes
     errors = res.errors
     rows = res.rows
     indexes = res.indexes
-    # the fast paths' bounds: the lateness bounds inside the store's range (the general path
-    # words what is outside them)
-    lo = max(now_ms - limits.max_lateness_ms, STORE_MS_MIN)
-    hi = min(now_ms + limits.max_future_ms, STORE_MS_MAX)
+    lo, hi = _fast_bounds(now_ms, limits)
     ok = _ok_string
     for index, item in enumerate(items):
         if not isinstance(item, dict):
