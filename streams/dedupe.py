@@ -25,17 +25,17 @@ catalog, with the watermark of its last link, in ONE sqlite transaction, after i
 written and synced: the watermark never covers ids that are not in a listed run. A crash
 before that leaves a file no run lists (removed at a later open once it is an hour old).
 
-Lookups map the runs into memory (the OS page cache, not the heap) and search their hash
-columns (numpy ``searchsorted``, the looked-up ids sorted by hash first) for the ids' hashes; a
-hash found is only a candidate: the run's tenant and id at that row are compared, so the answer
-is exact whatever the hashes collide. A background thread merges runs of a similar size (``FANIN`` at a time,
-into one sorted run; ids in two runs are kept once, with the ingested_ms of the older run)
-until runs reach ``MERGED_MAX`` ids, so a lookup searches a few tens of runs at most. A merge
-swaps its inputs for its output in one catalog transaction and then deletes their files;
-mapped files stay readable after their deletion, and a reader that lists a run whose file is
-gone reads the catalog again. Lookups read the catalog again whenever another connection has
-changed it (sqlite's ``data_version``): other writers of the same partition (a previous owner
-in another process, a tool) are seen at the next lookup.
+Lookups map the runs into memory (the OS page cache, not the heap) and search their hash columns
+(numpy ``searchsorted``, the looked-up ids sorted by hash first) for the ids' hashes; a hash found
+is only a candidate: the run's tenant and id at that row are compared, so the answer is exact
+whatever the hashes collide. A background thread merges runs of a similar size (``FANIN`` at a
+time, into one sorted run; ids in two runs are kept once, with the ingested_ms of the older run)
+until runs reach ``MERGED_MAX`` ids, so a lookup searches a few tens of runs at most. A merge swaps
+its inputs for its output in one catalog transaction and then deletes their files; mapped files
+stay readable after their deletion, and a reader that lists a run whose file is gone reads the
+catalog again. Lookups read the catalog again whenever another connection has changed it (sqlite's
+``data_version``): other writers of the same partition (a previous owner in another process, a
+tool) are seen at the next lookup.
 
 The ids of stored links are written in batches (``record_keys``): they wait in memory, where
 ``contains_many`` sees them, until ``pending_max`` of them are held; then a background thread

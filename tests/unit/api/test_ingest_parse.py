@@ -628,10 +628,10 @@ def test_fast_paths_keep_the_store_range_under_wide_lateness_bounds(
     """A lateness bound reaching before 1900 does not let a time the store cannot hold through
     the fast path (found by the comparison with the earlier parser above)."""
     if parse is parse_native:
-        item = {"id": "e1", "type": "t", "customer": "c", "time": time}
+        base: dict[str, object] = {"id": "e1", "type": "t", "customer": "c"}
     else:
-        item = {"id": "e1", "source": "s", "specversion": "1.0", "type": "t", "subject": "c"}
-        item["time"] = time
+        base = {"id": "e1", "source": "s", "specversion": "1.0", "type": "t", "subject": "c"}
+    item = {**base, "time": time}
     res = parse([item], NOW_MS, WIDE)
     assert res.rows == [] and [e["field"] for e in res.errors] == ["time"]
     assert "years 1900..2299" in res.errors[0]["message"]
