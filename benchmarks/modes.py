@@ -6,10 +6,11 @@ comparisons of ``split`` and ``single`` (docs/performance.md, "`tally run` in tw
 
 One JSON line: stored events/s and answer latency under the load (4 tenants, the harness's
 events and 5 meters, 1000-event batches, 2 generator processes), then one sequential client for
-20 s; CPU of the main process, the API child and the broker over the load. ``--poll``: during
-the load, one client also asks a usage query in a loop with 10 ms pauses, as the full run's
-freshness probe does at half load (``benchmarks.run``); its query latency and rate are
-reported.
+20 s; CPU of the main process, the API child and the broker over the load; the worker's flushes
+per second and their mean time (``tally_worker_flush_seconds`` from /metrics: one commit
+attempt, the store's calls). ``--poll``: during the load, one client also asks a usage query in
+a loop with 10 ms pauses, as the full run's freshness probe does at half load
+(``benchmarks.run``); its query latency and rate are reported.
 """
 
 from __future__ import annotations
@@ -37,6 +38,18 @@ from benchmarks.target import (
     probe_query,
     tally_pids,
 )
+
+
+def _flushes(url: str) -> tuple[float, float]:
+    """The worker's flushes so far: (count, seconds in them), from /metrics
+    (``tally_worker_flush_seconds``; the API re-exports the worker's series in split mode)."""
+    count = total = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("tally_worker_flush_seconds_count"):
+            count += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("tally_worker_flush_seconds_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+    return count, total
 
 
 def _q(lat: list[float], f: float) -> int:
@@ -116,9 +129,10 @@ def main(argv: list[str]) -> None:
 
         gen.run(StepSpec("warm", rate, clients, 6, None, [url], 0))
         queries = QueryLoop(url, tenants[0].key).start() if poll else None
-        p0, w0 = per(), time.monotonic()
+        p0, w0, f0 = per(), time.monotonic(), _flushes(url)
         st = gen.run(StepSpec("load", rate, clients, seconds, None, [url], 5))
         dt = time.monotonic() - w0
+        f1 = _flushes(url)
         if queries is not None:
             queries.stop()
         cores = [round((b - a) / dt, 2) for a, b in zip(p0, per(), strict=True)]
@@ -136,6 +150,8 @@ def main(argv: list[str]) -> None:
             "load_p99_ms": _q(lat, 0.99),
             "tally_cores_incl_broker": round(sum(cores), 2),
             "main_api_broker_cores": cores,
+            "flushes_per_s": round((f1[0] - f0[0]) / dt, 1),
+            "flush_mean_ms": round(1000 * (f1[1] - f0[1]) / max(1.0, f1[0] - f0[0]), 1),
             "seq_events_per_s": round(seq.accepted_per_s),
             "seq_p50_ms": _q(sl, 0.5),
             "seq_p99_ms": _q(sl, 0.99),

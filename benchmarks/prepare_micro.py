@@ -86,6 +86,31 @@ def payloads(flushes: int, per_flush: int, partitions: int) -> list[list[tuple[i
     return out
 
 
+def new_processor(
+    directory: Path, all_meters: list[Meter], partitions: int, marker: bool
+) -> tuple[BatchProcessor, dict[int, DedupeIndex]]:
+    """A processor of topic ``bench`` as `tally run` has it after an assignment from scratch
+    (dedupe indexes in ``directory``, opened on first use), and its indexes by partition."""
+    indexes: dict[int, DedupeIndex] = {}
+
+    def index_for(p: int) -> DedupeIndex:
+        if p not in indexes:
+            indexes[p] = DedupeIndex.open(directory, "bench", p)
+        return indexes[p]
+
+    proc = BatchProcessor(
+        "bench",
+        _NoStore(),
+        index_for,
+        meters=MeterCache(lambda: all_meters, clock_ms=lambda: T0),
+        clock_ms=lambda: T0,
+    )
+    for p in range(partitions):
+        proc.assign(p, -1)
+        proc.activations.load(p, {m.id: 0 for m in all_meters} if marker else {})
+    return proc, indexes
+
+
 def main() -> None:
     marker = "--marker" in sys.argv
     argv = [a for a in sys.argv if a != "--marker"]
@@ -95,23 +120,8 @@ def main() -> None:
     data = payloads(flushes + 1, per_flush, partitions)
     all_meters = meters("bench" if marker else "")
     with tempfile.TemporaryDirectory() as d:
-        indexes: dict[int, DedupeIndex] = {}
-
-        def index_for(p: int) -> DedupeIndex:
-            if p not in indexes:
-                indexes[p] = DedupeIndex.open(Path(d), "bench", p)
-            return indexes[p]
-
-        proc = BatchProcessor(
-            "bench",
-            _NoStore(),
-            index_for,
-            meters=MeterCache(lambda: all_meters, clock_ms=lambda: T0),
-            clock_ms=lambda: T0,
-        )
-        for p in range(partitions):
-            proc.assign(p, -1)
-            proc.activations.load(p, {m.id: 0 for m in all_meters} if marker else {})
+        proc, indexes = new_processor(Path(d), all_meters, partitions, marker)
+        index_for = proc.index_for
         offsets = dict.fromkeys(range(partitions), -1)
         decode_s: list[float] = []
         prepare_s: list[float] = []

@@ -8,7 +8,7 @@ Python encoding. ``commit`` (tests, tools) takes the same columns as Python row 
 
 Commit of one link (docs/architecture.md, "The worker's commit protocol"): 1) ``insert_events``:
 INSERT the kept events into ``events`` (idempotent: a replay writes the same rows, which
-``ReplacingMergeTree`` collapses); 2) ``commit_link``: ONE INSERT into ``usage_minute`` of the
+``ReplacingMergeTree`` collapses; readers use ``FINAL``; ``EVENTS_INSERT_SETTINGS``); 2) ``commit_link``: ONE INSERT into ``usage_minute`` of the
 link's usage rows, their day rows (``clickhouse.rollup``) and its partition's progress row
 (``tenant_id=''``, ``meter_id='~progress'``, ``customer=<topic>``, ``group_key=<partition>``,
 ``source_offset=<last offset>``), with
@@ -71,6 +71,15 @@ HEARTBEAT_COLUMNS = [
     "last_error",
     "partitions",
 ]
+
+
+# The worker's ledger insert skips the pass that would first combine rows of one key within the
+# block (``optimize_on_insert``): a link's kept events are one per (tenant, event id) already
+# (the worker's dedupe), so the pass finds nothing to combine; a row that does repeat (a replay)
+# is collapsed by the table's merges and by ``FINAL`` (readers that count use it), as a replay
+# in another part always was. 2-9 % of the insert (docs/performance.md, "The store's calls of
+# a flush").
+EVENTS_INSERT_SETTINGS: dict[str, Any] = {"optimize_on_insert": 0}
 
 
 def link_insert_settings(topic: str, partition: int, first: int) -> dict[str, Any]:
@@ -159,8 +168,9 @@ class ClickHouseSink(ActivationRows, DeadLetterRows):
 
     # --- the worker's commit protocol (streams.sink.Sink) ----------------------------------
     def insert_events(self, events: pa.Table) -> None:
-        """INSERT an ``EVENTS_SCHEMA`` batch (Arrow: no per-value Python encoding)."""
-        self.store.insert_arrow("events", events)
+        """INSERT an ``EVENTS_SCHEMA`` batch (Arrow: no per-value Python encoding; rows of one
+        key are not combined at insert, ``EVENTS_INSERT_SETTINGS``)."""
+        self.store.insert_arrow("events", events, settings=EVENTS_INSERT_SETTINGS)
 
     def commit_link(
         self,

@@ -6,13 +6,14 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import orjson
+import pyarrow as pa
 
 from clickhouse.repo import Repo
 from clickhouse.rollup import day_meter_id, day_rows_sql
 from clickhouse.sink import EVENTS_COLUMNS, USAGE_COLUMNS, ClickHouseSink, unique_insert_settings
 from clickhouse.store import MIGRATIONS_DIR, Store, split_statements
 from clickhouse.usage import run_usage
-from schemas.columns import usage_table
+from schemas.columns import events_table, usage_rows, usage_table
 from schemas.meters import Aggregation, MeterSpec
 from schemas.timeutil import epoch_ms
 from schemas.usage import UsageQuery, WindowSize
@@ -226,6 +227,60 @@ def test_replayed_events_collapse_with_final(store: Store) -> None:
     db = store.database
     assert store.query_rows(f"SELECT count() FROM {db}.events") == [(150,)]
     assert store.query_rows(f"SELECT count() FROM {db}.events FINAL") == [(100,)]
+
+
+def test_a_usage_batch_of_many_chunks_lands_whole(store: Store) -> None:
+    """A link's usage rows come in many Arrow chunks (one per tenant and meter, then the day
+    rows); the store sends them as one record batch (Store.insert_arrow): every row and every
+    column, maps, arrays and tuples included, lands as it was built, in one part."""
+    sink = ClickHouseSink(store)
+    tenant, meter = _sum_meter(store)
+    chunks = []
+    for m in range(6):
+        row = _usage_row(tenant, f"{meter.id}-{m}", m, m + 1)
+        gv = {"region": f"r{m}"} if m % 2 else {}
+        chunks.append(usage_table([(*row[:6], gv, *row[7:])]))
+    usage = pa.concat_tables(chunks)
+    assert usage.column("group_values").num_chunks == 6
+    assert sink.commit_link("topic-a", 0, 0, 5, usage) == 13  # 6 rows, 6 day rows, progress
+    db = store.database
+    cols = ", ".join(
+        "toUnixTimestamp64Milli(window_start)" if c == "window_start" else c for c in USAGE_COLUMNS
+    )
+    got = store.query_rows(
+        f"SELECT {cols} FROM {db}.usage_minute WHERE tenant_id = {{t:String}} "
+        "AND NOT startsWith(meter_id, 'd:') ORDER BY meter_id",
+        {"t": tenant},
+    )
+    want = [r._replace(window_start=epoch_ms(r.window_start)) for r in usage_rows(usage)]
+    assert [tuple(r[:6]) for r in got] == [tuple(r[:6]) for r in want]
+    assert [dict(r[6]) for r in got] == [r.group_values for r in want]
+    assert [tuple(r[7:12]) for r in got] == [tuple(r[7:12]) for r in want]
+    assert [(list(r[12]), tuple(r[13]), r[14]) for r in got] == [
+        (r.uniq_values, r.latest, r.source_offset) for r in want
+    ]
+    parts = store.query_rows(
+        "SELECT count() FROM system.parts WHERE database = {d:String} "
+        "AND table = 'usage_minute' AND active",
+        {"d": db},
+    )
+    assert parts == [(1,)]
+
+
+def test_ledger_insert_keeps_repeated_keys_for_final(store: Store) -> None:
+    """The worker's ledger insert does not combine rows of one key (EVENTS_INSERT_SETTINGS):
+    a key repeated within one insert stays two rows until a merge, and readers, which use
+    FINAL, see it once, as they see a replay that landed in another part."""
+    sink = ClickHouseSink(store)
+    rows = [_event_row("t1", i) for i in range(5)]
+    sink.insert_events(events_table([*rows, rows[2]]))
+    db = store.database
+    assert store.query_rows(f"SELECT count() FROM {db}.events") == [(6,)]
+    assert store.query_rows(f"SELECT count() FROM {db}.events FINAL") == [(5,)]
+    sink.insert_events(events_table(rows[:2]))  # a replay of part of it
+    assert store.query_rows(f"SELECT count() FROM {db}.events FINAL") == [(5,)]
+    store.command(f"OPTIMIZE TABLE {db}.events FINAL")
+    assert store.query_rows(f"SELECT count() FROM {db}.events") == [(5,)]
 
 
 def test_seen_ids(store: Store) -> None:

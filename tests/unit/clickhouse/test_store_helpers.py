@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import pyarrow as pa
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from clickhouse.repo import hash_secret, is_tenant_id, new_tenant_id, tenant_of_key
 from clickhouse.sink import EPOCH, USAGE_COLUMNS, progress_row, progress_table
-from clickhouse.store import check_identifier, split_statements
+from clickhouse.store import Store, check_identifier, split_statements
 from schemas.columns import usage_table
 from tally.errors import ValidationError
 
@@ -92,3 +93,28 @@ def test_progress_table_equals_the_converted_progress_row(
     assert got.schema == want.schema
     assert got.equals(want)
     assert got.to_pylist() == want.to_pylist()
+
+
+class _Capture:
+    """The driver as ``Store.insert_arrow`` sees it: records what it is handed."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, pa.Table]] = []
+
+    def insert_arrow(self, table: str, data: pa.Table, settings: object = None) -> None:
+        self.sent.append((table, data))
+
+
+def test_insert_arrow_hands_the_driver_one_record_batch() -> None:
+    rows = [progress_row("topic-a", p, 10 * p) for p in range(4)]
+    many = pa.concat_tables([usage_table([r]) for r in rows])
+    assert many.column("group_values").num_chunks == 4
+    client = _Capture()
+    store = Store(client, "db")
+    store.insert_arrow("usage_minute", many)
+    store.insert_arrow("usage_minute", usage_table(rows[:1]))
+    store.insert_arrow("usage_minute", usage_table([]))  # nothing sent
+    (t1, first), (_t2, second) = client.sent
+    assert t1 == "db.usage_minute"
+    assert len(first.to_batches()) == 1 and first.equals(many)
+    assert len(second.to_batches()) == 1

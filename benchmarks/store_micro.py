@@ -1,0 +1,96 @@
+"""Micro-benchmark of the store's calls in one worker flush, on chDB alone (no broker, no API):
+the ledger insert (``ClickHouseSink.insert_events``), the link's commit insert (``commit_link``:
+usage rows, their day rows and the progress row) and the read of progress and claims after it
+(``read_chain``), link after link, on the links ``benchmarks.prepare_micro`` prepares (the
+harness's workload: 4 tenants, 5 meters, 1000 Zipf customers, 2 % retries, 1 % late events).
+
+Run: python -m benchmarks.store_micro [links] [events_per_link] -- nothing asserted. Printed:
+wall-clock ms per call (median, p90) for each call, and the ledger insert twice: with the
+worker's settings (``EVENTS_INSERT_SETTINGS``: rows of one key not combined at insert) and with
+the store's defaults (the combining pass), the two taking turns link by link into two tables of
+the same definition, so that both meet the same merges.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.prepare_micro import meters, new_processor, payloads
+from clickhouse.rollup import with_day_rows
+from clickhouse.sink import ClickHouseSink
+from clickhouse.store import Store
+from streams.processor import Link
+
+DATABASE = "bench"
+
+
+def prepared_links(n: int, per_link: int, directory: Path) -> list[Link]:
+    """``n`` prepared links of ~``per_link`` events each, of one partition, in chain order."""
+    proc, indexes = new_processor(directory, meters(""), 1, False)
+    out: list[Link] = []
+    offset = -1
+    for batch in payloads(n, per_link, 1):
+        for p, payload in batch:
+            offset += 1
+            proc.add(p, offset, payload)
+        for k in proc.seal():
+            proc.prepare([k])
+            proc.index_for(k.partition).record_keys(k.kept_keys, k.kept_ingested_ms, k.last)
+            proc._chain[k.partition] = k.last
+            del proc._sealed[k.partition]
+            out.append(k)
+    for idx in indexes.values():
+        idx.close()
+    return out
+
+
+def _ms(values: list[float], q: float) -> str:
+    ordered = sorted(values)
+    return f"{ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000:.1f}"
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 40
+    per_link = int(sys.argv[2]) if len(sys.argv) > 2 else 9_000
+    with tempfile.TemporaryDirectory() as d:
+        links = prepared_links(n, per_link, Path(d) / "index")
+        store = Store.open(f"chdb://{Path(d) / 'chdb'}", DATABASE)
+        try:
+            store.command(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
+            store.migrate()
+            store.command(f"CREATE TABLE {DATABASE}.events_default AS {DATABASE}.events")
+            sink = ClickHouseSink(store)
+            times: dict[str, list[float]] = {}
+
+            def timed(name: str, fn: Callable[..., object], *args: Any) -> None:
+                t0 = time.perf_counter()
+                fn(*args)
+                times.setdefault(name, []).append(time.perf_counter() - t0)
+
+            for k in links:
+                timed("ledger insert (worker's settings)", sink.insert_events, k.events)
+                timed(
+                    "ledger insert (store defaults)", store.insert_arrow, "events_default", k.events
+                )
+                timed("commit insert", sink.commit_link, "bench", 0, k.first, k.last, k.usage)
+                timed("read of progress and claims", sink.read_chain, "bench", [0])
+        finally:
+            store.close()
+    usage_rows = statistics.median(with_day_rows(k.usage).num_rows for k in links)
+    events = statistics.median(k.events.num_rows for k in links)
+    print(
+        f"{len(links)} links of {events:,.0f} kept events ({usage_rows:,.0f} usage rows with "
+        "their day rows), ms per call, median / p90:"
+    )
+    for name, values in times.items():
+        print(f"  {name}: {_ms(values, 0.5)} / {_ms(values, 0.9)}")
+
+
+if __name__ == "__main__":
+    main()
