@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.prepare_micro import meters, new_processor, payloads
+from benchmarks.prepare_micro import mark_stored, meters, new_processor, payloads
 from clickhouse.rollup import with_day_rows
 from clickhouse.sink import ClickHouseSink
 from clickhouse.store import Store
@@ -39,12 +39,10 @@ def prepared_links(n: int, per_link: int, directory: Path) -> list[Link]:
         for p, payload in batch:
             offset += 1
             proc.add(p, offset, payload)
-        for k in proc.seal():
-            proc.prepare([k])
-            proc.index_for(k.partition).record_keys(k.kept_keys, k.kept_ingested_ms, k.last)
-            proc._chain[k.partition] = k.last
-            del proc._sealed[k.partition]
-            out.append(k)
+        links = proc.seal()
+        proc.prepare(links)
+        mark_stored(proc, links)
+        out.extend(links)
     for idx in indexes.values():
         idx.close()
     return out
