@@ -8,7 +8,8 @@ Python encoding. ``commit`` (tests, tools) takes the same columns as Python row 
 
 Commit of one link (docs/architecture.md, "The worker's commit protocol"): 1) ``insert_events``:
 INSERT the kept events into ``events`` (idempotent: a replay writes the same rows, which
-``ReplacingMergeTree`` collapses; readers use ``FINAL``; ``EVENTS_INSERT_SETTINGS``); 2) ``commit_link``: ONE INSERT into ``usage_minute`` of the
+``ReplacingMergeTree`` collapses, and readers that count use ``FINAL``;
+``EVENTS_INSERT_SETTINGS``); 2) ``commit_link``: ONE INSERT into ``usage_minute`` of the
 link's usage rows, their day rows (``clickhouse.rollup``) and its partition's progress row
 (``tenant_id=''``, ``meter_id='~progress'``, ``customer=<topic>``, ``group_key=<partition>``,
 ``source_offset=<last offset>``), with
