@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 import benchmarks.target as target
 from benchmarks.loadgen import GenConfig, LoadGenerator, StepSpec, Tenant
@@ -43,13 +44,15 @@ from benchmarks.target import (
 def _flushes(url: str) -> tuple[float, float]:
     """The worker's flushes so far: (count, seconds in them), from /metrics
     (``tally_worker_flush_seconds``; the API re-exports the worker's series in split mode)."""
-    count = total = 0.0
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("tally_worker_flush_seconds_count"):
-            count += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("tally_worker_flush_seconds_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-    return count, total
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    got = {"_count": 0.0, "_sum": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name == "tally_worker_flush_seconds":
+            for sample in family.samples:
+                suffix = sample.name.removeprefix(family.name)
+                if suffix in got:
+                    got[suffix] += sample.value
+    return got["_count"], got["_sum"]
 
 
 def _q(lat: list[float], f: float) -> int:

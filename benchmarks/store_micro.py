@@ -60,8 +60,7 @@ def main() -> None:
         links = prepared_links(n, per_link, Path(d) / "index")
         store = Store.open(f"chdb://{Path(d) / 'chdb'}", DATABASE)
         try:
-            store.command(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
-            store.migrate()
+            store.migrate()  # Store.open created the database
             store.command(f"CREATE TABLE {DATABASE}.events_default AS {DATABASE}.events")
             sink = ClickHouseSink(store)
             times: dict[str, list[float]] = {}
