@@ -18,6 +18,7 @@ from api.billing_state import actor_of, billing
 from api.catalog import _body, _ok
 from api.errors import json_response
 from api.ingest import read_body
+from api.keys import parse_body
 from api.openapi import doc, link, model, model_list, query
 from api.state import State
 from billing import reconcile, render
@@ -85,29 +86,6 @@ def _wants_csv(request: Request) -> bool:
     return "text/csv" in request.headers.get("accept", "")
 
 
-async def _optional_body(request: Request, model: type[Any], what: str) -> Any:
-    """Like ``_body``, but an empty body means all defaults."""
-    raw = await read_body(request, 64 * 1024)
-    if not raw.strip():
-        return model()
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ValidationError(
-            f"request body is not valid JSON: {exc}",
-            details=[{"field": "body", "message": f"malformed JSON: {exc}"}],
-        ) from None
-    if not isinstance(doc, dict):
-        raise ValidationError(
-            f"a {what} must be a JSON object",
-            details=[{"field": "body", "message": "expected a JSON object"}],
-        )
-    try:
-        return model.model_validate(doc)
-    except pydantic.ValidationError as exc:
-        raise ValidationError.from_pydantic(exc, f"invalid {what}") from None
-
-
 # --- runs -------------------------------------------------------------------------------------
 
 
@@ -121,7 +99,7 @@ async def run_invoices(
     tenant_id: Tenant,
     st: State,
 ) -> Response:
-    req = await _optional_body(request, RunIn, "invoice run")
+    req = await parse_body(request, RunIn, "invoice run", limit=64 * 1024)
     svc = billing(request, st).invoicing
     out = await st.run(svc.run, tenant_id, req.as_of, actor_of(request))
     return _ok(out)
@@ -133,7 +111,7 @@ async def run_invoices(
     **doc(ok={200: model(RunOut)}, body=model(RunIn, "validation"), body_required=False),
 )
 async def admin_run_invoices(tenant_id: str, request: Request, st: State) -> Response:
-    req = await _optional_body(request, RunIn, "invoice run")
+    req = await parse_body(request, RunIn, "invoice run", limit=64 * 1024)
     await st.run(st.repo.get_tenant, tenant_id)
     svc = billing(request, st).invoicing
     return _ok(await st.run(svc.run, tenant_id, req.as_of, "admin"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any, TypeVar
 
+import orjson
 import pydantic
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -21,7 +22,6 @@ from api import answers as A
 from api.auth import Tenant
 from api.errors import json_response
 from api.ingest import read_body
-from api.ingest_parse import load_json
 from api.openapi import doc, link, model
 from api.state import AppState, State
 from schemas.credentials import KeyIn, RotateIn
@@ -34,10 +34,16 @@ MAX_BODY = 16 * 1024
 M = TypeVar("M", bound=pydantic.BaseModel)
 
 
-async def parse_body(request: Request, model: type[M], what: str) -> M:
-    """An optional JSON object body as ``model`` (an empty body = all defaults)."""
-    raw = await read_body(request, MAX_BODY)
-    doc: Any = load_json(raw) if raw.strip() else {}
+async def parse_body(request: Request, model: type[M], what: str, limit: int = MAX_BODY) -> M:
+    """An optional JSON object body as ``model``: no body (zero bytes) = all defaults; anything
+    else must be a JSON object (a body of only whitespace is not JSON: 400 naming ``body``)."""
+    raw = await read_body(request, limit)
+    doc: Any = {}
+    if raw:
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ValidationError(f"request body is not valid JSON: {exc}", field="body") from None
     if not isinstance(doc, dict):
         raise ValidationError(f"a {what} must be a JSON object", field="body")
     try:

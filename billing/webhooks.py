@@ -65,7 +65,7 @@ from schemas.billing import (
 )
 from schemas.catalog import SubscriptionStatus
 from schemas.timeutil import utc_now
-from tally.errors import Conflict, NotFound
+from tally.errors import Conflict, NotFound, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -469,8 +469,16 @@ class Webhooks:
             )
 
     def add_threshold(self, tenant_id: str, customer_id: str, req: ThresholdIn) -> Threshold:
+        """404 when the customer in the path is unknown; 400 naming ``meter_slug`` when the
+        body names a meter the tenant does not have (as a plan's metered charge does): the
+        resource the path names exists, the request's content is what is wrong."""
         self._customer(tenant_id, customer_id)
-        self.rows.get_meter(tenant_id, req.meter_slug)
+        try:
+            self.rows.get_meter(tenant_id, req.meter_slug)
+        except NotFound:
+            raise ValidationError(
+                f"meter_slug: unknown meter {req.meter_slug!r}", field="meter_slug"
+            ) from None
         t = Threshold(
             **req.model_dump(),
             id="thr_" + uuid.uuid4().hex[:20],

@@ -171,6 +171,13 @@ class PlanVersion(PlanSpec):
 
 # What the validators below check, for the JSON schemas (api.openapi).
 NO_EDGE_BLANKS = r"^\S([\s\S]*\S)?$"
+# What ``\s`` of that pattern matches (JSON Schema patterns are ECMA-262 regular expressions):
+# the validator checks the same characters, not Python's ``str.strip()`` set, which also holds
+# U+001C..U+001F and U+0085 and lacks U+FEFF.
+ECMA_BLANKS = frozenset(
+    "\t\n\v\f\r \u00a0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff"
+    + "".join(chr(c) for c in range(0x2000, 0x200B))
+)
 TAX_RATES_EXTRA: dict[str, Any] = {
     "maxProperties": MAX_TAX_RATES,
     "propertyNames": {"pattern": TAX_NAME_PATTERN},
@@ -225,7 +232,7 @@ class CustomerIn(BaseModel):
     @field_validator("external_id")
     @classmethod
     def _ext(cls, v: str) -> str:
-        if v != v.strip():
+        if v and (v[0] in ECMA_BLANKS or v[-1] in ECMA_BLANKS):
             raise ValueError("must not start or end with whitespace")
         return v
 

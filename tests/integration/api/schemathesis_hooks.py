@@ -56,6 +56,7 @@ def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
     stay as they are. Also keeps the world's credentials and meters (``_protect``): the stateful
     phase's cases do not pass ``map_case``."""
     _protect(case)
+    _known_meter(case)
     if case.operation.path in AS_OTHER and case.method.upper() != "GET":
         key, other = os.environ["TALLY_FUZZ_KEY"], os.environ["TALLY_FUZZ_OTHER_KEY"]
         if (case.headers or {}).get("Authorization") == f"Bearer {key}":
@@ -319,6 +320,16 @@ def _event_times(body: Any) -> None:
     for e in body if isinstance(body, list) else [body]:
         if isinstance(e, dict) and e.get("time") is not None:
             e["time"] = FROM
+
+
+def _known_meter(case: Any) -> None:
+    """A positive threshold names a meter of the tenant (an unknown one is a 400 naming
+    ``meter_slug``), in every phase: here rather than in ``map_case``, which the stateful
+    phase's cases do not pass."""
+    op = f"{case.method.upper()} {case.operation.path}"
+    if op == "POST /v1/customers/{customer_id}/thresholds" and _is_positive(case):
+        if isinstance(case.body, dict):
+            case.body["meter_slug"] = METER
 
 
 def _phase(case: Any) -> str:

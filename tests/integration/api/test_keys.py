@@ -146,6 +146,24 @@ async def test_a_tenant_cannot_touch_another_tenants_keys(
     assert (await client.get("/v1/meters", headers=auth(other_tenant[1]))).status_code == 200
 
 
+async def test_an_optional_body_is_absent_or_json(
+    client: httpx.AsyncClient, tenant: tuple[str, str]
+) -> None:
+    """No body at all takes the defaults; a body of only whitespace is not JSON: 400 naming
+    ``body``, and no key is made."""
+    h = {**auth(tenant[1]), "Content-Type": "application/json"}
+    before = len((await client.get("/v1/api-keys", headers=h)).json()["data"])
+    for raw in (b"\t", b" \r\n "):
+        r = await client.post("/v1/api-keys", content=raw, headers=h)
+        assert r.status_code == 400, r.text
+        assert [d["field"] for d in r.json()["details"]] == ["body"]
+        assert "not valid JSON" in r.json()["message"]
+    assert len((await client.get("/v1/api-keys", headers=h)).json()["data"]) == before
+    r = await client.post("/v1/api-keys", content=b"", headers=h)
+    assert r.status_code == 201, r.text
+    assert r.json()["name"] == ""
+
+
 async def test_admin_manages_keys_limits_and_admin_tokens(
     broker: Any,
     topic: str,

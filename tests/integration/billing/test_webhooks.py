@@ -143,6 +143,38 @@ async def test_signed_deliveries_retry_after_500_without_duplicates(
         rx.close()
 
 
+async def test_a_threshold_names_what_is_missing(client: httpx.AsyncClient, tenant: Tenant) -> None:
+    """An unknown customer in the path is 404 naming ``customer_id``; an unknown meter in the
+    body of an existing customer is 400 naming ``meter_slug`` (the customer is there: a 404
+    would say the resource the path names is missing). Nothing is stored for either."""
+    body = {"meter_slug": "api", "value": "5"}
+    r = await client.post("/v1/customers/ghost/thresholds", json=body, headers=tenant.headers)
+    assert r.status_code == 404, r.text
+    assert r.json()["error"] == "not_found"
+    assert [d["field"] for d in r.json()["details"]] == ["customer_id"]
+    await call(
+        client,
+        tenant,
+        "POST",
+        "/v1/customers",
+        {"external_id": "thr-1", "name": "T", "currency": "USD"},
+        201,
+    )
+    r = await client.post(
+        "/v1/customers/thr-1/thresholds",
+        json={"meter_slug": "no-such-meter", "value": "5"},
+        headers=tenant.headers,
+    )
+    assert r.status_code == 400, r.text
+    err = r.json()
+    assert err["error"] == "invalid_request"
+    assert [d["field"] for d in err["details"]] == ["meter_slug"]
+    assert "no-such-meter" in err["message"]
+    assert (await call(client, tenant, "GET", "/v1/customers/thr-1/thresholds"))["data"] == []
+    made = await call(client, tenant, "POST", "/v1/customers/thr-1/thresholds", body, 201)
+    assert made["meter_slug"] == "api" and made["customer_id"] == "thr-1"
+
+
 def test_gives_up_after_max_attempts(store: Any, tenant: Tenant, tmp_path: Any) -> None:
     settings = Settings.model_validate(
         {
