@@ -3,6 +3,7 @@ comparisons of ``split`` and ``single`` (docs/performance.md, "`tally run` in tw
 
     python -m benchmarks.modes split 30 40000 64     # mode, seconds, offered events/s, clients
     python -m benchmarks.modes split 30 34000 64 --poll   # plus a query loop like the probe
+    python -m benchmarks.modes split 30 28000 64 --ramp=90:128000   # after 90 s of overload
 
 One JSON line: stored events/s and answer latency under the load (4 tenants, the harness's
 events and 5 meters, 1000-event batches, 2 generator processes), then one sequential client for
@@ -10,7 +11,9 @@ events and 5 meters, 1000-event batches, 2 generator processes), then one sequen
 per second and their mean time (``tally_worker_flush_seconds`` from /metrics: one commit
 attempt, the store's calls). ``--poll``: during the load, one client also asks a usage query in
 a loop with 10 ms pauses, as the full run's freshness probe does at half load
-(``benchmarks.run``); its query latency and rate are reported.
+(``benchmarks.run``); its query latency and rate are reported. ``--ramp=S:R``: first S seconds
+at R offered events/s (the full run's half load follows its ramp to overload, and meets the
+store the ramp left behind: parts not merged yet); its accepted rate is reported.
 """
 
 from __future__ import annotations
@@ -107,7 +110,8 @@ def load_rig(
 
 def main(argv: list[str]) -> None:
     poll = "--poll" in argv
-    argv = [a for a in argv if a != "--poll"]
+    ramp = [a.removeprefix("--ramp=").split(":") for a in argv if a.startswith("--ramp=")]
+    argv = [a for a in argv if a != "--poll" and not a.startswith("--ramp=")]
     mode, seconds, rate, clients = argv[0], float(argv[1]), float(argv[2]), int(argv[3])
     orig = target.tally_env
 
@@ -130,6 +134,11 @@ def main(argv: list[str]) -> None:
                 sum(cpu_s(p) or 0.0 for p in broker_pids(t.pid)),
             ]
 
+        ramped = None
+        for ramp_s, ramp_rate in ramp:
+            ramped = gen.run(
+                StepSpec("ramp", float(ramp_rate), clients, float(ramp_s), None, [url], 0)
+            )
         gen.run(StepSpec("warm", rate, clients, 6, None, [url], 0))
         queries = QueryLoop(url, tenants[0].key).start() if poll else None
         p0, w0, f0 = per(), time.monotonic(), _flushes(url)
@@ -160,6 +169,8 @@ def main(argv: list[str]) -> None:
             "seq_p99_ms": _q(sl, 0.99),
             "n_seq": len(sl),
         }
+        if ramped is not None:
+            out["ramp_accepted_per_s"] = round(ramped.accepted_per_s)
         if queries is not None:
             ql = sorted(queries.latencies)
             out.update(

@@ -1,7 +1,8 @@
 """Micro-benchmark of the store's calls in one worker flush, on chDB alone (no broker, no API):
 the ledger insert (``ClickHouseSink.insert_events``), the link's commit insert (``commit_link``:
 usage rows, their day rows and the progress row) and the read of progress and claims after it
-(``read_chain``), link after link, on the links ``benchmarks.prepare_micro`` prepares (the
+(``read_chain``: a full read, and the worker's read after a commit, which reads only the parts
+written since the read before it), link after link, on the links ``benchmarks.prepare_micro`` prepares (the
 harness's workload: 4 tenants, 5 meters, 1000 Zipf customers, 2 % retries, 1 % late events).
 
 Run: python -m benchmarks.store_micro [links] [events_per_link] -- nothing asserted. Printed:
@@ -64,19 +65,40 @@ def main() -> None:
             store.command(f"CREATE TABLE {DATABASE}.events_default AS {DATABASE}.events")
             sink = ClickHouseSink(store)
             times: dict[str, list[float]] = {}
+            active: list[int] = []  # active parts of usage_minute after each link
 
-            def timed(name: str, fn: Callable[..., object], *args: Any) -> None:
+            def timed(name: str, fn: Callable[..., Any], *args: Any) -> Any:
                 t0 = time.perf_counter()
-                fn(*args)
+                out = fn(*args)
                 times.setdefault(name, []).append(time.perf_counter() - t0)
+                return out
 
-            for k in links:
+            before = sink.read_chain("bench", [0])
+
+            for i, k in enumerate(links):
                 timed("ledger insert (worker's settings)", sink.insert_events, k.events)
                 timed(
                     "ledger insert (store defaults)", store.insert_arrow, "events_default", k.events
                 )
                 timed("commit insert", sink.commit_link, "bench", 0, k.first, k.last, k.usage)
-                timed("read of progress and claims", sink.read_chain, "bench", [0])
+                # the two reads take turns going first (the first one warms the store's caches)
+                if i % 2:
+                    timed("read of progress and claims (full)", sink.read_chain, "bench", [0])
+                before = timed(
+                    "read of progress and claims (since the link's read before)",
+                    sink.read_chain,
+                    "bench",
+                    [0],
+                    before,
+                )
+                if not i % 2:
+                    timed("read of progress and claims (full)", sink.read_chain, "bench", [0])
+                parts = store.query_rows(
+                    "SELECT count() FROM system.parts WHERE database = {db:String} "
+                    "AND table = 'usage_minute' AND active",
+                    {"db": DATABASE},
+                )
+                active.append(int(parts[0][0]))
         finally:
             store.close()
     usage_rows = statistics.median(with_day_rows(k.usage).num_rows for k in links)
@@ -87,6 +109,9 @@ def main() -> None:
     )
     for name, values in times.items():
         print(f"  {name}: {_ms(values, 0.5)} / {_ms(values, 0.9)}")
+    print(
+        f"  active parts of usage_minute after a link: median {statistics.median(active):.0f}, max {max(active)}"
+    )
 
 
 if __name__ == "__main__":

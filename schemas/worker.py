@@ -39,10 +39,13 @@ class ChainState:
 
     ``progress[p]``: end of the commit chain (last stored offset; absent = nothing stored).
     ``claims[p]``: the newest claim (absent = never claimed).
+    ``mark``: the store's position the read saw, opaque to the worker (0 = none): a later read
+    given this state as ``since`` (``Sink.read_chain``) may skip what had landed by then.
     """
 
     progress: dict[int, int] = field(default_factory=dict)
     claims: dict[int, Claim] = field(default_factory=dict)
+    mark: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -263,6 +263,7 @@ class _Verified(NamedTuple):
     generation: int  # the partition's assignment then (a reassignment makes it stale)
     read_at: float  # monotonic seconds when the read started
     chain_end: int  # M, the link's last offset
+    mark: int  # the store's position that read saw (``ChainState.mark``)
 
 
 # How old this worker's read after a stored link may be for the next link of the partition to
@@ -694,6 +695,7 @@ class BatchProcessor:
             return None
         now = self.monotonic()
         progress: dict[int, int] = {}
+        marks: list[int] = []
         for k in links:
             seen = self._verified.get(k.partition)
             if (
@@ -705,7 +707,9 @@ class BatchProcessor:
             ):
                 return None
             progress[k.partition] = seen.chain_end
-        return ChainState(progress, {})
+            marks.append(seen.mark)
+        # the smallest mark: what landed after it covers what landed after each of the reads
+        return ChainState(progress, {}, min(marks, default=0))
 
     def flush_batch(self, links: list[Link]) -> Outcome:
         """One attempt to commit ``links`` (prepared) and find out what the store holds.
@@ -793,10 +797,11 @@ class BatchProcessor:
                     rows_written.labels("usage_minute").inc(sent)
             except Exception as exc:
                 out.error = exc
-            # (d) whose link landed? (a failed read is never "not landed": it is unknown)
+            # (d) whose link landed? (a failed read is never "not landed": it is unknown) Only
+            # what landed after the reading of step (0) is read again (``since``).
             read_at = self.monotonic()
             try:
-                after = self.sink.read_chain(self.topic, [k.partition for k in todo])
+                after = self.sink.read_chain(self.topic, [k.partition for k in todo], before)
             except Exception as exc:
                 out.error = out.error or exc
                 for k in todo:
@@ -807,7 +812,9 @@ class BatchProcessor:
                     v = self._judge(k, m, after.claims.get(k.partition))
                     verdicts[k.partition] = (v or Verdict.UNKNOWN, m)
                     if v is Verdict.STORED and out.error is None:
-                        self._verified[k.partition] = _Verified(k.generation, read_at, m)
+                        self._verified[k.partition] = _Verified(
+                            k.generation, read_at, m, after.mark
+                        )
 
         # 4. the index follows the store: kept ids of stored links, rebuilds of resynced ones
         for k in links:

@@ -50,8 +50,17 @@ class Sink(Protocol):
         land later."""
         ...
 
-    def read_chain(self, topic: str, partitions: list[int]) -> ChainState:
-        """Progress and newest claim of ``partitions``, in one read."""
+    def read_chain(
+        self, topic: str, partitions: list[int], since: ChainState | None = None
+    ) -> ChainState:
+        """Progress and newest claim of ``partitions``, in one read.
+
+        ``since``: an earlier state of these partitions (a read, or the smallest ``mark`` of
+        several reads with the progress each showed). With it, the store may read only what
+        landed after ``since.mark`` and answer each partition's progress as the larger of
+        ``since.progress[p]`` and that: the same answer as a full read, because progress only
+        grows. Claims are always read whole. A partition ``since`` has no progress for, or a
+        ``mark`` of 0, means a full read."""
         ...
 
     def write_claim(self, topic: str, partition: int, epoch: int, owner: str) -> None:

@@ -35,8 +35,11 @@ def test_store_micro_times_every_call() -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("3 links of ")
+    assert re.fullmatch(
+        r"  active parts of usage_minute after a link: median \d+, max \d+", lines[-1]
+    )
     timed: dict[str, float] = {}
-    for line in lines[1:]:
+    for line in lines[1:-1]:
         m = re.fullmatch(r"  (.+): ([\d.]+) / ([\d.]+)", line)
         assert m is not None, line
         timed[m.group(1)] = float(m.group(2))
@@ -44,6 +47,7 @@ def test_store_micro_times_every_call() -> None:
         "ledger insert (worker's settings)",
         "ledger insert (store defaults)",
         "commit insert",
-        "read of progress and claims",
+        "read of progress and claims (full)",
+        "read of progress and claims (since the link's read before)",
     }
     assert all(v > 0 for v in timed.values())

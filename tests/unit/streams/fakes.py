@@ -25,6 +25,10 @@ class MemorySink:
     - ``fail_reads``: the next N ``read_chain`` calls raise;
     - ``fail_events_next``: the next N events inserts raise;
     - ``other_writer(...)``: another worker's link lands (same token rule).
+
+    Every landing gets the next block number, as a store part does: ``read_chain`` with
+    ``since`` sees only landings above ``since.mark`` (plus ``since.progress``), as
+    ``ClickHouseSink`` reads only the newer parts. ``since_reads`` counts those reads.
     """
 
     def __init__(self, meters: list[Meter] | None = None) -> None:
@@ -32,6 +36,8 @@ class MemorySink:
         self.events: dict[tuple[str, str], tuple[Any, ...]] = {}
         self.usage: list[tuple[Any, ...]] = []
         self._progress: dict[str, dict[int, int]] = {}
+        self._landings: list[tuple[int, str, int, int]] = []  # (block, topic, partition, last)
+        self.since_reads = 0
         self.tokens: set[str] = set()
         self.claims: dict[tuple[str, int], Claim] = {}
         self.heartbeats: list[WorkerStatus] = []
@@ -70,6 +76,7 @@ class MemorySink:
         self.usage.extend(rows)
         cur = self._progress.setdefault(topic, {})
         cur[p] = max(cur.get(p, -1), last)
+        self._landings.append((len(self._landings) + 1, topic, p, last))
         self.commits += 1
 
     def commit_link(
@@ -101,15 +108,24 @@ class MemorySink:
         """Another worker's link (e.g. a zombie's, or the new owner's) lands."""
         self._land(topic, partition, first, last, list(rows))
 
-    def read_chain(self, topic: str, partitions: list[int]) -> ChainState:
+    def read_chain(
+        self, topic: str, partitions: list[int], since: ChainState | None = None
+    ) -> ChainState:
         if self.fail_reads:
             self.fail_reads -= 1
             raise ConnectionError("store down (read)")
+        claims = {p: self.claims[(topic, p)] for p in partitions if (topic, p) in self.claims}
+        mine = [(b, p, last) for b, t, p, last in self._landings if t == topic and p in partitions]
+        if since is not None and since.mark > 0 and all(p in since.progress for p in partitions):
+            self.since_reads += 1
+            progress = {p: since.progress[p] for p in partitions}
+            for b, p, last in mine:
+                if b > since.mark:
+                    progress[p] = max(progress[p], last)
+            return ChainState(progress, claims, max([since.mark, *(b for b, _, _ in mine)]))
         cur = self._progress.get(topic, {})
-        return ChainState(
-            {p: cur[p] for p in partitions if p in cur},
-            {p: self.claims[(topic, p)] for p in partitions if (topic, p) in self.claims},
-        )
+        progress = {p: cur[p] for p in partitions if p in cur}
+        return ChainState(progress, claims, max((b for b, _, _ in mine), default=0))
 
     def write_claim(self, topic: str, partition: int, epoch: int, owner: str) -> None:
         old = self.claims.get((topic, partition))
@@ -132,6 +148,7 @@ class MemorySink:
         cur = self._progress.setdefault(topic, {})
         for p, off in progress.items():
             cur[p] = max(cur.get(p, -1), off)
+            self._landings.append((len(self._landings) + 1, topic, p, off))
 
     def progress(self, topic: str) -> dict[int, int]:
         return dict(self._progress.get(topic, {}))

@@ -163,11 +163,11 @@ def test_answer_lost_and_next_check_failing_ends_exact(tmp_path: Path) -> None:
     real = sink.read_chain
     calls = {"n": 0}
 
-    def flaky(topic: str, parts: list[int]) -> Any:
+    def flaky(topic: str, parts: list[int], since: Any = None) -> Any:
         calls["n"] += 1
         if calls["n"] == 2:
             raise ConnectionError("check failed")
-        return real(topic, parts)
+        return real(topic, parts, since)
 
     sink.read_chain = flaky  # type: ignore[method-assign]
     out = proc.flush_batch(links)
@@ -191,11 +191,11 @@ def test_answer_lost_and_every_read_failing_then_retry_insert_is_a_no_op(tmp_pat
     real = sink.read_chain
     calls = {"n": 0}
 
-    def flaky(topic: str, parts: list[int]) -> Any:
+    def flaky(topic: str, parts: list[int], since: Any = None) -> Any:
         calls["n"] += 1
         if calls["n"] in (2, 3):  # the check, then the next attempt's pre-read
             raise ConnectionError("store flapping")
-        return real(topic, parts)
+        return real(topic, parts, since)
 
     sink.read_chain = flaky  # type: ignore[method-assign]
     for _ in range(2):
@@ -400,9 +400,9 @@ def count_reads(sink: MemorySink) -> list[list[int]]:
     calls: list[list[int]] = []
     real = sink.read_chain
 
-    def counted(topic: str, partitions: list[int]) -> Any:
+    def counted(topic: str, partitions: list[int], since: Any = None) -> Any:
         calls.append(sorted(partitions))
-        return real(topic, partitions)
+        return real(topic, partitions, since)
 
     sink.read_chain = counted  # type: ignore[method-assign]
     return calls
@@ -425,6 +425,29 @@ def test_a_link_right_after_a_verified_one_skips_the_read_before(tmp_path: Path)
     out, applied = attempt(proc)
     assert not out.read_reused and applied.stored == {0: 2} and len(reads) == 5
     assert usage_total(sink) == {"events": 3, "sum": Decimal(6), "windows": 1}
+
+
+def test_the_read_after_a_commit_reads_only_what_landed_since_the_read_before(
+    tmp_path: Path,
+) -> None:
+    """Step (3) passes the state of step (0) as ``since``: a fresh read's, or the reused
+    reading's (its mark from the read that verified the previous link)."""
+    proc, sink = make(tmp_path)
+    proc.add(0, 0, msg("a", 1))
+    out, applied = attempt(proc)  # nothing stored before: no progress to start from, full read
+    assert applied.stored == {0: 0} and sink.since_reads == 0
+    proc.add(0, 1, msg("b", 2))
+    out, applied = attempt(proc)
+    assert out.read_reused and applied.stored == {0: 1} and sink.since_reads == 1
+    proc.add(0, 2, msg("c", 3))
+    proc.add(1, 0, msg("d", 4))  # partition 1 has no progress yet: this read is full
+    out, applied = attempt(proc)
+    assert not out.read_reused and applied.stored == {0: 2, 1: 0} and sink.since_reads == 1
+    proc.add(0, 3, msg("e", 5))
+    proc.add(1, 1, msg("f", 6))
+    out, applied = attempt(proc)
+    assert applied.stored == {0: 3, 1: 1} and sink.since_reads == 2
+    assert usage_total(sink) == {"events": 6, "sum": Decimal(21), "windows": 1}
 
 
 def test_retries_and_links_after_a_failed_check_always_read_first(tmp_path: Path) -> None:
@@ -504,7 +527,7 @@ def test_another_writer_from_the_same_point_inside_the_window_resyncs(tmp_path: 
     assert other.flush() == {0: 2}
     proc.add(0, 1, msg("b", 2))
     out, applied = attempt(proc)
-    assert out.read_reused and sink.deduplicated == 1
+    assert out.read_reused and sink.deduplicated == 1 and sink.since_reads >= 1
     assert applied.resynced == {0: 2} and [e.offset for e in applied.acks] == [1]
     assert usage_total(sink) == {"events": 3, "sum": Decimal(6), "windows": 1}
 
