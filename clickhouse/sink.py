@@ -212,7 +212,7 @@ class ClickHouseSink(ActivationRows, DeadLetterRows):
         numbers when it becomes visible, above those of every part visible before, and a merge
         keeps the highest of its sources; a progress row the earlier read did not see is in a
         part above its mark, and progress rows are never deleted (progress only grows). Why:
-        a full read opens a granule of every active part, 7 ms with one part, 20 ms with 40
+        a full read opens a granule of every active part: 5.8 ms with one part, 18.0 with 40
         (docs/performance.md, "The read of progress after a commit")."""
         parts = sorted({int(p) for p in partitions})
         base: dict[int, int] = {}
