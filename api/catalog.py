@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-import orjson
 import pydantic
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from api.auth import Tenant
+from api.bodies import parse_body
 from api.errors import json_response
-from api.ingest import read_body
 from api.openapi import LIMIT_PARAM, OFFSET_PARAM, doc, int_query, link, model, model_list, query
 from api.state import AppState, State
 from schemas.catalog import (
@@ -51,29 +50,9 @@ def _catalog(request: Request, st: AppState) -> Any:
 
 
 async def _body(request: Request, model: type[M], what: str) -> M:
-    """Parse a JSON object body into ``model``; 400 naming every bad field."""
-    raw = await read_body(request, MAX_BODY)
-    if not raw.strip():
-        raise ValidationError(
-            f"request body is empty; send a JSON {what}",
-            details=[{"field": "body", "message": "empty body"}],
-        )
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ValidationError(
-            f"request body is not valid JSON: {exc}",
-            details=[{"field": "body", "message": f"malformed JSON: {exc}"}],
-        ) from None
-    if not isinstance(doc, dict):
-        raise ValidationError(
-            f"a {what} must be a JSON object",
-            details=[{"field": "body", "message": "expected a JSON object"}],
-        )
-    try:
-        return model.model_validate(doc)
-    except pydantic.ValidationError as exc:
-        raise ValidationError.from_pydantic(exc, f"invalid {what}") from None
+    """A required JSON object body (at most ``MAX_BODY``) as ``model``; 400 naming every bad
+    field."""
+    return await parse_body(request, model, what, limit=MAX_BODY)
 
 
 def _ok(model: Any, status: int = 200) -> Response:

@@ -26,8 +26,8 @@ from starlette.responses import Response
 
 from api import answers as A
 from api.auth import Tenant, require_admin
+from api.bodies import parse_body
 from api.errors import json_response
-from api.keys import parse_body
 from api.openapi import BOOL_PARAM, LIMIT_PARAM, OFFSET_PARAM, doc, int_query, query
 from api.state import AppState, State
 from clickhouse.deadletters import DeadLetterRecord, DeadLetterRepo
@@ -334,7 +334,9 @@ async def admin_redrive(dead_letter_id: str, st: State) -> Response:
 async def admin_redrive_many(request: Request, st: State) -> Response:
     """Re-drive the dead letters that match (not re-driven yet unless ``include_redriven``), in
     source order, up to ``limit``; those that cannot be re-driven are listed in ``refused``."""
-    body = await parse_body(request, BulkRedriveIn, "re-drive request")
+    body = await parse_body(
+        request, BulkRedriveIn, "re-drive request", limit=16 * 1024, optional=True
+    )
     rows: list[DeadLetterRecord] = await st.run(
         DeadLetterRepo(st.store).list,
         body.tenant_id,

@@ -32,6 +32,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from api.auth import Tenant
+from api.bodies import read_body
 from api.errors import json_response
 from api.ingest_parse import (
     Limits,
@@ -54,7 +55,6 @@ from schemas.jsonschema import JSON_OBJECT, component
 from tally import log as tally_log
 from tally.errors import (
     BrokerUnavailable,
-    PayloadTooLarge,
     Unavailable,
     ValidationError,
     detail,
@@ -100,37 +100,6 @@ def parse_wait(value: str | None, st: AppState) -> WaitMode:
             details=[{"field": "wait", "message": "stored not available"}],
         )
     return mode
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes (413) before and while reading."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            n = int(declared)
-        except ValueError:
-            raise ValidationError(
-                "invalid Content-Length header",
-                details=[{"field": "content-length", "message": "not an integer"}],
-            ) from None
-        if n > limit:
-            raise _too_large(limit, n)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit, size, at_least=True)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(limit: int, size: int, at_least: bool = False) -> PayloadTooLarge:
-    what = f"at least {size}" if at_least else str(size)
-    return PayloadTooLarge(
-        f"request body is {what} bytes; the limit is {limit} bytes (max_request_bytes)",
-        details=[{"field": "body", "message": f"at most {limit} bytes"}],
-    )
 
 
 def limits_of(st: AppState) -> Limits:

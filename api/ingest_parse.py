@@ -102,13 +102,24 @@ class ParseResult:
         return sorted({e["index"] for e in self.errors})
 
 
-def load_json(raw: bytes) -> Any:
-    """Decode a request body; 400 naming the problem if it is empty or not JSON."""
+def load_json(raw: bytes, expected: str = "a JSON event or array of events") -> Any:
+    """Decode a required request body; 400 naming the problem if it is empty (or only
+    whitespace) or not JSON. ``expected`` says what to send instead of nothing."""
     if not raw or not raw.strip():
         raise ValidationError(
-            "request body is empty; send a JSON event or array of events",
+            f"request body is empty; send {expected}",
             details=[{"field": "body", "message": "empty body"}],
         )
+    return _decode(raw)
+
+
+def load_optional_json(raw: bytes, absent: Any) -> Any:
+    """Decode an optional request body: ``absent`` for zero bytes; anything else must be JSON
+    (a body of only whitespace is not: 400 naming ``body``; ``null`` is JSON's null)."""
+    return absent if not raw else _decode(raw)
+
+
+def _decode(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -15,10 +15,9 @@ from starlette.responses import Response
 
 from api.auth import Tenant, require_admin
 from api.billing_state import actor_of, billing
+from api.bodies import parse_body, read_body
 from api.catalog import _body, _ok
 from api.errors import json_response
-from api.ingest import read_body
-from api.keys import parse_body
 from api.openapi import doc, link, model, model_list, query
 from api.state import State
 from billing import reconcile, render
@@ -99,7 +98,7 @@ async def run_invoices(
     tenant_id: Tenant,
     st: State,
 ) -> Response:
-    req = await parse_body(request, RunIn, "invoice run", limit=64 * 1024)
+    req = await parse_body(request, RunIn, "invoice run", limit=64 * 1024, optional=True)
     svc = billing(request, st).invoicing
     out = await st.run(svc.run, tenant_id, req.as_of, actor_of(request))
     return _ok(out)
@@ -111,7 +110,7 @@ async def run_invoices(
     **doc(ok={200: model(RunOut)}, body=model(RunIn, "validation"), body_required=False),
 )
 async def admin_run_invoices(tenant_id: str, request: Request, st: State) -> Response:
-    req = await parse_body(request, RunIn, "invoice run", limit=64 * 1024)
+    req = await parse_body(request, RunIn, "invoice run", limit=64 * 1024, optional=True)
     await st.run(st.repo.get_tenant, tenant_id)
     svc = billing(request, st).invoicing
     return _ok(await st.run(svc.run, tenant_id, req.as_of, "admin"))

@@ -11,45 +11,22 @@ under ``/v1/admin/tenants/{tenant_id}/keys``.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any, TypeVar
 
-import orjson
-import pydantic
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from api import answers as A
 from api.auth import Tenant
+from api.bodies import parse_body
 from api.errors import json_response
-from api.ingest import read_body
 from api.openapi import doc, link, model
 from api.state import AppState, State
 from schemas.credentials import KeyIn, RotateIn
 from schemas.timeutil import utc_now
-from tally.errors import ValidationError
 
 router = APIRouter()
 
 MAX_BODY = 16 * 1024
-M = TypeVar("M", bound=pydantic.BaseModel)
-
-
-async def parse_body(request: Request, model: type[M], what: str, limit: int = MAX_BODY) -> M:
-    """An optional JSON object body as ``model``: no body (zero bytes) = all defaults; anything
-    else must be a JSON object (a body of only whitespace is not JSON: 400 naming ``body``)."""
-    raw = await read_body(request, limit)
-    doc: Any = {}
-    if raw:
-        try:
-            doc = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise ValidationError(f"request body is not valid JSON: {exc}", field="body") from None
-    if not isinstance(doc, dict):
-        raise ValidationError(f"a {what} must be a JSON object", field="body")
-    try:
-        return model.model_validate(doc)
-    except pydantic.ValidationError as exc:
-        raise ValidationError.from_pydantic(exc, f"invalid {what}") from None
 
 
 async def create_key(st: AppState, tenant_id: str, body: KeyIn) -> Response:
@@ -103,7 +80,9 @@ async def rotate_key(st: AppState, tenant_id: str, key_id: str, body: RotateIn) 
 )
 async def create(request: Request, tenant_id: Tenant, st: State) -> Response:
     """Create a key for the calling tenant; the secret (``api_key``) is shown only here."""
-    return await create_key(st, tenant_id, await parse_body(request, KeyIn, "key"))
+    return await create_key(
+        st, tenant_id, await parse_body(request, KeyIn, "key", limit=MAX_BODY, optional=True)
+    )
 
 
 @router.get("/v1/api-keys", tags=["keys"], **doc(ok={200: A.data_of(A.API_KEY)}))
@@ -145,7 +124,7 @@ async def rotate(
     st: State,
 ) -> Response:
     """A new key replacing ``key_id``, which keeps working for ``overlap_s`` (default 3600)."""
-    body = await parse_body(request, RotateIn, "rotation")
+    body = await parse_body(request, RotateIn, "rotation", limit=MAX_BODY, optional=True)
     return await rotate_key(st, tenant_id, key_id, body)
 
 

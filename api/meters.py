@@ -17,15 +17,13 @@ from typing import Any
 
 import anyio
 import orjson
-import pydantic
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from api import answers as A
 from api.auth import Tenant
+from api.bodies import object_body, read_body
 from api.errors import json_response
-from api.ingest import read_body
-from api.ingest_parse import load_json
 from api.openapi import doc, link
 from api.state import AppState, State
 from clickhouse.backfill import BackfillStore
@@ -35,7 +33,7 @@ from schemas.envelope import OutgoingEnvelope
 from schemas.meters import Meter, MeterSpec, MeterStatus
 from schemas.timeutil import from_epoch_ms, to_ms
 from streams.backfill import BackfillRunner, LiveTopic
-from tally.errors import BrokerUnavailable, Conflict, ValidationError
+from tally.errors import BrokerUnavailable, Conflict
 
 router = APIRouter()
 
@@ -44,16 +42,7 @@ MAX_METER_BODY = 64 * 1024
 
 def parse_meter_spec(raw: bytes) -> MeterSpec:
     """Validate a MeterSpec JSON body; 400 naming every bad field."""
-    doc = load_json(raw)
-    if not isinstance(doc, dict):
-        raise ValidationError(
-            "a meter must be a JSON object",
-            details=[{"field": "body", "message": "expected a JSON object"}],
-        )
-    try:
-        return MeterSpec.model_validate(doc)
-    except pydantic.ValidationError as exc:
-        raise ValidationError.from_pydantic(exc, "invalid meter") from None
+    return object_body(raw, MeterSpec, "meter")
 
 
 def _iso(dt: Any) -> str:

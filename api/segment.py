@@ -32,13 +32,13 @@ import secrets
 import time
 import zlib
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
-import pydantic
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from api.auth import Tenant, client_address, tenant_of_api_key
+from api.bodies import parse_body, read_body
 from api.errors import json_response
 from api.ingest import (
     UnencodableEvents,
@@ -46,7 +46,6 @@ from api.ingest import (
     deliver,
     limits_of,
     parse_wait,
-    read_body,
     reject_unencodable,
 )
 from api.ingest_parse import load_json
@@ -89,7 +88,6 @@ CACHE_TTL_S = 5.0  # another replica sees a settings change within this long
 MAX_WEBHOOK_BYTES = 64 * 1024  # one message, plus what Segment adds to it
 MAX_CONFIG_BYTES = 16 * 1024
 _JSON_TYPES = ("application/json", "text/plain")  # text/plain: browsers' sendBeacon
-M = TypeVar("M", bound=pydantic.BaseModel)
 
 
 # --- OpenAPI -----------------------------------------------------------------------------------
@@ -558,20 +556,6 @@ async def segment_webhook(
 # --- settings ----------------------------------------------------------------------------------
 
 
-async def _model(request: Request, model: type[M], what: str, allow_empty: bool = False) -> M:
-    raw = await read_body(request, MAX_CONFIG_BYTES)
-    doc: Any = {} if allow_empty and not raw.strip() else load_json(raw)
-    if not isinstance(doc, dict):
-        raise ValidationError(
-            f"{what} must be a JSON object",
-            details=[{"field": "body", "message": "expected a JSON object"}],
-        )
-    try:
-        return model.model_validate(doc)
-    except pydantic.ValidationError as exc:
-        raise ValidationError.from_pydantic(exc, f"invalid {what}") from None
-
-
 def _webhook(cfg: SegmentSettings) -> SegmentWebhook:
     now = utc_now()
     prev = cfg.previous_until if cfg.previous_sealed and cfg.previous_until else None
@@ -613,7 +597,7 @@ async def put_config(
     svc: SegmentService = Depends(service),
 ) -> Response:
     """Where a message's customer comes from (``customer_property``; null = userId)."""
-    body = await _model(request, SegmentConfigIn, "Segment config")
+    body = await parse_body(request, SegmentConfigIn, "Segment config", limit=MAX_CONFIG_BYTES)
     cur: SegmentSettings = await st.run(svc.repo.get, tenant_id)
     new = cur.changed(
         customer_property=body.customer_property or "",
@@ -639,7 +623,9 @@ async def set_webhook_secret(
     svc: SegmentService = Depends(service),
 ) -> Response:
     """Set or rotate the webhook's shared secret (generated and shown once when not given)."""
-    body = await _model(request, WebhookSecretIn, "webhook secret", allow_empty=True)
+    body = await parse_body(
+        request, WebhookSecretIn, "webhook secret", limit=MAX_CONFIG_BYTES, optional=True
+    )
     box = svc.box
     plain = body.secret or secrets.token_urlsafe(32)
     now = utc_now()

@@ -15,9 +15,9 @@ from starlette.responses import Response
 from api import answers as A
 from api.auth import Tenant
 from api.billing_state import billing
+from api.bodies import read_body
 from api.errors import json_response
-from api.ingest import read_body
-from api.ingest_parse import load_json
+from api.ingest_parse import load_optional_json
 from api.openapi import doc, query
 from api.state import AppState, State
 from api.usage_params import (
@@ -292,5 +292,5 @@ async def om_query_post(
     st: State,
 ) -> Response:
     raw = await read_body(request, 64 * 1024)
-    fields = openmeter_body_fields(load_json(raw)) if raw.strip() else {}
+    fields = openmeter_body_fields(load_optional_json(raw, {}))
     return await _om_query(request, st, tenant_id, slug, fields)

@@ -110,7 +110,18 @@ def load_rig(
 
 def main(argv: list[str]) -> None:
     poll = "--poll" in argv
-    ramp = [a.removeprefix("--ramp=").split(":") for a in argv if a.startswith("--ramp=")]
+    ramps = [a.removeprefix("--ramp=") for a in argv if a.startswith("--ramp=")]
+    if len(ramps) > 1:
+        raise SystemExit("--ramp=S:R is given once")
+    ramp: tuple[float, float] | None = None
+    if ramps:
+        try:
+            ramp_s, ramp_rate = (float(x) for x in ramps[0].split(":"))
+        except ValueError:
+            raise SystemExit(
+                "--ramp=S:R takes seconds and events/s, e.g. --ramp=90:128000"
+            ) from None
+        ramp = (ramp_s, ramp_rate)
     argv = [a for a in argv if a != "--poll" and not a.startswith("--ramp=")]
     mode, seconds, rate, clients = argv[0], float(argv[1]), float(argv[2]), int(argv[3])
     orig = target.tally_env
@@ -135,10 +146,8 @@ def main(argv: list[str]) -> None:
             ]
 
         ramped = None
-        for ramp_s, ramp_rate in ramp:
-            ramped = gen.run(
-                StepSpec("ramp", float(ramp_rate), clients, float(ramp_s), None, [url], 0)
-            )
+        if ramp is not None:
+            ramped = gen.run(StepSpec("ramp", ramp[1], clients, ramp[0], None, [url], 0))
         gen.run(StepSpec("warm", rate, clients, 6, None, [url], 0))
         queries = QueryLoop(url, tenants[0].key).start() if poll else None
         p0, w0, f0 = per(), time.monotonic(), _flushes(url)

@@ -65,7 +65,7 @@ from schemas.billing import (
 )
 from schemas.catalog import SubscriptionStatus
 from schemas.timeutil import utc_now
-from tally.errors import Conflict, NotFound, ValidationError
+from tally.errors import Conflict, NotFound, ValidationError, detail
 
 log = logging.getLogger(__name__)
 
@@ -477,7 +477,8 @@ class Webhooks:
             self.rows.get_meter(tenant_id, req.meter_slug)
         except NotFound:
             raise ValidationError(
-                f"meter_slug: unknown meter {req.meter_slug!r}", field="meter_slug"
+                f"meter_slug: unknown meter {req.meter_slug!r}",
+                details=[detail("meter_slug", f"unknown meter {req.meter_slug!r}")],
             ) from None
         t = Threshold(
             **req.model_dump(),

@@ -373,6 +373,9 @@ async def test_webhook_signature_rotation_and_scoping(
     r = await seg.post(path, content=body, headers={"X-Signature": sign("whatever" * 3, body)})
     assert r.status_code == 401 and "not enabled" in r.json()["message"], r.text
 
+    r = await seg.post("/v1/segment/webhook-secret", content=b" ", headers=auth(key))
+    assert r.status_code == 400, r.text  # whitespace is not "no body"
+    assert [d["field"] for d in r.json()["details"]] == ["body"], r.text
     r = await seg.post("/v1/segment/webhook-secret", headers=auth(key))
     assert r.status_code == 200, r.text
     first = r.json()["secret"]

@@ -218,6 +218,12 @@ async def test_openmeter_query_get_post_csv(
     }
     r2 = await client.post("/api/v1/meters/tokens/query", json=post, headers=h)
     assert r2.status_code == 200 and r2.json()["data"] == body["data"]
+    # An optional body: zero bytes is the defaults; whitespace or JSON null is not a query.
+    for raw, status in ((b"", 200), (b" \n", 400), (b"null", 400)):
+        r = await client.post("/api/v1/meters/tokens/query", content=raw, headers=h)
+        assert r.status_code == status, (raw, r.text)
+        if status == 400:
+            assert [d["field"] for d in r.json()["details"]] == ["body"], r.text
     r3 = await client.get(
         "/api/v1/meters/tokens/query", params=q, headers={**h, "Accept": "text/csv"}
     )

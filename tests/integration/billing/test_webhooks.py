@@ -168,7 +168,7 @@ async def test_a_threshold_names_what_is_missing(client: httpx.AsyncClient, tena
     assert r.status_code == 400, r.text
     err = r.json()
     assert err["error"] == "invalid_request"
-    assert [d["field"] for d in err["details"]] == ["meter_slug"]
+    assert err["details"] == [{"field": "meter_slug", "message": "unknown meter 'no-such-meter'"}]
     assert "no-such-meter" in err["message"]
     assert (await call(client, tenant, "GET", "/v1/customers/thr-1/thresholds"))["data"] == []
     made = await call(client, tenant, "POST", "/v1/customers/thr-1/thresholds", body, 201)
