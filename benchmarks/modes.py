@@ -4,6 +4,7 @@ comparisons of ``split`` and ``single`` (docs/performance.md, "`tally run` in tw
     python -m benchmarks.modes split 30 40000 64     # mode, seconds, offered events/s, clients
     python -m benchmarks.modes split 30 34000 64 --poll   # plus a query loop like the probe
     python -m benchmarks.modes split 30 28000 64 --ramp=90:128000   # after 90 s of overload
+    python -m benchmarks.modes split 30 46000 64 --windows=8:15  # then 8 windows of 15 s
 
 One JSON line: stored events/s and answer latency under the load (4 tenants, the harness's
 events and 5 meters, 1000-event batches, 2 generator processes), then one sequential client for
@@ -14,6 +15,9 @@ a loop with 10 ms pauses, as the full run's freshness probe does at half load
 (``benchmarks.run``); its query latency and rate are reported. ``--ramp=S:R``: first S seconds
 at R offered events/s (the full run's half load follows its ramp to overload, and meets the
 store the ramp left behind: parts not merged yet); its accepted rate is reported.
+``--windows=K:S``: after the load, K more windows of S seconds at the same rate, each reported
+on its own (answers, stored total, flushes, the main process's cores: Python, the store's
+merges, other native threads): how the answers move as the store grows under a steady load.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -32,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import benchmarks.target as target
 from benchmarks.loadgen import GenConfig, LoadGenerator, StepSpec, Tenant
 from benchmarks.target import (
+    CpuMeter,
     EmbeddedTally,
     StoredPoller,
     Totals,
@@ -108,21 +114,51 @@ def load_rig(
     return tenants, gen, StoredPoller(Totals(url, tenants), 1.0).start()
 
 
+def pair_option(argv: list[str], name: str, example: str) -> tuple[float, float] | None:
+    """The value of ``--name=A:B`` (given at most once) as two numbers, or None."""
+    given = [a.removeprefix(f"--{name}=") for a in argv if a.startswith(f"--{name}=")]
+    if len(given) > 1:
+        raise SystemExit(f"--{name}= is given once")
+    if not given:
+        return None
+    try:
+        a, b = (float(x) for x in given[0].split(":"))
+    except ValueError:
+        raise SystemExit(f"--{name}= takes two numbers, e.g. --{name}={example}") from None
+    return a, b
+
+
+def _window(
+    gen: LoadGenerator, url: str, pid: int, rate: float, clients: int, seconds: float, total: Totals
+) -> dict[str, Any]:
+    """One window of the steady load after the measured one, reported on its own."""
+    cpu, w0, f0 = CpuMeter(pid), time.monotonic(), _flushes(url)
+    st = gen.run(StepSpec("window", rate, clients, seconds, None, [url], 0))
+    dt = time.monotonic() - w0
+    f1 = _flushes(url)
+    cores = cpu.cores()
+    lat = sorted(st.latencies_s)
+    with httpx.Client(timeout=60) as c:
+        stored = total.read(c)
+    return {
+        "stored_total": stored,
+        "accepted_per_s": round(st.accepted_per_s),
+        "load_p50_ms": _q(lat, 0.5),
+        "load_p99_ms": _q(lat, 0.99),
+        "flushes_per_s": round((f1[0] - f0[0]) / dt, 1),
+        "flush_mean_ms": round(1000 * (f1[1] - f0[1]) / max(1.0, f1[0] - f0[0]), 1),
+        "main_python_merges_native_cores": [
+            round(cores.get(k) or 0.0, 2)
+            for k in ("main_python_cores", "main_merge_cores", "main_native_cores")
+        ],
+    }
+
+
 def main(argv: list[str]) -> None:
     poll = "--poll" in argv
-    ramps = [a.removeprefix("--ramp=") for a in argv if a.startswith("--ramp=")]
-    if len(ramps) > 1:
-        raise SystemExit("--ramp=S:R is given once")
-    ramp: tuple[float, float] | None = None
-    if ramps:
-        try:
-            ramp_s, ramp_rate = (float(x) for x in ramps[0].split(":"))
-        except ValueError:
-            raise SystemExit(
-                "--ramp=S:R takes seconds and events/s, e.g. --ramp=90:128000"
-            ) from None
-        ramp = (ramp_s, ramp_rate)
-    argv = [a for a in argv if a != "--poll" and not a.startswith("--ramp=")]
+    ramp = pair_option(argv, "ramp", "90:128000")
+    windows = pair_option(argv, "windows", "8:15")
+    argv = [a for a in argv if a != "--poll" and not a.startswith(("--ramp=", "--windows="))]
     mode, seconds, rate, clients = argv[0], float(argv[1]), float(argv[2]), int(argv[3])
     orig = target.tally_env
 
@@ -160,9 +196,16 @@ def main(argv: list[str]) -> None:
         span = poller.step_span(st.window_start, st.ended)
         stored = span.rate if span is not None else None
         lat = sorted(st.latencies_s)
+        after: list[dict[str, Any]] = []
+        if windows is not None:
+            totals = Totals(url, tenants)
+            after = [
+                _window(gen, url, t.pid, rate, clients, windows[1], totals)
+                for _ in range(int(windows[0]))
+            ]
         seq = gen.run(StepSpec("seq", None, 1, 20, None, [url], 3))
         sl = sorted(seq.latencies_s)
-        out = {
+        out: dict[str, Any] = {
             "mode": mode,
             "stored_per_s": round(stored) if stored is not None else None,
             "accepted_per_s": round(st.accepted_per_s),
@@ -180,6 +223,8 @@ def main(argv: list[str]) -> None:
         }
         if ramped is not None:
             out["ramp_accepted_per_s"] = round(ramped.accepted_per_s)
+        if after:
+            out["windows"] = after
         if queries is not None:
             ql = sorted(queries.latencies)
             out.update(

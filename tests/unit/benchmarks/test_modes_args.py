@@ -1,0 +1,28 @@
+"""``benchmarks.modes``' two-number options (``--ramp=S:R``, ``--windows=K:S``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.modes import pair_option
+
+
+def test_absent_is_none() -> None:
+    assert pair_option(["split", "30", "46000", "64"], "ramp", "90:128000") is None
+
+
+def test_two_numbers() -> None:
+    argv = ["split", "30", "46000", "64", "--ramp=90:128000", "--windows=8:15"]
+    assert pair_option(argv, "ramp", "90:128000") == (90.0, 128000.0)
+    assert pair_option(argv, "windows", "8:15") == (8.0, 15.0)
+
+
+def test_given_twice_is_refused() -> None:
+    with pytest.raises(SystemExit, match="given once"):
+        pair_option(["--ramp=1:2", "--ramp=3:4"], "ramp", "90:128000")
+
+
+@pytest.mark.parametrize("value", ["90", "90:", "a:b", "1:2:3"])
+def test_malformed_names_the_option(value: str) -> None:
+    with pytest.raises(SystemExit, match="--windows= takes two numbers"):
+        pair_option([f"--windows={value}"], "windows", "8:15")
