@@ -7,14 +7,14 @@ comparisons of ``split`` and ``single`` (docs/performance.md, "`tally run` in tw
     python -m benchmarks.modes split 30 46000 64 --windows=8:15  # then 8 windows of 15 s
 
 One JSON line: stored events/s and answer latency under the load (4 tenants, the harness's
-events and 5 meters, 1000-event batches, 2 generator processes), then one sequential client for
-20 s; CPU of the main process, the API child and the broker over the load; the worker's flushes
+events and 5 meters, 1000-event batches, 2 generator processes), then (after any windows) one
+sequential client for 20 s; CPU of the main process, the API child and the broker over the load; the worker's flushes
 per second and their mean time (``tally_worker_flush_seconds`` from /metrics: one commit
 attempt, the store's calls). ``--poll``: during the load, one client also asks a usage query in
 a loop with 10 ms pauses, as the full run's freshness probe does at half load
 (``benchmarks.run``); its query latency and rate are reported. ``--ramp=S:R``: first S seconds
-at R offered events/s (the full run's half load follows its ramp to overload, and meets the
-store the ramp left behind: parts not merged yet); its accepted rate is reported.
+at R offered events/s (the full run's half load follows its ramp to overload and meets a store
+of the ramp's volume); its accepted rate is reported.
 ``--windows=K:S``: after the load, K more windows of S seconds at the same rate, each reported
 on its own (answers, stored total, flushes, the main process's cores: Python, the store's
 merges, other native threads): how the answers move as the store grows under a steady load.
@@ -114,8 +114,11 @@ def load_rig(
     return tenants, gen, StoredPoller(Totals(url, tenants), 1.0).start()
 
 
-def pair_option(argv: list[str], name: str, example: str) -> tuple[float, float] | None:
-    """The value of ``--name=A:B`` (given at most once) as two numbers, or None."""
+def pair_option(
+    argv: list[str], name: str, example: str, whole_first: bool = False
+) -> tuple[float, float] | None:
+    """The value of ``--name=A:B`` (given at most once) as two positive numbers, the first a
+    whole one if ``whole_first``; None when absent."""
     given = [a.removeprefix(f"--{name}=") for a in argv if a.startswith(f"--{name}=")]
     if len(given) > 1:
         raise SystemExit(f"--{name}= is given once")
@@ -125,6 +128,9 @@ def pair_option(argv: list[str], name: str, example: str) -> tuple[float, float]
         a, b = (float(x) for x in given[0].split(":"))
     except ValueError:
         raise SystemExit(f"--{name}= takes two numbers, e.g. --{name}={example}") from None
+    if not (a > 0 and b > 0) or (whole_first and not a.is_integer()):
+        what = "a whole number and a number, both" if whole_first else "two numbers"
+        raise SystemExit(f"--{name}= takes {what} above 0, e.g. --{name}={example}")
     return a, b
 
 
@@ -157,7 +163,7 @@ def _window(
 def main(argv: list[str]) -> None:
     poll = "--poll" in argv
     ramp = pair_option(argv, "ramp", "90:128000")
-    windows = pair_option(argv, "windows", "8:15")
+    windows = pair_option(argv, "windows", "8:15", whole_first=True)
     argv = [a for a in argv if a != "--poll" and not a.startswith(("--ramp=", "--windows="))]
     mode, seconds, rate, clients = argv[0], float(argv[1]), float(argv[2]), int(argv[3])
     orig = target.tally_env

@@ -26,3 +26,15 @@ def test_given_twice_is_refused() -> None:
 def test_malformed_names_the_option(value: str) -> None:
     with pytest.raises(SystemExit, match="--windows= takes two numbers"):
         pair_option([f"--windows={value}"], "windows", "8:15")
+
+
+@pytest.mark.parametrize("value", ["0:15", "2:0", "-1:15", "2.5:15"])
+def test_windows_are_a_whole_count_and_a_positive_length(value: str) -> None:
+    with pytest.raises(SystemExit, match="whole number and a number, both above 0"):
+        pair_option([f"--windows={value}"], "windows", "8:15", whole_first=True)
+
+
+def test_a_ramp_may_last_a_fraction_of_a_second_but_not_zero() -> None:
+    assert pair_option(["--ramp=0.5:1000"], "ramp", "90:128000") == (0.5, 1000.0)
+    with pytest.raises(SystemExit, match="takes two numbers above 0"):
+        pair_option(["--ramp=0:1000"], "ramp", "90:128000")
