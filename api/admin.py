@@ -14,10 +14,10 @@ from starlette.responses import Response
 
 from api import answers as A
 from api.auth import require_admin
-from api.bodies import parse_body, read_body
+from api.bodies import SMALL_BODY, parse_body, read_body
 from api.errors import json_response
 from api.ingest_parse import load_json
-from api.keys import MAX_BODY, create_key, get_key, list_keys, revoke_key, rotate_key
+from api.keys import create_key, get_key, list_keys, revoke_key, rotate_key
 from api.limits import effective_limits
 from api.openapi import doc, link, model
 from api.state import AppState, State
@@ -60,7 +60,7 @@ async def _tenant(st: AppState, tenant_id: str) -> Any:
     **doc(ok={201: A.TENANT_CREATED}, body=A.TENANT_IN),
 )
 async def create_tenant(request: Request, st: State) -> Response:
-    doc = load_json(await read_body(request, 16 * 1024))
+    doc = load_json(await read_body(request, SMALL_BODY))
     name = doc.get("name") if isinstance(doc, dict) else None
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
         raise ValidationError(
@@ -92,7 +92,7 @@ async def create_key_admin(tenant_id: str, request: Request, st: State) -> Respo
     """A new key for the tenant (body optional: ``{name, expires_at}``); secret in ``api_key``."""
     await _tenant(st, tenant_id)
     return await create_key(
-        st, tenant_id, await parse_body(request, KeyIn, "key", limit=MAX_BODY, optional=True)
+        st, tenant_id, await parse_body(request, KeyIn, "key", limit=SMALL_BODY, optional=True)
     )
 
 
@@ -131,7 +131,7 @@ async def revoke_key_admin(tenant_id: str, key_id: str, st: State) -> Response:
     ),
 )
 async def rotate_key_admin(tenant_id: str, key_id: str, request: Request, st: State) -> Response:
-    body = await parse_body(request, RotateIn, "rotation", limit=MAX_BODY, optional=True)
+    body = await parse_body(request, RotateIn, "rotation", limit=SMALL_BODY, optional=True)
     return await rotate_key(st, tenant_id, key_id, body)
 
 
@@ -166,7 +166,7 @@ async def put_limits(tenant_id: str, request: Request, st: State) -> Response:
     max_batch_events, monthly_events}``, each null/absent (default), 0 (unlimited) or a limit.
     Takes effect at once in this process, within ``limits_cache_ttl_s`` in the others."""
     await _tenant(st, tenant_id)
-    body = await parse_body(request, LimitsIn, "limits", limit=MAX_BODY, optional=True)
+    body = await parse_body(request, LimitsIn, "limits", limit=SMALL_BODY, optional=True)
     overrides = LimitOverrides(**body.model_dump())
     await st.run(st.limiter.repo.put, tenant_id, overrides)
     st.limiter.invalidate(tenant_id)
@@ -188,7 +188,7 @@ async def put_limits(tenant_id: str, request: Request, st: State) -> Response:
 )
 async def create_admin_token(request: Request, st: State) -> Response:
     """A new admin token (body optional: ``{name}``); the secret is in ``admin_token``, once."""
-    body = await parse_body(request, AdminTokenIn, "admin token", limit=MAX_BODY, optional=True)
+    body = await parse_body(request, AdminTokenIn, "admin token", limit=SMALL_BODY, optional=True)
     info, token = await st.run(st.repo.credentials.create_admin_token, body.name)
     out = info.to_json()
     out["admin_token"] = token

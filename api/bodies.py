@@ -18,9 +18,12 @@ from tally.errors import PayloadTooLarge, ValidationError
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 
+SMALL_BODY = 16 * 1024  # keys, limits, tokens, re-drive requests: a few fields each
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes (413) before and while reading."""
+
+async def read_body(request: Request, limit: int, setting: str | None = None) -> bytes:
+    """The request body, refusing more than ``limit`` bytes (413) before and while reading;
+    ``setting`` names the setting the limit comes from, if one does."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -31,21 +34,24 @@ async def read_body(request: Request, limit: int) -> bytes:
                 details=[{"field": "content-length", "message": "not an integer"}],
             ) from None
         if n > limit:
-            raise _too_large(limit, n)
+            raise _too_large(limit, n, setting)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise _too_large(limit, size, at_least=True)
+            raise _too_large(limit, size, setting, at_least=True)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _too_large(limit: int, size: int, at_least: bool = False) -> PayloadTooLarge:
+def _too_large(
+    limit: int, size: int, setting: str | None, at_least: bool = False
+) -> PayloadTooLarge:
     what = f"at least {size}" if at_least else str(size)
+    source = f" ({setting})" if setting else ""
     return PayloadTooLarge(
-        f"request body is {what} bytes; the limit is {limit} bytes (max_request_bytes)",
+        f"request body is {what} bytes; the limit is {limit} bytes{source}",
         details=[{"field": "body", "message": f"at most {limit} bytes"}],
     )
 

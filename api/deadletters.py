@@ -26,7 +26,7 @@ from starlette.responses import Response
 
 from api import answers as A
 from api.auth import Tenant, require_admin
-from api.bodies import parse_body
+from api.bodies import SMALL_BODY, parse_body
 from api.errors import json_response
 from api.openapi import BOOL_PARAM, LIMIT_PARAM, OFFSET_PARAM, doc, int_query, query
 from api.state import AppState, State
@@ -335,7 +335,7 @@ async def admin_redrive_many(request: Request, st: State) -> Response:
     """Re-drive the dead letters that match (not re-driven yet unless ``include_redriven``), in
     source order, up to ``limit``; those that cannot be re-driven are listed in ``refused``."""
     body = await parse_body(
-        request, BulkRedriveIn, "re-drive request", limit=16 * 1024, optional=True
+        request, BulkRedriveIn, "re-drive request", limit=SMALL_BODY, optional=True
     )
     rows: list[DeadLetterRecord] = await st.run(
         DeadLetterRepo(st.store).list,

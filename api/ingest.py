@@ -232,7 +232,7 @@ async def _ingest(request: Request, tenant_id: str, st: AppState, api: str) -> R
         single, batch = True, True
     else:
         single, batch = cloudevents_shape(content_type)
-    raw = await read_body(request, s.max_request_bytes)
+    raw = await read_body(request, s.max_request_bytes, "max_request_bytes")
     st.metrics.ingest_bytes.labels(api).inc(len(raw))
     limits = limits_of(st)
     now_ms = time.time_ns() // 1_000_000

@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from api import answers as A
 from api.auth import Tenant
-from api.bodies import parse_body
+from api.bodies import SMALL_BODY, parse_body
 from api.errors import json_response
 from api.openapi import doc, link, model
 from api.state import AppState, State
@@ -25,8 +25,6 @@ from schemas.credentials import KeyIn, RotateIn
 from schemas.timeutil import utc_now
 
 router = APIRouter()
-
-MAX_BODY = 16 * 1024
 
 
 async def create_key(st: AppState, tenant_id: str, body: KeyIn) -> Response:
@@ -81,7 +79,7 @@ async def rotate_key(st: AppState, tenant_id: str, key_id: str, body: RotateIn) 
 async def create(request: Request, tenant_id: Tenant, st: State) -> Response:
     """Create a key for the calling tenant; the secret (``api_key``) is shown only here."""
     return await create_key(
-        st, tenant_id, await parse_body(request, KeyIn, "key", limit=MAX_BODY, optional=True)
+        st, tenant_id, await parse_body(request, KeyIn, "key", limit=SMALL_BODY, optional=True)
     )
 
 
@@ -124,7 +122,7 @@ async def rotate(
     st: State,
 ) -> Response:
     """A new key replacing ``key_id``, which keeps working for ``overlap_s`` (default 3600)."""
-    body = await parse_body(request, RotateIn, "rotation", limit=MAX_BODY, optional=True)
+    body = await parse_body(request, RotateIn, "rotation", limit=SMALL_BODY, optional=True)
     return await rotate_key(st, tenant_id, key_id, body)
 
 

@@ -193,7 +193,7 @@ async def test_too_many_bytes_413_by_content_length(
 ) -> None:
     big = events(1, properties={"pad": "x" * 40_000})
     r = await client.post("/v1/events", json=big, headers=auth(tenant[1]))
-    assert_error(r, 413, "limit is 32768 bytes")
+    assert_error(r, 413, "limit is 32768 bytes (max_request_bytes)")
 
 
 async def test_too_many_bytes_413_while_streaming(
