@@ -8,8 +8,10 @@ comparisons of ``split`` and ``single`` (docs/performance.md, "`tally run` in tw
 
 One JSON line: stored events/s and answer latency under the load (4 tenants, the harness's
 events and 5 meters, 1000-event batches, 2 generator processes), then (after any windows) one
-sequential client for 20 s; CPU of the main process, the API child and the broker over the load; the worker's flushes
-per second and their mean time (``tally_worker_flush_seconds`` from /metrics: one commit
+sequential client for 20 s; CPU of the main process, the API child and the broker over the
+load, of the load generator's processes, and the machine's busy cores (all of it, from
+/proc/stat: how close the load is to the machine's cores); the worker's flushes per second and
+their mean time (``tally_worker_flush_seconds`` from /metrics: one commit
 attempt, the store's calls). ``--poll``: during the load, one client also asks a usage query in
 a loop with 10 ms pauses, as the full run's freshness probe does at half load
 (``benchmarks.run``); its query latency and rate are reported. ``--ramp=S:R``: first S seconds
@@ -17,7 +19,8 @@ at R offered events/s (the full run's half load follows its ramp to overload and
 of the ramp's volume); its accepted rate is reported.
 ``--windows=K:S``: after the load, K more windows of S seconds at the same rate, each reported
 on its own (answers, stored total, flushes, the main process's cores: Python, the store's
-merges, other native threads): how the answers move as the store grows under a steady load.
+merges, other native threads; the machine's busy cores): how the answers move as the store
+grows under a steady load.
 """
 
 from __future__ import annotations
@@ -157,6 +160,7 @@ def _window(
             round(cores.get(k) or 0.0, 2)
             for k in ("main_python_cores", "main_merge_cores", "main_native_cores")
         ],
+        "machine_busy_cores": round(cores["machine_busy_cores"] or 0.0, 2),
     }
 
 
@@ -193,8 +197,10 @@ def main(argv: list[str]) -> None:
         gen.run(StepSpec("warm", rate, clients, 6, None, [url], 0))
         queries = QueryLoop(url, tenants[0].key).start() if poll else None
         p0, w0, f0 = per(), time.monotonic(), _flushes(url)
+        machine = CpuMeter(None)
         st = gen.run(StepSpec("load", rate, clients, seconds, None, [url], 5))
         dt = time.monotonic() - w0
+        busy = machine.cores()["machine_busy_cores"] or 0.0
         f1 = _flushes(url)
         if queries is not None:
             queries.stop()
@@ -220,6 +226,8 @@ def main(argv: list[str]) -> None:
             "load_p99_ms": _q(lat, 0.99),
             "tally_cores_incl_broker": round(sum(cores), 2),
             "main_api_broker_cores": cores,
+            "generator_cores": round(st.cpu_s / st.seconds, 2),
+            "machine_busy_cores": round(busy, 2),
             "flushes_per_s": round((f1[0] - f0[0]) / dt, 1),
             "flush_mean_ms": round(1000 * (f1[1] - f0[1]) / max(1.0, f1[0] - f0[0]), 1),
             "seq_events_per_s": round(seq.accepted_per_s),
