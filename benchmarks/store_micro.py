@@ -5,11 +5,14 @@ usage rows, their day rows and the progress row) and the read of progress and cl
 written since the read before it), link after link, on the links ``benchmarks.prepare_micro`` prepares (the
 harness's workload: 4 tenants, 5 meters, 1000 Zipf customers, 2 % retries, 1 % late events).
 
-Run: python -m benchmarks.store_micro [links] [events_per_link] -- nothing asserted. Printed:
-wall-clock ms per call (median, p90) for each call, and the ledger insert twice: with the
-worker's settings (``EVENTS_INSERT_SETTINGS``: rows of one key not combined at insert) and with
-the store's defaults (the combining pass), the two taking turns link by link into two tables of
-the same definition, so that both meet the same merges.
+Run: python -m benchmarks.store_micro [links] [events_per_link] [--stop-merges] -- nothing
+asserted. Printed for each call: wall-clock ms (median, p90) and the CPU the process used during
+it (median ms, all its threads: the store's own threads included, and its background merges
+unless ``--stop-merges``, which stops the merges of the benchmark's database first so that the
+CPU is the calls' own; the active parts then grow link by link). The ledger insert is timed
+twice: with the worker's settings (``EVENTS_INSERT_SETTINGS``: rows of one key not combined at
+insert) and with the store's defaults (the combining pass), the two taking turns link by link
+into two tables of the same definition, so that both meet the same merges.
 """
 
 from __future__ import annotations
@@ -54,23 +57,31 @@ def _ms(values: list[float], q: float) -> str:
     return f"{ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000:.1f}"
 
 
-def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 40
-    per_link = int(sys.argv[2]) if len(sys.argv) > 2 else 9_000
+def main(argv: list[str]) -> None:
+    stop_merges = "--stop-merges" in argv
+    argv = [a for a in argv if a != "--stop-merges"]
+    n = int(argv[0]) if argv else 40
+    per_link = int(argv[1]) if len(argv) > 1 else 9_000
     with tempfile.TemporaryDirectory() as d:
         links = prepared_links(n, per_link, Path(d) / "index")
         store = Store.open(f"chdb://{Path(d) / 'chdb'}", DATABASE)
         try:
             store.migrate()  # Store.open created the database
             store.command(f"CREATE TABLE {DATABASE}.events_default AS {DATABASE}.events")
+            if stop_merges:
+                store.command(f"SYSTEM STOP MERGES {DATABASE}.events")
+                store.command(f"SYSTEM STOP MERGES {DATABASE}.events_default")
+                store.command(f"SYSTEM STOP MERGES {DATABASE}.usage_minute")
             sink = ClickHouseSink(store)
             times: dict[str, list[float]] = {}
+            cpu: dict[str, list[float]] = {}
             active: list[int] = []  # active parts of usage_minute after each link
 
             def timed(name: str, fn: Callable[..., Any], *args: Any) -> Any:
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 out = fn(*args)
                 times.setdefault(name, []).append(time.perf_counter() - t0)
+                cpu.setdefault(name, []).append(time.process_time() - c0)
                 return out
 
             before = sink.read_chain("bench", [0])
@@ -103,16 +114,18 @@ def main() -> None:
             store.close()
     usage_rows = statistics.median(with_day_rows(k.usage).num_rows for k in links)
     events = statistics.median(k.events.num_rows for k in links)
+    merges = "stopped" if stop_merges else "running"
     print(
         f"{len(links)} links of {events:,.0f} kept events ({usage_rows:,.0f} usage rows with "
-        "their day rows), ms per call, median / p90:"
+        f"their day rows), merges {merges}; per call: wall ms median / p90, CPU ms median:"
     )
     for name, values in times.items():
-        print(f"  {name}: {_ms(values, 0.5)} / {_ms(values, 0.9)}")
+        wall = f"{_ms(values, 0.5)} / {_ms(values, 0.9)}"
+        print(f"  {name}: {wall} ms wall, {_ms(cpu[name], 0.5)} ms CPU")
     print(
         f"  active parts of usage_minute after a link: median {statistics.median(active):.0f}, max {max(active)}"
     )
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks.store_micro import prepared_links
 
 REPO = Path(__file__).resolve().parents[3]
@@ -24,9 +26,11 @@ def test_prepared_links_chain_and_carry_rows(tmp_path: Path) -> None:
         assert k.prepared and k.events.num_rows > 0 and k.usage.num_rows > 0
 
 
-def test_store_micro_times_every_call() -> None:
+@pytest.mark.parametrize("stop_merges", [False, True], ids=["merges-running", "merges-stopped"])
+def test_store_micro_times_every_call(stop_merges: bool) -> None:
+    args = ["3", "1000"] + (["--stop-merges"] if stop_merges else [])
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.store_micro", "3", "1000"],
+        [sys.executable, "-m", "benchmarks.store_micro", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -35,19 +39,28 @@ def test_store_micro_times_every_call() -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("3 links of ")
+    merges = "stopped" if stop_merges else "running"
+    assert f"merges {merges}; per call: wall ms median / p90, CPU ms median:" in lines[0]
     assert re.fullmatch(
         r"  active parts of usage_minute after a link: median \d+, max \d+", lines[-1]
     )
-    timed: dict[str, float] = {}
+    wall: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     for line in lines[1:-1]:
-        m = re.fullmatch(r"  (.+): ([\d.]+) / ([\d.]+)", line)
+        m = re.fullmatch(r"  (.+): ([\d.]+) / ([\d.]+) ms wall, ([\d.]+) ms CPU", line)
         assert m is not None, line
-        timed[m.group(1)] = float(m.group(2))
-    assert set(timed) == {
+        wall[m.group(1)] = float(m.group(2))
+        cpu[m.group(1)] = float(m.group(4))
+    assert set(wall) == {
         "ledger insert (worker's settings)",
         "ledger insert (store defaults)",
         "commit insert",
         "read of progress and claims (full)",
         "read of progress and claims (since the link's read before)",
     }
-    assert all(v > 0 for v in timed.values())
+    assert set(cpu) == set(wall)
+    assert all(v > 0 for v in wall.values())
+    assert all(v > 0 for v in cpu.values())  # every call costs the process some CPU
+    if stop_merges:  # no merge ran: a part per link, so after 3 links the median is 2 or more
+        parts = re.search(r"median (\d+)", lines[-1])
+        assert parts is not None and int(parts.group(1)) >= 2
