@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-import httpx
 import orjson
 
+from benchmarks.http1 import Connection as HttpConnection
+from benchmarks.http1 import HttpError, Target
 from benchmarks.workload import BodyFactory
 
 MAX_ATTEMPTS = 6
+REQUEST_TIMEOUT_S = 120.0
 RETRY_SLEEP_MAX_S = 1.0
 
 
@@ -145,19 +147,15 @@ class _Client:
         if clients < 1:
             st.ended = st.window_start = t0
             return st
-        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
         n_urls = len(spec.urls)
         n_tenants = len(self.cfg.tenants)
 
-        async with httpx.AsyncClient(timeout=120, limits=limits) as http:
-
-            async def one(worker: int) -> None:
-                tenant = (self.proc + worker * self.procs) % n_tenants
-                # Built once: httpx parses a URL string (and merges params) on every request.
-                url = httpx.URL(
-                    spec.urls[(self.proc + worker) % n_urls] + "/v1/events", params=params
-                )
-                headers = self.headers[tenant]
+        async def one(worker: int) -> None:
+            tenant = (self.proc + worker * self.procs) % n_tenants
+            # one keep-alive connection per client, its request head written once
+            target = Target.of(spec.urls[(self.proc + worker) % n_urls] + "/v1/events", params)
+            conn = HttpConnection(target, self.headers[tenant], timeout_s=REQUEST_TIMEOUT_S)
+            try:
                 while True:
                     now = time.time()
                     if now >= deadline or stop.is_set():
@@ -173,18 +171,18 @@ class _Client:
                                 return
                     n = self.cfg.batch
                     body, new = self.factory.body(tenant, n, int(time.time() * 1000))
-                    await self._send(http, url, headers, body, n, new, st, deadline)
+                    await self._send(conn, body, n, new, st, deadline)
+            finally:
+                conn.close()
 
-            await asyncio.gather(*(one(i) for i in range(clients)))
+        await asyncio.gather(*(one(i) for i in range(clients)))
         st.ended = min(time.time(), deadline)
         st.cpu_s = time.process_time() - cpu0
         return st
 
     async def _send(
         self,
-        http: httpx.AsyncClient,
-        url: httpx.URL,
-        headers: dict[str, str],
+        conn: HttpConnection,
         body: bytes,
         n: int,
         new: int,
@@ -196,28 +194,28 @@ class _Client:
             t = time.perf_counter()
             retry_after = 0.2 * (attempt + 1)
             try:
-                r = await http.post(url, content=body, headers=headers)
-            except httpx.TimeoutException:
+                r = await conn.post(body)
+            except TimeoutError:
                 kind = "timeout"
-            except httpx.HTTPError as exc:
-                kind = type(exc).__name__
+            except HttpError as exc:
+                kind = exc.kind
             else:
-                if r.status_code < 300:
+                if r.status < 300:
                     st.latencies_s.append(time.perf_counter() - t)
                     st.requests_ok += 1
                     st.events_sent += n
                     st.unique_acked += new
                     if st.window_start <= time.time() <= deadline:
                         st.events_in_window += n
-                    if r.status_code == 200:  # some events rejected (should not happen)
-                        rejected = len(orjson.loads(r.content).get("rejected", []))
+                    if r.status == 200:  # some events rejected (should not happen)
+                        rejected = len(orjson.loads(r.body).get("rejected", []))
                         st.events_rejected += rejected
                         st.errors["rejected_events"] = (
                             st.errors.get("rejected_events", 0) + rejected
                         )
                     return
-                kind = str(r.status_code)
-                if r.status_code < 500 and r.status_code != 429:
+                kind = str(r.status)
+                if r.status < 500 and r.status != 429:
                     st.failed_attempts += 1
                     st.errors[kind] = st.errors.get(kind, 0) + 1
                     break  # a 4xx will not get better
