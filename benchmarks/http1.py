@@ -16,11 +16,13 @@ timeout, a malformed answer) closes it and is raised to the caller, who decides 
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
 HEAD_LIMIT = 64 * 1024  # status line and headers of one answer
+_HEX = re.compile(rb"[0-9A-Fa-f]+")
 
 
 class HttpError(Exception):
@@ -82,6 +84,7 @@ class Connection:
         ).encode("latin-1")
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._ssl: ssl.SSLContext | None = None  # built on the first open of an https target
 
     async def post(self, body: bytes) -> Answer:
         """POST ``body``; the answer, or ``HttpError`` / ``TimeoutError`` (connection closed)."""
@@ -95,7 +98,7 @@ class Connection:
         except (TimeoutError, HttpError):
             self.close()
             raise
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             self.close()
             raise HttpError(f"{type(exc).__name__}: {exc}", type(exc).__name__) from exc
         if not keep:
@@ -107,7 +110,9 @@ class Connection:
             if not self._reader.at_eof() and not self._writer.is_closing():
                 return self._reader, self._writer
             self.close()  # closed by the server while idle: open a new one
-        context = ssl.create_default_context() if self.target.scheme == "https" else None
+        if self.target.scheme == "https" and self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        context = self._ssl
         self._reader, self._writer = await asyncio.open_connection(
             self.target.host,
             self.target.port,
@@ -123,6 +128,12 @@ class Connection:
         self._reader = self._writer = None
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` alone also takes e.g. the superscripts a latin-1
+    header can hold, which ``int`` refuses)."""
+    return bool(text) and text.isascii() and text.isdigit()
+
+
 async def _read_answer(reader: asyncio.StreamReader) -> tuple[Answer, bool]:
     """One answer; and whether the connection can carry the next request."""
     while True:
@@ -130,7 +141,7 @@ async def _read_answer(reader: asyncio.StreamReader) -> tuple[Answer, bool]:
         lines = head[:-4].decode("latin-1").split("\r\n")
         version, _, rest = lines[0].partition(" ")
         code = rest[:3]
-        if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+        if not version.startswith("HTTP/1.") or len(code) != 3 or not _digits(code):
             raise HttpError(f"not an HTTP/1.x status line: {lines[0][:100]!r}")
         status = int(code)
         headers: dict[str, str] = {}
@@ -149,7 +160,7 @@ async def _read_answer(reader: asyncio.StreamReader) -> tuple[Answer, bool]:
         return Answer(status, headers, await _read_chunked(reader)), keep
     length = headers.get("content-length")
     if length is not None:
-        if not length.isdigit():
+        if not _digits(length):
             raise HttpError(f"invalid content-length {length[:40]!r}")
         return Answer(status, headers, await reader.readexactly(int(length))), keep
     return Answer(status, headers, await reader.read()), False  # delimited by the close
@@ -160,10 +171,9 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
     while True:
         size_line = await reader.readuntil(b"\r\n")
         size_text = size_line[:-2].split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise HttpError(f"invalid chunk size {size_text[:40]!r}") from None
+        if _HEX.fullmatch(size_text) is None:  # not ``int``'s signs, ``0x`` or underscores
+            raise HttpError(f"invalid chunk size {size_text[:40]!r}")
+        size = int(size_text, 16)
         if size == 0:
             while await reader.readuntil(b"\r\n") != b"\r\n":  # trailer fields, then the end
                 pass

@@ -69,9 +69,8 @@ def main(argv: list[str]) -> None:
             store.migrate()  # Store.open created the database
             store.command(f"CREATE TABLE {DATABASE}.events_default AS {DATABASE}.events")
             if stop_merges:
-                store.command(f"SYSTEM STOP MERGES {DATABASE}.events")
-                store.command(f"SYSTEM STOP MERGES {DATABASE}.events_default")
-                store.command(f"SYSTEM STOP MERGES {DATABASE}.usage_minute")
+                for table in ("events", "events_default", "usage_minute"):
+                    store.command(f"SYSTEM STOP MERGES {DATABASE}.{table}")
             sink = ClickHouseSink(store)
             times: dict[str, list[float]] = {}
             cpu: dict[str, list[float]] = {}

@@ -94,6 +94,13 @@ def test_an_answer_delimited_by_the_close() -> None:
         (b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", "content-length"),
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\nab\r\n", "CRLF"),
+        # digits ``str.isdigit`` takes and ``int`` refuses (latin-1 superscripts)
+        (b"HTTP/1.1 \xb2\xb2\xb2 Odd\r\n\r\n", "status line"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: \xb9\r\n\r\n", "content-length"),
+        # chunk sizes ``int(text, 16)`` would read: a sign, a 0x prefix, an underscore
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n-5\r\n", "chunk size"),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0x5\r\n", "chunk size"),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1_0\r\n", "chunk size"),
     ],
 )
 def test_answers_it_cannot_read_are_errors(raw: bytes, what: str) -> None:
