@@ -131,7 +131,7 @@ class Connection:
 def _digits(text: str) -> bool:
     """ASCII digits only (``str.isdigit`` alone also takes e.g. the superscripts a latin-1
     header can hold, which ``int`` refuses)."""
-    return bool(text) and text.isascii() and text.isdigit()
+    return text.isascii() and text.isdigit()  # False for an empty text too
 
 
 async def _read_answer(reader: asyncio.StreamReader) -> tuple[Answer, bool]:

@@ -127,8 +127,7 @@ def mark_stored(proc: BatchProcessor, links: list[Link]) -> None:
 
 
 def main() -> None:
-    settings = get_settings()
-    tune_process(settings)
+    tune_process(get_settings())
     marker = "--marker" in sys.argv
     argv = [a for a in sys.argv if a != "--marker"]
     flushes = int(argv[1]) if len(argv) > 1 else 30

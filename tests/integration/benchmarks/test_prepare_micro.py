@@ -5,25 +5,13 @@ machine)."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 from tally.settings import get_settings
-
-REPO = Path(__file__).resolve().parents[3]
+from tests.support.modules import run_module
 
 
 def test_prepare_micro_reports_each_phase_under_the_runtime_settings() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.prepare_micro", "2", "2000", "2"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = proc.stdout.strip().splitlines()[-1]
+    line = run_module("benchmarks.prepare_micro", "2", "2000", "2").strip().splitlines()[-1]
     got = re.fullmatch(
         r"2 flushes of ([\d,]+) events over 2 partitions: CPU per flush \(median\): decode "
         r"[\d.]+ ms, prepare [\d.]+ ms, index [\d.]+ ms; prepare \+ index: [\d,]+ events per "

@@ -5,14 +5,12 @@ checked: the figures depend on the machine."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from benchmarks.queries import SHAPES
 from benchmarks.report import PLOTS, RESULT_FILE, SUMMARY_FILE, validate
+from tests.support.modules import run_module
 
-REPO = Path(__file__).resolve().parents[3]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -20,14 +18,7 @@ def test_quick_run_writes_valid_results(tmp_path: Path) -> None:
     out = tmp_path / "run"
     work = tmp_path / "work"
     work.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), "--work-dir", str(work)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_module("benchmarks", "--quick", "--out", str(out), "--work-dir", str(work), timeout=900)
 
     doc = json.loads((out / RESULT_FILE).read_text())
     r = validate(doc)  # the schema: every section present and typed

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import itertools
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from benchmarks.store_micro import prepared_links
-
-REPO = Path(__file__).resolve().parents[3]
+from tests.support.modules import run_module
 
 
 def test_prepared_links_chain_and_carry_rows(tmp_path: Path) -> None:
@@ -29,15 +26,7 @@ def test_prepared_links_chain_and_carry_rows(tmp_path: Path) -> None:
 @pytest.mark.parametrize("stop_merges", [False, True], ids=["merges-running", "merges-stopped"])
 def test_store_micro_times_every_call(stop_merges: bool) -> None:
     args = ["3", "1000"] + (["--stop-merges"] if stop_merges else [])
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.store_micro", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
+    lines = run_module("benchmarks.store_micro", *args).splitlines()
     assert lines[0].startswith("3 links of ")
     merges = "stopped" if stop_merges else "running"
     assert f"merges {merges}; per call: wall ms median / p90, CPU ms median:" in lines[0]

@@ -4,23 +4,13 @@ speed: the figures depend on the machine)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.support.modules import run_module
 
 
 def test_waithop_benchmark_measures_both_hops() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.waithop", "0.5", "4", "1"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [json.loads(x) for x in proc.stdout.splitlines() if not x.startswith("#")]
+    out = run_module("benchmarks.waithop", "0.5", "4", "1")
+    lines = [json.loads(x) for x in out.splitlines() if not x.startswith("#")]
     runs = [x for x in lines if "hop" in x]
     assert {(x["hop"], x["shape"]) for x in runs} == {
         (h, s) for h in ("http", "socket") for s in ("pending", "stored")
