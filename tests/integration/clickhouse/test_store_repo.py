@@ -33,6 +33,21 @@ def test_migrate_is_idempotent(store: Store) -> None:
     assert {"tenants", "api_keys", "admin_tokens", "meters", "events", "usage_minute"} <= tables
 
 
+def test_hot_tables_merge_wider(store: Store) -> None:
+    """Migration 080: the tables every flush writes to merge with merge_selector_base = 10
+    (the store's default, 5, stays on every other table)."""
+    rows = store.query_rows(
+        "SELECT name, create_table_query FROM system.tables WHERE database = {db:String} "
+        "AND name IN ('events', 'usage_minute', 'meters')",
+        {"db": store.database},
+    )
+    ddl = dict(rows)
+    assert set(ddl) == {"events", "usage_minute", "meters"}
+    assert "merge_selector_base = 10" in ddl["events"]
+    assert "merge_selector_base = 10" in ddl["usage_minute"]
+    assert "merge_selector_base" not in ddl["meters"]
+
+
 def test_migrate_applies_new_files_once(store: Store, tmp_path: Path) -> None:
     for p in migration_files(MIGRATIONS_DIR):
         (tmp_path / p.name).write_text(p.read_text())
