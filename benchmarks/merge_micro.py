@@ -17,6 +17,7 @@ its own; compare runs taken in turn (docs/performance.md, "Wider merges of the h
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import tempfile
@@ -48,17 +49,32 @@ def _options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     return positional, options
 
 
+def _number(name: str, text: str, kind: type[int] | type[float], *, zero_ok: bool = False) -> float:
+    """``text`` as a positive (or, with ``zero_ok``, non-negative) finite number, or a worded
+    refusal naming ``name``."""
+    try:
+        value: float | None = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        wanted = "a non-negative" if zero_ok else "a positive"
+        raise SystemExit(f"merge_micro: {name} must be {wanted} number (got {text!r})")
+    return value
+
+
 def main(argv: list[str]) -> None:
     positional, options = _options(argv)
-    n = int(positional[0]) if positional else 60
-    per_link = int(positional[1]) if len(positional) > 1 else 30_000
+    n = int(_number("links", positional[0], int)) if positional else 60
+    per_link = (
+        int(_number("events_per_link", positional[1], int)) if len(positional) > 1 else 30_000
+    )
     stop = [t for t in options.get("stop", "").split(",") if t]
     unknown = [t for t in stop if t not in TABLES]
     if unknown:
         raise SystemExit(f"merge_micro: --stop takes {', '.join(TABLES)} (got {unknown})")
-    base = int(options["base"]) if "base" in options else None
-    gap = float(options.get("gap", "0.25"))
-    settle = float(options.get("settle", "15"))
+    base = int(_number("--base", options["base"], int)) if "base" in options else None
+    gap = _number("--gap", options.get("gap", "0.25"), float, zero_ok=True)
+    settle = _number("--settle", options.get("settle", "15"), float, zero_ok=True)
     with tempfile.TemporaryDirectory() as d:
         links = prepared_links(n, per_link, Path(d) / "index")
         store = Store.open(f"chdb://{Path(d) / 'chdb'}", DATABASE)
