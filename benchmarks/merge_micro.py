@@ -17,66 +17,52 @@ its own; compare runs taken in turn (docs/performance.md, "Wider merges of the h
 
 from __future__ import annotations
 
-import math
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from benchmarks.store_micro import DATABASE, prepared_links
 from clickhouse.sink import ClickHouseSink
 from clickhouse.store import Store
 
 TABLES = ("events", "usage_minute")
-STORE_DEFAULT_BASE = 5  # merge_selector_base of a table that does not set it
+
+app = typer.Typer(add_completion=False, help=__doc__)
 
 
-def _options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Positional arguments and ``--name=value`` options (a flag without ``=`` is refused)."""
-    positional: list[str] = []
-    options: dict[str, str] = {}
-    for arg in argv:
-        if arg.startswith("--"):
-            name, sep, value = arg[2:].partition("=")
-            if not sep or name not in ("stop", "base", "gap", "settle"):
-                raise SystemExit(
-                    f"merge_micro: unknown option {arg!r} (see the module's docstring)"
-                )
-            options[name] = value
-        else:
-            positional.append(arg)
-    return positional, options
-
-
-def _number(name: str, text: str, kind: type[int] | type[float], *, zero_ok: bool = False) -> float:
-    """``text`` as a positive (or, with ``zero_ok``, non-negative) finite number, or a worded
-    refusal naming ``name``."""
-    try:
-        value: float | None = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-        wanted = "a non-negative" if zero_ok else "a positive"
-        raise SystemExit(f"merge_micro: {name} must be {wanted} number (got {text!r})")
-    return value
-
-
-def main(argv: list[str]) -> None:
-    positional, options = _options(argv)
-    n = int(_number("links", positional[0], int)) if positional else 60
-    per_link = (
-        int(_number("events_per_link", positional[1], int)) if len(positional) > 1 else 30_000
-    )
-    stop = [t for t in options.get("stop", "").split(",") if t]
+def _tables(text: str) -> list[str]:
+    """``--stop``: a comma-separated list of TABLES (empty: none)."""
+    stop = [t for t in text.split(",") if t]
     unknown = [t for t in stop if t not in TABLES]
     if unknown:
-        raise SystemExit(f"merge_micro: --stop takes {', '.join(TABLES)} (got {unknown})")
-    base = int(_number("--base", options["base"], int)) if "base" in options else None
-    gap = _number("--gap", options.get("gap", "0.25"), float, zero_ok=True)
-    settle = _number("--settle", options.get("settle", "15"), float, zero_ok=True)
+        raise typer.BadParameter(
+            f"takes {', '.join(TABLES)} (got {', '.join(unknown)})", param_hint="'--stop'"
+        )
+    return stop
+
+
+@app.command()
+def main(
+    links: Annotated[int, typer.Argument(min=1, help="links written")] = 60,
+    per_link: Annotated[int, typer.Argument(min=1, help="events per link")] = 30_000,
+    stop_text: Annotated[
+        str, typer.Option("--stop", help="tables whose merges are stopped, comma-separated")
+    ] = "",
+    base: Annotated[
+        int | None, typer.Option(min=1, help="merge_selector_base of both tables")
+    ] = None,
+    gap: Annotated[float, typer.Option(min=0, max=60, help="seconds between links")] = 0.25,
+    settle: Annotated[
+        float, typer.Option(min=0, max=3600, help="seconds for the merges after")
+    ] = 15,
+) -> None:
+    stop = _tables(stop_text)
     with tempfile.TemporaryDirectory() as d:
-        links = prepared_links(n, per_link, Path(d) / "index")
+        prepared = prepared_links(links, per_link, Path(d) / "index")
         store = Store.open(f"chdb://{Path(d) / 'chdb'}", DATABASE)
         try:
             store.migrate()
@@ -89,7 +75,7 @@ def main(argv: list[str]) -> None:
                 store.command(f"SYSTEM STOP MERGES {DATABASE}.{table}")
             sink = ClickHouseSink(store)
             c0 = time.process_time()
-            for k in links:
+            for k in prepared:
                 sink.insert_events(k.events)
                 sink.commit_link("bench", 0, k.first, k.last, k.usage)
                 time.sleep(gap)
@@ -103,7 +89,10 @@ def main(argv: list[str]) -> None:
                 {"db": DATABASE},
             ):
                 parts[table] = (int(count), int(rows))
-            bases = dict.fromkeys(TABLES, STORE_DEFAULT_BASE)
+            default = store.query_rows(
+                "SELECT value FROM system.merge_tree_settings WHERE name = 'merge_selector_base'"
+            )
+            bases = dict.fromkeys(TABLES, int(default[0][0]))  # a table that does not set it
             for table, ddl in store.query_rows(
                 "SELECT name, create_table_query FROM system.tables WHERE database = {db:String} "
                 "AND name IN ('events', 'usage_minute')",
@@ -114,10 +103,10 @@ def main(argv: list[str]) -> None:
                     bases[table] = int(m.group(1))
         finally:
             store.close()
-    events = sum(k.events.num_rows for k in links)
+    events = sum(k.events.num_rows for k in prepared)
     per = 1e6 / events
     print(
-        f"{len(links)} links, {events:,} kept events; merges stopped: {','.join(stop) or 'none'}; "
+        f"{len(prepared)} links, {events:,} kept events; merges stopped: {','.join(stop) or 'none'}; "
         f"merge_selector_base: {base if base is not None else 'as migrated'}"
     )
     print(
@@ -130,4 +119,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    app()
