@@ -116,6 +116,7 @@ def record(pid: int, seconds: int, out: Path, rate: int = 100) -> str:
     """``py-spy record --native --idle --threads`` of ``pid`` for ``seconds``: the raw text."""
     cmd = [py_spy(), "record", "--native", "--idle", "--threads", "-f", "raw"]
     cmd += ["-r", str(rate), "-d", str(seconds), "-p", str(pid), "-o", str(out)]
+    out.unlink(missing_ok=True)  # never read the profile of an earlier run
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not out.exists():
         raise typer.BadParameter(f"py-spy failed: {done.stderr.strip()[-300:]}", param_hint="PID")
@@ -141,7 +142,8 @@ def main(
         raise typer.BadParameter("give a PID to sample or --file RAW", param_hint="PID")
     threads = summarise(raw)
     if not threads:
-        raise typer.BadParameter("the profile holds no samples", param_hint="--file")
+        hint = "--file" if file is not None else "PID"
+        raise typer.BadParameter("the profile holds no samples", param_hint=hint)
     typer.echo(render(threads))
 
 

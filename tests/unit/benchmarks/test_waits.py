@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from typer.testing import CliRunner
-
-from benchmarks.waits import app, classify, render, summarise
+from benchmarks.waits import classify, render, summarise
 
 STD = "/usr/lib/python3.11"
 SITE = "/venv/lib/python3.11/site-packages"
@@ -52,7 +48,7 @@ def test_running() -> None:
     assert classify([*FLUSH, "PyArray_FromIter (numpy/_multiarray_umath.so)"]) == "running"
 
 
-def _raw() -> str:
+def raw_profile() -> str:
     flush = "thread (11): tally-flush_0;" + ";".join(FLUSH)
     return "\n".join(
         [
@@ -67,7 +63,7 @@ def _raw() -> str:
 
 
 def test_summary_by_thread() -> None:
-    threads = summarise(_raw())
+    threads = summarise(raw_profile())
     assert [t.name for t in threads] == ["tally-flush_0", "tally-worker"]
     flush, worker = threads
     assert flush.total == 10
@@ -79,25 +75,3 @@ def test_summary_by_thread() -> None:
     assert worker.share("idle") == 1.0
     text = render(threads)
     assert "tally-flush_0" in text and "60.0%" in text and "100.0%" in text
-
-
-def test_the_command_reads_a_file_and_refuses_what_it_cannot_use(tmp_path: Path) -> None:
-    raw = tmp_path / "p.raw"
-    raw.write_text(_raw())
-    runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
-    done = runner.invoke(app, ["--file", str(raw)])
-    assert done.exit_code == 0, done.output
-    assert "tally-flush_0" in done.output
-    for args, named in (
-        ([], "Invalid value for PID"),
-        (["--file", str(tmp_path / "missing.raw")], "Invalid value for --file"),
-        (["12", "0"], "Invalid value for 'seconds'"),
-        (["abc"], "Invalid value for 'pid'"),
-    ):
-        done = runner.invoke(app, args)
-        assert done.exit_code == 2, (args, done.output)
-        assert named in done.output, (args, done.output)
-    empty = tmp_path / "empty.raw"
-    empty.write_text("nothing here\n")
-    done = runner.invoke(app, ["--file", str(empty)])
-    assert done.exit_code == 2 and "no samples" in done.output
