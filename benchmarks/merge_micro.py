@@ -30,6 +30,7 @@ from clickhouse.sink import ClickHouseSink
 from clickhouse.store import Store
 
 TABLES = ("events", "usage_minute")
+_IN_TABLES = ", ".join(f"'{t}'" for t in TABLES)  # constants: an SQL list of TABLES
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -85,7 +86,7 @@ def main(
             parts = dict.fromkeys(TABLES, (0, 0))
             for table, count, rows in store.query_rows(
                 "SELECT table, count(), sum(rows) FROM system.parts WHERE database = {db:String} "
-                "AND active AND table IN ('events', 'usage_minute') GROUP BY table",
+                f"AND active AND table IN ({_IN_TABLES}) GROUP BY table",
                 {"db": DATABASE},
             ):
                 parts[table] = (int(count), int(rows))
@@ -95,7 +96,7 @@ def main(
             bases = dict.fromkeys(TABLES, int(default[0][0]))  # a table that does not set it
             for table, ddl in store.query_rows(
                 "SELECT name, create_table_query FROM system.tables WHERE database = {db:String} "
-                "AND name IN ('events', 'usage_minute')",
+                f"AND name IN ({_IN_TABLES})",
                 {"db": DATABASE},
             ):
                 m = re.search(r"merge_selector_base = (\d+)", ddl)

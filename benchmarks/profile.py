@@ -16,6 +16,7 @@ import sys
 import sysconfig
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,35 +39,31 @@ def py_spy() -> str:
     return exe
 
 
-class Recorder:
-    """Runs py-spy against ``pid`` for ``seconds`` in the background."""
+# The full run's profile: every thread of `tally run` and, in split mode, of its API child (the
+# broker is not Python); sampled without pausing the process (less perturbation, and py-spy then
+# tells idle threads, sleeping in a wait, from running ones).
+PROFILE_FLAGS = ("--threads", "--subprocesses", "--full-filenames", "--nonblocking")
 
-    def __init__(self, pid: int, seconds: float, out: Path, rate: int = 100) -> None:
+
+class Recorder:
+    """Runs py-spy against ``pid`` for ``seconds`` in the background, with ``flags``."""
+
+    def __init__(
+        self,
+        pid: int,
+        seconds: float,
+        out: Path,
+        rate: int = 100,
+        flags: Sequence[str] = PROFILE_FLAGS,
+    ) -> None:
         self.out = out
         self.log = out.with_suffix(".log")
+        out.unlink(missing_ok=True)  # never read the profile of an earlier run
         self._logf = open(self.log, "wb")
+        cmd = [py_spy(), "record", "-p", str(pid), "-f", "raw", "-o", str(out)]
+        cmd += ["-d", str(max(1, round(seconds))), "-r", str(rate), *flags]
         self.proc = subprocess.Popen(
-            [
-                py_spy(),
-                "record",
-                "-p",
-                str(pid),
-                "-f",
-                "raw",
-                "-o",
-                str(out),
-                "-d",
-                str(max(1, round(seconds))),
-                "-r",
-                str(rate),
-                "--threads",
-                # `tally run` in split mode: the API child too (the broker is not Python)
-                "--subprocesses",
-                "--full-filenames",
-                # Sample without pausing the process: less perturbation, and py-spy then tells
-                # idle threads (sleeping in a wait) from running ones.
-                "--nonblocking",
-            ],
+            cmd,
             stdout=self._logf,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

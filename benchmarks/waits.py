@@ -27,7 +27,6 @@ throughput figure): the classes are shares of the sampled time, for comparing ru
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -36,7 +35,8 @@ from pathlib import Path
 
 import typer
 
-from benchmarks.profile import is_idle, parse_frame, py_spy, thread_name
+from benchmarks.profile import Recorder, is_idle, parse_frame, thread_name
+from benchmarks.target import BenchError
 
 CLASSES = ("running", "lock wait", "store runs", "store waits", "idle")
 
@@ -114,12 +114,13 @@ def render(threads: list[ThreadWaits]) -> str:
 
 def record(pid: int, seconds: int, out: Path, rate: int = 100) -> str:
     """``py-spy record --native --idle --threads`` of ``pid`` for ``seconds``: the raw text."""
-    cmd = [py_spy(), "record", "--native", "--idle", "--threads", "-f", "raw"]
-    cmd += ["-r", str(rate), "-d", str(seconds), "-p", str(pid), "-o", str(out)]
-    out.unlink(missing_ok=True)  # never read the profile of an earlier run
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0 or not out.exists():
-        raise typer.BadParameter(f"py-spy failed: {done.stderr.strip()[-300:]}", param_hint="PID")
+    rec = Recorder(pid, seconds, out, rate, flags=("--native", "--idle", "--threads"))
+    try:
+        rec.wait(seconds + 60)
+    except BenchError as exc:  # its message holds the end of py-spy's log
+        raise typer.BadParameter(f"py-spy failed: {str(exc)[-300:]}", param_hint="PID") from None
+    finally:
+        rec.log.unlink(missing_ok=True)
     return out.read_text(errors="replace")
 
 
