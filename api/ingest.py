@@ -49,7 +49,7 @@ from api.ingest_parse import (
 )
 from api.openapi import BOOL_PARAM, RFC3339_STORE, doc, query, ref, setting
 from api.state import AppState, Metrics, get_state
-from schemas.envelope import STORE_MS_MAX, STORE_MS_MIN, Row, group_rows
+from schemas.envelope import STORE_MS_MAX, STORE_MS_MIN, EventColumns, Row, group_columns
 from schemas.events import ID_MAX
 from schemas.jsonschema import JSON_OBJECT, component
 from tally import log as tally_log
@@ -113,7 +113,7 @@ def limits_of(st: AppState) -> Limits:
 
 class UnencodableEvents(ValidationError):
     """Events whose properties are nested too deeply to be written to the broker (the JSON
-    encoder stops at 254 levels). ``positions``: their places in the ``rows`` given to
+    encoder stops at 254 levels). ``positions``: their places in the ``events`` given to
     ``deliver``. Nothing was produced; callers reject these events and deliver the rest."""
 
     def __init__(
@@ -139,13 +139,13 @@ class UnencodableEvents(ValidationError):
 MAX_NESTING = 251  # levels of properties that still fit the envelope encoder's 254
 
 
-def unencodable_positions(rows: list[Row]) -> list[int]:
-    """Positions of the rows that cannot be encoded into an envelope (the slow path, used only
-    after an envelope failed to encode)."""
+def unencodable_positions(events: EventColumns) -> list[int]:
+    """Positions of the events that cannot be encoded into an envelope (the slow path, used
+    only after an envelope failed to encode)."""
     bad = []
-    for i, row in enumerate(rows):
+    for i in range(len(events)):
         try:
-            orjson.dumps({"e": [list(row)]})
+            orjson.dumps({"e": [list(events.row(i))]})
         except orjson.JSONEncodeError:
             bad.append(i)
     return bad
@@ -241,8 +241,8 @@ async def _ingest(request: Request, tenant_id: str, st: AppState, api: str) -> R
         fast = read(raw, now_ms, limits)
         if fast is not None:
             try:
-                await deliver(st, tenant_id, fast.rows, now_ms, wait, api)
-                return _all_accepted(api, len(fast.rows))
+                await deliver(st, tenant_id, fast, now_ms, wait, api)
+                return _all_accepted(api, len(fast))
             except UnencodableEvents:
                 pass  # nested too deep, integers beyond 64 bits: decided below (none produced)
     items = as_items(load_json(raw), single=single, batch=batch)
@@ -254,14 +254,14 @@ async def _ingest(request: Request, tenant_id: str, st: AppState, api: str) -> R
         prefix = "atomic request rejected: " if atomic and res.rows else ""
         raise ValidationError(prefix + _summary(res), details=res.errors)
     try:
-        await deliver(st, tenant_id, res.rows, now_ms, wait, api)
+        await deliver(st, tenant_id, EventColumns.of_rows(res.rows), now_ms, wait, api)
     except UnencodableEvents as exc:  # rare: reject those events, deliver their neighbours
         reject_unencodable(res, exc.positions)
         if atomic or not res.rows:
             count_rejected(st.metrics, api, res.errors, atomic_valid=len(res.rows))
             prefix = "atomic request rejected: " if atomic and res.rows else ""
             raise ValidationError(prefix + _summary(res), details=res.errors) from None
-        await deliver(st, tenant_id, res.rows, now_ms, wait, api)
+        await deliver(st, tenant_id, EventColumns.of_rows(res.rows), now_ms, wait, api)
     if not res.errors:
         return _all_accepted(api, len(res.rows))
     count_rejected(st.metrics, api, res.errors)
@@ -277,15 +277,15 @@ def _all_accepted(api: str, n: int) -> Response:
 
 
 async def deliver(
-    st: AppState, tenant_id: str, rows: list[Row], now_ms: int, wait: WaitMode, api: str
+    st: AppState, tenant_id: str, events: EventColumns, now_ms: int, wait: WaitMode, api: str
 ) -> None:
-    """Make validated ``rows`` durable: the one way events enter Tally (every ingest flavour).
+    """Make validated ``events`` durable: the one way events enter Tally (every ingest flavour).
 
-    Groups the rows into envelopes per partition, produces them (acks=all) and, with
+    Groups the events into envelopes per partition, produces them (acks=all) and, with
     ``wait=stored``, waits until the worker stored them. Returns only when that is done; raises
     ``Unavailable`` (503 + Retry-After) otherwise -- retrying is then safe because ingest is
-    idempotent by event id. Counts the rows under the ``api`` source label: ``accepted`` (the
-    first row of each id in the request) and ``duplicate_in_request`` (later rows with an id seen
+    idempotent by event id. Counts the events under the ``api`` source label: ``accepted`` (the
+    first event of each id in the request) and ``duplicate_in_request`` (later events with an id seen
     earlier in the request; they are produced too and the worker keeps the first copy).
     """
     s = st.settings
@@ -296,14 +296,16 @@ async def deliver(
     # encoded before the limits are asked, so that a request redone without its unencodable
     # events takes the tenant's event rate once
     try:
-        envelopes = group_rows(tenant_id, now_ms, rows, producer.partitions, s.envelope_max_events)
+        envelopes = group_columns(
+            tenant_id, now_ms, events, producer.partitions, s.envelope_max_events
+        )
     except orjson.JSONEncodeError:
-        raise UnencodableEvents(positions=unencodable_positions(rows)) from None
+        raise UnencodableEvents(positions=unencodable_positions(events)) from None
     # the tenant's batch size, monthly quota and event rate, this process's in-flight events
     # (413 / 429 / 503 naming the limit; nothing is produced then)
-    reservation = await st.limiter.admit_events(st, tenant_id, len(rows))
+    reservation = await st.limiter.admit_events(st, tenant_id, len(events))
     try:
-        metrics.producer_queue.inc(len(rows))
+        metrics.producer_queue.inc(len(events))
         started = time.perf_counter()
         try:
             positions = await producer.produce(envelopes, key=tenant_id)
@@ -312,19 +314,19 @@ async def deliver(
             metrics.broker_errors.inc()
             raise
         finally:
-            metrics.producer_queue.dec(len(rows))
-        st.limiter.commit(reservation, len(rows))
+            metrics.producer_queue.dec(len(events))
+        st.limiter.commit(reservation, len(events))
     finally:
         st.limiter.release(reservation)
     metrics.producer_delivery.observe(time.perf_counter() - started)
     metrics.envelopes.inc(len(envelopes))
     del envelopes
-    unique = len({r[0] for r in rows})
+    unique = len(set(events.ids))
     metrics.events.labels(api, "accepted").inc(unique)
-    if unique != len(rows):
-        metrics.events.labels(api, "duplicate_in_request").inc(len(rows) - unique)
+    if unique != len(events):
+        metrics.events.labels(api, "duplicate_in_request").inc(len(events) - unique)
     metrics.tenant_events.inc(tenant_id, unique)
-    tally_log.note(events=len(rows), accepted=unique)
+    tally_log.note(events=len(events), accepted=unique)
     if wait == WaitMode.STORED:
         assert st.progress_waiter is not None
         targets: dict[int, int] = {}
@@ -335,12 +337,12 @@ async def deliver(
         if not stored:
             metrics.wait_stored_timeouts.inc()
             raise Unavailable(
-                f"the {len(rows)} events were accepted by the broker but not stored within "
+                f"the {len(events)} events were accepted by the broker but not stored within "
                 f"{s.wait_stored_timeout_s:g}s; they will be stored. Retrying is safe: ingest is "
                 "idempotent by event id",
                 retry_after=s.retry_after_s,
                 details=[
-                    detail("wait", f"{len(rows)} events accepted by the broker, not stored yet")
+                    detail("wait", f"{len(events)} events accepted by the broker, not stored yet")
                 ],
             )
 

@@ -11,8 +11,10 @@ properties)`` -- exactly an envelope entry (``schemas.envelope``, wire format v1
 A native body, or a batch of CloudEvents, goes first through ``parse_native_body`` /
 ``parse_cloudevents_body``: one msgspec call decodes the array and checks every event's shape in
 C (required strings and their lengths, no unknown field, ``properties`` an object or null,
-``time`` a string, integer or null) into small structs, and a loop reads the times. It accepts
-only the case where every event is valid; anything else (one bad event, a single object, a
+``time`` a string, integer or null) into small structs; the times are read all at once when
+they share one form (``api.ingest_times.bulk_time_ms``), else one by one, and the events come
+out as columns (``schemas.envelope.EventColumns``, what ``api.ingest.deliver`` takes), without a
+tuple per event. It accepts only the case where every event is valid; anything else (one bad event, a single object, a
 float time) returns None and the body goes through the paths below, which word every problem,
 so answers and errors are the same either way (``tests/unit/api/test_ingest_parse.py`` compares
 them). The properties it decodes are the values orjson decodes, except integers beyond 64 bits
@@ -45,7 +47,8 @@ from typing import Annotated, Any, TypeGuard
 import msgspec
 import orjson
 
-from schemas.envelope import STORE_MS_MAX, STORE_MS_MIN, Row
+from api.ingest_times import bulk_time_ms
+from schemas.envelope import STORE_MS_MAX, STORE_MS_MIN, EventColumns, Row
 from schemas.events import ID_MAX, Event
 from schemas.jsonpath import json_kind
 from schemas.timeutil import EPOCH_MS_MAX, EPOCH_MS_MIN, epoch_ms, parse_time
@@ -436,15 +439,16 @@ _NATIVE_BODY = msgspec.json.Decoder(list[_WellFormed])
 _CLOUDEVENTS_BODY = msgspec.json.Decoder(list[_WellFormedCloudEvent])
 
 
-def parse_native_body(raw: bytes, now_ms: int, limits: Limits) -> ParseResult | None:
-    """The rows of a native body (an array) whose events are ALL valid, decoded and checked in
-    one msgspec call; None for anything else (the caller then runs ``load_json`` /
-    ``parse_native``, which word the problems). Same rows as ``parse_native`` except for
-    integers beyond 64 bits in properties (see the module's docstring)."""
+def parse_native_body(raw: bytes, now_ms: int, limits: Limits) -> EventColumns | None:
+    """The events of a native body (an array) whose events are ALL valid, decoded and checked
+    in one msgspec call, as columns (event ``i`` is the request's event ``i``); None for
+    anything else (the caller then runs ``load_json`` / ``parse_native``, which word the
+    problems). Same events as ``parse_native``'s rows except for integers beyond 64 bits in
+    properties (see the module's docstring)."""
     return _body(_NATIVE_BODY, raw, now_ms, limits)
 
 
-def parse_cloudevents_body(raw: bytes, now_ms: int, limits: Limits) -> ParseResult | None:
+def parse_cloudevents_body(raw: bytes, now_ms: int, limits: Limits) -> EventColumns | None:
     """``parse_native_body`` for a batch of CloudEvents (``parse_cloudevents``' rows)."""
     return _body(_CLOUDEVENTS_BODY, raw, now_ms, limits)
 
@@ -455,7 +459,7 @@ def _body(
     raw: bytes,
     now_ms: int,
     limits: Limits,
-) -> ParseResult | None:
+) -> EventColumns | None:
     try:
         events = decoder.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError):
@@ -464,10 +468,30 @@ def _body(
     if not n or n > limits.max_events:
         return None
     lo, hi = _fast_bounds(now_ms, limits)
-    rows: list[Row] = []
-    append = rows.append
-    for ev in events:
-        v = ev.time
+    values = [ev.time for ev in events]
+    times = bulk_time_ms(values, lo, hi)  # one form in every event (the common case)
+    if times is None:
+        times = _times(values, now_ms, lo, hi)
+        if times is None:
+            return None
+    props = [ev.properties for ev in events]
+    if None in props:
+        props = [{} if p is None else p for p in props]
+    return EventColumns(
+        [ev.id for ev in events],
+        [ev.type for ev in events],
+        [ev.customer for ev in events],
+        times,
+        props,  # type: ignore[arg-type]
+    )
+
+
+def _times(values: list[str | int | None], now_ms: int, lo: int, hi: int) -> list[int] | None:
+    """The times one by one: ``now_ms`` for a missing one, integers as they are, strings of a
+    form ``fast_time_ms`` reads; None when one is of another form or outside ``lo..hi``."""
+    out: list[int] = []
+    append = out.append
+    for v in values:
         if v is None:
             t = now_ms
         elif isinstance(v, str):
@@ -479,9 +503,8 @@ def _body(
             t = v
         if not lo <= t <= hi:
             return None
-        props = ev.properties
-        append((ev.id, ev.type, ev.customer, t, {} if props is None else props))
-    return ParseResult(rows, list(range(n)), [], n)
+        append(t)
+    return out
 
 
 def _ok_string(v: Any) -> TypeGuard[str]:

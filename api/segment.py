@@ -61,7 +61,7 @@ from api.segment_parse import (
 )
 from api.state import AppState, get_state, state_of
 from clickhouse.segment import SegmentRepo, SegmentSettings
-from schemas.envelope import STORE_MS_MAX, STORE_MS_MIN
+from schemas.envelope import STORE_MS_MAX, STORE_MS_MIN, EventColumns
 from schemas.events import ID_MAX
 from schemas.jsonschema import INT64, JSON_OBJECT, RFC3339_STORE, component
 from schemas.segment import (
@@ -341,14 +341,14 @@ async def _store(
         raise ValidationError(summary(res), details=res.errors)
     if res.rows:
         try:
-            await deliver(st, tenant_id, res.rows, now_ms, wait, api)
+            await deliver(st, tenant_id, EventColumns.of_rows(res.rows), now_ms, wait, api)
         except UnencodableEvents as exc:  # rare: reject those messages, deliver the others
             reject_unencodable(res, exc.positions)
             if not res.rows and not res.ignored:
                 count_rejected(metrics, api, res.errors)
                 raise ValidationError(summary(res), details=res.errors) from None
             if res.rows:
-                await deliver(st, tenant_id, res.rows, now_ms, wait, api)
+                await deliver(st, tenant_id, EventColumns.of_rows(res.rows), now_ms, wait, api)
     for kind, n in res.ignored.items():
         metrics.segment_ignored.labels(kind).inc(n)
     if res.errors:

@@ -1,17 +1,17 @@
 """Micro-benchmark of the ingest API's CPU per event before the broker: decode and validate a
-request body, group its rows into envelopes (``api.ingest_parse``, ``schemas.envelope``), on the
+request body, group its events into envelopes (``api.ingest_parse``, ``schemas.envelope``), on the
 harness's bodies (``benchmarks.workload.BodyFactory``: 1000 native events, four properties, Zipf
 customers, a few duplicates and late events). No HTTP, broker or store.
 
 Run: python -m benchmarks.ingest_micro [bodies] [rounds] -- prints microseconds of CPU per event
 for each path (the minimum over ``rounds`` rounds, the paths taking turns within a round):
 
-- ``general``: ``load_json`` (orjson) + ``parse_native`` + ``group_rows``, the path every body
-  took before the one-call decoder, and the one any body with a problem still takes;
-- ``decoder``: ``parse_native_body`` (msgspec) + ``group_rows``, the path a body of valid events
-  takes now;
+- ``general``: ``load_json`` (orjson) + ``parse_native`` + ``group_columns``, the path every
+  body took before the one-call decoder, and the one any body with a problem still takes;
+- ``decoder``: ``parse_native_body`` (msgspec, the times read in bulk, columns without a tuple
+  per event) + ``group_columns``, the path a body of valid events takes now;
 
-and their ratio. Both paths are checked to give the same rows first.
+and their ratio. Both paths are checked to give the same events first.
 """
 
 from __future__ import annotations
@@ -22,21 +22,21 @@ from collections.abc import Callable
 
 from api.ingest_parse import Limits, as_items, load_json, parse_native, parse_native_body
 from benchmarks.workload import BodyFactory
-from schemas.envelope import Row, group_rows
+from schemas.envelope import EventColumns, group_columns
 
 TENANT = "tenant-bench"
 LIMITS = Limits(max_events=10_000, max_lateness_ms=7 * 86_400_000, max_future_ms=3_600_000)
 
 
-def _general(raw: bytes, now_ms: int) -> list[Row]:
-    return parse_native(as_items(load_json(raw)), now_ms, LIMITS).rows
+def _general(raw: bytes, now_ms: int) -> EventColumns:
+    return EventColumns.of_rows(parse_native(as_items(load_json(raw)), now_ms, LIMITS).rows)
 
 
-def _decoder(raw: bytes, now_ms: int) -> list[Row]:
+def _decoder(raw: bytes, now_ms: int) -> EventColumns:
     res = parse_native_body(raw, now_ms, LIMITS)
     if res is None:
         raise SystemExit("a harness body did not take the one-call decoder")
-    return res.rows
+    return res
 
 
 def main(n_bodies: int = 20, rounds: int = 25) -> dict[str, float]:
@@ -46,8 +46,8 @@ def main(n_bodies: int = 20, rounds: int = 25) -> dict[str, float]:
     events = n_bodies * 1000
     for raw in bodies:
         if _general(raw, now_ms) != _decoder(raw, now_ms):
-            raise SystemExit("the two paths gave different rows")
-    paths: dict[str, Callable[[bytes, int], list[Row]]] = {
+            raise SystemExit("the two paths gave different events")
+    paths: dict[str, Callable[[bytes, int], EventColumns]] = {
         "general": _general,
         "decoder": _decoder,
     }
@@ -56,7 +56,7 @@ def main(n_bodies: int = 20, rounds: int = 25) -> dict[str, float]:
         for name, parse in paths.items():
             t0 = time.process_time()
             for raw in bodies:
-                group_rows(TENANT, now_ms, parse(raw, now_ms), 1)
+                group_columns(TENANT, now_ms, parse(raw, now_ms), 1)
             best[name] = min(best[name], (time.process_time() - t0) / events * 1e6)
     for name, us in best.items():
         print(f"{name:8s} {us:6.3f} us CPU per event (min of {rounds} rounds, {events} events)")

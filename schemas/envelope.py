@@ -107,9 +107,62 @@ class OutgoingEnvelope:
 # One event on the wire: [id, type, customer, time_epoch_ms, properties].
 Row = tuple[str, str, str, int, dict[str, Any]]
 
+_FIELD = [operator.itemgetter(j) for j in range(5)]
+
+
+@dataclass(frozen=True, slots=True)
+class EventColumns:
+    """Validated events as parallel columns, in request order: what the ingest API delivers
+    (its one-call decoder builds them without a tuple per event) and what an envelope's header
+    holds. Event ``i`` is ``ids[i]``, ``types[i]``, ``customers[i]``, ``times_ms[i]`` (epoch
+    milliseconds), ``properties[i]`` (an object)."""
+
+    ids: list[str]
+    types: list[str]
+    customers: list[str]
+    times_ms: list[int]
+    properties: list[dict[str, Any]]
+
+    @classmethod
+    def of_rows(cls, rows: Sequence[Row]) -> EventColumns:
+        # a column at a time (``map`` of ``itemgetter``: 0.4x the time of ``zip(*rows)``, which
+        # makes an iterator per row)
+        ids, types, customers, times, props = (list(map(_FIELD[j], rows)) for j in range(5))
+        return cls(ids, types, customers, times, props)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def row(self, i: int) -> Row:
+        return (self.ids[i], self.types[i], self.customers[i], self.times_ms[i], self.properties[i])
+
+    def rows(self) -> list[Row]:
+        cols = (self.ids, self.types, self.customers, self.times_ms, self.properties)
+        return list(zip(*cols, strict=True))
+
+    def take(self, positions: Sequence[int]) -> EventColumns:
+        """The events at ``positions``, in that order."""
+        return EventColumns(
+            [self.ids[i] for i in positions],
+            [self.types[i] for i in positions],
+            [self.customers[i] for i in positions],
+            [self.times_ms[i] for i in positions],
+            [self.properties[i] for i in positions],
+        )
+
+    def slice(self, start: int, stop: int) -> EventColumns:
+        return EventColumns(
+            self.ids[start:stop],
+            self.types[start:stop],
+            self.customers[start:stop],
+            self.times_ms[start:stop],
+            self.properties[start:stop],
+        )
+
 
 def encode(tenant_id: str, ingested_at_ms: int, events: list[Event]) -> bytes:
-    return _encoded(tenant_id, ingested_at_ms, [to_row(e) for e in events])[0]
+    cols = EventColumns.of_rows([to_row(e) for e in events])
+    return _encoded(tenant_id, ingested_at_ms, cols)[0]
 
 
 def to_row(event: Event) -> Row:
@@ -155,29 +208,23 @@ def json_texts(objs: Sequence[Any]) -> list[bytes]:
     return texts
 
 
-_FIELD = [operator.itemgetter(j) for j in range(5)]
-
-
 def _encoded(
-    tenant_id: str, ingested_at_ms: int, rows: Sequence[Row]
+    tenant_id: str, ingested_at_ms: int, events: EventColumns
 ) -> tuple[bytes, tuple[str, ...]]:
-    """A version 2 envelope of ``rows``, and their event ids (no property lines when there are
-    no rows: the header alone)."""
-    # a column at a time (``map`` of ``itemgetter``: 0.4x the time of ``zip(*rows)``, which
-    # makes an iterator per row)
-    ids, types, customers, times, props = (list(map(_FIELD[j], rows)) for j in range(5))
+    """A version 2 envelope of ``events``, and their event ids (no property lines when there are
+    no events: the header alone)."""
     head = orjson.dumps(
         {
             "v": VERSION,
             "t": tenant_id,
             "at": ingested_at_ms,
-            "i": ids,
-            "y": types,
-            "c": customers,
-            "m": times,
+            "i": events.ids,
+            "y": events.types,
+            "c": events.customers,
+            "m": events.times_ms,
         }
     )
-    return b"\n".join([head, *json_texts(props)]), tuple(ids)
+    return b"\n".join([head, *json_texts(events.properties)]), tuple(events.ids)
 
 
 def payload_v1(tenant_id: str, ingested_at_ms: int, rows: Sequence[Any]) -> bytes:
@@ -193,31 +240,48 @@ def group_rows(
     partitions: int,
     max_events: int = 1000,
 ) -> list[OutgoingEnvelope]:
-    """Group wire rows by target partition into envelopes of at most ``max_events`` events.
+    """``group_columns`` of wire rows."""
+    return group_columns(
+        tenant_id, ingested_at_ms, EventColumns.of_rows(rows), partitions, max_events
+    )
 
-    The ingest hot path calls this directly with rows it validated itself (no pydantic model per
-    event). Envelopes come in ascending partition order; order within a partition is preserved;
-    every input row is in exactly one envelope.
+
+def group_columns(
+    tenant_id: str,
+    ingested_at_ms: int,
+    events: EventColumns,
+    partitions: int,
+    max_events: int = 1000,
+) -> list[OutgoingEnvelope]:
+    """Group events by target partition into envelopes of at most ``max_events`` events.
+
+    The ingest hot path calls this directly with the events it validated itself (no pydantic
+    model per event). Envelopes come in ascending partition order; order within a partition is
+    preserved; every input event is in exactly one envelope.
     """
-    by_partition: dict[int, list[Row]] = {}
+    n = len(events)
+    parts: list[tuple[int, EventColumns]] = []
     if partitions == 1:  # `tally run`'s topic: all in partition 0, no hash per event
-        if rows:
-            by_partition[0] = rows
+        if n:
+            parts.append((0, events))
     else:
         prefix = f"{tenant_id}\x00"
         crc = zlib.crc32
-        for row in rows:
-            part = crc((prefix + row[0]).encode()) % partitions  # == partition_for(tenant, id)
+        by_partition: dict[int, list[int]] = {}
+        for i, ev_id in enumerate(events.ids):
+            part = crc((prefix + ev_id).encode()) % partitions  # == partition_for(tenant, id)
             bucket = by_partition.get(part)
             if bucket is None:
-                by_partition[part] = [row]
+                by_partition[part] = [i]
             else:
-                bucket.append(row)
+                bucket.append(i)
+        parts = [(part, events.take(by_partition[part])) for part in sorted(by_partition)]
     out: list[OutgoingEnvelope] = []
-    for part in sorted(by_partition):
-        evs = by_partition[part]
-        for i in range(0, len(evs), max_events):
-            payload, ids = _encoded(tenant_id, ingested_at_ms, evs[i : i + max_events])
+    for part, evs in parts:
+        size = len(evs)
+        for i in range(0, size, max_events):
+            chunk = evs if size <= max_events else evs.slice(i, i + max_events)
+            payload, ids = _encoded(tenant_id, ingested_at_ms, chunk)
             out.append(OutgoingEnvelope(part, payload, ids))
     return out
 

@@ -25,6 +25,7 @@ from api.ingest_parse import (
     parse_native_body,
     row_to_event,
 )
+from schemas.envelope import EventColumns
 from schemas.events import Event
 from schemas.timeutil import epoch_ms
 from tally.errors import PayloadTooLarge, UnsupportedMediaType, ValidationError
@@ -263,7 +264,7 @@ def test_valid_events_round_trip(items: list[dict[str, object]]) -> None:
     fast = parse_native_body(body, NOW_MS, LIMITS)
     if 0 < len(items) <= LIMITS.max_events:
         assert fast is not None
-        _same(fast, res)
+        _same_events(fast, res)
     else:  # an empty array, too many events: errors, worded by the general path
         assert fast is None
 
@@ -374,6 +375,14 @@ def test_native_fast_path_matches_the_earlier_parser(items: list[object], limits
     _same(parse_native(items, NOW_MS, limits), reference.parse_native(items, NOW_MS, limits))
 
 
+def _same_events(fast: EventColumns, general: ParseResult) -> None:
+    """The one-call decoder's events are the general path's rows, every event of the request
+    in order, and none rejected."""
+    assert fast.rows() == general.rows
+    assert general.indexes == list(range(len(fast))) == list(range(general.total))
+    assert general.errors == []
+
+
 def _json(items: list[object], indent: bool) -> bytes:
     """``items`` as a client may send them: integers of any size, non-ASCII escaped or not,
     ``Infinity`` (which is not JSON), indented or compact."""
@@ -391,7 +400,7 @@ def _general(
 
 
 def _against_general(
-    read: Callable[[bytes, int, Limits], ParseResult | None],
+    read: Callable[[bytes, int, Limits], EventColumns | None],
     parse: Callable[[list[Any], int, Limits], ParseResult],
     items: list[object],
     limits: Limits,
@@ -406,7 +415,7 @@ def _against_general(
     if general is None or general.errors or not items:
         assert fast is None
     elif fast is not None:
-        _same(fast, general)
+        _same_events(fast, general)
     else:  # valid, yet not taken: a time form left to the general path, an extension attribute
         assert any(
             type(i) is dict
@@ -502,13 +511,13 @@ def test_native_body_decoder_reads_what_orjson_reads() -> None:
     ).encode()
     fast = parse_native_body(body, NOW_MS, LIMITS)
     assert fast is not None
-    _same(fast, parse_native(orjson.loads(body), NOW_MS, LIMITS))
-    assert fast.rows[0] == (long_id, "u", "cé", NOW_MS - 500, {"a": [2.5, 0, "x"]})
-    assert fast.rows[1] == ("e2", "t", "c", NOW_MS, {})
+    _same_events(fast, parse_native(orjson.loads(body), NOW_MS, LIMITS))
+    assert fast.row(0) == (long_id, "u", "cé", NOW_MS - 500, {"a": [2.5, 0, "x"]})
+    assert fast.row(1) == ("e2", "t", "c", NOW_MS, {})
     assert parse_native_body(body.replace(rb"\u00e9", rb"\u00e9" * 256), NOW_MS, LIMITS) is None
     big = b'[{"id": "e1", "type": "t", "customer": "c", "properties": {"n": 18446744073709551616}}]'
     fast = parse_native_body(big, NOW_MS, LIMITS)
-    assert fast is not None and fast.rows[0][4] == {"n": 2**64}
+    assert fast is not None and fast.properties[0] == {"n": 2**64}
     assert parse_native(orjson.loads(big), NOW_MS, LIMITS).rows[0][4] == {"n": float(2**64)}
 
 
@@ -540,11 +549,11 @@ def test_cloudevents_body_decoder() -> None:
     body = orjson.dumps([ce, {**ce, "id": "e2", "data": None, "time": None}])
     fast = parse_cloudevents_body(body, NOW_MS, LIMITS)
     assert fast is not None
-    assert fast.rows == [
+    assert fast.rows() == [
         ("e1", "t", "c1", NOW_MS - 500, {"a": 1}),
         ("e2", "t", "c1", NOW_MS, {}),
     ]
-    _same(fast, parse_cloudevents(orjson.loads(body), NOW_MS, LIMITS))
+    _same_events(fast, parse_cloudevents(orjson.loads(body), NOW_MS, LIMITS))
     assert parse_cloudevents_body(orjson.dumps([{**ce, "ext": 1}]), NOW_MS, LIMITS) is None
     out_of_range = orjson.dumps([ce])[:-2] + b',"ext":1e400}]'
     with pytest.raises(ValidationError):

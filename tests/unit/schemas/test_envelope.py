@@ -254,6 +254,40 @@ def test_group_rows_round_trips_wire_rows(
     assert sorted(back, key=repr) == sorted(wire, key=repr)
 
 
+@given(rows, st.integers(1, 9), st.integers(1, 7))
+def test_group_columns_keeps_each_partitions_order(
+    wire: list[envelope.Row], partitions: int, max_events: int
+) -> None:
+    """Envelopes in ascending partition order, at most ``max_events`` events each, a partition's
+    events in input order; ``group_rows`` of the same rows writes the same envelopes."""
+    cols = envelope.EventColumns.of_rows(wire)
+    assert len(cols) == len(wire) and cols.rows() == wire
+    assert [cols.row(i) for i in range(len(cols))] == wire
+    out = envelope.group_columns("t", 5, cols, partitions, max_events)
+    assert out == envelope.group_rows("t", 5, wire, partitions, max_events)
+    assert [e.partition for e in out] == sorted(e.partition for e in out)
+    for part in {e.partition for e in out}:
+        expected = [r for r in wire if envelope.partition_for("t", r[0], partitions) == part]
+        envs = [e for e in out if e.partition == part]
+        assert all(0 < len(e.event_ids) <= max_events for e in envs)
+        got = [
+            (x.id, x.type, x.customer, x.time_ms, x.properties)
+            for e in envs
+            for x in envelope.decode(e.payload).events
+        ]
+        assert got == expected
+
+
+@given(rows, st.data())
+def test_event_columns_take_and_slice(wire: list[envelope.Row], data: st.DataObject) -> None:
+    cols = envelope.EventColumns.of_rows(wire)
+    positions = data.draw(st.lists(st.integers(0, max(len(wire) - 1, 0)), max_size=10))
+    if wire:
+        assert cols.take(positions).rows() == [wire[i] for i in positions]
+    start, stop = sorted(data.draw(st.tuples(st.integers(0, 70), st.integers(0, 70))))
+    assert cols.slice(start, stop).rows() == wire[start:stop]
+
+
 @given(rows, st.integers(1, 7))
 def test_version_2_decodes_to_what_version_1_of_the_same_rows_does(
     wire: list[envelope.Row], max_events: int
