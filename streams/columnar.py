@@ -24,7 +24,7 @@ latest by ``(time_ms, event_id)``.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from itertools import repeat
@@ -71,7 +71,10 @@ _INT_LIMIT = int(VALUE_LIMIT)
 
 @dataclass(slots=True)
 class KeptEvents:
-    """The kept (deduplicated) events of a link, as parallel columns."""
+    """A link's events as parallel columns and which of them are kept (deduplicated): the
+    events at ``positions`` (ascending), or every event when ``positions`` is None. The
+    columns may hold the dropped copies too, so that the worker does not copy every column to
+    leave a few copies out; only the kept events are matched and aggregated."""
 
     tenants: list[str] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
@@ -80,8 +83,10 @@ class KeptEvents:
     times_ms: list[int] = field(default_factory=list)
     properties: list[dict[str, Any]] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
+    positions: list[int] | None = None
 
     def __len__(self) -> int:
+        """The events in the columns (kept or not)."""
         return len(self.ids)
 
 
@@ -90,8 +95,8 @@ Threshold = Callable[[CompiledMeter], int | None]
 
 
 class ValueIssue(NamedTuple):
-    """Kept event ``event`` (its position in ``KeptEvents``) that meter ``meter_id`` applies to
-    but cannot count (the same message as ``CompiledMeter.match``'s ``ValueProblem``)."""
+    """Kept event ``event`` (its position in the ``KeptEvents``' columns) that meter
+    ``meter_id`` applies to but cannot count (the same message as ``CompiledMeter.match``'s ``ValueProblem``)."""
 
     event: int
     meter_id: str
@@ -592,13 +597,24 @@ def _zeros(n: int) -> pa.Array:
 
 
 def _groups(kept: KeptEvents) -> list[tuple[tuple[str, str], list[int] | None]]:
-    """The link's ``(tenant, event type)`` groups: positions, None for the whole link."""
-    if not kept.tenants:
+    """The kept events' ``(tenant, event type)`` groups: their positions in the columns, None
+    for every position."""
+    pos = kept.positions
+    if not kept.tenants or pos == []:
         return []
     if len(set(kept.tenants)) == 1 and len(set(kept.types)) == 1:
-        return [((kept.tenants[0], kept.types[0]), None)]
+        return [((kept.tenants[0], kept.types[0]), pos)]
     groups: dict[tuple[str, str], list[int]] = {}
-    for j, tenant_type in enumerate(zip(kept.tenants, kept.types, strict=True)):
+    pairs: Iterable[tuple[int, tuple[str, str]]]
+    if pos is None:
+        pairs = enumerate(zip(kept.tenants, kept.types, strict=True))
+    else:
+        pairs = zip(
+            pos,
+            zip(map(kept.tenants.__getitem__, pos), map(kept.types.__getitem__, pos), strict=True),
+            strict=True,
+        )
+    for j, tenant_type in pairs:
         g = groups.get(tenant_type)
         if g is None:
             groups[tenant_type] = [j]
@@ -618,7 +634,13 @@ def aggregate(
 
 def _concat(kepts: list[KeptEvents]) -> KeptEvents:
     out = KeptEvents()
+    positions: list[int] = []
+    some_dropped = any(k.positions is not None for k in kepts)
     for k in kepts:
+        if some_dropped:
+            at = len(out.ids)
+            pos = range(len(k)) if k.positions is None else k.positions
+            positions += [at + j for j in pos]
         out.tenants += k.tenants
         out.ids += k.ids
         out.types += k.types
@@ -626,6 +648,8 @@ def _concat(kepts: list[KeptEvents]) -> KeptEvents:
         out.times_ms += k.times_ms
         out.properties += k.properties
         out.offsets += k.offsets
+    if some_dropped:
+        out.positions = positions
     return out
 
 

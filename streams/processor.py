@@ -138,35 +138,10 @@ def _json_texts_checked(objs: list[Any]) -> tuple[list[bytes], list[tuple[int, E
     return texts, bad
 
 
-def _keep(selectors: list[bool], *columns: list[Any]) -> list[list[Any]]:
-    """The rows of each of the parallel ``columns`` whose selector is true, in order (the loops
-    in C: ``itertools.compress`` is about twice as fast as picking positions)."""
-    return [list(itertools.compress(col, selectors)) for col in columns]
-
-
 def _spread(values: list[Any], counts: list[int]) -> list[Any]:
     """Each of ``values`` repeated its count of times, in order (an envelope's value for each
     of its events)."""
     return list(itertools.chain.from_iterable(map(itertools.repeat, values, counts)))
-
-
-class _LinkRows(NamedTuple):
-    """A link's events as parallel columns, in (offset, index in envelope) order."""
-
-    keys: list[tuple[str, str]]
-    tenants: list[str]
-    ids: list[str]
-    types: list[str]
-    customers: list[str]
-    times: list[int]
-    props: list[Any]
-    offsets: list[int]
-    ingested: list[int]
-    index_in_env: list[int]
-
-    def keep(self, selectors: list[bool]) -> _LinkRows:
-        """The rows whose selector is true."""
-        return _LinkRows(*_keep(selectors, *self))
 
 
 class _Origin(NamedTuple):
@@ -520,7 +495,7 @@ class BatchProcessor:
         # position of its first copy (built from the reversed columns, so the earliest wins).
         chain = itertools.chain.from_iterable
         env_tenants = [env.tenant_id for _o, env in envs]
-        counts = [len(env) for _o, env in envs]  # events per envelope (kept ones, further down)
+        counts = [len(env) for _o, env in envs]  # events per envelope
         tenants = _spread(env_tenants, counts)
         ids = list(chain(env.ids for _o, env in envs))
         keys = list(zip(tenants, ids, strict=True))
@@ -529,7 +504,10 @@ class BatchProcessor:
         seen = self.index_for(p).contains_many(first.keys()) if first else set()
         duplicates = events_in - len(first) + len(seen)
 
-        # 2. the kept events as columns: ledger batch + the input of matching and aggregation
+        # 2. the link's events as columns, every copy, and which of them are kept: the ledger
+        # batch holds the kept rows (picked natively, by a mask over the Arrow columns), and
+        # matching and aggregation read the columns at the kept positions (``KeptEvents``): no
+        # column is copied in Python for the copies dropped
         types = list(chain(env.types for _o, env in envs))
         customers = list(chain(env.customers for _o, env in envs))
         times = list(chain(env.times_ms for _o, env in envs))
@@ -538,82 +516,78 @@ class BatchProcessor:
         index_in_env = list(
             chain(range(len(env)) if env.positions is None else env.positions for _o, env in envs)
         )
-        # the ledger's properties as JSON: the envelopes' property lines (version 2) as they
-        # are; else written here, and an event whose properties cannot be written (nested
-        # deeper than the encoder allows) is not kept: it goes to the dead letters
-        lines: list[bytes] | None = None
-        if all(env.property_texts is not None for _o, env in envs):
-            lines = list(chain(env.property_texts or () for _o, env in envs))
-        # each event's envelope (numbered in ``envs``), masked like the rows below: what is the
-        # same for every event of an envelope (tenant, acceptance time, offset) follows it
+        # each event's envelope (numbered in ``envs``): what is the same for every event of an
+        # envelope (tenant, acceptance time, offset) follows it
         env_of = np.repeat(np.arange(len(envs), dtype=np.int32), counts)
+        all_offsets = np.array([o for o, _env in envs], dtype=np.int64)[env_of]
+        env_accepted_ms = [env.ingested_at_ms for _o, env in envs]
+        all_accepted_ms = np.array(env_accepted_ms, dtype=np.int64)[env_of]
+        is_kept: np.ndarray | None = None  # None: every event is kept
         if len(first) - len(seen) < events_in:  # something to drop: keep the first copies only
             for k in seen:
                 del first[k]
             is_kept = np.zeros(events_in, dtype=np.bool_)
             is_kept[np.fromiter(first.values(), dtype=np.int64, count=len(first))] = True
-            selectors = is_kept.tolist()
-            keys, ids, types, customers, times, props, index_in_env = _keep(
-                selectors, keys, ids, types, customers, times, props, index_in_env
-            )
-            if lines is not None:
-                (lines,) = _keep(selectors, lines)
-            env_of = env_of[is_kept]
-            counts = np.bincount(env_of, minlength=len(envs)).tolist()  # kept per envelope
-            tenants = _spread(env_tenants, counts)
-        kept_offsets = np.array([o for o, _env in envs], dtype=np.int64)[env_of]
-        env_accepted_ms = [env.ingested_at_ms for _o, env in envs]
-        kept_accepted_ms = np.array(env_accepted_ms, dtype=np.int64)[env_of]
-        offsets, ingested = kept_offsets.tolist(), kept_accepted_ms.tolist()
-        rows = _LinkRows(
-            keys, tenants, ids, types, customers, times, props, offsets, ingested, index_in_env
-        )
-        unencodable: list[tuple[int, Exception]] = []
-        if lines is not None:
-            texts = lines
-        else:
-            texts, unencodable = _json_texts_checked(rows.props)
+        # the ledger's properties as JSON: the envelopes' property lines (version 2) as they
+        # are; else written here for the kept events, and an event whose properties cannot be
+        # written (nested deeper than the encoder allows) is not kept: it goes to the dead
+        # letters
         found: list[tuple[int, DeadLetter]] = []  # dead letters met on the way
-        if unencodable:
+        lines: list[bytes]
+        if all(env.property_texts is not None for _o, env in envs):
+            lines = list(chain(env.property_texts or () for _o, env in envs))
+        else:
+            kept_at = range(events_in) if is_kept is None else np.flatnonzero(is_kept).tolist()
+            texts, unencodable = _json_texts_checked([props[j] for j in kept_at])
+            lines = [b""] * events_in
+            for j, text in zip(kept_at, texts, strict=True):
+                lines[j] = text
+            if unencodable and is_kept is None:
+                is_kept = np.ones(events_in, dtype=np.bool_)
             for g, exc in unencodable:
-                ev = EnvelopeEvent(
-                    rows.ids[g], rows.types[g], rows.customers[g], rows.times[g], rows.props[g]
-                )
-                origin = _Origin(rows.tenants[g], rows.ingested[g])
-                letter = deadletters.of_unencodable(origin, rows.index_in_env[g], ev, exc)
-                found.append((rows.offsets[g], letter))
-            drop = {g for g, _exc in unencodable}
-            selectors = [g not in drop for g in range(len(rows.ids))]
-            rows = rows.keep(selectors)
-            (texts,) = _keep(selectors, texts)
-            mask = np.array(selectors, dtype=np.bool_)
-            env_of, kept_offsets, kept_accepted_ms = (
-                env_of[mask],
-                kept_offsets[mask],
-                kept_accepted_ms[mask],
-            )
-        keys, tenants, ids, types, customers, times, props, offsets, ingested, index_in_env = rows
-        kept = KeptEvents(tenants, ids, types, customers, times, props, offsets)
-        n_kept = len(kept)
-        times_ms = pa.array(kept.times_ms, pa.int64())
+                j = kept_at[g]
+                ev = EnvelopeEvent(ids[j], types[j], customers[j], times[j], props[j])
+                origin = _Origin(tenants[j], int(all_accepted_ms[j]))
+                letter = deadletters.of_unencodable(origin, index_in_env[j], ev, exc)
+                found.append((int(all_offsets[j]), letter))
+                assert is_kept is not None
+                is_kept[j] = False
+        positions: list[int] | None = None
+        kept_keys = keys
+        mask: pa.Array | None = None
+        kept_env_of, kept_offsets, kept_accepted_ms = env_of, all_offsets, all_accepted_ms
+        if is_kept is not None:
+            positions = np.flatnonzero(is_kept).tolist()
+            kept_keys = [keys[j] for j in positions]
+            mask = pa.array(is_kept)
+            kept_env_of = env_of[is_kept]
+            kept_offsets = all_offsets[is_kept]
+            kept_accepted_ms = all_accepted_ms[is_kept]
+
+        def kept_rows(column: pa.Array) -> pa.Array:
+            return column if mask is None else column.filter(mask)
+
+        offsets = all_offsets.tolist()
+        kept = KeptEvents(tenants, ids, types, customers, times, props, offsets, positions)
+        n_kept = len(kept_env_of)
+        times_ms = kept_rows(pa.array(times, pa.int64()))
         # late: more than ``late_ms`` before its envelope's acceptance
         late = int(np.count_nonzero(times_ms.to_numpy() < kept_accepted_ms - self.late_ms))
-        rows_env = pa.array(env_of)
         schema = EVENTS_SCHEMA
         link.events = pa.Table.from_arrays(
             [
-                pa.array(env_tenants, pa.string()).take(rows_env),
-                pa.array(kept.ids, pa.string()),
-                pa.array(kept.types, pa.string()),
-                pa.array(kept.customers, pa.string()),
+                pa.array(env_tenants, pa.string()).take(pa.array(kept_env_of)),
+                kept_rows(pa.array(ids, pa.string())),
+                kept_rows(pa.array(types, pa.string())),
+                kept_rows(pa.array(customers, pa.string())),
                 times_ms.view(schema.field("time").type),
                 # valid UTF-8 already (decoded or written by orjson): no second check
-                pa.array(texts, pa.binary()).view(pa.string()),
+                kept_rows(pa.array(lines, pa.binary())).view(pa.string()),
                 pa.array(kept_accepted_ms).view(schema.field("ingested_at").type),
                 pa.array([topic], pa.string()).take(pa.array(np.zeros(n_kept, dtype=np.int32))),
                 pa.array(np.full(n_kept, p, dtype=np.int32)),
                 pa.array(kept_offsets),
-                pa.array(index_in_env, pa.uint32()),
+                kept_rows(pa.array(index_in_env, pa.uint32())),
             ],
             schema=schema,
         )
@@ -629,15 +603,15 @@ class BatchProcessor:
 
         def finish(result: ColumnarResult) -> None:
             link.usage = result.usage
-            link.kept_keys = keys
-            link.kept_ingested_ms = ingested
+            link.kept_keys = kept_keys
+            link.kept_ingested_ms = kept_accepted_ms.tolist()
             link.events_in = events_in
             link.duplicates = duplicates
             link.value_errors = result.value_errors
-            for j, meter_id, message in result.issues:
+            for j, meter_id, message in result.issues:  # j: a position in the link's columns
                 log.debug("event %s/%s: meter %s: %s", tenants[j], ids[j], meter_id, message)
                 ev = EnvelopeEvent(ids[j], types[j], customers[j], times[j], props[j])
-                origin = _Origin(tenants[j], ingested[j])
+                origin = _Origin(tenants[j], int(all_accepted_ms[j]))
                 letter = deadletters.of_meter_value(origin, index_in_env[j], ev, meter_id, message)
                 found.append((offsets[j], letter))
             link.dead_letter_rows = self._dead_letter_rows(link, found)

@@ -111,13 +111,10 @@ def _reference(
     return table.rows(), errors
 
 
-def _kept(events: list[tuple[Any, ...]]) -> KeptEvents:
+def _columns(events: list[tuple[Any, ...]]) -> KeptEvents:
+    """Every event of ``events`` in the columns (``positions`` None: all kept)."""
     kept = KeptEvents()
-    seen: set[tuple[str, str]] = set()
     for tenant, eid, etype, customer, t, p, offset in events:
-        if (tenant, eid) in seen:  # the link keeps one copy of an id (dedupe runs before)
-            continue
-        seen.add((tenant, eid))
         kept.tenants.append(tenant)
         kept.ids.append(eid)
         kept.types.append(etype)
@@ -126,6 +123,22 @@ def _kept(events: list[tuple[Any, ...]]) -> KeptEvents:
         kept.properties.append(p)
         kept.offsets.append(offset)
     return kept
+
+
+def _first_copies(events: list[tuple[Any, ...]]) -> list[int]:
+    """The positions of the first copy of each (tenant, id): the link keeps one copy of an id
+    (dedupe runs before)."""
+    seen: set[tuple[str, str]] = set()
+    out: list[int] = []
+    for n, (tenant, eid, *_rest) in enumerate(events):
+        if (tenant, eid) not in seen:
+            seen.add((tenant, eid))
+            out.append(n)
+    return out
+
+
+def _kept(events: list[tuple[Any, ...]]) -> KeptEvents:
+    return _columns([events[n] for n in _first_copies(events)])
 
 
 def _check(events: list[tuple[Any, ...]], meters: list[Meter], markers: list[int | None]) -> None:
@@ -168,6 +181,65 @@ def test_columnar_equals_the_per_event_reference(
     events: list[tuple[Any, ...]], specs: list[tuple[Any, ...]], markers: list[int | None]
 ) -> None:
     _check(events, [_meter(n, *spec) for n, spec in enumerate(specs)], markers)
+
+
+def _every_copy(events: list[tuple[Any, ...]]) -> KeptEvents:
+    """``events`` as the worker hands a link to the aggregation: every copy in the columns,
+    the first copy of each (tenant, id) at ``positions``."""
+    link = _columns(events)
+    link.positions = _first_copies(events)
+    return link
+
+
+def _same_result(got: Any, want: Any, positions: list[int] | None) -> None:
+    """Two aggregations agree: the same windows, and the same issues once ``got``'s positions
+    in the columns are read as kept events (``positions``)."""
+    assert merge_rows(usage_rows(got.usage)) == merge_rows(usage_rows(want.usage))
+    assert got.usage.num_rows == want.usage.num_rows == got.windows
+    kept_of = (lambda j: j) if positions is None else positions.index
+    assert sorted((kept_of(i.event), i.meter_id, i.message) for i in got.issues) == sorted(
+        want.issues
+    )
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=st.lists(event, max_size=60),
+    specs=st.lists(meter_spec, min_size=1, max_size=6),
+    markers=st.lists(st.one_of(st.none(), st.integers(-1, 20)), min_size=6, max_size=6),
+    cut=st.integers(0, 60),
+)
+def test_kept_positions_aggregate_as_the_kept_columns(
+    events: list[tuple[Any, ...]],
+    specs: list[tuple[Any, ...]],
+    markers: list[int | None],
+    cut: int,
+) -> None:
+    """A link whose columns hold the dropped copies too, its kept events at ``positions``,
+    aggregates to the windows and issues of its kept events alone (``_kept``), one link or
+    several at once (the copies may differ in type, customer, time and properties: only the
+    first counts)."""
+    meters = [_meter(n, *spec) for n, spec in enumerate(specs)]
+    index = MeterIndex(meters)
+    by_id = {m.id: markers[n] for n, m in enumerate(meters)}
+
+    def threshold(cm: CompiledMeter) -> int | None:
+        return -1 if cm.activation_topic == "" else by_id[cm.id]
+
+    link = _every_copy(events)
+    _same_result(
+        aggregate(link, index, threshold),
+        aggregate(_kept(events), index, threshold),
+        link.positions,
+    )
+    parts = [events[:cut], events[cut:]]
+    links = [_every_copy(part) for part in parts]
+    results = aggregate_links([(k, threshold) for k in links], index)
+    for part, k, result in zip(parts, links, results, strict=True):
+        _same_result(result, aggregate(_kept(part), index, threshold), k.positions)
+    mixed = aggregate_links([(links[0], threshold), (_kept(parts[1]), threshold)], index)
+    _same_result(mixed[0], aggregate(_kept(parts[0]), index, threshold), links[0].positions)
+    _same_result(mixed[1], aggregate(_kept(parts[1]), index, threshold), None)
 
 
 # Columns of one JSON type (what the native paths take: integers, strings, bools; nulls and
