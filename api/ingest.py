@@ -285,8 +285,8 @@ async def deliver(
     ``wait=stored``, waits until the worker stored them. Returns only when that is done; raises
     ``Unavailable`` (503 + Retry-After) otherwise -- retrying is then safe because ingest is
     idempotent by event id. Counts the events under the ``api`` source label: ``accepted`` (the
-    first event of each id in the request) and ``duplicate_in_request`` (later events with an id seen
-    earlier in the request; they are produced too and the worker keeps the first copy).
+    first event of each id in the request) and ``duplicate_in_request`` (later events with an id
+    seen earlier in the request; they are produced too and the worker keeps the first copy).
     """
     s = st.settings
     metrics = st.metrics

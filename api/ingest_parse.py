@@ -14,10 +14,10 @@ C (required strings and their lengths, no unknown field, ``properties`` an objec
 ``time`` a string, integer or null) into small structs; the times are read all at once when
 they share one form (``api.ingest_times.bulk_time_ms``), else one by one, and the events come
 out as columns (``schemas.envelope.EventColumns``, what ``api.ingest.deliver`` takes), without a
-tuple per event. It accepts only the case where every event is valid; anything else (one bad event, a single object, a
-float time) returns None and the body goes through the paths below, which word every problem,
-so answers and errors are the same either way (``tests/unit/api/test_ingest_parse.py`` compares
-them). The properties it decodes are the values orjson decodes, except integers beyond 64 bits
+tuple per event. It accepts only the case where every event is valid; anything else (one bad
+event, a single object, a float time) returns None and the body goes through the paths below,
+which word every problem, so answers and errors are the same either way
+(``tests/unit/api/test_ingest_parse.py`` compares them). The properties it decodes are the values orjson decodes, except integers beyond 64 bits
 (orjson reads them as floats): those cannot be put into an envelope, and ``api.ingest`` then
 decides the body by the orjson path.
 

@@ -96,7 +96,8 @@ Threshold = Callable[[CompiledMeter], int | None]
 
 class ValueIssue(NamedTuple):
     """Kept event ``event`` (its position in the ``KeptEvents``' columns) that meter
-    ``meter_id`` applies to but cannot count (the same message as ``CompiledMeter.match``'s ``ValueProblem``)."""
+    ``meter_id`` applies to but cannot count (the same message as ``CompiledMeter.match``'s
+    ``ValueProblem``)."""
 
     event: int
     meter_id: str
