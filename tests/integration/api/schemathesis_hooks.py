@@ -17,6 +17,12 @@ import json
 import os
 from typing import Any
 
+# numpy imported once here, while the CLI loads its hooks and before its fuzzing workers start:
+# hypothesis reads ``sys.modules["numpy"].ndarray`` whenever numpy is in ``sys.modules``
+# (``check_sample``), and in one CI run (2026-12-05) a worker met numpy there while another
+# thread of the CLI was still importing it mid-run (an ``AttributeError``: partially
+# initialized module).
+import numpy  # noqa: F401
 import schemathesis
 
 from tests.integration.api.world import SEGMENT_SECRET
