@@ -57,6 +57,7 @@ from streams.processor import Applied, BatchProcessor, Entry
 from streams.progress import ProgressBoard
 from streams.sink import Sink
 from tally.errors import TallyError
+from tally.process import thread_nice
 from tally.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,13 @@ class StreamWorker:
             metrics=self.metrics,
             late_ms=int(settings.late_event_s * 1000),
         )
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="tally-flush")
+        # the flush thread (prepare, the store's calls, the index) first on a busy machine
+        self.executor = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="tally-flush",
+            initializer=thread_nice,
+            initargs=(settings.flush_thread_nice,),
+        )
         self._hb_executor = ThreadPoolExecutor(1, thread_name_prefix="tally-heartbeat")
         self.stream: StreamT | None = None
         self.stopping = False

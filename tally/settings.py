@@ -162,6 +162,16 @@ class Settings(BaseSettings):
     )
     flush_interval_s: float = Field(0.5, gt=0, le=1.0)
     flush_max_events: int = Field(50_000, ge=1)
+    flush_thread_nice: int = Field(
+        -10,
+        ge=-20,
+        le=19,
+        description="CPU priority (nice, -20..19) of the worker's flush thread and the dedupe "
+        "index threads it starts, on Linux: the serial step of the stored rate goes first when "
+        "the cores are shared with the API, the broker and the store's merges. A negative value "
+        "needs CAP_SYS_NICE (root or --cap-add SYS_NICE); without it the thread keeps its "
+        "priority (logged once). 0 = leave it (tally.process.thread_nice)",
+    )
     meters_file: Path | None = None
     worker_start_timeout_s: float = Field(
         60.0, gt=0, description="A worker that has no ready partitions by then fails to start"

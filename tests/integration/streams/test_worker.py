@@ -4,6 +4,9 @@ under duplicates, late events, restarts, crashes between flushes and store failu
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -110,6 +113,28 @@ def test_values_past_the_meter_limit_do_not_stall_the_worker(  # type: ignore[no
     assert sorted(d.event_id for d in dead) == ["v0", "v1", "v2"]
     assert {d.meter_id for d in dead} == {vsum.id}
     assert all("below 1e19 in magnitude" in d.message for d in dead)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nice values per thread")
+def test_the_flush_thread_runs_at_its_configured_priority(  # type: ignore[no-untyped-def]
+    setup, broker, topic, store, tmp_path
+) -> None:
+    """``flush_thread_nice`` is the nice value of the thread that prepares and commits (a
+    value above this thread's own: lowering a priority needs no privilege), not of the others."""
+    settings, sink, truth, meters, src = setup
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    nice = min(own + 4, 19)
+    settings = settings.model_copy(update={"flush_thread_nice": nice})
+    produce(broker.bootstrap, topic, truth, src.batch(1_000))
+    with Worker(settings, sink, tmp_path / "dedupe"):
+        wait_stored(sink, topic, truth.last_offsets)
+        flush = [t for t in threading.enumerate() if t.name.startswith("tally-flush")]
+        assert len(flush) == 1 and flush[0].native_id is not None
+        assert os.getpriority(os.PRIO_PROCESS, flush[0].native_id) == nice
+        others = [t for t in threading.enumerate() if t.name.startswith("tally-heartbeat")]
+        assert others and others[0].native_id is not None
+        assert os.getpriority(os.PRIO_PROCESS, others[0].native_id) == own
+    check(store, truth, meters)
 
 
 def test_restart_mid_stream_same_group(setup, broker, topic, store, tmp_path) -> None:  # type: ignore[no-untyped-def]
