@@ -8,7 +8,8 @@ their own on a private registry (unit tests). The processor calls the hooks at a
 - ``BatchProcessor.add``: ``consumed`` (events of each message read), ``poison`` (undecodable
   messages), ``skipped`` (messages at or below the stored progress);
 - ``BatchProcessor.flush_batch``: ``flush_seconds``, ``flush_rows{table}`` (rows of each insert
-  that returned), ``store_errors`` (attempts that met a store error);
+  that returned; ``BatchProcessor.prepare`` counts the ledger rows it inserts ahead),
+  ``store_errors`` (attempts that met a store error; ``prepare``'s ledger inserts too);
 - ``BatchProcessor.apply`` for a stored link: ``stored``, ``duplicate``, ``late``,
   ``meter_value_errors``, ``dead_letters{reason}``;
 - the worker's monitor loop (every ``worker_heartbeat_s``): ``consumer_lag{partition}``,
@@ -65,7 +66,8 @@ class WorkerMetrics:
             self.flush_rows.labels(table)
         self.store_errors = Counter(
             "tally_worker_store_errors",
-            "Commit attempts and partition set-ups that met a store error",
+            "Commit attempts, partition set-ups and ledger inserts made while preparing a link "
+            "that met a store error",
             registry=r,
         )
         self.consumer_lag = Gauge(

@@ -9,7 +9,9 @@ docs/architecture.md, "The worker's commit protocol", explains why this is exact
   range, same rows, same token) until it is resolved; newer messages wait behind it.
 - ``prepare()`` computes a link's rows once: dedupe against the events kept earlier in the link
   and the partition's index (the first copy by (offset, index in envelope) wins), the ledger
-  rows, and the minute windows of that partition only.
+  rows, and the minute windows of that partition only. Given a ``ledger_executor``, it inserts
+  the ledger rows on that thread while it computes the windows (the store's insert and the
+  windows overlap), and the link's first attempt then skips step (a).
 - ``flush_batch()`` is one attempt at the store: (0) read progress + claims (one query): links
   already covered are resolved without writing, a fenced partition is dropped; (a) INSERT the
   kept events (idempotent); (b) meter activations (reserved slot); (c) per link ONE insert of its
@@ -41,6 +43,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple
@@ -203,6 +206,9 @@ class Link:
     late: int = 0  # kept events whose time is more than late_ms before their acceptance
     attempts: int = 0
     first_attempt: float | None = None  # monotonic seconds of the first insert attempt
+    # its ledger rows landed while its windows were computed (``BatchProcessor.prepare`` with a
+    # ledger executor): its first attempt skips step (a); a retry inserts them again
+    ledger_ahead: bool = False
 
     @property
     def event_count(self) -> int:
@@ -247,6 +253,17 @@ class _Verified(NamedTuple):
 REUSE_READ_S = 1.0
 
 
+def _landed(insert: Future[None]) -> bool:
+    """Whether an insert of ledger rows ahead of the commit landed (a failure is not an error:
+    the commit attempt inserts the rows itself)."""
+    try:
+        insert.result()
+    except Exception as exc:
+        log.info("ledger insert ahead of the commit failed (the commit attempt inserts): %r", exc)
+        return False
+    return True
+
+
 class LinkUnresolved(Exception):
     """A commit attempt ended without knowing whether a link is stored; retry the same link."""
 
@@ -258,7 +275,9 @@ class BatchProcessor:
     wrote) before messages of ``p`` are added; messages with offset <= the highest offset seen
     are skipped. Not thread-safe by itself: the worker calls ``add``/``seal``/``apply``/``assign``/
     ``revoke`` on its event loop and ``prepare``/``flush_batch`` in ONE executor thread, never two
-    attempts at once.
+    attempts at once. ``ledger_executor`` (optional, one thread): ``prepare`` inserts the ledger
+    rows there while it computes the windows, and waits for that insert before it returns (the
+    sink is never called from two of the processor's threads at once).
     """
 
     def __init__(
@@ -277,7 +296,10 @@ class BatchProcessor:
         metrics: WorkerMetrics | None = None,
         late_ms: int = 60_000,
         reuse_read_s: float = REUSE_READ_S,
+        ledger_executor: Executor | None = None,
     ) -> None:
+        self.ledger_executor = ledger_executor
+        self.ledger_ahead_failures = 0  # inserts while preparing that failed (the attempt did them)
         self.horizon_ms = horizon_ms
         self.dead_letter_max_bytes = dead_letter_max_bytes
         self.metrics = metrics if metrics is not None else WorkerMetrics()
@@ -452,9 +474,29 @@ class BatchProcessor:
         for link in todo:
             link.activation_rows = [r for r in rows if r[3] == link.partition]
             work.append(self._link_columns(link))
-        results = aggregate_links([(kept, th) for kept, th, _f in work], meter_index)
+        # The ledger rows are final now: insert them while the windows are computed (the
+        # store's insert is native work, the windows mostly too). They count for nothing before
+        # the commit insert, and every copy of them a retry, a replay or another writer inserts
+        # is identical (docs/architecture.md, step 2), so writing them before step (0)'s read
+        # changes no count.
+        ahead: Future[None] | None = None
+        if self.ledger_executor is not None:
+            events = pa.concat_tables([k.events for k in todo])
+            if events.num_rows:
+                ahead = self.ledger_executor.submit(self.sink.insert_events, events)
+        try:
+            results = aggregate_links([(kept, th) for kept, th, _f in work], meter_index)
+        finally:
+            landed = ahead is not None and _landed(ahead)
         for (_kept, _th, finish), result in zip(work, results, strict=True):
             finish(result)
+        if landed:
+            for link in todo:
+                link.ledger_ahead = True
+            self.metrics.flush_rows.labels("events").inc(sum(k.events.num_rows for k in todo))
+        elif ahead is not None:
+            self.ledger_ahead_failures += 1
+            self.metrics.store_errors.inc()
 
     def _dead_letter_rows(
         self, link: Link, found: list[tuple[int, DeadLetter]]
@@ -745,8 +787,11 @@ class BatchProcessor:
 
         if todo:
             try:
-                # (a) the ledger rows of every link (idempotent: replays collapse)
-                events = pa.concat_tables([k.events for k in todo])
+                # (a) the ledger rows of every link (idempotent: replays collapse), but for a
+                # first attempt whose rows landed while it was prepared
+                events = pa.concat_tables(
+                    [k.events for k in todo if k.attempts or not k.ledger_ahead] or [_EMPTY_EVENTS]
+                )
                 if events.num_rows:
                     self.sink.insert_events(events)
                 rows_written = self.metrics.flush_rows

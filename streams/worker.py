@@ -125,6 +125,14 @@ class StreamWorker:
         self.max_events = settings.flush_max_events
         self.interval_s = settings.flush_interval_s
         self.indexes: dict[int, DedupeIndex] = {}
+        # the flush thread's second thread: a flush's ledger insert runs there while the flush
+        # thread computes the windows (``BatchProcessor.prepare``); same priority
+        self._ledger_executor = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="tally-ledger",
+            initializer=thread_nice,
+            initargs=(settings.flush_thread_nice,),
+        )
         self.processor = BatchProcessor(
             self.topic,
             sink,
@@ -135,6 +143,7 @@ class StreamWorker:
             dead_letter_max_bytes=settings.dead_letter_max_payload_bytes,
             metrics=self.metrics,
             late_ms=int(settings.late_event_s * 1000),
+            ledger_executor=self._ledger_executor,
         )
         # the flush thread (prepare, the store's calls, the index) first on a busy machine
         self.executor = ThreadPoolExecutor(
@@ -612,6 +621,7 @@ class StreamWorker:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.app.stop(), timeout)
         self.executor.shutdown(wait=True)
+        self._ledger_executor.shutdown(wait=True)
         self._hb_executor.shutdown(wait=False)
         if self.probe is not None:
             self.probe.close()

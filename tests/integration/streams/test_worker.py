@@ -119,8 +119,9 @@ def test_values_past_the_meter_limit_do_not_stall_the_worker(  # type: ignore[no
 def test_the_flush_thread_runs_at_its_configured_priority(  # type: ignore[no-untyped-def]
     setup, broker, topic, store, tmp_path
 ) -> None:
-    """``flush_thread_nice`` is the nice value of the thread that prepares and commits (a
-    value above this thread's own: lowering a priority needs no privilege), not of the others."""
+    """``flush_thread_nice`` is the nice value of the thread that prepares and commits and of
+    the one its ledger inserts run on (a value above this thread's own: lowering a priority
+    needs no privilege), not of the others."""
     settings, sink, truth, meters, src = setup
     own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     nice = min(own + 4, 19)
@@ -128,9 +129,10 @@ def test_the_flush_thread_runs_at_its_configured_priority(  # type: ignore[no-un
     produce(broker.bootstrap, topic, truth, src.batch(1_000))
     with Worker(settings, sink, tmp_path / "dedupe"):
         wait_stored(sink, topic, truth.last_offsets)
-        flush = [t for t in threading.enumerate() if t.name.startswith("tally-flush")]
-        assert len(flush) == 1 and flush[0].native_id is not None
-        assert os.getpriority(os.PRIO_PROCESS, flush[0].native_id) == nice
+        for prefix in ("tally-flush", "tally-ledger"):  # the ledger insert: the flush's own
+            threads = [t for t in threading.enumerate() if t.name.startswith(prefix)]
+            assert len(threads) == 1 and threads[0].native_id is not None, prefix
+            assert os.getpriority(os.PRIO_PROCESS, threads[0].native_id) == nice, prefix
         others = [t for t in threading.enumerate() if t.name.startswith("tally-heartbeat")]
         assert others and others[0].native_id is not None
         assert os.getpriority(os.PRIO_PROCESS, others[0].native_id) == own

@@ -57,6 +57,7 @@ class MemorySink:
         self.dead_letters: dict[tuple[str, str], tuple[Any, ...]] = {}  # (tenant, id) -> row
         self.dead_letter_inserts = 0
         self.fail_dead_letters_next = 0
+        self.events_inserts = 0  # calls of insert_events that landed
 
     # --- the protocol ---------------------------------------------------------------------
     def insert_events(self, events: pa.Table | list[tuple[Any, ...]]) -> None:
@@ -66,6 +67,7 @@ class MemorySink:
         rows = event_rows(events) if isinstance(events, pa.Table) else events
         for r in rows:
             self.events[(r[0], r[1])] = r
+        self.events_inserts += 1
 
     def _land(self, topic: str, p: int, first: int, last: int, rows: list[tuple[Any, ...]]) -> None:
         token = chain_token(topic, p, first)

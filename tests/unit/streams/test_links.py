@@ -4,6 +4,9 @@ ClickHouse with non_replicated_deduplication_window). No broker, no ClickHouse."
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from schemas.worker import chain_token
 from streams.dedupe import DedupeIndex, rebuild
 from streams.processor import REUSE_READ_S, BatchProcessor, Verdict
 from tests.unit.streams.fakes import MemorySink, meter
-from tests.unit.streams.test_processor import T0, TOPIC, Clock, payload, usage_total
+from tests.unit.streams.test_processor import T0, TOPIC, Clock, metric, payload, usage_total
 
 
 class Mono:
@@ -34,6 +37,7 @@ def make(
     parts: int = 2,
     mono: Mono | None = None,
     reuse_read_s: float = REUSE_READ_S,
+    ledger_executor: Executor | None = None,
 ) -> tuple[BatchProcessor, MemorySink]:
     sink = sink or MemorySink([meter(aggregation="sum", value_property="$.v")])
     indexes: dict[int, DedupeIndex] = {}
@@ -52,6 +56,7 @@ def make(
         link_max_age_s=60.0,
         monotonic=mono or Mono(),
         reuse_read_s=reuse_read_s,
+        ledger_executor=ledger_executor,
     )
     for p in range(parts):
         if owner:
@@ -532,6 +537,76 @@ def test_another_writer_from_the_same_point_inside_the_window_resyncs(tmp_path: 
     assert usage_total(sink) == {"events": 3, "sum": Decimal(6), "windows": 1}
 
 
+# --- the ledger inserted while the windows are computed --------------------------------------
+
+
+class ThreadedSink(MemorySink):
+    """Records the thread of every ledger insert."""
+
+    def __init__(self) -> None:
+        super().__init__([meter(aggregation="sum", value_property="$.v")])
+        self.events_threads: list[str] = []
+
+    def insert_events(self, events: Any) -> None:
+        self.events_threads.append(threading.current_thread().name)
+        super().insert_events(events)
+
+
+@pytest.fixture
+def ledger_thread() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(1, thread_name_prefix="test-ledger") as executor:
+        yield executor
+
+
+def test_ledger_rows_inserted_while_preparing_are_not_inserted_again(
+    tmp_path: Path, ledger_thread: ThreadPoolExecutor
+) -> None:
+    proc, sink = make(tmp_path, ThreadedSink(), ledger_executor=ledger_thread)
+    assert isinstance(sink, ThreadedSink)
+    proc.add(0, 0, msg("a", 2))
+    proc.add(0, 1, msg("a", 5))  # a retry of "a": the first copy is kept
+    proc.add(1, 0, msg("b", 3))
+    links = proc.seal()
+    proc.prepare(links)
+    # the links' rows in ONE insert, on the ledger thread, before any commit
+    assert sink.events_threads == ["test-ledger_0"] and sink.commits == 0
+    assert set(sink.events) == {("t1", "a"), ("t1", "b")}
+    assert all(k.ledger_ahead for k in links)
+    out = proc.flush_batch(links)
+    assert sink.events_inserts == 1  # the first attempt does not insert them again
+    applied = proc.apply(out, links)
+    assert applied.stored == {0: 1, 1: 0}
+    assert usage_total(sink)["events"] == 2 and usage_total(sink)["sum"] == Decimal(5)
+    assert metric(proc, "tally_worker_flush_rows", table="events") == 2  # counted once
+
+
+def test_ledger_insert_failing_while_preparing_is_done_by_the_attempt(
+    tmp_path: Path, ledger_thread: ThreadPoolExecutor
+) -> None:
+    proc, sink = make(tmp_path, ledger_executor=ledger_thread)
+    proc.add(0, 0, msg("a"))
+    sink.fail_events_next = 1  # the insert ahead fails: not an error of the attempt
+    out, applied = attempt(proc)
+    assert out.error is None and applied.stored == {0: 0}
+    assert sink.events_inserts == 1 and set(sink.events) == {("t1", "a")}
+    assert metric(proc, "tally_worker_flush_rows", table="events") == 1
+    assert proc.ledger_ahead_failures == 1
+    assert metric(proc, "tally_worker_store_errors") == 1  # seen, though the attempt was fine
+
+
+def test_a_retry_inserts_the_ledger_rows_again(
+    tmp_path: Path, ledger_thread: ThreadPoolExecutor
+) -> None:
+    proc, sink = make(tmp_path, ledger_executor=ledger_thread)
+    proc.add(0, 0, msg("a"))
+    sink.fail_next = 1  # the commit insert fails before landing
+    _, applied = attempt(proc)
+    assert applied.unresolved == [0] and sink.events_inserts == 1
+    _, applied = attempt(proc)  # the same link, prepared once: its rows are sent again
+    assert applied.stored == {0: 0} and sink.events_inserts == 2
+    assert usage_total(sink)["events"] == 1 and set(sink.events) == {("t1", "a")}
+
+
 # --- the invariant -----------------------------------------------------------------------------
 
 step_st = st.tuples(
@@ -546,13 +621,18 @@ step_st = st.tuples(
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(st.lists(step_st, max_size=30), st.sampled_from([0.0, REUSE_READ_S]))
-def test_exactly_once_under_every_fault(tmp_path_factory, steps, reuse) -> None:  # type: ignore[no-untyped-def]
+@given(st.lists(step_st, max_size=30), st.sampled_from([0.0, REUSE_READ_S]), st.booleans())
+def test_exactly_once_under_every_fault(
+    tmp_path_factory, ledger_thread, steps, reuse, ahead
+) -> None:  # type: ignore[no-untyped-def]
     """Random messages, attempts and faults (insert fails, answer lost, lands late, reads fail,
     another writer extends the chain from the same point): every id counts exactly once, with
-    and without reusing a verified read (the fixed clock keeps every reading fresh)."""
+    and without reusing a verified read (the fixed clock keeps every reading fresh), with the
+    ledger inserted while preparing or by the attempt."""
     tmp = tmp_path_factory.mktemp("links")
-    proc, sink = make(tmp, parts=3, reuse_read_s=reuse)
+    proc, sink = make(
+        tmp, parts=3, reuse_read_s=reuse, ledger_executor=ledger_thread if ahead else None
+    )
     other, _ = make(tmp / "other", sink=sink, owner="", parts=3)
     offsets = dict.fromkeys(range(3), -1)
     log: dict[int, list[tuple[int, bytes]]] = {p: [] for p in range(3)}
