@@ -14,7 +14,7 @@ docs/architecture.md, "The worker's commit protocol", explains why this is exact
   windows overlap), and the link's first attempt then skips step (a).
 - ``flush_batch()`` is one attempt at the store: (0) read progress + claims (one query): links
   already covered are resolved without writing, a fenced partition is dropped; (a) INSERT the
-  kept events (idempotent); (b) meter activations (reserved slot); (c) per link ONE insert of its
+  kept events (idempotent; not on a first attempt whose rows ``prepare`` inserted); (b) meter activations (reserved slot); (c) per link ONE insert of its
   usage rows + progress row with the token ``chain_token(topic, p, first)``; (d) read progress +
   claims again and judge each link: ``M == last`` stored; ``M >= first`` another writer's link
   covers ``[first, M]`` -> resync; anything else (or a failed read) is *unknown*: retry the same
@@ -789,9 +789,8 @@ class BatchProcessor:
             try:
                 # (a) the ledger rows of every link (idempotent: replays collapse), but for a
                 # first attempt whose rows landed while it was prepared
-                events = pa.concat_tables(
-                    [k.events for k in todo if k.attempts or not k.ledger_ahead] or [_EMPTY_EVENTS]
-                )
+                unsent = [k.events for k in todo if k.attempts or not k.ledger_ahead]
+                events = pa.concat_tables(unsent) if unsent else _EMPTY_EVENTS
                 if events.num_rows:
                     self.sink.insert_events(events)
                 rows_written = self.metrics.flush_rows

@@ -125,14 +125,19 @@ class StreamWorker:
         self.max_events = settings.flush_max_events
         self.interval_s = settings.flush_interval_s
         self.indexes: dict[int, DedupeIndex] = {}
-        # the flush thread's second thread: a flush's ledger insert runs there while the flush
-        # thread computes the windows (``BatchProcessor.prepare``); same priority
-        self._ledger_executor = ThreadPoolExecutor(
-            1,
-            thread_name_prefix="tally-ledger",
-            initializer=thread_nice,
-            initargs=(settings.flush_thread_nice,),
-        )
+
+        def flush_thread(prefix: str) -> ThreadPoolExecutor:
+            # first on a busy machine: ``flush_thread_nice`` (docs/performance.md)
+            return ThreadPoolExecutor(
+                1,
+                thread_name_prefix=prefix,
+                initializer=thread_nice,
+                initargs=(settings.flush_thread_nice,),
+            )
+
+        # the flush's second thread: its ledger insert runs there while the flush thread
+        # computes the windows (``BatchProcessor.prepare``)
+        self._ledger_executor = flush_thread("tally-ledger")
         self.processor = BatchProcessor(
             self.topic,
             sink,
@@ -145,13 +150,8 @@ class StreamWorker:
             late_ms=int(settings.late_event_s * 1000),
             ledger_executor=self._ledger_executor,
         )
-        # the flush thread (prepare, the store's calls, the index) first on a busy machine
-        self.executor = ThreadPoolExecutor(
-            1,
-            thread_name_prefix="tally-flush",
-            initializer=thread_nice,
-            initargs=(settings.flush_thread_nice,),
-        )
+        # the flush thread (prepare, the store's calls, the index)
+        self.executor = flush_thread("tally-flush")
         self._hb_executor = ThreadPoolExecutor(1, thread_name_prefix="tally-heartbeat")
         self.stream: StreamT | None = None
         self.stopping = False
