@@ -18,8 +18,10 @@ docs/architecture.md, "The worker's commit protocol", explains why this is exact
   usage rows + progress row with the token ``chain_token(topic, p, first)``; (d) read progress +
   claims again and judge each link: ``M == last`` stored; ``M >= first`` another writer's link
   covers ``[first, M]`` -> resync; anything else (or a failed read) is *unknown*: retry the same
-  link later. A failed or unanswered read is never taken as "not landed". Then the kept ids of
-  stored links go into the index, and resynced partitions' indexes are rebuilt up to ``M``.
+  link later. A failed or unanswered read is never taken as "not landed". Then ``on_stored``
+  (optional) is told what the read showed stored, for the requests waiting on it
+  (``wait=stored``), the kept ids of stored links go into the index, and resynced partitions'
+  indexes are rebuilt up to ``M``.
 - ``apply()`` (the caller's thread) moves the chain ends and returns what to ack: a stored link's
   messages, a resynced partition's messages up to ``M`` (the rest goes back to the buffer for a
   new link from ``M + 1``, recomputed). Fenced partitions are dropped without ack.
@@ -297,9 +299,13 @@ class BatchProcessor:
         late_ms: int = 60_000,
         reuse_read_s: float = REUSE_READ_S,
         ledger_executor: Executor | None = None,
+        on_stored: Callable[[int, int], None] | None = None,
     ) -> None:
         self.ledger_executor = ledger_executor
         self.ledger_ahead_failures = 0  # inserts while preparing that failed (the attempt did them)
+        # told (partition, offset) on the flush thread as soon as a read shows the store holds
+        # a partition's offsets up to ``offset`` (before the index step and ``apply``)
+        self.on_stored = on_stored
         self.horizon_ms = horizon_ms
         self.dead_letter_max_bytes = dead_letter_max_bytes
         self.metrics = metrics if metrics is not None else WorkerMetrics()
@@ -834,6 +840,8 @@ class BatchProcessor:
                             k.generation, read_at, m, after.mark
                         )
 
+        if self.on_stored is not None:
+            self._announce(links, verdicts)
         # 4. the index follows the store: kept ids of stored links, rebuilds of resynced ones
         for k in links:
             v, m = verdicts[k.partition]
@@ -858,6 +866,22 @@ class BatchProcessor:
             self.metrics.store_errors.inc()
         self.metrics.flush_seconds.observe(time.perf_counter() - started)
         return out
+
+    def _announce(self, links: list[Link], verdicts: dict[int, tuple[Verdict, int]]) -> None:
+        """Tell ``on_stored`` what the reads showed stored: a stored link's partition up to its
+        last offset, a resynced one up to the store's chain end ``M`` (the offsets ``apply``
+        reports as progress). A fact of the store, whatever the worker does next: a partition
+        revoked meanwhile still has those offsets stored. A failing callback is logged; the
+        caller reports the same progress after ``apply``."""
+        on_stored = self.on_stored
+        assert on_stored is not None
+        for k in links:
+            v, m = verdicts.get(k.partition, (Verdict.UNKNOWN, -1))
+            if v is Verdict.STORED or v is Verdict.RESYNC:
+                try:
+                    on_stored(k.partition, m)
+                except Exception as exc:
+                    log.warning("announcing %s[%d] stored failed: %r", self.topic, k.partition, exc)
 
     # --- results (caller's thread) --------------------------------------------------------
     def apply(self, out: Outcome, links: list[Link]) -> Applied:

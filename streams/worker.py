@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -149,6 +150,9 @@ class StreamWorker:
             metrics=self.metrics,
             late_ms=int(settings.late_event_s * 1000),
             ledger_executor=self._ledger_executor,
+            # wait=stored: answered from the flush thread as soon as the read after the commit
+            # shows the link stored, not after the index step and a turn of this event loop
+            on_stored=None if board is None else functools.partial(board.notify, self.topic),
         )
         # the flush thread (prepare, the store's calls, the index)
         self.executor = flush_thread("tally-flush")

@@ -5,7 +5,7 @@ ClickHouse with non_replicated_deduplication_window). No broker, no ClickHouse."
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
@@ -38,6 +38,7 @@ def make(
     mono: Mono | None = None,
     reuse_read_s: float = REUSE_READ_S,
     ledger_executor: Executor | None = None,
+    on_stored: Callable[[int, int], None] | None = None,
 ) -> tuple[BatchProcessor, MemorySink]:
     sink = sink or MemorySink([meter(aggregation="sum", value_property="$.v")])
     indexes: dict[int, DedupeIndex] = {}
@@ -57,6 +58,7 @@ def make(
         monotonic=mono or Mono(),
         reuse_read_s=reuse_read_s,
         ledger_executor=ledger_executor,
+        on_stored=on_stored,
     )
     for p in range(parts):
         if owner:
@@ -605,6 +607,70 @@ def test_a_retry_inserts_the_ledger_rows_again(
     _, applied = attempt(proc)  # the same link, prepared once: its rows are sent again
     assert applied.stored == {0: 0} and sink.events_inserts == 2
     assert usage_total(sink)["events"] == 1 and set(sink.events) == {("t1", "a")}
+
+
+# --- what the store holds, told at once (wait=stored) ----------------------------------------
+
+
+def test_stored_links_are_told_before_the_index_gets_their_ids(tmp_path: Path) -> None:
+    told: list[tuple[int, int, set[Any]]] = []
+
+    def on_stored(p: int, offset: int) -> None:
+        # called on the flush thread right after the read: the index does not hold them yet
+        known = proc.index_for(p).contains_many([("t1", "a"), ("t1", "b")])
+        told.append((p, offset, known))
+
+    proc, _ = make(tmp_path, on_stored=on_stored)
+    proc.add(0, 0, msg("a"))
+    proc.add(0, 1, msg("a"))  # a copy: the link ends at 1
+    proc.add(1, 0, msg("b"))
+    _, applied = attempt(proc)
+    assert told == [(0, 1, set()), (1, 0, set())]
+    assert applied.progress == {0: 1, 1: 0}  # what the caller reports afterwards: the same
+    assert proc.index_for(0).contains_many([("t1", "a")]) == {("t1", "a")}
+
+
+def test_only_what_a_read_shows_stored_is_told(tmp_path: Path) -> None:
+    told: list[tuple[int, int]] = []
+    proc, sink = make(tmp_path, on_stored=lambda p, off: told.append((p, off)))
+    proc.add(0, 0, msg("a"))
+    proc.add(1, 0, msg("b"))
+    sink.write_claim(TOPIC, 1, 20, "new-owner")  # partition 1 is fenced: never told
+    sink.fail_next = 1  # the commit insert fails before landing: nothing stored, nothing told
+    _, applied = attempt(proc)
+    assert applied.fenced == [1] and applied.unresolved == [0] and told == []
+    _, applied = attempt(proc)
+    assert applied.stored == {0: 0} and told == [(0, 0)]
+
+
+def test_a_resync_tells_the_stores_chain_end(tmp_path: Path) -> None:
+    told: list[tuple[int, int]] = []
+    proc, sink = make(tmp_path, on_stored=lambda p, off: told.append((p, off)))
+    for off, eid in enumerate("abcd"):
+        proc.add(0, off, msg(eid, off + 1))
+    other, _ = make(tmp_path / "other", sink=sink, owner="")  # another writer's link [0, 1]
+    other.add(0, 0, msg("a", 1))
+    other.add(0, 1, msg("b", 2))
+    other.flush()
+    _, applied = attempt(proc)
+    assert applied.resynced == {0: 1} and told == [(0, 1)]
+    proc.flush()
+    assert told == [(0, 1), (0, 3)]
+
+
+def test_a_failing_listener_changes_nothing_of_the_commit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def on_stored(p: int, offset: int) -> None:
+        raise RuntimeError("listener down")
+
+    proc, _ = make(tmp_path, on_stored=on_stored)
+    proc.add(0, 0, msg("a"))
+    out, applied = attempt(proc)
+    assert out.error is None and applied.stored == {0: 0}
+    assert [e.offset for e in applied.acks] == [0]
+    assert proc.index_for(0).contains_many([("t1", "a")]) == {("t1", "a")}
+    assert "listener down" in caplog.text
 
 
 # --- the invariant -----------------------------------------------------------------------------
