@@ -14,8 +14,8 @@ docs/architecture.md, "The worker's commit protocol", explains why this is exact
   windows overlap), and the link's first attempt then skips step (a).
 - ``flush_batch()`` is one attempt at the store: (0) read progress + claims (one query): links
   already covered are resolved without writing, a fenced partition is dropped; (a) INSERT the
-  kept events (idempotent; not on a first attempt whose rows ``prepare`` inserted); (b) meter activations (reserved slot); (c) per link ONE insert of its
-  usage rows + progress row with the token ``chain_token(topic, p, first)``; (d) read progress +
+  kept events (idempotent; not on a first attempt whose rows ``prepare`` inserted); (b) meter
+  activations (reserved slot); (c) per link ONE insert of its usage rows + progress row with the token ``chain_token(topic, p, first)``; (d) read progress +
   claims again and judge each link: ``M == last`` stored; ``M >= first`` another writer's link
   covers ``[first, M]`` -> resync; anything else (or a failed read) is *unknown*: retry the same
   link later. A failed or unanswered read is never taken as "not landed". Then ``on_stored``
@@ -840,8 +840,7 @@ class BatchProcessor:
                             k.generation, read_at, m, after.mark
                         )
 
-        if self.on_stored is not None:
-            self._announce(links, verdicts)
+        self._announce(links, verdicts)
         # 4. the index follows the store: kept ids of stored links, rebuilds of resynced ones
         for k in links:
             v, m = verdicts[k.partition]
@@ -869,12 +868,12 @@ class BatchProcessor:
 
     def _announce(self, links: list[Link], verdicts: dict[int, tuple[Verdict, int]]) -> None:
         """Tell ``on_stored`` what the reads showed stored: a stored link's partition up to its
-        last offset, a resynced one up to the store's chain end ``M`` (the offsets ``apply``
-        reports as progress). A fact of the store, whatever the worker does next: a partition
-        revoked meanwhile still has those offsets stored. A failing callback is logged; the
-        caller reports the same progress after ``apply``."""
+        last offset, a resynced one up to the store's chain end ``M``. A fact of the store, whatever the worker does next: a partition
+        revoked meanwhile still has those offsets stored (a superset of what ``apply`` reports
+        as progress). A failing callback is logged."""
         on_stored = self.on_stored
-        assert on_stored is not None
+        if on_stored is None:
+            return
         for k in links:
             v, m = verdicts.get(k.partition, (Verdict.UNKNOWN, -1))
             if v is Verdict.STORED or v is Verdict.RESYNC:

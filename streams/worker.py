@@ -455,9 +455,7 @@ class StreamWorker:
             self.commits += len(done)
             self.metrics.commits.inc(len(done))
             self.last_commit_ms = _now_ms()
-            if self.board is not None:
-                for p, off in done.items():
-                    self.board.notify(self.topic, p, off)
+            # (the board was told on the flush thread: ``BatchProcessor.on_stored``)
         if applied.fenced:
             self.fenced.update(applied.fenced)
             self.fenced_total += len(applied.fenced)
